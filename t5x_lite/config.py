@@ -1,0 +1,379 @@
+"""Typed experiment configuration.
+
+The dataclasses below are the single source of truth for every knob. A YAML file only sets
+fields that exist here; ``--set section.key=value`` overrides a field from the command line.
+An unknown key, a wrong type or a value outside a field's choices is one ``ConfigError`` that
+names the key and lists what would be valid. ``Config.validate`` checks the arithmetic that
+would otherwise fail deep inside a compile (heads by kv heads, batch by micro-batches, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work is done."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = dataclasses.field(default="decoder", metadata=_choices("encoder", "decoder", "encoder_decoder"))
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 6  # depth of the encoder (encoder, encoder_decoder) or decoder (decoder)
+    num_decoder_layers: Optional[int] = None  # encoder_decoder only; None = num_layers
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # None = num_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: Optional[int] = None  # None = d_model // num_heads
+    d_ff: int = 2048
+    mlp: str = dataclasses.field(default="swiglu", metadata=_choices("swiglu", "geglu", "gelu", "relu"))
+    gelu_approximate: bool = True  # tanh GELU (GPT-2, T5 v1.1); False = exact erf GELU (BERT)
+    norm: str = dataclasses.field(default="rmsnorm", metadata=_choices("rmsnorm", "layernorm"))
+    norm_eps: float = 1e-6
+    norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post"))
+    embed_norm: bool = False  # a norm right after the embedding (BERT)
+    position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
+    rope_theta: float = 10000.0
+    max_length: int = 2048  # longest sequence: size of learned position tables, decode cache limit
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    tie_embeddings: bool = False
+    use_bias: bool = False  # biases in attention / MLP projections (BERT, GPT-2)
+    mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
+    scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
+    dropout: float = 0.0
+    dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    param_dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16"))
+    remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "full"))
+    scan_layers: bool = True
+    attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: Optional[str] = None  # None: docstrings of this Python's standard library
+    field: str = "text"  # JSONL field holding the text
+    tokenizer: Optional[str] = None  # sentencepiece .model; None: train one into the work dir
+    seq_len: int = 128  # tokens per row (encoder input length for encoder_decoder)
+    target_len: Optional[int] = None  # encoder_decoder decoder length; None: from span corruption
+    objective: Optional[str] = dataclasses.field(
+        default=None, metadata=_choices("causal", "prefix", "mlm", "span")
+    )  # None: family default (encoder: mlm, decoder: causal, encoder_decoder: span)
+    mlm_rate: float = 0.15
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    num_sentinels: int = 100
+    eval_fraction: float = 0.02  # fraction of documents held out for eval
+    max_docs: Optional[int] = None  # cap on documents read (quick experiments)
+
+    def resolved_objective(self, family: str) -> str:
+        return self.objective or {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "span"}[family]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0: no periodic eval
+    eval_batches: int = 4
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adafactor"))
+    learning_rate: float = 3e-4
+    schedule: str = dataclasses.field(default="cosine", metadata=_choices("cosine", "linear", "inverse_sqrt", "constant"))
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # final learning rate / peak (cosine, linear)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # never applied to norms, biases
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: the rest of the devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class ShardingConfig:
+    zero_stage: int = 3
+    shard_opt_over_data: bool = False  # stages 1-3: also shard optimizer state over `data`
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3
+    async_save: bool = True
+    fallback: bool = False  # on a damaged latest checkpoint, use the previous one
+    keep_best: bool = False  # also keep the checkpoint with the best eval loss
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def objective(self) -> str:
+        return self.data.resolved_objective(self.model.family)
+
+    def validate(self) -> "Config":
+        """Check everything that can be checked without devices. Raises ConfigError."""
+        m, d, t, o = self.model, self.data, self.train, self.optim
+        errors = []
+        if m.num_heads <= 0 or m.d_model <= 0 or m.num_layers <= 0:
+            errors.append("model.num_heads, model.d_model and model.num_layers must be positive")
+        if m.head_dim is None and m.d_model % m.num_heads:
+            errors.append(
+                f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+                "set model.head_dim or pick heads that divide d_model"
+            )
+        if m.num_heads % m.kv_heads:
+            divisors = [k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]
+            errors.append(
+                f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+                f"valid num_kv_heads: {divisors}"
+            )
+        if m.position == "rope" and m.dim_per_head % 2:
+            errors.append(f"rope needs an even head dim, got {m.dim_per_head}")
+        allowed = {"encoder": {"mlm"}, "decoder": {"causal", "prefix"}, "encoder_decoder": {"span"}}[m.family]
+        if self.objective not in allowed:
+            errors.append(
+                f"data.objective={self.objective} does not fit model.family={m.family}; valid: {sorted(allowed)}"
+            )
+        if m.position == "learned":
+            longest = max(d.seq_len, d.target_len or 0)
+            if longest > m.max_length:
+                errors.append(
+                    f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length}, the size of the learned "
+                    "position table; raise model.max_length or shorten data.seq_len"
+                )
+        if d.seq_len < 8:
+            errors.append(f"data.seq_len={d.seq_len} is too short (at least 8)")
+        if not 0 < d.mlm_rate < 1:
+            errors.append(f"data.mlm_rate={d.mlm_rate} must be in (0, 1)")
+        if not 0 < d.noise_density < 1:
+            errors.append(f"data.noise_density={d.noise_density} must be in (0, 1)")
+        if d.mean_span_length < 1:
+            errors.append(f"data.mean_span_length={d.mean_span_length} must be >= 1")
+        if not 0 <= d.eval_fraction < 1:
+            errors.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+        if t.steps < 0:
+            errors.append(f"train.steps={t.steps} must be >= 0")
+        if t.batch_size <= 0 or t.micro_batches <= 0:
+            errors.append("train.batch_size and train.micro_batches must be positive")
+        elif t.batch_size % t.micro_batches:
+            fits = [k for k in range(1, t.batch_size + 1) if t.batch_size % k == 0]
+            errors.append(
+                f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}; "
+                f"valid micro_batches: {fits}"
+            )
+        if t.log_every <= 0:
+            errors.append(f"train.log_every={t.log_every} must be positive")
+        if o.learning_rate <= 0:
+            errors.append(f"optim.learning_rate={o.learning_rate} must be positive")
+        if o.warmup_steps < 0:
+            errors.append(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+        if self.sharding.zero_stage not in (0, 1, 2, 3):
+            errors.append(f"sharding.zero_stage={self.sharding.zero_stage} must be one of 0, 1, 2, 3")
+        for axis in ("data", "fsdp", "tensor"):
+            size = getattr(self.mesh, axis)
+            if size == 0 or size < -1:
+                errors.append(f"mesh.{axis}={size} must be a positive size or -1 (the rest of the devices)")
+        if sum(getattr(self.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+            errors.append("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        if self.checkpoint.every_steps <= 0 or self.checkpoint.keep <= 0:
+            errors.append("checkpoint.every_steps and checkpoint.keep must be positive")
+        if errors:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(key: str, value: Any, tp: Any, choices: Optional[tuple]) -> Any:
+    optional, base = _is_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null; expected {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                out = value.lower() in ("true", "yes", "on", "1")
+            elif isinstance(value, int) and value in (0, 1):
+                out = bool(value)
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                out = int(value)
+            else:
+                out = int(str(value).replace("_", ""))
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            out = str(value)
+        else:  # pragma: no cover - no other field types exist
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {base.__name__}") from None
+    if choices is not None and out is not None and out not in choices:
+        hint = difflib.get_close_matches(str(out), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}={out!r} is not one of {list(choices)}{extra}")
+    return out
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ConfigError(f"unknown config key {key!r}{extra}; valid keys here: {', '.join(valid)}")
+
+
+def _set_field(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config keys look like section.key, got {dotted!r}; sections: {', '.join(_SECTIONS)}")
+    section_name, name = parts
+    if section_name not in _SECTIONS:
+        raise _unknown(section_name, list(_SECTIONS))
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise _unknown(dotted, list(fields))
+    types_ = _field_types(type(section))
+    setattr(section, name, _coerce(dotted, value, types_[name], fields[name].metadata.get("choices")))
+
+
+def config_from_dict(tree: dict, base: Optional[Config] = None) -> Config:
+    """Apply a nested {section: {key: value}} dict onto ``base`` (default: all defaults)."""
+    cfg = base if base is not None else Config()
+    if tree is None:
+        return cfg
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
+    for section_name, section in tree.items():
+        if section_name not in _SECTIONS:
+            raise _unknown(str(section_name), list(_SECTIONS))
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"config section {section_name!r} must be a mapping, got {section!r}")
+        for name, value in section.items():
+            _set_field(cfg, f"{section_name}.{name}", value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML experiment file (or defaults when ``path`` is None), apply ``overrides``
+    (``["model.d_model=256", ...]``) and validate."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        cfg = config_from_dict(tree or {}, cfg)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_field(cfg, key, value)
+    return cfg.validate()
+
+
+def config_diff(a: Config, b: Config, sections: tuple[str, ...] = ("model", "data")) -> list[str]:
+    """Keys (within ``sections``) whose values differ between two configs."""
+    out = []
+    da, db = a.to_dict(), b.to_dict()
+    for s in sections:
+        for k in da[s]:
+            if da[s][k] != db[s][k]:
+                out.append(f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}")
+    return out

@@ -1,0 +1,34 @@
+"""Cross-entropy in float32 with optional z-loss and label smoothing, masked by loss weights.
+
+Functions return *sums* (and the weight total) rather than means, so micro-batches, devices
+and eval batches combine exactly: mean = sum / weight, taken once at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy_sums(logits_BLV: Array, targets_BL: Array, weights_BL: Array, *, z_loss: float = 0.0,
+                       label_smoothing: float = 0.0) -> dict:
+    """Sums over the batch of: ``loss`` (cross-entropy + z-loss), ``z_loss``, ``weight`` and
+    ``correct`` (argmax == target), each weighted by ``weights_BL``."""
+    logits = logits_BLV.astype(jnp.float32)
+    weights = weights_BL.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+    nll_BL = log_z_BL - target_logit_BL
+    if label_smoothing:
+        mean_logit_BL = jnp.mean(logits, axis=-1)
+        nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * (log_z_BL - mean_logit_BL)
+    z_BL = z_loss * jnp.square(log_z_BL)
+    correct_BL = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32)
+    return {
+        "loss": jnp.sum((nll_BL + z_BL) * weights),
+        "z_loss": jnp.sum(z_BL * weights),
+        "weight": jnp.sum(weights),
+        "correct": jnp.sum(correct_BL * weights),
+    }

@@ -1,0 +1,204 @@
+"""What a run reports: log lines, ``metrics.jsonl``, TensorBoard events, a progress bar, plots,
+and the FLOPs count behind MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+from t5x_lite.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# ------------------------------------------------------------------------ FLOPs
+
+
+def _layer_matmul_params(cfg: Config, cross: bool) -> int:
+    m = cfg.model
+    d, n, k, h, f = m.d_model, m.num_heads, m.kv_heads, m.dim_per_head, m.d_ff
+    attn = d * n * h * 2 + d * k * h * 2  # q, out; k, v
+    mlp = d * f * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    return attn * (2 if cross else 1) + mlp
+
+
+def train_flops_per_step(cfg: Config) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward), as in PaLM/Chinchilla:
+    6 x (matmul weights a token passes through) per token, plus attention scores and values
+    (12 x keys seen x heads x head_dim per token and layer; a causal stack sees half its keys on
+    average). Embedding lookups are free; the output layer counts (d_model x vocab). The same
+    count serves ``plan`` and the training log's MFU."""
+    m, b = cfg.model, cfg.train.batch_size
+    attn_width = m.num_heads * m.dim_per_head
+    head = 6 * m.d_model * m.vocab_size
+    if m.family == "encoder_decoder":
+        t_enc, t_dec = cfg.data.seq_len, target_length(cfg)
+        enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width)
+        dec = t_dec * (6 * m.decoder_layers * _layer_matmul_params(cfg, True) + head
+                       + 6 * m.decoder_layers * t_dec * attn_width  # causal self-attention
+                       + 12 * m.decoder_layers * t_enc * attn_width)  # cross-attention
+        return float(b * (enc + dec))
+    t = cfg.data.seq_len
+    keys_seen = t / 2 if m.family == "decoder" else t
+    per_token = 6 * m.num_layers * _layer_matmul_params(cfg, False) + head + 12 * m.num_layers * keys_seen * attn_width
+    return float(b * t * per_token)
+
+
+def target_length(cfg: Config) -> int:
+    if cfg.data.target_len:
+        return cfg.data.target_len
+    from t5x_lite.objectives import span_corruption_raw_length
+
+    return span_corruption_raw_length(cfg.data.seq_len, cfg.data.noise_density, cfg.data.mean_span_length)[1]
+
+
+def tokens_per_step(cfg: Config) -> int:
+    """Token positions one step processes (encoder + decoder positions for encoder_decoder)."""
+    per_row = cfg.data.seq_len + (target_length(cfg) if cfg.model.family == "encoder_decoder" else 0)
+    return cfg.train.batch_size * per_row
+
+
+# ---------------------------------------------------------------------- logging
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Logger:
+    """Timestamped lines on stdout (through tqdm so a progress bar stays intact) and in
+    ``train.log``; silent on processes other than 0."""
+
+    def __init__(self, workdir: Optional[str] = None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "train.log") if (workdir and enabled) else None
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+        except ImportError:  # pragma: no cover
+            print(line, flush=True)
+        sys.stdout.flush()
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors the scalars to
+    TensorBoard. On resume, rows after ``resume_step`` (logged after the checkpoint the run
+    restarts from) are dropped first, so no step appears twice."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            truncate_metrics(self.path, resume_step)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: (float(v) if not isinstance(v, str) else v) for k, v in scalars.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, float) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line cut by a crash mid-write
+                        continue
+    return rows
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only rows with ``step <= last_step`` (atomic rewrite)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, mininterval=0.5,
+                unit="step", file=sys.stdout, leave=True)
+
+
+# ------------------------------------------------------------------------- plot
+
+
+def plot_metrics(workdir: str, output: Optional[str] = None) -> str:
+    """Loss and eval loss, learning rate and tokens/s against step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(os.path.join(workdir, METRICS_FILE))
+    if not rows:
+        raise FileNotFoundError(f"no metrics in {os.path.join(workdir, METRICS_FILE)}: train first")
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, ys, style, label=key, markersize=4)
+    ax.set_title("loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for ax, key in zip(axes[1:], ("learning_rate", "tokens_per_sec")):
+        xs, ys = series(key)
+        ax.plot(xs, ys)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.abspath(workdir))
+    fig.tight_layout()
+    output = output or os.path.join(workdir, "metrics.png")
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output

@@ -1,0 +1,359 @@
+"""Transformer building blocks shared by the three families.
+
+Shape suffixes name the axes of every array in hot code:
+  B batch, T query length, S key/value length, D d_model, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, F mlp hidden, V vocab, L layers.
+
+Every parameter is created with logical axis names (see ``partitioning.py`` for the table that
+maps them onto the mesh); large activations are constrained with the ``act_*`` names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite.config import ModelConfig
+
+Array = jax.Array
+NEG_INF = -1e9  # finite "minus infinity": a fully masked row gives a uniform, not NaN, softmax
+
+# Logical names of activations; the parameter names ("embed", "heads", ...) live in the inits.
+BLD = ("act_batch", "act_length", "act_embed")
+BLNH = ("act_batch", "act_length", "act_heads", "act_kv")
+BLKH = ("act_batch", "act_length", "act_kv_heads", "act_kv")
+BLF = ("act_batch", "act_length", "act_mlp")
+BLV = ("act_batch", "act_length", "act_vocab")
+
+
+def jnp_dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def constrain(x: Array, names: tuple) -> Array:
+    """Logical sharding constraint; a no-op outside a mesh / rules context."""
+    return nn.with_logical_constraint(x, names)
+
+
+def zeros_init(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Dense(nn.Module):
+    """``x`` contracted over its last ``num_in`` axes with a kernel ``[*in, *features]``.
+
+    The kernel is created at its full rank with logical ``kernel_axes`` (inputs first), a
+    fan-in scaled truncated-normal init, and cast to the compute ``dtype`` at use."""
+
+    features: tuple
+    kernel_axes: tuple
+    num_in: int = 1
+    use_bias: bool = False
+    scale: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in, n_out = self.num_in, len(self.features)
+        kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        init = nn.initializers.variance_scaling(self.scale, "fan_in", "truncated_normal",
+                                                in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape,
+                            self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", zeros_init(self.kernel_axes[n_in:]), tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(cfg: ModelConfig, features, kernel_axes: tuple, name: str, num_in: int = 1, scale: float = 1.0,
+          use_bias: Optional[bool] = None) -> Dense:
+    """A projection of the model's dtypes whose kernel axes are ``kernel_axes``."""
+    features = features if isinstance(features, tuple) else (features,)
+    return Dense(features, kernel_axes, num_in=num_in, use_bias=cfg.use_bias if use_bias is None else use_bias,
+                 scale=scale, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x_BLD.shape[-1],), self.param_dtype)
+        x = x_BLD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * scale + bias, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: Array) -> Array:
+        d = x_BLD.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,),
+                           self.param_dtype)
+        bias = self.param("bias", zeros_init(("norm",)), (d,), self.param_dtype)
+        x = x_BLD.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (x * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    cls = RMSNorm if cfg.norm == "rmsnorm" else LayerNorm
+    return cls(eps=cfg.norm_eps, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
+
+
+# ---------------------------------------------------------------------- embeddings
+
+
+class Embed(nn.Module):
+    """Token (or learned position) table ``[num, D]``; ``attend`` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple = ("vocab", "embed")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    stddev: float = 0.02
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.stddev), self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids_BL: Array) -> Array:
+        # Gather from a replicated copy: a lookup into a vocab- or fsdp-sharded table would
+        # otherwise make XLA replicate it anyway, only less predictably.
+        table = constrain(self.embedding, (None, None))
+        return jnp.take(table, ids_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: Array) -> Array:
+        return jnp.einsum("bld,vd->blv", x_BLD, self.embedding.astype(self.dtype))
+
+
+# ------------------------------------------------------------ position encodings
+
+
+def rope(x_BLNH: Array, positions_BL: Array, theta: float) -> Array:
+    """Rotary embedding, "rotate half" layout (the first and second half of the head dim form
+    the pairs, as in LLaMA/GPT-NeoX). Angles in float32."""
+    h = x_BLNH.shape[-1]
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles_BLH2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_H2
+    sin, cos = jnp.sin(angles_BLH2)[:, :, None, :], jnp.cos(angles_BLH2)[:, :, None, :]
+    x = x_BLNH.astype(jnp.float32)
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLNH.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi head slopes: a geometric sequence 2^(-8/n), ...; for a head count that is not a
+    power of two, the slopes of the next power below plus every other slope of the one above."""
+
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return np.asarray(power_of_two(num_heads), np.float32)
+    below = 2 ** math.floor(math.log2(num_heads))
+    extra = power_of_two(2 * below)[0::2][: num_heads - below]
+    return np.asarray(power_of_two(below) + extra, np.float32)
+
+
+def alibi_bias(num_heads: int, q_idx_T: Array, k_idx_S: Array) -> Array:
+    """``[1, N, T, S]`` linear distance penalty -slope * |q - k|."""
+    dist_TS = jnp.abs(q_idx_T[:, None] - k_idx_S[None, :]).astype(jnp.float32)
+    return -jnp.asarray(alibi_slopes(num_heads))[None, :, None, None] * dist_TS[None, None]
+
+
+def relative_bucket(relative_TS: Array, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+    """T5's bucketing of ``k - q``: exact buckets for small distances, logarithmic ones up to
+    ``max_distance``; bidirectional splits the buckets between the two signs."""
+    ret = jnp.zeros_like(relative_TS)
+    n = -relative_TS
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    safe_n = jnp.maximum(n, 1).astype(jnp.float32)
+    val_if_large = max_exact + (
+        jnp.log(safe_n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative attention bias, computed once per stack and shared by its layers."""
+
+    num_heads: int
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_idx_T: Array, k_idx_S: Array) -> Array:
+        """Returns ``[1, N, T, S]``. Indices are slots in the row: within one document (the only
+        pairs attention lets through) their difference equals the difference of positions."""
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.1), ("relpos_buckets", "heads")),
+            (self.num_buckets, self.num_heads),
+            self.param_dtype,
+        )
+        buckets_TS = relative_bucket(k_idx_S[None, :] - q_idx_T[:, None], self.bidirectional,
+                                     self.num_buckets, self.max_distance)
+        bias_TSN = jnp.take(table, buckets_TS, axis=0)
+        return jnp.transpose(bias_TSN, (2, 0, 1))[None].astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def attention_mask(q_seg_BT: Array, k_seg_BS: Array, *, causal: bool, q_idx_T: Optional[Array] = None,
+                   k_idx_S: Optional[Array] = None, q_prefix_BT: Optional[Array] = None,
+                   k_prefix_BS: Optional[Array] = None) -> Array:
+    """``[B, 1, T, S]`` bool: a query sees a key of the same segment (document masking; segment 0
+    is padding) and, if causal, not from its future, except that prefix tokens see each other."""
+    mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    if causal:
+        allowed_TS = (q_idx_T[:, None] >= k_idx_S[None, :])[None]
+        if q_prefix_BT is not None:
+            allowed_TS = allowed_TS | (q_prefix_BT[:, :, None] & k_prefix_BS[:, None, :])
+        mask = mask & allowed_TS
+    return mask[:, None]
+
+
+# ----------------------------------------------------------------------- attention
+
+
+def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
+                          bias_1NTS: Optional[Array], scale: float, implementation: str) -> Array:
+    """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v."""
+    if implementation in ("cudnn", "auto") and bias_1NTS is None and jax.default_backend() == "gpu" \
+            and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale,
+                                            implementation="cudnn")
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if bias_1NTS is not None:
+        scores_BKGTS = scores_BKGTS + bias_1NTS.reshape(bias_1NTS.shape[0], k, n // k, *bias_1NTS.shape[2:])
+    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with GQA/MQA, optional RoPE, additive bias, KV cache.
+
+    Self-attention in decode mode writes this call's keys/values into ``cache`` at
+    ``cache_index`` and attends over the whole cache. Cross-attention reuses ``cache`` (the
+    encoder's projected keys/values) when given, else projects ``kv_BSD`` and returns them.
+    """
+
+    cfg: ModelConfig
+    cross: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
+                 positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
+                 cache: Optional[dict] = None, cache_index: Optional[Array] = None):
+        cfg = self.cfg
+        n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
+        q_scale = 1.0 if cfg.scale_attention else 1.0 / h
+        q_BTNH = dense(cfg, (n, h), ("embed", "heads", "kv"), "query", scale=q_scale)(x_BTD)
+        q_BTNH = constrain(q_BTNH, BLNH)
+        kv_proj = lambda src, name: constrain(dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name)(src), BLKH)
+
+        new_cache = None
+        if self.cross:
+            if cache is not None:
+                k_BSKH, v_BSKH = cache["k"], cache["v"]
+            else:
+                k_BSKH, v_BSKH = kv_proj(kv_BSD, "key"), kv_proj(kv_BSD, "value")
+            new_cache = {"k": k_BSKH, "v": v_BSKH}
+        else:
+            k_BSKH, v_BSKH = kv_proj(x_BTD, "key"), kv_proj(x_BTD, "value")
+            if cfg.position == "rope":
+                q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
+                k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta)
+            if cache is not None:
+                start = (0, cache_index, 0, 0)
+                k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BSKH.astype(cache["k"].dtype), start)
+                v_BSKH = jax.lax.dynamic_update_slice(cache["v"], v_BSKH.astype(cache["v"].dtype), start)
+                new_cache = {"k": k_BSKH, "v": v_BSKH}
+                k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+
+        scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
+        out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention)
+        out_BTNH = constrain(out_BTNH, BLNH)
+        out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
+        return constrain(out_BTD, BLD), new_cache
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+def activation(cfg: ModelConfig):
+    if cfg.mlp in ("swiglu",):
+        return nn.silu
+    if cfg.mlp in ("geglu", "gelu"):
+        return lambda x: nn.gelu(x, approximate=cfg.gelu_approximate)
+    return nn.relu
+
+
+class Mlp(nn.Module):
+    """Plain (act(x W_i) W_o) or gated (act(x W_0) * (x W_1) W_o) feed-forward block."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: Array) -> Array:
+        cfg = self.cfg
+        act = activation(cfg)
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate_BLF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_0")(x_BLD)
+            up_BLF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_1")(x_BLD)
+            h_BLF = act(gate_BLF) * up_BLF
+        else:
+            h_BLF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi")(x_BLD))
+        h_BLF = constrain(h_BLF, BLF)
+        return constrain(dense(cfg, cfg.d_model, ("mlp", "embed"), "wo")(h_BLF), BLD)

@@ -1,0 +1,340 @@
+"""Layer stacks and the three model families.
+
+- ``EncoderModel``      (family ``encoder``): bidirectional stack + masked-LM head (BERT).
+- ``DecoderModel``      (family ``decoder``): causal stack + LM head; prefix LM via ``prefix_mask``.
+- ``EncoderDecoderModel`` (family ``encoder_decoder``): T5 encoder, decoder with cross-attention.
+
+Inputs of every family are named like the keys of a training batch (``input_ids``,
+``segment_ids``, ``positions``, ...): ``segment_ids`` 1..k mark packed documents and 0 padding;
+``positions`` restart at 0 in every document. Decoding passes an explicit cache pytree (see
+``init_cache``) and gets the updated one back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.config import ModelConfig
+from t5x_lite.models.layers import (
+    BLD,
+    BLV,
+    Attention,
+    Embed,
+    Mlp,
+    RelativePositionBias,
+    alibi_bias,
+    attention_mask,
+    constrain,
+    dense,
+    jnp_dtype,
+    make_norm,
+    activation,
+)
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, MLP; pre- or post-norm.
+
+    ``ctx`` holds what every layer shares (masks, bias, positions, encoder output, cache index)
+    and is broadcast by ``nn.scan``; ``cache`` is this layer's slice of the decode cache.
+    """
+
+    cfg: ModelConfig
+    cross: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, ctx: dict, cache: Optional[dict]):
+        cfg = self.cfg
+        pre = cfg.norm_position == "pre"
+        drop = lambda y: nn.Dropout(cfg.dropout, broadcast_dims=())(y, deterministic=self.deterministic)
+
+        def sublayer(x, name, fn):
+            norm = make_norm(cfg, f"{name}_norm")
+            if pre:
+                y, extra = fn(norm(x))
+                return x + drop(y), extra
+            y, extra = fn(x)
+            return norm(x + drop(y)), extra
+
+        new_cache = {}
+        x_BLD, self_kv = sublayer(x_BLD, "self_attention", lambda h: Attention(cfg, name="self_attention")(
+            h, mask_B1TS=ctx["mask"], bias_1NTS=ctx["bias"], positions_BT=ctx["positions"],
+            cache=None if cache is None else cache["self"], cache_index=ctx["cache_index"]))
+        if cache is not None:
+            new_cache["self"] = self_kv
+        if self.cross:
+            given = None if cache is None else cache.get("cross")
+            x_BLD, cross_kv = sublayer(x_BLD, "cross_attention", lambda h: Attention(
+                cfg, cross=True, name="cross_attention")(h, mask_B1TS=ctx["cross_mask"], kv_BSD=ctx["encoded"],
+                                                         cache=given))
+            if cache is not None and given is None:  # prefill: hand the projected encoder k/v back
+                new_cache["cross"] = cross_kv
+        x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
+        return constrain(x_BLD, BLD), (new_cache if cache is not None else None)
+
+
+class Stack(nn.Module):
+    """``num_layers`` blocks, scanned (``nn.scan``, params stacked on a leading ``layers`` axis)
+    or unrolled, each wrapped in ``nn.remat`` with the configured policy."""
+
+    cfg: ModelConfig
+    num_layers: int
+    cross: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, ctx: dict, cache: Optional[dict] = None):
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0),
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scanned(cfg, self.cross, self.deterministic, name="layers")(x_BLD, ctx, cache)
+        new = []
+        for i in range(self.num_layers):
+            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+            x_BLD, c = block(cfg, self.cross, self.deterministic, name=f"layers_{i}")(x_BLD, ctx, layer_cache)
+            new.append(c)
+        return x_BLD, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new))
+
+
+def _default_ids(input_ids_BL: Array, segment_ids_BL: Optional[Array], positions_BL: Optional[Array]):
+    b, length = input_ids_BL.shape
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones((b, length), jnp.int32)
+    if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    return segment_ids_BL, positions_BL
+
+
+class TextStack(nn.Module):
+    """Embeddings -> layers -> final norm, for one side of a model.
+
+    ``causal=False``: bidirectional encoder. ``causal=True``: decoder, with a KV cache when
+    ``cache`` is given and with cross-attention over ``encoded`` when ``cross``.
+    """
+
+    cfg: ModelConfig
+    embed: Embed
+    num_layers: int
+    causal: bool
+    cross: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids_BT: Array, segment_ids_BT: Optional[Array] = None,
+                 positions_BT: Optional[Array] = None, *, prefix_mask_BT: Optional[Array] = None,
+                 encoded_BSD: Optional[Array] = None, encoder_segment_ids_BS: Optional[Array] = None,
+                 cache: Optional[dict] = None):
+        cfg = self.cfg
+        t = input_ids_BT.shape[1]
+        segment_ids_BT, positions_BT = _default_ids(input_ids_BT, segment_ids_BT, positions_BT)
+
+        # Token (+ learned position) embeddings.
+        x_BTD = self.embed(input_ids_BT)
+        if cfg.position == "learned":
+            if cache is None and t > cfg.max_length:
+                raise ValueError(f"sequence length {t} exceeds model.max_length={cfg.max_length} "
+                                 "(the learned position table)")
+            pos_table = Embed(cfg.max_length, cfg.d_model, axes=("abspos", "embed"), dtype=jnp_dtype(cfg.dtype),
+                              param_dtype=jnp_dtype(cfg.param_dtype), name="pos_embed")
+            x_BTD = x_BTD + pos_table(positions_BT)
+        if cfg.embed_norm:
+            x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=self.deterministic)
+        x_BTD = constrain(x_BTD, BLD)
+
+        # Masks and position bias, once for all layers. Row slots index keys and queries: in decode
+        # mode the queries sit at cache["index"] + [0, T) of a cache of S slots.
+        if cache is None:
+            q_idx_T = k_idx_S = jnp.arange(t)
+            k_seg_BS, q_prefix_BT, k_prefix_BS = segment_ids_BT, prefix_mask_BT, prefix_mask_BT
+            cache_index = None
+        else:
+            cache_index = cache["index"]
+            s = cache["segment_ids"].shape[1]
+            q_idx_T, k_idx_S = cache_index + jnp.arange(t), jnp.arange(s)
+            q_prefix_BT = prefix_mask_BT if prefix_mask_BT is not None else jnp.zeros_like(segment_ids_BT, bool)
+            k_seg_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, cache_index))
+            k_prefix_BS = jax.lax.dynamic_update_slice(cache["prefix"], q_prefix_BT, (0, cache_index))
+        mask_B1TS = attention_mask(segment_ids_BT, k_seg_BS, causal=self.causal, q_idx_T=q_idx_T, k_idx_S=k_idx_S,
+                                   q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS)
+        bias_1NTS = None
+        if cfg.position == "relative":
+            bias_1NTS = RelativePositionBias(cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
+                                             bidirectional=not self.causal, param_dtype=jnp_dtype(cfg.param_dtype),
+                                             name="relpos")(q_idx_T, k_idx_S)
+        elif cfg.position == "alibi":
+            bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
+        ctx = {"mask": mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
+               "encoded": encoded_BSD, "cross_mask": None}
+        if self.cross:
+            enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
+            ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
+
+        stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, name="stack")
+        x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
+        if cfg.norm_position == "pre":
+            x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=self.deterministic)
+        if cache is None:
+            return x_BTD, None
+        new_layers = dict(cache["layers"], **layer_cache)  # cross k/v kept unless just computed
+        new_cache = dict(cache, layers=new_layers, index=cache_index + t, segment_ids=k_seg_BS, prefix=k_prefix_BS)
+        return x_BTD, new_cache
+
+
+class LMHead(nn.Module):
+    """Hidden states -> vocabulary logits, tied to the token embedding or its own kernel."""
+
+    cfg: ModelConfig
+    embed: Embed
+
+    @nn.compact
+    def __call__(self, x_BLD: Array) -> Array:
+        cfg = self.cfg
+        if cfg.mlm_head_transform:
+            x_BLD = activation(cfg)(dense(cfg, cfg.d_model, ("embed", "mlp"), "transform")(x_BLD))
+            x_BLD = make_norm(cfg, "transform_norm")(x_BLD)
+        if cfg.tie_embeddings:
+            if cfg.family == "encoder_decoder":  # T5 v1.0 convention for a tied head
+                x_BLD = x_BLD * cfg.d_model ** -0.5
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)
+            logits_BLV = head(x_BLD)
+        if cfg.use_bias:
+            bias = self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+                              (cfg.vocab_size,), jnp_dtype(cfg.param_dtype))
+            logits_BLV = logits_BLV + bias.astype(logits_BLV.dtype)
+        return constrain(logits_BLV, BLV)
+
+
+def _token_embed(cfg: ModelConfig) -> Embed:
+    return Embed(cfg.vocab_size, cfg.d_model, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype),
+                 name="token_embed")
+
+
+class EncoderModel(nn.Module):
+    """BERT-style bidirectional encoder with a masked-LM head."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        self.token_embed = _token_embed(self.cfg)
+        self.encoder = TextStack(self.cfg, self.token_embed, self.cfg.num_layers, causal=False,
+                                 deterministic=self.deterministic)
+        self.head = LMHead(self.cfg, self.token_embed)
+
+    def encode(self, input_ids, segment_ids=None, positions=None) -> Array:
+        """Final hidden states ``[B, L, D]``."""
+        return self.encoder(input_ids, segment_ids, positions)[0]
+
+    def __call__(self, input_ids, segment_ids=None, positions=None) -> Array:
+        return self.head(self.encode(input_ids, segment_ids, positions))
+
+
+class DecoderModel(nn.Module):
+    """GPT/LLaMA-style causal decoder; prefix LM when ``prefix_mask`` marks a bidirectional prefix."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        self.token_embed = _token_embed(self.cfg)
+        self.decoder = TextStack(self.cfg, self.token_embed, self.cfg.num_layers, causal=True,
+                                 deterministic=self.deterministic)
+        self.head = LMHead(self.cfg, self.token_embed)
+
+    def __call__(self, input_ids, segment_ids=None, positions=None, prefix_mask=None) -> Array:
+        return self.head(self.decoder(input_ids, segment_ids, positions, prefix_mask_BT=prefix_mask)[0])
+
+    def decode(self, input_ids, segment_ids, positions, cache, prefix_mask=None):
+        """Runs ``input_ids [B, T]`` at slots ``cache['index'] + [0, T)``: (logits, new cache)."""
+        x, cache = self.decoder(input_ids, segment_ids, positions, prefix_mask_BT=prefix_mask, cache=cache)
+        return self.head(x), cache
+
+
+class EncoderDecoderModel(nn.Module):
+    """T5-style encoder-decoder; input embedding shared by both sides."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = _token_embed(cfg)
+        self.encoder = TextStack(cfg, self.token_embed, cfg.num_layers, causal=False,
+                                 deterministic=self.deterministic)
+        self.decoder = TextStack(cfg, self.token_embed, cfg.decoder_layers, causal=True, cross=True,
+                                 deterministic=self.deterministic)
+        self.head = LMHead(cfg, self.token_embed)
+
+    def encode(self, encoder_input_ids, encoder_segment_ids=None, encoder_positions=None) -> Array:
+        return self.encoder(encoder_input_ids, encoder_segment_ids, encoder_positions)[0]
+
+    def __call__(self, encoder_input_ids, input_ids, encoder_segment_ids=None, segment_ids=None,
+                 encoder_positions=None, positions=None) -> Array:
+        encoder_segment_ids, encoder_positions = _default_ids(encoder_input_ids, encoder_segment_ids,
+                                                              encoder_positions)
+        encoded = self.encode(encoder_input_ids, encoder_segment_ids, encoder_positions)
+        x, _ = self.decoder(input_ids, segment_ids, positions, encoded_BSD=encoded,
+                            encoder_segment_ids_BS=encoder_segment_ids)
+        return self.head(x)
+
+    def decode(self, input_ids, segment_ids, positions, cache, encoded=None):
+        """One decode call; ``encoded`` is needed on the first call only (it fills the cross cache)."""
+        x, cache = self.decoder(input_ids, segment_ids, positions, encoded_BSD=encoded, cache=cache)
+        return self.head(x), cache
+
+
+FAMILIES = {"encoder": EncoderModel, "decoder": DecoderModel, "encoder_decoder": EncoderDecoderModel}
+
+
+def build_model(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
+    return FAMILIES[cfg.family](cfg, deterministic=deterministic)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, encoder_segment_ids: Optional[Array] = None,
+               dtype: Any = None) -> dict:
+    """An empty decode cache of ``length`` slots: keys/values ``[L, B, S, K, H]`` for every
+    decoder layer, the segment id (0 = empty or padding) and prefix flag of every slot, and
+    the next slot to write. Encoder-decoder caches also hold the encoder's segment ids."""
+    num_layers = cfg.decoder_layers if cfg.family == "encoder_decoder" else cfg.num_layers
+    dtype = dtype or jnp_dtype(cfg.dtype)
+    kv = jnp.zeros((num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head), dtype)
+    cache = {
+        "layers": {"self": {"k": kv, "v": kv}},
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+        "prefix": jnp.zeros((batch, length), bool),
+    }
+    if cfg.family == "encoder_decoder":
+        if encoder_segment_ids is None:
+            raise ValueError("an encoder_decoder cache needs the encoder's segment ids")
+        cache["encoder_segment_ids"] = encoder_segment_ids
+    return cache
+
+
+CACHE_KV_AXES = ("layers", "act_batch", "act_length", "act_kv_heads", "act_kv")

@@ -1,0 +1,441 @@
+"""Train state, the compiled train and eval steps, and the training loop.
+
+One ``jax.jit``-compiled step does everything: a ``lax.scan`` over micro-batches accumulates
+gradient *sums* (so accumulation equals one big batch), the gradients are constrained to their
+ZeRO sharding, and the optimizer updates the donated state in place. It is compiled ahead of
+time (``.lower().compile()``) so memory and FLOPs are known before the first step runs. The
+loop fetches step n-1's metrics only after step n is dispatched: the device never waits on
+Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from t5x_lite import partitioning
+from t5x_lite.checkpoints import Checkpoints, abstract_with_shardings
+from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict
+from t5x_lite.losses import cross_entropy_sums
+from t5x_lite.metrics import (
+    Logger,
+    MetricsWriter,
+    human_bytes,
+    progress_bar,
+    tokens_per_step,
+    train_flops_per_step,
+)
+from t5x_lite.models import abstract_params, build_model, init_fn, model_kwargs
+from t5x_lite.optim import make_optimizer
+
+CONFIG_FILE = "config.yaml"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def split_micro_batches(x: jax.Array, num: int) -> jax.Array:
+    """``[B, ...] -> [num, B/num, ...]``, micro-batch m taking rows m, m+num, m+2*num, ...
+
+    Strided rather than contiguous: with the batch split over devices, every micro-batch then
+    takes an equal share of each device's rows and no data moves between devices."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything derived from (config, mesh): model, optimizer, shardings, jitted functions."""
+
+    cfg: Config
+    mesh: Mesh
+    model: nn.Module
+    eval_model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    rules: tuple
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    grad_shardings: Any
+    batch_sharding: NamedSharding
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def param_shardings(self):
+        return self.state_shardings.params
+
+    def bytes_per_device(self) -> dict:
+        s = self.abstract_state
+        return {
+            "params": partitioning.bytes_per_device(s.params, self.state_shardings.params),
+            "grads": partitioning.bytes_per_device(s.params, self.grad_shardings),
+            "opt_state": partitioning.bytes_per_device(s.opt_state, self.state_shardings.opt_state),
+        }
+
+    def activation_context(self):
+        """Mesh + logical rules needed while tracing the model (activation constraints)."""
+        return _Context(self.mesh, self.rules)
+
+
+class _Context:
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+
+    def __enter__(self):
+        self._mesh_cm = jax.set_mesh(self.mesh)
+        self._mesh_cm.__enter__()
+        self._rules_cm = nn.logical_axis_rules(self.rules)
+        self._rules_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_cm.__exit__(*exc)
+        self._mesh_cm.__exit__(*exc)
+        return False
+
+
+def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
+    """``(params, batch, rng) -> sums`` of loss / weight / correct over the batch."""
+    family = cfg.model.family
+
+    def loss_sums(params, batch, rng):
+        logits = model.apply({"params": params}, **model_kwargs(family, batch), rngs={"dropout": rng})
+        return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss=cfg.train.z_loss,
+                                  label_smoothing=cfg.train.label_smoothing)
+
+    return loss_sums
+
+
+def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation, schedule, grad_shardings,
+                    mesh: Mesh) -> Callable:
+    loss_sums = make_loss_fn(cfg, model)
+    num_micro = cfg.train.micro_batches
+    micro_sharding = NamedSharding(mesh, P(None, partitioning.BATCH_AXES))
+
+    def grad_sums(params, batch, rng):
+        def loss_of(p):
+            sums = loss_sums(p, batch, rng)
+            return sums["loss"], sums
+
+        grads, sums = jax.grad(loss_of, has_aux=True)(params)
+        return grads, sums
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        if num_micro == 1:
+            grads, sums = grad_sums(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+                split_micro_batches(x, num_micro), micro_sharding), batch)
+
+            def accumulate(carry, xs):
+                index, mb = xs
+                grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index))
+                acc_grads = jax.tree.map(jnp.add, carry[0], grads)
+                acc_grads = jax.lax.with_sharding_constraint(acc_grads, grad_shardings)
+                return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
+
+            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
+            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
+        denom = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        # ZeRO-2/3: each device keeps only its shard of the gradient (reduce-scatter).
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["loss"] / denom,
+            "z_loss": sums["z_loss"] / denom,
+            "accuracy": sums["correct"] / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "target_tokens": sums["weight"],
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: Config, model: nn.Module) -> Callable:
+    loss_sums = make_loss_fn(cfg, model)
+    return lambda params, batch: loss_sums(params, batch, jax.random.key(0))
+
+
+def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
+    """Derive model, optimizer and all shardings, and jit the steps with explicit shardings."""
+    model = build_model(cfg, deterministic=cfg.model.dropout == 0.0)
+    eval_model = build_model(cfg, deterministic=True)
+    tx, schedule = make_optimizer(cfg)
+    rules = partitioning.logical_rules(cfg, mesh)
+    opt_rules = partitioning.logical_rules(cfg, mesh, optimizer=True)
+
+    boxed = abstract_params(cfg)
+    params_abstract = nn.meta.unbox(boxed)
+    param_sh = partitioning.shardings_from_logical(boxed, mesh, rules)
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    opt_sh = partitioning.opt_state_shardings(opt_abstract, boxed, mesh, opt_rules)
+    grad_sh = param_sh if cfg.sharding.zero_stage < 2 else partitioning.shardings_from_logical(boxed, mesh, opt_rules)
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    abstract_state = abstract_with_shardings(
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abstract, opt_state=opt_abstract),
+        state_sh)
+    batch_sh = partitioning.batch_sharding(mesh)
+
+    make_params = init_fn(cfg)
+
+    def init(rng):
+        params = nn.meta.unbox(make_params(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    step_fn = make_train_step(cfg, model, tx, schedule, grad_sh, mesh)
+    eval_fn = make_eval_step(cfg, eval_model)
+    return TrainSetup(
+        cfg=cfg, mesh=mesh, model=model, eval_model=eval_model, tx=tx, schedule=schedule, rules=rules,
+        abstract_state=abstract_state, state_shardings=state_sh, grad_shardings=grad_sh, batch_sharding=batch_sh,
+        init=jax.jit(init, out_shardings=state_sh),
+        train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                           donate_argnums=0),
+        eval_step=jax.jit(eval_fn, in_shardings=(param_sh, batch_sh), out_shardings=replicated),
+    )
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows of the batch -> global arrays sharded over ``data`` x ``fsdp``."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def batch_shapes(cfg: Config) -> dict:
+    """The global batch the train step takes: key -> ShapeDtypeStruct (the data pipeline's contract)."""
+    b, length = cfg.train.batch_size, cfg.data.seq_len
+    i32, f32 = np.int32, np.float32
+
+    def spec(n, dtype=i32):
+        return jax.ShapeDtypeStruct((b, n), dtype)
+
+    if cfg.model.family == "encoder_decoder":
+        from t5x_lite.metrics import target_length
+
+        t = target_length(cfg)
+        return {"encoder_input_ids": spec(length), "encoder_segment_ids": spec(length),
+                "encoder_positions": spec(length), "input_ids": spec(t), "targets": spec(t),
+                "weights": spec(t, f32), "segment_ids": spec(t), "positions": spec(t)}
+    out = {"input_ids": spec(length), "targets": spec(length), "weights": spec(length, f32),
+           "segment_ids": spec(length), "positions": spec(length)}
+    if cfg.objective == "prefix":
+        out["prefix_mask"] = spec(length, np.bool_)
+    return out
+
+
+def check_batch(cfg: Config, local_batch: dict) -> None:
+    """The pipeline's batch must match ``batch_shapes`` (per-process rows, same keys and dtypes)."""
+    want = batch_shapes(cfg)
+    rows = cfg.train.batch_size // jax.process_count()
+    got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in local_batch.items()}
+    expect = {k: ((rows,) + v.shape[1:], np.dtype(v.dtype)) for k, v in want.items()}
+    if got != expect:
+        raise ValueError(f"data pipeline batch {got} does not match the train step's {expect}")
+
+
+def compile_train_step(setup: TrainSetup):
+    """AOT-compile the train step for the global batch of ``batch_shapes``."""
+    with setup.activation_context():
+        shapes = batch_shapes(setup.cfg)
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+                    for k, v in shapes.items()}
+        return setup.train_step.lower(setup.abstract_state, abstract).compile()
+
+
+def compiled_stats(compiled) -> dict:
+    """Temp / argument / output bytes and FLOPs the compiler reports (per device)."""
+    out = {}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            out.update(temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
+                       output_bytes=int(mem.output_size_in_bytes))
+    except Exception:  # some backends don't implement it
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and "flops" in cost:
+            out["flops"] = float(cost["flops"])
+    except Exception:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------ work dir
+
+
+def check_workdir_config(cfg: Config, workdir: str) -> Optional[Config]:
+    """The config a work dir was started with, after checking that ``cfg`` may continue it.
+
+    Model and data settings must match (the checkpoint and token cache depend on them); train,
+    optimizer, mesh and checkpoint settings may change between runs."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = config_from_dict(yaml.safe_load(f) or {})
+    diffs = config_diff(saved, cfg)
+    if diffs:
+        raise ConfigError(
+            f"work dir {workdir} holds a run with a different model/data config; it would not resume but "
+            "start over. Use a new --workdir, or the saved settings. Differences:\n  - " + "\n  - ".join(diffs)
+        )
+    return saved
+
+
+def write_workdir_config(cfg: Config, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(cfg.to_yaml())
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+# -------------------------------------------------------------------------- loop
+
+
+def evaluate(setup: TrainSetup, params, eval_batches, num_batches: int) -> dict:
+    """Mean loss / accuracy / perplexity over the held-out batches."""
+    totals = None
+    with setup.activation_context():
+        for i in range(num_batches):
+            batch = to_global(eval_batches(i, jax.process_index(), jax.process_count()), setup.batch_sharding)
+            sums = setup.eval_step(params, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals["weight"]), 1.0)
+    loss = float(totals["loss"]) / weight
+    return {"eval_loss": loss, "eval_accuracy": float(totals["correct"]) / weight,
+            "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(totals["weight"])}
+
+
+def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = None) -> dict:
+    """Train (or resume) ``cfg`` in ``workdir``. ``stop_after``: leave the loop after that many
+    steps of this call (tests); the final checkpoint is still written. Returns the last metrics."""
+    from t5x_lite.data import make_datasets
+
+    is_main = jax.process_index() == 0
+    mesh = partitioning.make_mesh(cfg, devices)  # mesh errors before touching the work dir
+    check_workdir_config(cfg, workdir)
+    log = Logger(None, enabled=is_main)
+    _, train_batches, eval_batches = make_datasets(cfg, workdir, log=log)
+    write_workdir_config(cfg, workdir)
+    log = Logger(workdir, enabled=is_main)
+
+    setup = make_setup(cfg, mesh)
+    sizes = setup.bytes_per_device()
+    log(f"processes={jax.process_count()} devices={jax.device_count()} "
+        f"({jax.local_device_count()} per process, {jax.devices()[0].platform})")
+    log(f"mesh {partitioning.describe_mesh(mesh)}  zero_stage={cfg.sharding.zero_stage}  "
+        f"family={cfg.model.family}  params={_num_params(setup):,}")
+    log(f"per device: params {human_bytes(sizes['params'])}  grads {human_bytes(sizes['grads'])}  "
+        f"optimizer state {human_bytes(sizes['opt_state'])}")
+
+    t0 = time.time()
+    check_batch(cfg, train_batches(0, jax.process_index(), jax.process_count()))
+    compiled = compile_train_step(setup)
+    stats = compiled_stats(compiled)
+    log(f"compiled train step in {time.time() - t0:.1f}s: temp {human_bytes(stats.get('temp_bytes', 0))}, "
+        f"arguments {human_bytes(stats.get('argument_bytes', 0))}, "
+        f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}")
+
+    ckpt = Checkpoints(workdir, cfg)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, meta = ckpt.restore(start, setup.abstract_state)
+        log(f"resumed from checkpoint at step {start} ({ckpt.directory})")
+    else:
+        with setup.activation_context():
+            state = setup.init(jax.random.key(cfg.train.seed))
+        start = 0
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+
+    steps = cfg.train.steps
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    tokens = tokens_per_step(cfg)
+    bar = progress_bar(steps, start, enabled=is_main and cfg.train.progress and sys.stdout.isatty())
+    last = {}
+    pending = None  # (step, metrics on device, dispatch time) of the step before
+    t_prev = time.time()
+
+    def finish(pending_item):
+        nonlocal t_prev, last
+        step, metrics, _ = pending_item
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        dt, t_prev = now - t_prev, now
+        values.update(step_time=dt, tokens_per_sec=tokens / dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}",
+                        step_ms=f"{1000 * dt:.0f}", refresh=False)
+        if step % cfg.train.log_every == 0 or step == 1 or step == steps:
+            writer.write(step, values)
+            if bar.disable:  # no terminal (a log file, CI): one line per logged step instead
+                log(f"step {step}/{steps}  loss {values['loss']:.4f}  acc {values['accuracy']:.3f}  "
+                    f"lr {values['learning_rate']:.2e}  {values['tokens_per_sec']:.0f} tok/s  "
+                    f"{1000 * dt:.0f} ms/step")
+        last = dict(values, step=step)
+
+    with setup.activation_context():
+        for step in range(start, end):
+            batch = to_global(train_batches(step, jax.process_index(), jax.process_count()), setup.batch_sharding)
+            state, metrics = compiled(state, batch)
+            if pending is not None:
+                finish(pending)
+            pending = (step + 1, metrics, time.time())
+            done = step + 1
+            if eval_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+                    and done != end:
+                finish(pending)
+                pending = None
+                ev = evaluate(setup, state.params, eval_batches, cfg.train.eval_batches)
+                writer.write(done, ev)
+                log(f"step {done}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
+                t_prev = time.time()
+            if done % cfg.checkpoint.every_steps == 0 and done != end:
+                ckpt.save(done, state, {"step": done, "seed": cfg.train.seed})
+        if pending is not None:
+            finish(pending)
+    bar.close()
+
+    done = int(jax.device_get(state.step))
+    if done > start or ckpt.latest_step() != done:
+        ckpt.save(done, state, {"step": done, "seed": cfg.train.seed}, force=True)
+    if eval_batches is not None and cfg.train.eval_every and done == steps and end > start:
+        ev = evaluate(setup, state.params, eval_batches, cfg.train.eval_batches)
+        writer.write(done, ev)
+        log(f"step {done}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
+        last.update(ev)
+    ckpt.close()
+    writer.close()
+    if last:
+        log(f"done at step {done}: loss {last.get('loss', float('nan')):.4f}")
+    return last
+
+
+def _num_params(setup: TrainSetup) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))

@@ -1,0 +1,66 @@
+"""Small configs and batches shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from t5x_lite.config import load_config
+
+TINY = [
+    "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.num_layers=2", "model.vocab_size=61",
+    "model.max_length=64", "data.seq_len=16", "data.target_len=16", "train.batch_size=8", "train.steps=3",
+    "optim.warmup_steps=1", "optim.learning_rate=1e-2",
+]
+
+
+def tiny_cfg(family: str = "decoder", *overrides: str):
+    extra = []
+    if family == "encoder_decoder":
+        extra = ["model.position=relative"]
+    if family == "encoder":
+        extra = ["model.position=learned"]
+    return load_config(None, TINY + [f"model.family={family}"] + extra + list(overrides))
+
+
+def random_batch(cfg, seed: int = 0, packed: bool = True) -> dict:
+    """A batch in the train step's format: random tokens, two documents per row when packed."""
+    from t5x_lite.trainer import batch_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, spec in batch_shapes(cfg).items():
+        b, n = spec.shape
+        if key.endswith("segment_ids"):
+            cut = n // 2 + 1 if packed else n
+            seg = np.where(np.arange(n) < cut, 1, 2 if packed else 1)
+            seg[-2:] = 0  # trailing padding
+            out[key] = np.broadcast_to(seg, (b, n)).astype(np.int32).copy()
+        elif key.endswith("positions"):
+            continue
+        elif key == "weights":
+            out[key] = np.ones((b, n), np.float32)
+        elif key == "prefix_mask":
+            out[key] = np.zeros((b, n), bool)
+            out[key][:, :4] = True
+        else:
+            out[key] = rng.integers(5, cfg.model.vocab_size, (b, n)).astype(np.int32)
+    for prefix in ("", "encoder_"):
+        seg = out.get(prefix + "segment_ids")
+        if seg is not None:
+            out[prefix + "positions"] = positions_from_segments(seg)
+            if prefix == "":
+                out["weights"] = (seg > 0).astype(np.float32)
+    return out
+
+
+def positions_from_segments(seg: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... restarting at every change of segment id; 0 on padding."""
+    pos = np.zeros_like(seg)
+    for r in range(seg.shape[0]):
+        count = 0
+        for c in range(seg.shape[1]):
+            if c > 0 and seg[r, c] != seg[r, c - 1]:
+                count = 0
+            pos[r, c] = count if seg[r, c] else 0
+            count += 1
+    return pos

@@ -1,0 +1,430 @@
+"""Corpus readers, tokenizer, packing, the batch source and make_datasets."""
+
+import gzip
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from t5x_lite import objectives
+from t5x_lite.config import Config
+from t5x_lite.data import (
+    Batches,
+    DataError,
+    Tokenizer,
+    load_documents,
+    make_datasets,
+    min_vocab_size,
+    pack_sequences,
+    read_documents,
+    stdlib_docstrings,
+)
+from t5x_lite.data.pipeline import split_documents
+
+NUM_SENTINELS = 16
+VOCAB = 400
+
+
+def synthetic_corpus(n_docs=300, seed=0):
+    """Deterministic pseudo-English documents of varied length."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "to", "ri", "mo", "ne", "sa", "lu", "pe", "di", "fo", "ba", "zi", "qu", "ve", "ho"]
+    words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(400)})
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(3, 80))
+        sentence = " ".join(rng.choice(words, size=n))
+        docs.append(sentence.capitalize() + ".\nSee also: " + rng.choice(words) + "()")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return synthetic_corpus()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("tok") / "sp.model"
+    return Tokenizer.train(corpus, str(path), VOCAB, NUM_SENTINELS, seed=0)
+
+
+def make_cfg(family="decoder", objective=None, seq_len=32, batch_size=4, **data):
+    cfg = Config()
+    cfg.model.family = family
+    cfg.model.vocab_size = VOCAB
+    cfg.data.objective = objective
+    cfg.data.seq_len = seq_len
+    cfg.data.num_sentinels = NUM_SENTINELS
+    cfg.train.batch_size = batch_size
+    cfg.train.eval_batches = 2
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg.validate()
+
+
+def token_docs(tokenizer, corpus):
+    return [np.array(x, np.int32) for x in tokenizer.encode_batch(corpus)]
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_specials_and_roundtrip(tokenizer, tmp_path):
+    tok = tokenizer
+    assert tok.vocab_size == VOCAB
+    assert (tok.pad_id, tok.eos_id, tok.unk_id, tok.bos_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.sentinel_ids == list(range(5, 5 + NUM_SENTINELS))
+    assert tok.special_ids == frozenset(range(5 + NUM_SENTINELS))
+    for text in ["Kato rimo ne.", "  two  spaces\nand a newline\ttab", "unseen: é, 中文, emoji 🙂", "<pad> literal"]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("foo <mask> bar <extra_id_3>")
+    assert tok.mask_id in ids and tok.sentinel_ids[3] in ids
+    assert tok.encode("<extra_id_0>")[-1] == 5
+    assert tok.decode(tok.encode("ka to") + [tok.eos_id] + tok.encode("ri")) == "ka to"
+    assert tok.decode([tok.pad_id] + tok.encode("ka")) == "ka"
+    assert tok.encode_batch(["ka to", "ri"]) == [tok.encode("ka to"), tok.encode("ri")]
+
+    tok.save(str(tmp_path / "copy.model"))
+    loaded = Tokenizer.load(str(tmp_path / "copy.model"))
+    assert loaded.sha256 == tok.sha256 and loaded.encode("ka to ri") == tok.encode("ka to ri")
+    assert os.listdir(tmp_path) == ["copy.model"], "temporary files left behind"
+
+
+def test_tokenizer_training_deterministic(corpus, tokenizer, tmp_path):
+    again = Tokenizer.train(corpus, str(tmp_path / "b.model"), VOCAB, NUM_SENTINELS, seed=0)
+    assert again.sha256 == tokenizer.sha256
+
+
+def test_tokenizer_vocab_errors(corpus, tmp_path):
+    with pytest.raises(DataError, match=r"model\.vocab_size=100.*data\.num_sentinels=16.*at least 309"):
+        Tokenizer.train(corpus, str(tmp_path / "x.model"), 100, NUM_SENTINELS)
+    assert min_vocab_size(NUM_SENTINELS) == 309
+    with pytest.raises(DataError, match="too small for model.vocab_size|hint"):
+        Tokenizer.train(corpus[:5], str(tmp_path / "y.model"), 3000, NUM_SENTINELS)
+    assert not os.path.exists(tmp_path / "x.model") and not os.path.exists(tmp_path / "y.model")
+
+
+@pytest.fixture(scope="session")
+def t5_style_tokenizer(tmp_path_factory, corpus):
+    """A model trained elsewhere: pad 0, eos 1, unk 2, no bos, no <mask>, no sentinels."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=200, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("t5") / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return Tokenizer.load(str(path))
+
+
+def test_foreign_model_fallbacks(t5_style_tokenizer, corpus):
+    tok = t5_style_tokenizer
+    assert (tok.pad_id, tok.eos_id, tok.unk_id, tok.bos_id) == (0, 1, 2, 0)
+    assert tok.mask_id is None and tok.sentinel_ids == []
+    assert tok.special_ids == frozenset({0, 1, 2})
+    docs = token_docs(tok, corpus[:20])
+    Batches(make_cfg(), docs, tok).batches(0)  # causal needs neither
+    with pytest.raises(DataError, match="<mask>"):
+        Batches(make_cfg("encoder"), docs, tok)
+    with pytest.raises(DataError, match="sentinels"):
+        Batches(make_cfg("encoder_decoder"), docs, tok)
+    with pytest.raises(DataError, match="not a sentencepiece model"):
+        Tokenizer.load(__file__)
+
+
+# ---------------------------------------------------------------------- corpus
+
+
+def test_readers(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\nline two")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("gzipped doc")
+    (tmp_path / "c.jsonl").write_text('{"text": "j1", "id": 1}\n\n{"text": "j2"}\n{"text": "   "}\n')
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    with gzip.open(sub / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": "x", "text": "gz line"}) + "\n")
+    (sub / "e.md").write_text("markdown as text")
+
+    assert read_documents(str(tmp_path)) == ["first doc\nline two", "gzipped doc", "j1", "j2", "gz line", "markdown as text"]
+    assert read_documents(str(tmp_path / "*.jsonl")) == ["j1", "j2"]
+    assert read_documents(str(tmp_path / "**" / "*.jsonl*")) == ["j1", "j2", "gz line"]
+    assert read_documents(str(sub / "d.jsonl.gz"), field="body") == ["x"]
+    assert read_documents(str(tmp_path), max_docs=3) == ["first doc\nline two", "gzipped doc", "j1"]
+
+
+def test_reader_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no text", "id": 2}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' is missing; fields present: \['content', 'id'\]"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(DataError, match="nothing_here"):
+        read_documents(str(tmp_path / "nothing_here*.txt"))
+    (tmp_path / "blank.txt").write_text("  \n\t ")
+    cfg = make_cfg(path=str(tmp_path / "blank.txt"))
+    with pytest.raises(DataError, match="corpus is empty.*blank.txt"):
+        load_documents(cfg.data)
+
+
+def test_stdlib_corpus_deterministic():
+    docs = stdlib_docstrings()
+    assert len(docs) > 1000 and sum(map(len, docs)) > 500_000
+    assert all(len(d) >= 40 and d == d.strip() for d in docs)
+    assert len(set(docs)) == len(docs)
+    assert stdlib_docstrings() == docs
+
+
+# ---------------------------------------------------------------------- packing
+
+
+def test_pack_sequences_exact():
+    seqs = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9, 10, 11]), np.array([12])]
+    tokens, seg, pos = pack_sequences(seqs, 4)
+    # [6..11] is cut into [6, 7, 8, 9] and [10, 11]; a row closes when the next chunk does not fit.
+    np.testing.assert_array_equal(tokens, [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 11, 12, 0]])
+    np.testing.assert_array_equal(seg, [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 2, 0]])
+    np.testing.assert_array_equal(pos, [[0, 1, 2, 0], [0, 1, 0, 0], [0, 1, 2, 3], [0, 1, 0, 0]])
+    assert tokens.dtype == seg.dtype == pos.dtype == np.int32
+
+
+def test_pack_sequences_property():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 1000, size=rng.integers(1, 60)) for _ in range(300)]
+    L = 16
+    tokens, seg, pos = pack_sequences(seqs, L)
+    # Reading segments row by row gives every sequence's chunks, in order, each exactly once.
+    pieces = []
+    for t, s, p in zip(tokens, seg, pos):
+        assert (t[s == 0] == 0).all() and (p[s == 0] == 0).all()
+        n = int((s > 0).sum())
+        assert (s[n:] == 0).all() and (s[:n] > 0).all()  # pads only at the end
+        for k in range(1, s.max() + 1):
+            idx = np.flatnonzero(s == k)
+            assert (np.diff(idx) == 1).all()
+            np.testing.assert_array_equal(p[idx], np.arange(len(idx)))
+            pieces.append(t[idx])
+    expected = [q[i : i + L] for q in seqs for i in range(0, len(q), L)]
+    assert len(pieces) == len(expected)
+    for a, b in zip(pieces, expected):
+        np.testing.assert_array_equal(a, b)
+    # Greedy: a row is closed only when the next chunk does not fit.
+    fill = (seg > 0).sum(1)
+    first_len = np.array([(s == 1).sum() for s in seg])
+    assert (fill[:-1] + first_len[1:] > L).all()
+
+
+def test_split_documents():
+    train, held = split_documents(1000, 0.1, seed=0)
+    assert len(np.intersect1d(train, held)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(1000))
+    assert 60 < len(held) < 140
+    again_train, again_held = split_documents(1000, 0.1, seed=0)
+    np.testing.assert_array_equal(held, again_held)
+    assert not np.array_equal(held, split_documents(1000, 0.1, seed=1)[1])
+    assert len(split_documents(3, 0.01, 0)[1]) == 1  # at least one eval doc
+    assert len(split_documents(2, 0.99, 0)[0]) == 1  # at least one train doc
+    assert len(split_documents(50, 0.0, 0)[1]) == 0
+
+
+# ---------------------------------------------------------------------- Batches
+
+
+@pytest.fixture(scope="module")
+def docs(tokenizer, corpus):
+    return token_docs(tokenizer, corpus)
+
+
+KEYS = {
+    "causal": {"input_ids", "targets", "weights", "segment_ids", "positions"},
+    "prefix": {"input_ids", "targets", "weights", "segment_ids", "positions", "prefix_mask"},
+    "mlm": {"input_ids", "targets", "weights", "segment_ids", "positions"},
+    "span": {"encoder_input_ids", "encoder_segment_ids", "encoder_positions",
+             "input_ids", "targets", "weights", "segment_ids", "positions"},
+}
+FAMILIES = [("decoder", "causal"), ("decoder", "prefix"), ("encoder", "mlm"), ("encoder_decoder", "span")]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("family,objective", FAMILIES)
+def test_batches_deterministic_resumable_sliceable(family, objective, docs, tokenizer):
+    cfg = make_cfg(family, objective, batch_size=4)
+    a, b = Batches(cfg, docs, tokenizer), Batches(cfg, docs, tokenizer)
+    first = [a.batches(s) for s in range(8)]
+    assert set(first[0]) == KEYS[objective]
+    for batch in first:
+        for k, v in batch.items():
+            assert v.shape[0] == 4 and v.ndim == 2
+            assert v.shape[1] == (cfg.data.seq_len if k.startswith("encoder") or objective != "span" else a.target_len)
+    # Fresh object, same steps in another order (a resume at step 5): identical.
+    for s in [5, 6, 7, 0]:
+        assert_same(b.batches(s), first[s])
+    assert not np.array_equal(first[0]["targets"], first[1]["targets"])
+    # Two process slices are the two halves of the global batch.
+    halves = [b(3, i, 2) for i in range(2)]  # calling the object is the same as .batches
+    for k in first[3]:
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), first[3][k])
+    with pytest.raises(DataError, match="not divisible by process_count=3"):
+        a.batches(0, 0, 3)
+
+
+def test_epochs_permute_all_rows(docs, tokenizer):
+    ds = Batches(make_cfg(batch_size=1), docs, tokenizer)
+    R = ds.rows_per_epoch
+    all_rows = Batches(make_cfg(batch_size=R), docs, tokenizer).batches(0)["targets"]
+    expected = sorted(map(tuple, all_rows))
+    assert len(expected) == R
+    orders = []
+    for epoch in range(2):
+        order = [tuple(ds.batches(epoch * R + i)["targets"][0]) for i in range(R)]
+        assert sorted(order) == expected
+        orders.append(order)
+    assert orders[0] != orders[1], "epochs are reshuffled"
+    assert ds.num_documents == len(docs)
+    assert ds.num_tokens == sum(len(d) + 1 for d in docs)
+    assert 0.5 < ds.packing_efficiency <= 1.0
+
+
+def test_causal_rows_hold_every_document_once(docs, tokenizer):
+    ds = Batches(make_cfg(batch_size=1), docs, tokenizer)
+    rows = Batches(make_cfg(batch_size=ds.rows_per_epoch), docs, tokenizer).batches(0)
+    np.testing.assert_array_equal(rows["input_ids"], objectives.shift_right(rows["targets"], rows["segment_ids"], 3))
+    # Each document (+eos) appears once: its chunks are segments somewhere in the epoch.
+    seen = []
+    for t, s in zip(rows["targets"], rows["segment_ids"]):
+        seen.extend(tuple(t[s == k]) for k in range(1, s.max() + 1))
+    expected = [tuple(np.append(d, 1)[i : i + 32]) for d in docs for i in range(0, len(d) + 1, 32)]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_tiny_corpus_repeats_rows(docs, tokenizer):
+    short = [d for d in docs if len(d) < 31][:1]
+    ds = Batches(make_cfg(batch_size=8), short, tokenizer)
+    assert ds.rows_per_epoch == 1
+    batch = ds.batches(0)
+    assert (batch["targets"] == batch["targets"][0]).all()
+    with pytest.raises(DataError, match="empty"):
+        Batches(make_cfg(), [], tokenizer)
+
+
+def test_span_rows_fit_and_reconstruct(docs, tokenizer):
+    cfg = make_cfg("encoder_decoder", seq_len=48, batch_size=1)
+    raw_len, target_len = objectives.span_corruption_raw_length(48, 0.15, 3.0)
+    ds = Batches(cfg, docs, tokenizer)
+    assert ds.target_len == target_len
+    whole = Batches(make_cfg("encoder_decoder", seq_len=48, batch_size=ds.rows_per_epoch), docs, tokenizer).batches(0)
+    sentinels = set(tokenizer.sentinel_ids)
+    restored = []
+    for i in range(ds.rows_per_epoch):
+        enc, enc_seg = whole["encoder_input_ids"][i], whole["encoder_segment_ids"][i]
+        tgt, dec_seg = whole["targets"][i], whole["segment_ids"][i]
+        assert enc_seg.max() == dec_seg.max()
+        np.testing.assert_array_equal(whole["weights"][i], dec_seg > 0)
+        for k in range(1, enc_seg.max() + 1):
+            restored.append(tuple(_restore(enc[enc_seg == k], tgt[dec_seg == k], sentinels)))
+    np.testing.assert_array_equal(
+        whole["input_ids"], objectives.shift_right(whole["targets"], whole["segment_ids"], tokenizer.bos_id)
+    )
+    expected = [tuple(np.append(d, 1)[j : j + raw_len]) for d in docs for j in range(0, len(d) + 1, raw_len)]
+    assert sorted(restored) == sorted(expected)
+    assert ds.packing_efficiency > 0.6
+    with pytest.raises(DataError, match="data.target_len=3 is too small"):
+        Batches(make_cfg("encoder_decoder", seq_len=48, target_len=3), docs, tokenizer)
+
+
+def _restore(inputs, targets, sentinels):
+    """Raw segment from its corrupted inputs/targets (both end with eos, which is part of the raw)."""
+    fill, current = {}, None
+    for t in targets[:-1]:
+        if t in sentinels:
+            current = t
+            fill[current] = []
+        else:
+            fill[current].append(int(t))
+    out = []
+    for t in inputs[:-1]:
+        out.extend(fill[t] if t in sentinels else [int(t)])
+    return out
+
+
+# ---------------------------------------------------------------------- make_datasets
+
+
+def write_corpus(path, docs):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+
+
+def test_make_datasets_trains_then_reuses_cache(tmp_path, corpus, monkeypatch):
+    write_corpus(tmp_path / "c.jsonl", corpus)
+    cfg = make_cfg(path=str(tmp_path / "c.jsonl"), eval_fraction=0.1)
+    workdir = tmp_path / "run"
+    lines = []
+    tok, train, evaluation = make_datasets(cfg, str(workdir), log=lines.append)
+    assert len(lines) == 4 and "300 docs" in lines[0] and "trained" in lines[1] and "tokenized" in lines[2]
+    assert (workdir / "tokenizer.model").exists() and tok.vocab_size == VOCAB
+    (cache,) = (workdir / "data_cache").iterdir()
+    assert cache.suffix == ".npz"
+    assert train.num_documents + evaluation.num_documents == len(corpus) and evaluation.num_documents > 10
+    assert evaluation.num_batches == 2
+    eval_batches = list(evaluation)
+    assert len(eval_batches) == 2 and not np.array_equal(eval_batches[0]["targets"], eval_batches[1]["targets"])
+    for a, b in zip(eval_batches, list(evaluation)):
+        assert_same(a, b)
+
+    mtime = cache.stat().st_mtime_ns
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a: pytest.fail("tokenized again despite the cache"))
+    monkeypatch.setattr(Tokenizer, "train", lambda *a, **k: pytest.fail("trained again despite tokenizer.model"))
+    lines.clear()
+    tok2, train2, eval2 = make_datasets(cfg, str(workdir), log=lines.append)
+    assert "loaded" in lines[1] and "from cache" in lines[2]
+    assert tok2.sha256 == tok.sha256 and cache.stat().st_mtime_ns == mtime
+    assert_same(train2.batches(7), train.batches(7))
+    assert_same(eval2.batches(1), eval_batches[1])
+
+
+def test_make_datasets_eval_docs_are_held_out(tmp_path, corpus):
+    # Tag every document so that what each split serves can be traced back to document indices.
+    tagged = [f"doc{i:03d} " + d for i, d in enumerate(corpus[:60])]
+    write_corpus(tmp_path / "c.jsonl", tagged)
+    cfg = make_cfg(path=str(tmp_path / "c.jsonl"), eval_fraction=0.2, seq_len=256, batch_size=1)
+    tok, train, evaluation = make_datasets(cfg, str(tmp_path / "run"), log=lambda _: None)
+
+    def served(ds):
+        tags = set()
+        for i in range(ds.rows_per_epoch):
+            b = ds.batches(i)
+            seg = b["segment_ids"][0]
+            for k in range(1, seg.max() + 1):
+                text = tok.decode(b["targets"][0][seg == k])
+                if text.startswith("doc"):
+                    tags.add(text[:6])
+        return tags
+
+    train_ids, eval_ids = split_documents(60, 0.2, cfg.train.seed)
+    assert served(evaluation) == {f"doc{i:03d}" for i in eval_ids}
+    assert served(train) == {f"doc{i:03d}" for i in train_ids}
+
+
+def test_make_datasets_errors(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    workdir = tmp_path / "run"
+    with pytest.raises(DataError, match="corpus is empty"):
+        make_datasets(make_cfg(path=str(tmp_path / "empty.jsonl")), str(workdir), log=lambda _: None)
+    assert not workdir.exists(), "an empty corpus must fail before writing anything"
+
+    write_corpus(tmp_path / "c.jsonl", ["some text here", "more text there"])
+    tok_path = tmp_path / "tok.model"
+    tokenizer.save(str(tok_path))
+    cfg = make_cfg(path=str(tmp_path / "c.jsonl"), tokenizer=str(tok_path))
+    cfg.model.vocab_size = 350
+    with pytest.raises(DataError, match=r"400 pieces.*model\.vocab_size=350"):
+        make_datasets(cfg, str(workdir), log=lambda _: None)

@@ -1,0 +1,264 @@
+"""Model semantics: causality, prefix LM, document masking, GQA, scan/remat invariance."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import t5x_lite
+from t5x_lite.models import build_model
+from t5x_lite.models.layers import alibi_slopes, dot_product_attention, relative_bucket
+
+from helpers import tiny_cfg
+
+POSITIONS = ["rope", "alibi", "relative", "learned"]
+
+
+def apply(cfg, params, **inputs):
+    from t5x_lite.models import _jitted_apply
+
+    return _jitted_apply(repr(cfg.model), cfg.model)(params, {k: jnp.asarray(v) for k, v in inputs.items()})
+
+
+def ids(shape, seed=0, vocab=61):
+    return np.random.default_rng(seed).integers(5, vocab, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_causal_decoder_never_sees_the_future(position):
+    cfg = tiny_cfg("decoder", f"model.position={position}")
+    params = t5x_lite.init_params(cfg, 0)
+    x = ids((2, 12))
+    base = np.asarray(t5x_lite.logits(cfg, params, x))
+    for t in (0, 5, 11):
+        y = x.copy()
+        y[:, t] = (y[:, t] + 7) % 61
+        out = np.asarray(t5x_lite.logits(cfg, params, y))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t:], base[:, t:])  # the changed position and after do see it
+
+
+def test_encoder_decoder_decoder_side_is_causal():
+    cfg = tiny_cfg("encoder_decoder")
+    params = t5x_lite.init_params(cfg, 0)
+    enc, dec = ids((2, 10), 1), ids((2, 8), 2)
+    base = np.asarray(t5x_lite.logits(cfg, params, enc, decoder_input_ids=dec))
+    dec2 = dec.copy()
+    dec2[:, 5] += 1
+    out = np.asarray(t5x_lite.logits(cfg, params, enc, decoder_input_ids=dec2))
+    np.testing.assert_array_equal(out[:, :5], base[:, :5])
+    enc2 = enc.copy()
+    enc2[:, 9] += 1  # every decoder position sees every encoder token
+    out = np.asarray(t5x_lite.logits(cfg, params, enc2, decoder_input_ids=dec))
+    assert not np.allclose(out[:, 0], base[:, 0])
+
+
+def test_prefix_lm_bidirectional_prefix_causal_rest():
+    cfg = tiny_cfg("decoder", "data.objective=prefix")
+    params = t5x_lite.init_params(cfg, 0)
+    x = ids((2, 12))
+    prefix = np.zeros((2, 12), bool)
+    prefix[:, :5] = True
+    base = np.asarray(apply(cfg, params, input_ids=x, prefix_mask=prefix))
+    # A prefix position sees later prefix tokens...
+    y = x.copy()
+    y[:, 4] += 1
+    out = np.asarray(apply(cfg, params, input_ids=y, prefix_mask=prefix))
+    assert not np.allclose(out[:, 0], base[:, 0])
+    # ...but never tokens after the prefix, and later positions never see their future.
+    for t in (5, 8):
+        y = x.copy()
+        y[:, t] += 1
+        out = np.asarray(apply(cfg, params, input_ids=y, prefix_mask=prefix))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    # Without a prefix it is a plain causal LM.
+    causal = np.asarray(apply(cfg, params, input_ids=x))
+    np.testing.assert_allclose(np.asarray(apply(cfg, params, input_ids=x, prefix_mask=np.zeros_like(prefix))),
+                               causal, atol=1e-6)
+    assert not np.allclose(causal[:, :5], base[:, :5])
+
+
+def _pack(a, b, length):
+    """Two documents in one row (then padding): ids, segment ids, positions."""
+    row = np.zeros(length, np.int32)
+    seg = np.zeros(length, np.int32)
+    pos = np.zeros(length, np.int32)
+    row[: len(a)], row[len(a): len(a) + len(b)] = a, b
+    seg[: len(a)], seg[len(a): len(a) + len(b)] = 1, 2
+    pos[: len(a)], pos[len(a): len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
+    return row[None], seg[None], pos[None]
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_packed_equals_unpacked(family, position):
+    cfg = tiny_cfg(family, f"model.position={position}")
+    params = t5x_lite.init_params(cfg, 0)
+    a, b = ids((7,), 1), ids((6,), 2)
+    row, seg, pos = _pack(a, b, 16)
+    packed = np.asarray(apply(cfg, params, input_ids=row, segment_ids=seg, positions=pos))
+    alone_a = np.asarray(apply(cfg, params, input_ids=a[None]))
+    alone_b = np.asarray(apply(cfg, params, input_ids=b[None]))
+    np.testing.assert_allclose(packed[0, :7], alone_a[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[0, 7:13], alone_b[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["relative", "rope"])
+def test_packed_equals_unpacked_encoder_decoder(position):
+    cfg = tiny_cfg("encoder_decoder", f"model.position={position}")
+    params = t5x_lite.init_params(cfg, 0)
+    ea, eb, da, db = ids((6,), 1), ids((8,), 2), ids((5,), 3), ids((4,), 4)
+    erow, eseg, epos = _pack(ea, eb, 16)
+    drow, dseg, dpos = _pack(da, db, 12)
+    packed = np.asarray(apply(cfg, params, encoder_input_ids=erow, input_ids=drow, encoder_segment_ids=eseg,
+                              segment_ids=dseg, encoder_positions=epos, positions=dpos))
+    alone_a = np.asarray(apply(cfg, params, encoder_input_ids=ea[None], input_ids=da[None]))
+    alone_b = np.asarray(apply(cfg, params, encoder_input_ids=eb[None], input_ids=db[None]))
+    np.testing.assert_allclose(packed[0, :5], alone_a[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:9], alone_b[0], atol=2e-5, rtol=1e-5)
+
+
+def test_attention_mask_argument_equals_unpadded():
+    for family in ("decoder", "encoder"):
+        cfg = tiny_cfg(family)
+        params = t5x_lite.init_params(cfg, 0)
+        x = ids((1, 9))
+        padded = np.concatenate([x, np.zeros((1, 3), np.int32)], axis=1)
+        mask = np.concatenate([np.ones((1, 9)), np.zeros((1, 3))], axis=1)
+        np.testing.assert_allclose(np.asarray(t5x_lite.logits(cfg, params, padded, attention_mask=mask))[:, :9],
+                                   np.asarray(t5x_lite.logits(cfg, params, x)), atol=2e-5)
+
+
+def reference_attention(q, k, v, mask, scale):
+    """Textbook multi-head attention with k/v heads repeated to the query heads."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = np.where(mask, s, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_gqa_attention_matches_reference(kv_heads):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
+    mask = rng.random((2, 1, 5, 7)) > 0.3
+    mask[..., 0] = True
+    out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), None, 0.35, "xla")
+    np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, mask, 0.35), atol=1e-5)
+
+
+def test_gqa_model_equals_mha_with_repeated_kv_heads():
+    gqa = tiny_cfg("decoder", "model.num_kv_heads=2")
+    mha = tiny_cfg("decoder", "model.num_kv_heads=4")
+    params = t5x_lite.init_params(gqa, 0)
+
+    def widen(path, leaf):
+        names = [getattr(p, "key", None) for p in path]
+        if "key" in names or "value" in names:  # kernel [L, D, K, H] -> [L, D, N, H]
+            return jnp.repeat(leaf, 2, axis=2)
+        return leaf
+
+    mha_params = jax.tree_util.tree_map_with_path(widen, params)
+    x = ids((2, 10))
+    np.testing.assert_allclose(np.asarray(t5x_lite.logits(mha, mha_params, x)),
+                               np.asarray(t5x_lite.logits(gqa, params, x)), atol=2e-5)
+
+
+def _loss_and_grads(cfg, params, batch):
+    from t5x_lite.trainer import make_loss_fn
+
+    loss_sums = make_loss_fn(cfg, build_model(cfg))
+
+    def loss(p):
+        s = loss_sums(p, batch, jax.random.key(0))
+        return s["loss"] / s["weight"]
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _stack_layers(params):
+    """Unrolled params (``layers_0``, ``layers_1``, ...) -> the scanned layout (``layers``)."""
+    if isinstance(params, dict):
+        keys = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+        out = {k: _stack_layers(v) for k, v in params.items() if not k.startswith("layers_")}
+        if keys:
+            out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in keys])
+        return out
+    return params
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])  # the latter covers the encoder stack
+def test_scan_equals_unrolled(family):
+    from helpers import random_batch
+
+    unrolled = tiny_cfg(family, "model.scan_layers=false")
+    scanned = tiny_cfg(family, "model.scan_layers=true")
+    params_u = t5x_lite.init_params(unrolled, 0)
+    params_s = _stack_layers(params_u)
+    chex.assert_trees_all_equal_shapes(params_s, t5x_lite.init_params(scanned, 0))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(scanned).items()}
+    loss_u, grads_u = _loss_and_grads(unrolled, params_u, batch)
+    loss_s, grads_s = _loss_and_grads(scanned, params_s, batch)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+    chex.assert_trees_all_close(grads_s, _stack_layers(grads_u), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("full", "false")])
+def test_remat_equals_no_remat(policy, scan):
+    from helpers import random_batch
+
+    base = tiny_cfg("decoder", "model.remat=none", f"model.scan_layers={scan}")
+    remat = tiny_cfg("decoder", f"model.remat={policy}", f"model.scan_layers={scan}")
+    params = t5x_lite.init_params(base, 0)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(base).items()}
+    loss_a, grads_a = _loss_and_grads(base, params, batch)
+    loss_b, grads_b = _loss_and_grads(remat, params, batch)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    chex.assert_trees_all_close(grads_b, grads_a, atol=1e-6, rtol=1e-5)
+
+
+def test_learned_positions_reject_long_inputs():
+    cfg = tiny_cfg("encoder")
+    params = t5x_lite.init_params(cfg, 0)
+    with pytest.raises(ValueError, match="max_length"):
+        t5x_lite.logits(cfg, params, ids((1, cfg.model.max_length + 1)))
+
+
+def test_position_helpers():
+    # ALiBi slopes for 8 heads are 1/2, 1/4, ..., 1/256 (the paper's values).
+    np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)], rtol=1e-6)
+    assert len(alibi_slopes(6)) == 6
+    # T5 buckets: distance 0 -> bucket 0; near distances exact; far ones share the last bucket.
+    rel = jnp.asarray([[0, -1, -2, -200]])
+    out = np.asarray(relative_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128))
+    np.testing.assert_array_equal(out, [[0, 1, 2, 31]])
+    both = np.asarray(relative_bucket(jnp.asarray([[1, -1]]), bidirectional=True, num_buckets=32,
+                                      max_distance=128))
+    assert both[0, 0] != both[0, 1]
+
+
+def test_param_count_of_llama_1b_matches_hugging_face():
+    from t5x_lite.config import load_config
+    from t5x_lite.models import abstract_params
+
+    cfg = load_config("configs/llama_1b.yaml")
+    n = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+    assert n == 886_114_304
+
+
+def test_every_parameter_has_logical_axes():
+    for family in ("encoder", "decoder", "encoder_decoder"):
+        from t5x_lite.models import abstract_params
+
+        boxed = abstract_params(tiny_cfg(family, "model.use_bias=true"))
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+        for leaf in leaves:
+            assert len(leaf.names) == leaf.value.ndim
