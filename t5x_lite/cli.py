@@ -47,11 +47,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _delegate(module: str, function: str):
+    """A command implemented in ``module.function(args) -> exit code`` (imported lazily)."""
+
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5x-lite", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="t5x-lite",
+        description="Train, evaluate and serve encoder, decoder and encoder-decoder transformers, "
+                    "sharded with ZeRO/FSDP over one JAX mesh.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (resumes when the work dir has a checkpoint)")
@@ -68,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("eval", help="evaluate the latest checkpoint of a work dir on held-out data")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=_delegate("t5x_lite.trainer", "run_eval_cli"))
+
+    p = sub.add_parser("decode", help="generate from the latest checkpoint (or an exported model)")
+    p.add_argument("--workdir", required=True, help="training work dir or `t5x-lite export` output")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_delegate("t5x_lite.decoding", "run_decode_cli"))
+
+    p = sub.add_parser("export", help="write params only (for serving or fine-tuning elsewhere)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.set_defaults(fn=_delegate("t5x_lite.checkpoints", "run_export_cli"))
     return parser
 
 
@@ -81,6 +117,9 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from t5x_lite.distributed import initialize
+
+        initialize()  # multi-process runs: join jax.distributed before any device is touched
         return args.fn(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
