@@ -1,0 +1,86 @@
+"""Configuration: YAML + overrides, one clear error per mistake, validation before any work."""
+
+import glob
+
+import pytest
+
+from t5x_lite.config import Config, ConfigError, config_from_dict, load_config
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.objective in ("causal", "prefix", "mlm", "span")
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/decoder_tiny.yaml", [
+        "optim.learning_rate=1e-4", "model.scan_layers=false", "model.num_kv_heads=null", "train.steps=7",
+        "data.path=/tmp/some corpus.txt", "model.norm_eps=1e-5",
+    ])
+    assert cfg.optim.learning_rate == pytest.approx(1e-4) and isinstance(cfg.optim.learning_rate, float)
+    assert cfg.model.scan_layers is False
+    assert cfg.model.num_kv_heads is None and cfg.model.kv_heads == cfg.model.num_heads
+    assert cfg.train.steps == 7
+    assert cfg.data.path == "/tmp/some corpus.txt"
+    assert cfg.model.norm_eps == pytest.approx(1e-5)
+
+
+def test_unknown_key_lists_valid_keys_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.num_layer=3"])
+    msg = str(e.value)
+    assert "model.num_layer" in msg and "num_layers" in msg and "did you mean" in msg
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        config_from_dict({"trian": {"steps": 3}})
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        config_from_dict({"model": {"widht": 3}})
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  family: decoder\n  dropuot: 0.1\n")
+    with pytest.raises(ConfigError, match="model.dropuot.*did you mean 'dropout'"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.steps=ten", "train.steps='ten' is not a valid int"),
+    ("train.steps=1.5", "not a valid int"),
+    ("model.scan_layers=maybe", "not a valid bool"),
+    ("model.mlp=swigluu", r"not one of \['swiglu'.*did you mean 'swiglu'"),
+    ("model.family=gpt", "model.family='gpt' is not one of"),
+    ("model.d_model=null", "may not be null"),
+    ("steps=3", "section.key"),
+])
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.num_heads=8", "model.num_kv_heads=3"], r"num_kv_heads=3.*valid num_kv_heads: \[1, 2, 4, 8\]"),
+    (["train.batch_size=10", "train.micro_batches=4"], r"batch_size=10 is not divisible by train.micro_batches=4"),
+    (["model.family=encoder", "model.position=learned", "model.max_length=64", "data.seq_len=128"],
+     "exceeds model.max_length=64"),
+    (["model.family=encoder", "data.objective=causal"], "does not fit model.family=encoder"),
+    (["sharding.zero_stage=4"], "zero_stage=4 must be one of 0, 1, 2, 3"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], "at most one of mesh"),
+    (["model.d_model=100", "model.num_heads=8"], "not divisible by model.num_heads"),
+])
+def test_validation_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.num_kv_heads=3", "train.batch_size=10", "train.micro_batches=4"])
+    assert "num_kv_heads" in str(e.value) and "micro_batches" in str(e.value)
+
+
+def test_yaml_round_trip():
+    cfg = load_config("configs/t5_base.yaml")
+    again = config_from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg

@@ -1,0 +1,131 @@
+"""The compiled train step and the train command: accumulation, learning, resume, bad input."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from t5x_lite import cli, partitioning, trainer
+
+from helpers import random_batch, tiny_cfg
+
+ONE_DEVICE = jax.devices()[:1]
+
+
+def run_steps(cfg, batch, steps=1, state=None):
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, ONE_DEVICE))
+    with setup.activation_context():
+        if state is None:
+            state = setup.init(jax.random.key(cfg.train.seed))
+        history = []
+        for _ in range(steps):
+            state, metrics = setup.train_step(state, trainer.to_global(batch, setup.batch_sharding))
+            history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_micro_batches_equal_one_big_batch(family):
+    # A large Adam epsilon keeps the first update linear in the gradient (g / (|g| + eps)), so the
+    # parameters compare the gradients themselves rather than their signs.
+    opts = ("optim.eps=10.0", "optim.clip_norm=0")
+    full = tiny_cfg(family, "train.micro_batches=1", *opts)
+    micro = tiny_cfg(family, "train.micro_batches=4", *opts)
+    batch = random_batch(full, seed=3)
+    batch["weights"][1, :] = 0.0  # unequal token counts per micro-batch: the mean must still match
+    state_full, (m_full,) = run_steps(full, batch)
+    state_micro, (m_micro,) = run_steps(micro, batch)
+    np.testing.assert_allclose(m_micro["loss"], m_full["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_micro["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    chex.assert_trees_all_close(state_micro.params, state_full.params, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,objective", [
+    ("encoder", "mlm"), ("decoder", "causal"), ("decoder", "prefix"), ("encoder_decoder", "span"),
+])
+def test_tiny_model_overfits_one_batch(family, objective):
+    cfg = tiny_cfg(family, f"data.objective={objective}", "optim.learning_rate=3e-3", "optim.schedule=constant",
+                   "optim.weight_decay=0", "train.steps=80", "model.num_layers=1")
+    batch = random_batch(cfg, seed=1)
+    if objective == "mlm":  # predict 15% of positions, as MLM does
+        batch["weights"] = (batch["weights"] * (np.random.default_rng(0).random(batch["weights"].shape) < 0.15))
+    _, history = run_steps(cfg, batch, steps=80)
+    first, last = float(history[0]["loss"]), float(history[-1]["loss"])
+    assert first > 3.0  # random tokens over a 61-word vocabulary start near ln(61)
+    assert last < 0.25 * first, (first, last)
+    assert float(history[-1]["accuracy"]) > 0.8
+
+
+SMALL = ["model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64", "model.num_layers=1",
+         "model.vocab_size=512", "data.seq_len=32", "train.batch_size=8", "data.max_docs=300",
+         "train.log_every=2", "train.eval_every=4", "train.eval_batches=1", "checkpoint.every_steps=4"]
+
+
+def cli_run(capsys, *args):
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_command_logs_plots_and_resumes(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    args = ["train", "--config", "configs/decoder_tiny.yaml", "--workdir", wd, *sum((["--set", s] for s in SMALL), [])]
+    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=6")
+    assert code == 0
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 4, 6]
+    for key in ("loss", "learning_rate", "tokens_per_sec", "accuracy", "grad_norm"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert any("eval_loss" in r and r["step"] == 4 for r in rows)
+    assert os.listdir(os.path.join(wd, "tb"))  # TensorBoard event file
+    for line in ("mesh data=1 x fsdp=8 x tensor=1", "zero_stage=3", "per device: params", "compiled train step"):
+        assert line in out, line
+
+    # The same command continues; rows after the checkpoint are not duplicated.
+    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=8")
+    assert code == 0
+    assert "resumed from checkpoint at step 6" in out
+    steps = [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in line]
+    assert steps == [1, 2, 4, 6, 8]
+
+    code, out, _ = cli_run(capsys, "plot", "--workdir", wd)
+    assert code == 0 and os.path.getsize(out.strip()) > 10_000 and out.strip().endswith(".png")
+
+
+def test_rerun_with_other_model_refuses_to_start_over(tmp_path, capsys):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "config.yaml").write_text(tiny_cfg("decoder").to_yaml())
+    code, _, err = cli_run(capsys, "train", "--config", "configs/decoder_tiny.yaml", "--workdir", str(wd))
+    assert code == 2 and "different model/data config" in err and "model.d_model" in err
+
+
+def _snapshot(path):
+    return {p: open(os.path.join(path, p), "rb").read() for p in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["data.path={empty}"], "empty"),
+    (["model.vocab_sizee=100"], "unknown config key 'model.vocab_sizee'"),
+    (["model.vocab_size=40"], "vocab_size"),
+    (["model.family=encoder", "model.position=learned", "model.max_length=16", "data.seq_len=32"], "max_length"),
+    (["train.micro_batches=3"], "micro_batches"),
+    (["mesh.tensor=3"], "mesh"),
+])
+def test_bad_input_fails_cleanly_before_touching_the_workdir(tmp_path, capsys, overrides, match):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "marker.txt").write_text("keep me")
+    before = _snapshot(wd)
+    sets = sum((["--set", s.format(empty=empty)] for s in SMALL + overrides), [])
+    code, out, err = cli_run(capsys, "train", "--config", "configs/decoder_tiny.yaml", "--workdir", str(wd), *sets)
+    assert code == 2
+    assert err.startswith("error:") and match in err, err
+    assert "Traceback" not in err
+    assert _snapshot(wd) == before
