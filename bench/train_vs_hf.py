@@ -1,0 +1,293 @@
+"""Training throughput: t5x_lite against Hugging Face transformers, side by side, one GPU.
+
+For each workload the same architecture is built twice — our config from ``configs/`` and the
+matching ``transformers`` model (LlamaForCausalLM, T5ForConditionalGeneration,
+BertForMaskedLM) with random weights — and trained on random tokens: warm-up steps, then timed
+steps. Each measurement runs in its own subprocess so that JAX and PyTorch never share a GPU's
+memory and peak memory is each one's own.
+
+Both sides: bf16 compute, fp32 master weights and AdamW state (HF: ``torch.autocast`` bf16 with
+fused AdamW; ours: ``model.dtype=bfloat16``, ``param_dtype=float32``). Counting is identical:
+
+    tokens/step = batch x (input length [+ target length for T5])
+    FLOPs/step  = t5x_lite.metrics.train_flops_per_step(cfg)   (6 x matmul weights per token,
+                  the output layer included, + 12 x keys seen x heads x head_dim per token and
+                  layer; causal stacks see half their keys) -- the count the training log uses
+    MFU         = FLOPs/step / step time / peak (989 TFLOP/s dense bf16 on H100/H200)
+
+Usage::
+
+    python bench/train_vs_hf.py                       # llama_1b, t5_base, bert_base on the GPU
+    python bench/train_vs_hf.py --workloads llama --steps 20 --json out.json
+    python bench/train_vs_hf.py --smoke               # tiny sizes on CPU (CI keeps this working)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = {"llama": "configs/llama_1b.yaml", "t5": "configs/t5_base.yaml", "bert": "configs/bert_base.yaml"}
+SMOKE = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.d_ff=128", "model.vocab_size=512",
+         "model.max_length=64", "data.seq_len=64", "train.batch_size=4", "model.dtype=float32"]
+SMOKE_EXTRA = {"llama": ["model.num_kv_heads=2"], "t5": ["model.num_decoder_layers=2", "model.head_dim=16"],
+               "bert": ["model.dropout=0.0"]}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+# ------------------------------------------------------------------------- shared
+
+
+def load_cfg(workload: str, smoke: bool, overrides: list[str]):
+    from t5x_lite.config import load_config
+
+    extra = (SMOKE + SMOKE_EXTRA[workload]) if smoke else []
+    return load_config(os.path.join(ROOT, WORKLOADS[workload]), extra + overrides)
+
+
+def random_tokens(cfg, seed: int = 0) -> dict:
+    """Unpacked random batch in the train step's format (all weights 1, MLM: 15% of positions)."""
+    import numpy as np
+
+    from t5x_lite.trainer import batch_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, spec in batch_shapes(cfg).items():
+        b, n = spec.shape
+        if key.endswith("segment_ids"):
+            out[key] = np.ones((b, n), np.int32)
+        elif key.endswith("positions"):
+            out[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
+        elif key == "weights":
+            w = np.ones((b, n), np.float32)
+            if cfg.objective == "mlm":
+                w = (rng.random((b, n)) < 0.15).astype(np.float32)
+            out[key] = w
+        elif key == "prefix_mask":
+            out[key] = np.zeros((b, n), bool)
+        else:
+            out[key] = rng.integers(10, cfg.model.vocab_size, (b, n)).astype(np.int32)
+    return out
+
+
+def peak_tflops(device_name: str, given: float | None) -> float | None:
+    if given:
+        return given
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def run_ours(cfg, steps: int, warmup: int) -> dict:
+    import jax
+
+    from t5x_lite import partitioning, trainer
+
+    t0 = time.perf_counter()
+    mesh = partitioning.make_mesh(cfg)
+    setup = trainer.make_setup(cfg, mesh)
+    compiled = trainer.compile_train_step(setup)
+    with setup.activation_context():
+        state = setup.init(jax.random.key(0))
+        batch = trainer.to_global(random_tokens(cfg), setup.batch_sharding)
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        first_step_s = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        loss = float(jax.device_get(metrics["loss"]))
+        elapsed = time.perf_counter() - t1
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {"step_s": elapsed / steps, "first_step_s": first_step_s, "loss": loss,
+            "peak_bytes": stats.get("peak_bytes_in_use"), "device": device.device_kind,
+            "jax": jax.__version__}
+
+
+# ----------------------------------------------------------------------------- HF
+
+
+def hf_model(cfg):
+    """The transformers model with our config's architecture (random weights)."""
+    import transformers as tf
+
+    m = cfg.model
+    if m.family == "decoder":
+        conf = tf.LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                              num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                              num_key_value_heads=m.kv_heads, max_position_embeddings=m.max_length,
+                              rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings)
+        return tf.LlamaForCausalLM(conf)
+    if m.family == "encoder_decoder":
+        conf = tf.T5Config(vocab_size=m.vocab_size, d_model=m.d_model, d_kv=m.dim_per_head, d_ff=m.d_ff,
+                           num_layers=m.num_layers, num_decoder_layers=m.decoder_layers, num_heads=m.num_heads,
+                           relative_attention_num_buckets=m.relative_buckets,
+                           relative_attention_max_distance=m.relative_max_distance, dropout_rate=m.dropout,
+                           layer_norm_epsilon=m.norm_eps, feed_forward_proj="gated-gelu",
+                           tie_word_embeddings=m.tie_embeddings, decoder_start_token_id=0)
+        return tf.T5ForConditionalGeneration(conf)
+    conf = tf.BertConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+                         num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
+                         max_position_embeddings=m.max_length, hidden_dropout_prob=m.dropout,
+                         attention_probs_dropout_prob=m.dropout, layer_norm_eps=m.norm_eps,
+                         hidden_act="gelu" if not m.gelu_approximate else "gelu_new")
+    return tf.BertForMaskedLM(conf)
+
+
+def hf_inputs(cfg, device) -> dict:
+    import torch
+
+    b = {k: torch.as_tensor(v, device=device) for k, v in random_tokens(cfg).items()}
+    if cfg.model.family == "decoder":
+        return {"input_ids": b["targets"].long(), "labels": b["targets"].long()}
+    if cfg.model.family == "encoder_decoder":
+        return {"input_ids": b["encoder_input_ids"].long(), "labels": b["targets"].long()}
+    labels = torch.where(b["weights"] > 0, b["targets"].long(), torch.full_like(b["targets"].long(), -100))
+    return {"input_ids": b["input_ids"].long(), "labels": labels}
+
+
+def run_hf(cfg, steps: int, warmup: int, compile_model: bool) -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    t0 = time.perf_counter()
+    model = hf_model(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(cfg.optim.b1, cfg.optim.b2),
+                            weight_decay=cfg.optim.weight_decay, fused=cuda)
+    fwd = torch.compile(model) if compile_model else model
+    inputs = hf_inputs(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            loss = fwd(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    loss = step()
+    sync()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss = float(loss.detach())
+    sync()
+    elapsed = time.perf_counter() - t1
+    return {"step_s": elapsed / steps, "first_step_s": first_step_s, "loss": loss,
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# ------------------------------------------------------------------------- driver
+
+
+def child(args) -> None:
+    """One measurement; prints one JSON line."""
+    cfg = load_cfg(args.workload, args.smoke, args.set)
+    if args.impl == "ours":
+        result = run_ours(cfg, args.steps, args.warmup)
+    else:
+        result = run_hf(cfg, args.steps, args.warmup, compile_model=args.impl == "hf_compile")
+    from t5x_lite.metrics import tokens_per_step, train_flops_per_step
+
+    result.update(workload=args.workload, impl=args.impl, tokens_per_step=tokens_per_step(cfg),
+                  flops_per_step=train_flops_per_step(cfg))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(workload: str, impl: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", workload, "--impl", impl,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+    for s in args.set:
+        cmd += ["--set", s]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {"workload": workload, "impl": impl, "error": tail}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(results: list[dict], peak: float | None) -> str:
+    head = "| workload | impl | tokens/s | step ms | MFU | peak mem GiB | first step s | vs HF eager | vs HF compiled |"
+    rows = [head, "|" + "---|" * 9]
+    by = {(r["workload"], r["impl"]): r for r in results}
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['workload']} | {r['impl']} | error | | | | | | |")
+            continue
+        tps = r["tokens_per_step"] / r["step_s"]
+        mfu = f"{100 * r['flops_per_step'] / r['step_s'] / (peak * 1e12):.1f}%" if peak else "n/a"
+        mem = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "n/a"
+
+        def ratio(other):
+            o = by.get((r["workload"], other))
+            return f"{o['step_s'] / r['step_s']:.2f}x" if o and "error" not in o else "-"
+
+        rows.append(f"| {r['workload']} | {r['impl']} | {tps:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | {mem} | "
+                    f"{r['first_step_s']:.1f} | {ratio('hf')} | {ratio('hf_compile')} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default="llama,t5,bert")
+    p.add_argument("--impls", default="ours,hf,hf_compile")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, float32, CPU-friendly")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--set", action="append", default=[], help="override our config (applies to HF too)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    impls = args.impls.split(",")
+    if args.smoke:
+        impls = [i for i in impls if i != "hf_compile"]  # torch.compile on CPU takes minutes
+    results = []
+    for workload in args.workloads.split(","):
+        for impl in impls:
+            r = measure(workload, impl, args)
+            results.append(r)
+            print(f"{workload:6s} {impl:10s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
+                                                   else "ERROR\n" + r["error"]), flush=True)
+    device = next((r.get("device") for r in results if r.get("device") and r["impl"] == "ours"), "cpu")
+    peak = peak_tflops(device or "", args.peak_tflops)
+    print()
+    print(table(results, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "results": results}, f, indent=2)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
