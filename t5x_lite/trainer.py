@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -23,14 +25,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5x_lite import partitioning
-from t5x_lite.checkpoints import Checkpoints, abstract_with_shardings
-from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict
+from t5x_lite.checkpoints import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    Checkpoints,
+    abstract_with_shardings,
+    check_resume,
+    latest_step,
+    read_config,
+    run_meta,
+)
+from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
 from t5x_lite.losses import cross_entropy_sums
 from t5x_lite.metrics import (
+    METRICS_FILE,
     Logger,
     MetricsWriter,
     human_bytes,
@@ -41,7 +52,6 @@ from t5x_lite.metrics import (
 from t5x_lite.models import abstract_params, build_model, init_fn, model_kwargs
 from t5x_lite.optim import make_optimizer
 
-CONFIG_FILE = "config.yaml"
 
 
 @flax.struct.dataclass
@@ -166,7 +176,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             "loss": sums["loss"] / denom,
             "z_loss": sums["z_loss"] / denom,
             "accuracy": sums["correct"] / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "target_tokens": sums["weight"],
         }
@@ -293,11 +303,9 @@ def check_workdir_config(cfg: Config, workdir: str) -> Optional[Config]:
 
     Model and data settings must match (the checkpoint and token cache depend on them); train,
     optimizer, mesh and checkpoint settings may change between runs."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return None
-    with open(path) as f:
-        saved = config_from_dict(yaml.safe_load(f) or {})
+    saved = read_config(workdir)
     diffs = config_diff(saved, cfg)
     if diffs:
         raise ConfigError(
@@ -333,18 +341,64 @@ def evaluate(setup: TrainSetup, params, eval_batches, num_batches: int) -> dict:
             "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(totals["weight"])}
 
 
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT ask the training loop to stop after the current step; it
+    then saves, waits for the commit and returns normally (exit code 0). A second SIGINT
+    interrupts at once. With several processes, JAX's preemption service (it watches SIGTERM on
+    every host) picks a step that all of them stop after; no handler is installed there."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        """Whether to stop after ``step``; every process calls it at every step."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.received = "preemption notice"
+        return self.received is not None
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = None) -> dict:
     """Train (or resume) ``cfg`` in ``workdir``. ``stop_after``: leave the loop after that many
-    steps of this call (tests); the final checkpoint is still written. Returns the last metrics."""
+    steps of this call (tests); the final checkpoint is still written. SIGTERM / SIGINT: stop
+    after the current step, save, wait for the commit and return. Returns the last metrics."""
     from t5x_lite.data import make_datasets
 
     is_main = jax.process_index() == 0
     mesh = partitioning.make_mesh(cfg, devices)  # mesh errors before touching the work dir
     check_workdir_config(cfg, workdir)
     log = Logger(None, enabled=is_main)
-    _, train_batches, eval_batches = make_datasets(cfg, workdir, log=log)
-    write_workdir_config(cfg, workdir)
+    # Several processes (issue 7): process 0 trains the tokenizer, fills the token cache and
+    # writes config.yaml first; the others then read what it wrote instead of racing it.
+    from t5x_lite.distributed import main_process_first
+
+    with main_process_first("prepare work dir"):
+        tokenizer, train_batches, eval_batches = make_datasets(cfg, workdir, log=log)
+        if is_main:
+            write_workdir_config(cfg, workdir)
+    if is_main and not os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
+        tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))  # the work dir is self-contained
     log = Logger(workdir, enabled=is_main)
+    meta = run_meta(cfg, train_batches, tokenizer)
 
     setup = make_setup(cfg, mesh)
     sizes = setup.bytes_per_device()
@@ -364,14 +418,18 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
         f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}")
 
     ckpt = Checkpoints(workdir, cfg)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, meta = ckpt.restore(start, setup.abstract_state)
+    restored = ckpt.restore_latest(setup.abstract_state, cfg.checkpoint.fallback, log)
+    if restored is not None:
+        start, state, saved_meta = restored
+        check_resume(saved_meta, meta, f"at step {start} ({ckpt.step_path(start)})", log)
         log(f"resumed from checkpoint at step {start} ({ckpt.directory})")
     else:
         with setup.activation_context():
             state = setup.init(jax.random.key(cfg.train.seed))
         start = 0
+    keep_best = cfg.checkpoint.keep_best and eval_batches is not None
+    if cfg.checkpoint.keep_best and not keep_best:
+        log("note: checkpoint.keep_best needs held-out data (data.eval_fraction > 0); keeping the latest only")
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
 
     steps = cfg.train.steps
@@ -380,6 +438,7 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     bar = progress_bar(steps, start, enabled=is_main and cfg.train.progress and sys.stdout.isatty())
     last = {}
     pending = None  # (step, metrics on device, dispatch time) of the step before
+    last_saved = start if restored is not None else None
     t_prev = time.time()
 
     def finish(pending_item):
@@ -400,41 +459,118 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
                     f"{1000 * dt:.0f} ms/step")
         last = dict(values, step=step)
 
-    with setup.activation_context():
+    def run_eval(params, step: int) -> dict:
+        ev = evaluate(setup, params, eval_batches, cfg.train.eval_batches)
+        writer.write(step, ev)
+        log(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
+        return ev
+
+    def save(state, step: int, ev: Optional[dict]) -> None:
+        """Start an async save; with keep_best every checkpoint carries an eval loss."""
+        nonlocal last_saved
+        if keep_best and ev is None:
+            ev = run_eval(state.params, step)
+        ckpt.save(step, state, meta, {"eval_loss": ev["eval_loss"]} if keep_best else None)
+        last_saved = step
+
+    with StopSignals() as stop, setup.activation_context():
         for step in range(start, end):
             batch = to_global(train_batches(step, jax.process_index(), jax.process_count()), setup.batch_sharding)
             state, metrics = compiled(state, batch)
             if pending is not None:
                 finish(pending)
             pending = (step + 1, metrics, time.time())
-            done = step + 1
+            done, ev = step + 1, None
             if eval_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
                     and done != end:
                 finish(pending)
                 pending = None
-                ev = evaluate(setup, state.params, eval_batches, cfg.train.eval_batches)
-                writer.write(done, ev)
-                log(f"step {done}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
+                ev = run_eval(state.params, done)
                 t_prev = time.time()
             if done % cfg.checkpoint.every_steps == 0 and done != end:
-                ckpt.save(done, state, {"step": done, "seed": cfg.train.seed})
+                save(state, done, ev)
+            if stop.requested(done):
+                break
         if pending is not None:
             finish(pending)
-    bar.close()
+        bar.close()
 
-    done = int(jax.device_get(state.step))
-    if done > start or ckpt.latest_step() != done:
-        ckpt.save(done, state, {"step": done, "seed": cfg.train.seed}, force=True)
-    if eval_batches is not None and cfg.train.eval_every and done == steps and end > start:
-        ev = evaluate(setup, state.params, eval_batches, cfg.train.eval_batches)
-        writer.write(done, ev)
-        log(f"step {done}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
-        last.update(ev)
-    ckpt.close()
+        done, ev = int(jax.device_get(state.step)), None
+        if eval_batches is not None and cfg.train.eval_every and done == steps and end > start \
+                and stop.received is None:
+            ev = run_eval(state.params, done)
+            last.update(ev)
+        if last_saved != done:
+            save(state, done, ev)
+        ckpt.close()  # waits until the last save is committed
     writer.close()
-    if last:
+    if stop.received is not None:
+        log(f"{stop.received}: stopped after step {done}; checkpoint {ckpt.step_path(done)} is committed. "
+            "Run the same command again to resume.")
+    elif last:
         log(f"done at step {done}: loss {last.get('loss', float('nan')):.4f}")
     return last
+
+
+# -------------------------------------------------------------------------- eval
+
+
+EVAL_SETTINGS = ("data.", "train.eval_batches", "train.batch_size", "mesh.", "sharding.")
+
+
+def eval_config(workdir: str, overrides) -> Config:
+    """The work dir's config with ``overrides`` (``key=value``) applied. Only the data, the eval
+    batches and the layout may change: the model and the tokenizer are the checkpoint's."""
+    tree = read_config(workdir).to_dict()
+    for item in overrides:
+        key, value = parse_override(item)
+        if not key.startswith(EVAL_SETTINGS) or key == "data.tokenizer":
+            raise ConfigError(f"eval --set {key}: only data.* (not data.tokenizer), train.eval_batches, "
+                              "train.batch_size, mesh.* and sharding.* may change; the model is the checkpoint's")
+        section, name = key.split(".", 1)
+        tree[section][name] = value
+    return config_from_dict(tree).validate()
+
+
+def held_out_batches(cfg: Config, workdir: str, log: Callable[[str], None]):
+    """``(batches, description)``: the held-out split (``data.eval_fraction``) of the corpus ``cfg`` names."""
+    from t5x_lite.data import DataError, make_datasets
+
+    _, _, batches = make_datasets(cfg, workdir, log=log)
+    if batches is None:
+        raise DataError(f"data.eval_fraction={cfg.data.eval_fraction} holds no document out; "
+                        "pass --set data.eval_fraction=0.02 (or --set data.path=HELD_OUT --set data.eval_fraction=0.99)")
+    return batches, f"held-out {cfg.data.eval_fraction:g} of {cfg.data.path or 'the stdlib docstrings'}"
+
+
+def evaluate_checkpoint(workdir: str, overrides=(), step: Optional[int] = None,
+                        log: Callable[[str], None] = print) -> dict:
+    """Loss, perplexity and token accuracy of checkpoint ``step`` (default: the latest) on held-out
+    data, appended to ``metrics.jsonl`` as a row of that step. The params are restored straight
+    into this mesh's shardings; no optimizer state is read."""
+    cfg = eval_config(workdir, overrides)
+    mesh = partitioning.make_mesh(cfg)
+    batches, source = held_out_batches(cfg, workdir, log)
+    setup = make_setup(cfg, mesh)
+    ckpt = Checkpoints(workdir, cfg, read_only=True)
+    step = latest_step(ckpt) if step is None else step
+    params = ckpt.restore_params(step, setup.abstract_state.params)
+    ckpt.close()
+    result = dict(evaluate(setup, params, batches, cfg.train.eval_batches), eval_data=source)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write(step, result)
+    writer.close()
+    return dict(result, step=step)
+
+
+def run_eval_cli(args) -> int:
+    """``t5x-lite eval --workdir DIR [--set data.path=...] [--step N]``."""
+    log = Logger(None, enabled=jax.process_index() == 0)
+    r = evaluate_checkpoint(args.workdir, args.overrides, args.step, log=log)
+    log(f"step {r['step']}: eval_loss {r['eval_loss']:.4f}  eval_perplexity {r['eval_perplexity']:.3f}  "
+        f"eval_accuracy {r['eval_accuracy']:.4f}  ({r['eval_tokens']:.0f} target tokens, {r['eval_data']}) "
+        f"-> {os.path.join(args.workdir, METRICS_FILE)}")
+    return 0
 
 
 def _num_params(setup: TrainSetup) -> int:
