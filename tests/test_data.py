@@ -14,6 +14,7 @@ from t5x_lite.config import Config
 from t5x_lite.data import (
     Batches,
     DataError,
+    TokenStore,
     Tokenizer,
     load_documents,
     make_datasets,
@@ -22,7 +23,9 @@ from t5x_lite.data import (
     read_documents,
     stdlib_docstrings,
 )
-from t5x_lite.data.pipeline import split_documents
+from t5x_lite.data import corpus as corpus_module
+from t5x_lite.data.corpus import Skipped
+from t5x_lite.data.pipeline import pack_rows, shuffle_index, split_documents
 
 NUM_SENTINELS = 16
 VOCAB = 400
@@ -150,31 +153,64 @@ def test_readers(tmp_path):
         f.write(json.dumps({"body": "x", "text": "gz line"}) + "\n")
     (sub / "e.md").write_text("markdown as text")
 
-    assert read_documents(str(tmp_path)) == ["first doc\nline two", "gzipped doc", "j1", "j2", "gz line", "markdown as text"]
+    all_docs = ["first doc\nline two", "gzipped doc", "j1", "j2", "gz line", "markdown as text"]
+    skipped = Skipped()
+    assert read_documents(str(tmp_path), skipped=skipped) == all_docs
+    assert skipped.counts == {"blank documents": 1} and skipped.first["blank documents"] == f"{tmp_path}/c.jsonl:4"
     assert read_documents(str(tmp_path / "*.jsonl")) == ["j1", "j2"]
     assert read_documents(str(tmp_path / "**" / "*.jsonl*")) == ["j1", "j2", "gz line"]
     assert read_documents(str(sub / "d.jsonl.gz"), field="body") == ["x"]
-    assert read_documents(str(tmp_path), max_docs=3) == ["first doc\nline two", "gzipped doc", "j1"]
+    assert read_documents(str(tmp_path), max_docs=3) == all_docs[:3]
 
 
-def test_reader_errors(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no text", "id": 2}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' is missing; fields present: \['content', 'id'\]"):
-        read_documents(str(tmp_path / "bad.jsonl"))
+def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
+    lines = [json.dumps({"text": f"line {i} " + "x" * (i % 37)}) for i in range(400)]
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    for unit_bytes in (64, 1000, 1 << 20):  # cuts inside lines, at many places, none
+        units = corpus_module.plan_units([str(tmp_path / "big.jsonl")], unit_bytes)
+        got = [d for u in units for d, _ in corpus_module.unit_documents(u, "text", Skipped(strict=True))]
+        assert got == [json.loads(x)["text"] for x in lines]
+        assert sum(u[0].end - u[0].start for u in units) == (tmp_path / "big.jsonl").stat().st_size
+
+
+def test_reader_problems_are_counted_or_strict(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no text", "id": 2}\n[1]\n{oops\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    skipped = Skipped()
+    assert read_documents(str(tmp_path), skipped=skipped) == ["ok"]
+    assert skipped.counts == {"JSON lines without a text field 'text'": 1, "JSON lines not an object": 1,
+                              "lines not JSON": 1, "files not UTF-8": 1}
+    assert "bad.jsonl:2 (fields present: ['content', 'id']" in str(skipped)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2 \(fields present: \['content', 'id'\].*drop --strict"):
+        read_documents(str(tmp_path / "bad.jsonl"), skipped=Skipped(strict=True))
     with pytest.raises(DataError, match="nothing_here"):
         read_documents(str(tmp_path / "nothing_here*.txt"))
     (tmp_path / "blank.txt").write_text("  \n\t ")
     cfg = make_cfg(path=str(tmp_path / "blank.txt"))
-    with pytest.raises(DataError, match="corpus is empty.*blank.txt"):
+    with pytest.raises(DataError, match="corpus is empty.*blank.txt.*skipped: 1 blank documents"):
         load_documents(cfg.data)
 
 
-def test_stdlib_corpus_deterministic():
-    docs = stdlib_docstrings()
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return stdlib_docstrings()
+
+
+def test_stdlib_corpus(stdlib_docs):
+    docs = stdlib_docs
     assert len(docs) > 1000 and sum(map(len, docs)) > 500_000
     assert all(len(d) >= 40 and d == d.strip() for d in docs)
     assert len(set(docs)) == len(docs)
-    assert stdlib_docstrings() == docs
+    # The statement-only walk finds what ast.walk finds, in the same order.
+    import ast
+    import inspect
+
+    for path in corpus_module._stdlib_files()[::40]:
+        source = open(path, "rb").read()
+        expected = [inspect.cleandoc(d).strip() for n in ast.walk(ast.parse(source))
+                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                    and (d := ast.get_docstring(n, clean=False))]
+        assert list(corpus_module._docstrings_of(source)) == expected, path
 
 
 # ---------------------------------------------------------------------- packing
@@ -214,6 +250,36 @@ def test_pack_sequences_property():
     fill = (seg > 0).sum(1)
     first_len = np.array([(s == 1).sum() for s in seg])
     assert (fill[:-1] + first_len[1:] > L).all()
+
+
+def test_pack_rows_span_capacities_and_shuffle_index():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 120, size=500)
+    raw_len, target_len = objectives.span_corruption_raw_length(44, 0.15, 3.0)
+    table = np.array([objectives.span_lengths(n, 0.15, 3.0) for n in range(raw_len + 1)])
+    starts, fill = pack_rows(lengths, raw_len, (44, target_len), table)
+    stream = np.concatenate([[0], np.cumsum(lengths)])
+    # Rows tile the stream; a row's pieces (its parts of documents) are at most raw_len long and
+    # fit both capacities once corrupted; a longer document continues in the next rows.
+    assert starts[0] == 0 and starts[-1] == stream[-1] and (np.diff(starts) > 0).all()
+    used = 0
+    for a, b in zip(starts[:-1], starts[1:]):
+        cuts = sorted({a, b} | {int(x) for x in stream if a < x < b})
+        sizes = table[np.diff(cuts)].sum(0)
+        assert sizes[0] <= 44 and sizes[1] <= target_len
+        used += sizes[0]
+    assert fill == pytest.approx(used / (44 * (len(starts) - 1)))
+    with pytest.raises(AssertionError, match="chunk boundary inside a row"):  # capacities that break the layout
+        pack_rows(lengths, 40, (60, 30), table[:41])
+
+    keys = np.array([11, 22, 33, 44], np.uint64)
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        perm = shuffle_index(np.arange(n), n, keys)
+        assert sorted(perm.tolist()) == list(range(n)), n  # a bijection of [0, n)
+    perm = shuffle_index(np.arange(1000), 1000, keys)
+    np.testing.assert_array_equal(shuffle_index(np.arange(990, 1000), 1000, keys), perm[990:])
+    other = shuffle_index(np.arange(1000), 1000, keys + np.uint64(1))
+    assert (perm != other).mean() > 0.9 and abs(np.corrcoef(perm, np.arange(1000))[0, 1]) < 0.1
 
 
 def test_split_documents():
@@ -273,6 +339,19 @@ def test_batches_deterministic_resumable_sliceable(family, objective, docs, toke
         np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), first[3][k])
     with pytest.raises(DataError, match="not divisible by process_count=3"):
         a.batches(0, 0, 3)
+
+
+def test_a_far_step_reads_only_its_own_rows(docs, tokenizer):
+    store = TokenStore.from_documents(docs, tokenizer.eos_id)
+    read_tokens = []
+    real_read = store.read
+    store.read = lambda d, lo, hi: (read_tokens.append(int((hi - lo).sum())), real_read(d, lo, hi))[1]
+    ds = Batches(make_cfg(batch_size=4), store, tokenizer)
+    for step in (0, 10**9 + 7):  # a resume deep into epoch ~10**7 builds no permutation table
+        read_tokens.clear()
+        batch = ds.batches(step)
+        assert sum(read_tokens) == int((batch["segment_ids"] > 0).sum())  # exactly the tokens served
+    assert_same(Batches(make_cfg(batch_size=4), docs, tokenizer).batches(10**9 + 7), batch)
 
 
 def test_epochs_permute_all_rows(docs, tokenizer):
@@ -363,16 +442,21 @@ def write_corpus(path, docs):
             f.write(json.dumps({"text": d}) + "\n")
 
 
+def _fail(*_, **__):
+    raise AssertionError("called despite the cache")
+
+
 def test_make_datasets_trains_then_reuses_cache(tmp_path, corpus, monkeypatch):
     write_corpus(tmp_path / "c.jsonl", corpus)
     cfg = make_cfg(path=str(tmp_path / "c.jsonl"), eval_fraction=0.1)
     workdir = tmp_path / "run"
     lines = []
     tok, train, evaluation = make_datasets(cfg, str(workdir), log=lines.append)
-    assert len(lines) == 4 and "300 docs" in lines[0] and "trained" in lines[1] and "tokenized" in lines[2]
+    assert "300 docs" in lines[0] and "trained" in lines[1] and "tokenized" in lines[2]
+    assert "packing efficiency" in lines[-1]
     assert (workdir / "tokenizer.model").exists() and tok.vocab_size == VOCAB
     (cache,) = (workdir / "data_cache").iterdir()
-    assert cache.suffix == ".npz"
+    assert (cache / "manifest.json").exists()
     assert train.num_documents + evaluation.num_documents == len(corpus) and evaluation.num_documents > 10
     assert evaluation.num_batches == 2
     eval_batches = list(evaluation)
@@ -380,15 +464,33 @@ def test_make_datasets_trains_then_reuses_cache(tmp_path, corpus, monkeypatch):
     for a, b in zip(eval_batches, list(evaluation)):
         assert_same(a, b)
 
-    mtime = cache.stat().st_mtime_ns
-    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a: pytest.fail("tokenized again despite the cache"))
-    monkeypatch.setattr(Tokenizer, "train", lambda *a, **k: pytest.fail("trained again despite tokenizer.model"))
+    # A rerun reads no text: one stat per file finds the cache.
+    mtime = (cache / "manifest.json").stat().st_mtime_ns
+    monkeypatch.setattr(corpus_module, "read_documents", _fail)
+    monkeypatch.setattr(Tokenizer, "encode_batch", _fail)
+    monkeypatch.setattr(Tokenizer, "train", _fail)
     lines.clear()
     tok2, train2, eval2 = make_datasets(cfg, str(workdir), log=lines.append)
-    assert "loaded" in lines[1] and "from cache" in lines[2]
-    assert tok2.sha256 == tok.sha256 and cache.stat().st_mtime_ns == mtime
+    assert "loaded" in lines[0] and str(cache) in lines[1]
+    assert tok2.sha256 == tok.sha256 and (cache / "manifest.json").stat().st_mtime_ns == mtime
     assert_same(train2.batches(7), train.batches(7))
     assert_same(eval2.batches(1), eval_batches[1])
+
+    # A changed file is read again.
+    os.utime(tmp_path / "c.jsonl", ns=(1, 1))
+    with pytest.raises(AssertionError, match="despite the cache"):
+        make_datasets(cfg, str(workdir), log=lines.append)
+
+
+def test_default_corpus_is_cached_in_the_workdir(tmp_path, stdlib_docs, monkeypatch):
+    monkeypatch.setattr(corpus_module, "stdlib_docstrings", lambda: stdlib_docs[:300])
+    cfg = make_cfg()
+    tok, train, _ = make_datasets(cfg, str(tmp_path), log=lambda _: None)
+    monkeypatch.setattr(corpus_module, "stdlib_docstrings", _fail)
+    lines = []
+    _, again, _ = make_datasets(cfg, str(tmp_path), log=lines.append)
+    assert not any("read in" in line for line in lines)
+    assert_same(again.batches(3), train.batches(3))
 
 
 def test_make_datasets_eval_docs_are_held_out(tmp_path, corpus):
@@ -414,7 +516,7 @@ def test_make_datasets_eval_docs_are_held_out(tmp_path, corpus):
     assert served(train) == {f"doc{i:03d}" for i in train_ids}
 
 
-def test_make_datasets_errors(tmp_path, tokenizer):
+def test_make_datasets_errors(tmp_path, tokenizer, t5_style_tokenizer):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     workdir = tmp_path / "run"
     with pytest.raises(DataError, match="corpus is empty"):
@@ -428,3 +530,11 @@ def test_make_datasets_errors(tmp_path, tokenizer):
     cfg.model.vocab_size = 350
     with pytest.raises(DataError, match=r"400 pieces.*model\.vocab_size=350"):
         make_datasets(cfg, str(workdir), log=lambda _: None)
+
+    # A tokenizer without what the objective needs fails before anything is tokenized or cached.
+    t5_path = tmp_path / "t5.model"
+    t5_style_tokenizer.save(str(t5_path))
+    cfg = make_cfg("encoder", path=str(tmp_path / "c.jsonl"), tokenizer=str(t5_path))
+    with pytest.raises(DataError, match="<mask>"):
+        make_datasets(cfg, str(workdir), log=lambda _: None)
+    assert not workdir.exists()

@@ -1,11 +1,24 @@
 """Packing and the deterministic batch source.
 
-``Batches.batches(step)`` is a pure function of (config, token documents, tokenizer, step):
-documents (each + eos) are packed into rows once, in a seed-determined order; epoch e serves the
-rows in the permutation ``default_rng([seed, stream, 1, e])``; step s takes global rows
-[s*B, (s+1)*B) of the endless stream of epochs; row i of step s draws its objective randomness
-from ``default_rng([seed, stream, 2, s, i])``. Resuming at any step needs no replay, and a
-process can build its own slice of a global batch without building the rest.
+``Batches.batches(step)`` is a pure function of (config, corpus, tokenizer, step), built so that
+the rows of any step cost O(batch) to find and read, whatever the corpus size:
+
+* **Row index, once.** The documents of a split (each ending in eos) form one token stream in
+  storage order. Greedy in-order packing (next fit) cuts it into rows: a document longer than a
+  row is cut into row-sized chunks, and a row closes when the next chunk would not fit. Every row
+  is then a contiguous range of the stream, so the whole packing is ``row_starts`` (int64
+  [R + 1], 8 bytes per row), computed from the document lengths alone (8 bytes per document,
+  never the tokens) by one vectorised ``searchsorted`` and a walk over the rows.
+* **Shuffling without a table.** Epoch e serves its rows in the order of a keyed Feistel
+  permutation of [0, R) (``shuffle_index``): the row at any position is computed directly, with
+  no O(R) permutation to build or store. Step s takes global positions [s*B, (s+1)*B) of the
+  endless stream of epochs; process p of P takes its contiguous B/P of them.
+* **Reading only what is served.** A row's tokens are the slices of its documents that fall
+  in its range: a few memory-mapped reads. Row i of step s draws its objective randomness from
+  ``default_rng([seed, stream, 2, s, i])``.
+
+So the data position of a run is its step: resuming at step s reads exactly the rows the
+uninterrupted run would have read at s, and nothing of the steps before.
 """
 
 from __future__ import annotations
@@ -13,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import tempfile
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -21,41 +33,89 @@ import numpy as np
 
 from t5x_lite import objectives
 from t5x_lite.data import DataError
-from t5x_lite.data.corpus import load_documents
+from t5x_lite.data import shards as fmt
+from t5x_lite.data.corpus import Skipped, load_documents, source_key
+from t5x_lite.data.shards import TokenStore
 from t5x_lite.data.tokenizer import Tokenizer
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-_ORDER, _EPOCH, _OBJECTIVE = 0, 1, 2  # rng namespaces
-_CACHE_VERSION = "1"
+_EPOCH, _OBJECTIVE = 1, 2  # rng namespaces
+_FEISTEL_ROUNDS = 4
+_CACHE_VERSION = "2"
 
 
 # ---------------------------------------------------------------------- packing
 
 
-def _chunk_lengths(lengths: np.ndarray, max_len: int) -> np.ndarray:
-    """Lengths of the chunks (each <= max_len) that sequences of ``lengths`` are cut into, in order."""
+def _chunks(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks (each <= max_len) that sequences of ``lengths`` are cut into, in order:
+    ``(chunk_lengths int64 [P], continues bool [P])``, True on every chunk but a sequence's first."""
     lengths = np.asarray(lengths, np.int64)
     n_chunks = -(-lengths // max_len)
-    seq_of_chunk = np.repeat(np.arange(len(lengths)), n_chunks)
-    index_in_seq = np.arange(int(n_chunks.sum())) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-    return np.minimum(max_len, lengths[seq_of_chunk] - index_in_seq * max_len)
+    first_chunk = np.cumsum(n_chunks) - n_chunks
+    index_in_seq = np.arange(int(n_chunks.sum())) - np.repeat(first_chunk, n_chunks)
+    return np.minimum(max_len, np.repeat(lengths, n_chunks) - index_in_seq * max_len), index_in_seq > 0
 
 
-def _next_fit(sizes: np.ndarray, capacities: Sequence[int]) -> np.ndarray:
-    """Greedy in-order bin assignment: item i joins the current row unless one of its sizes
-    would overflow that row's capacity, in which case a new row starts.
+def _orbit(nxt: np.ndarray) -> np.ndarray:
+    """int64 [R]: 0, nxt[0], nxt[nxt[0]], ... while < len(nxt) (``nxt`` strictly increasing steps)."""
+    out = np.empty(len(nxt), np.int64)
+    nxt_view, out_view = memoryview(np.ascontiguousarray(nxt, np.int64)), memoryview(out)
+    r, p, n = 0, 0, len(nxt)
+    while p < n:
+        out_view[r] = p
+        r, p = r + 1, nxt_view[p]
+    return out[:r]
 
-    sizes: int [N, k] (each item's size in each of k dimensions, every one <= its capacity).
-    Returns int64 [N]: the row of each item (non-decreasing from 0).
+
+def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None):
+    """Greedy in-order packing (next fit) of sequences into rows, as stream ranges.
+
+    lengths: int [N], the sequences in order (their concatenation is the *stream*). Sequences are
+    cut into chunks of at most ``chunk_len``; ``size_table`` (int [chunk_len + 1, k]) gives what a
+    chunk of n tokens takes of each of the k ``capacities`` (default: n of the one capacity). A row
+    closes when the next chunk would overflow one of them. Returns ``(row_starts, fill)``:
+    int64 [R + 1] stream offsets (row r is [row_starts[r], row_starts[r + 1])), and the used share
+    of capacity 0 over all rows.
+
+    Every chunk of a sequence but its last fills a row alone (with the capacities used here), so
+    inside a row, pieces meet only at sequence boundaries; this is checked.
     """
-    rows = np.empty(len(sizes), np.int64)
-    row, used = 0, [0] * len(capacities)
-    for i, size in enumerate(sizes.tolist()):
-        if any(u + s > c for u, s, c in zip(used, size, capacities)):
-            row, used = row + 1, [0] * len(capacities)
-        used = [u + s for u, s in zip(used, size)]
-        rows[i] = row
-    return rows
+    chunks, continues = _chunks(lengths, chunk_len)  # [P]
+    if len(chunks) == 0:
+        return np.zeros(1, np.int64), 0.0
+    sizes = chunks[:, None] if size_table is None else np.asarray(size_table)[chunks]  # [P, k]
+    ends = np.cumsum(sizes, axis=0)
+    starts = ends - sizes
+    # A row opened by chunk p holds chunks p .. nxt[p] - 1: all that fit every capacity.
+    nxt = np.min([np.searchsorted(ends[:, j], starts[:, j] + cap, side="right")
+                  for j, cap in enumerate(capacities)], axis=0)
+    first = _orbit(nxt)
+    chunk_start = np.concatenate([[0], np.cumsum(chunks)])
+    row_starts = np.append(chunk_start[first], chunk_start[-1])
+    opens_row = np.zeros(len(chunks), bool)
+    opens_row[first] = True
+    if not opens_row[continues].all():
+        raise AssertionError("packing put a sequence's chunk boundary inside a row")
+    return row_starts, float(sizes[:, 0].sum() / (len(first) * capacities[0]))
+
+
+def _pieces(row_starts: np.ndarray, seq_start: np.ndarray, rows: np.ndarray):
+    """The parts of sequences inside packed rows.
+
+    row_starts: int64 [R + 1]; seq_start: int64 [N + 1], the stream offsets of the sequences;
+    rows: int [n]. Returns ``(seq, lo, hi, piece_row)``, int64 [P] each, in row then stream order:
+    piece k is tokens [lo, hi) of sequence ``seq[k]`` and belongs to ``rows[piece_row[k]]``.
+    """
+    a, b = row_starts[rows], row_starts[rows + 1]
+    first = np.searchsorted(seq_start, a, side="right") - 1
+    counts = np.searchsorted(seq_start, b, side="left") - first
+    piece_row = np.repeat(np.arange(len(rows)), counts)
+    seq = np.repeat(first, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    lo = np.maximum(a[piece_row], seq_start[seq]) - seq_start[seq]
+    hi = np.minimum(b[piece_row], seq_start[seq + 1]) - seq_start[seq]
+    keep = hi > lo  # empty sequences make no piece
+    return seq[keep], lo[keep], hi[keep], piece_row[keep]
 
 
 def _scatter(flat: np.ndarray, piece_lengths: np.ndarray, piece_rows: np.ndarray, num_rows: int, length: int):
@@ -90,28 +150,112 @@ def _scatter(flat: np.ndarray, piece_lengths: np.ndarray, piece_rows: np.ndarray
 
 
 def pack_sequences(seqs: Sequence[np.ndarray], length: int):
-    """Greedy in-order packing of 1-D int sequences into rows of ``length``.
+    """Greedy in-order packing of 1-D int sequences into rows of ``length`` (``pack_rows``).
 
-    A sequence longer than ``length`` is first cut into chunks of at most ``length``; each chunk
-    is a segment of its own. A new row starts when the next chunk does not fit. Returns
-    ``(tokens, segment_ids, positions)``, int32 [N, length], as ``_scatter`` lays them out.
+    A sequence longer than ``length`` is cut into chunks of at most ``length``; each chunk is a
+    segment of its own. Returns ``(tokens, segment_ids, positions)``, int32 [R, length], as
+    ``_scatter`` lays them out.
     """
     lengths = np.array([len(s) for s in seqs], np.int64)
     flat = np.concatenate([np.asarray(s, np.int32) for s in seqs]) if len(seqs) else np.zeros(0, np.int32)
-    chunks = _chunk_lengths(lengths, length)
-    rows = _next_fit(chunks[:, None], (length,))
-    return _scatter(flat, chunks, rows, int(rows[-1]) + 1 if len(rows) else 0, length)
+    row_starts, _ = pack_rows(lengths, length, (length,))
+    rows = np.arange(len(row_starts) - 1)
+    seq, lo, hi, piece_row = _pieces(row_starts, np.concatenate([[0], np.cumsum(lengths)]), rows)
+    starts = np.concatenate([[0], np.cumsum(lengths)])[seq]
+    pieces = [flat[s + a : s + b] for s, a, b in zip(starts, lo, hi)]
+    body = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return _scatter(body, hi - lo, piece_row, len(rows), length)
+
+
+# ---------------------------------------------------------------------- shuffling
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (array arithmetic wraps silently)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash_words(*words: int, count: int = 1) -> np.ndarray:
+    """uint64 [count]: splitmix64 hashes of the words (non-negative ints) and of 0..count-1."""
+    z = np.zeros(1, np.uint64)
+    for w in words:
+        z = _mix64(z ^ (np.uint64(w % 2**64) + _GOLDEN))
+    return _mix64(z + (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN))
+
+
+def _feistel(x: np.ndarray, half_bits: int, keys: np.ndarray) -> np.ndarray:
+    """A balanced Feistel network on ``2 * half_bits``-bit values (uint64 [n]): a bijection."""
+    mask = np.uint64((1 << half_bits) - 1)
+    shift = np.uint64(half_bits)
+    left, right = x >> shift, x & mask
+    for key in keys:
+        left, right = right, left ^ (_mix64(right + key) & mask)
+    return (left << shift) | right
+
+
+def shuffle_index(index: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """Where a keyed pseudo-random permutation of [0, n) sends ``index`` (int [m], each in [0, n)).
+
+    A Feistel network on the smallest even number of bits covering n, re-applied to any value
+    that lands outside [0, n) (cycle walking, under 4 rounds on average): a bijection of [0, n),
+    O(1) per index and no table. keys: uint64 [rounds].
+    """
+    half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
+    out = _feistel(np.asarray(index, np.uint64), half_bits, keys)
+    outside = out >= n
+    while outside.any():
+        out[outside] = _feistel(out[outside], half_bits, keys)
+        outside = out >= n
+    return out.astype(np.int64)
 
 
 # ---------------------------------------------------------------------- the batch source
 
 
+def span_lengths_of(data_cfg) -> tuple[int, int]:
+    """(raw chunk length, decoder length) of span corruption under ``data_cfg``."""
+    d = data_cfg
+    raw_len, derived_target_len = objectives.span_corruption_raw_length(d.seq_len, d.noise_density, d.mean_span_length)
+    if d.target_len is not None and d.target_len < derived_target_len:
+        raise DataError(
+            f"data.target_len={d.target_len} is too small: span corruption of data.seq_len={d.seq_len} "
+            f"(noise {d.noise_density}, mean span {d.mean_span_length}) makes targets of up to "
+            f"{derived_target_len} tokens; set data.target_len >= {derived_target_len} or leave it unset"
+        )
+    return raw_len, d.target_len or derived_target_len
+
+
+def check_objective(objective: str, data_cfg, has_mask: bool, num_sentinels: int) -> None:
+    """Raise ``DataError`` unless a tokenizer with (or without) ``<mask>`` and ``num_sentinels``
+    sentinels serves ``objective``: mlm needs the mask, span corruption a sentinel per noise span."""
+    if objective == "mlm" and not has_mask:
+        raise DataError("the mlm objective needs a '<mask>' piece, and the tokenizer has none")
+    if objective != "span":
+        return
+    d = data_cfg
+    raw_len, _ = span_lengths_of(d)
+    spans = objectives.num_noise_spans(raw_len, d.noise_density, d.mean_span_length)
+    if spans > num_sentinels:
+        raise DataError(
+            f"span corruption of data.seq_len={d.seq_len} needs up to {spans} sentinels, but the "
+            f"tokenizer has {num_sentinels} (<extra_id_N> pieces); raise data.num_sentinels "
+            "and retrain the tokenizer, or shorten data.seq_len"
+        )
+
+
+
 class Batches:
     """Deterministic, stateless batches of one objective over tokenized documents.
 
-    documents: int arrays (token ids, no eos; eos is appended here). ``stream`` separates the
-    randomness of train (0) and eval (1). ``num_batches``: how many batches iteration yields
-    (eval); None iterates forever.
+    documents: a ``TokenStore``, or token-id arrays (without eos) held in memory. doc_ids: int
+    [n], the documents of this split (default: all), served in that order. ``stream`` separates
+    the randomness of train (0) and eval (1). ``num_batches``: how many batches iteration yields
+    (eval); None iterates forever. doc_lengths: ``documents.doc_lengths()`` when already at hand.
 
     Keys of ``batches(step)``, every array [B, L]:
       causal / mlm: input_ids, targets, weights, segment_ids, positions (L = data.seq_len);
@@ -124,11 +268,13 @@ class Batches:
     def __init__(
         self,
         cfg,
-        documents: Sequence[np.ndarray],
+        documents,
         tokenizer: Tokenizer,
         *,
+        doc_ids: Optional[Sequence[int]] = None,
         stream: int = _TRAIN_STREAM,
         num_batches: Optional[int] = None,
+        doc_lengths: Optional[np.ndarray] = None,
     ):
         d = cfg.data
         self.objective = cfg.objective
@@ -140,92 +286,56 @@ class Batches:
         self._stream = stream
         self._tokenizer = tokenizer
         self._setup_objective()
-        if len(documents) == 0:
+        if not isinstance(documents, TokenStore):
+            documents = TokenStore.from_documents(documents, tokenizer.eos_id)
+        self._corpus = documents
+        self._doc_ids = np.arange(documents.num_documents) if doc_ids is None else np.asarray(doc_ids, np.int64)
+        if len(self._doc_ids) == 0:
             raise DataError("no documents to batch: the corpus (or this split of it) is empty")
-        self.num_documents = len(documents)
-
-        order = np.random.default_rng([self._seed, stream, _ORDER]).permutation(len(documents))
-        eos = np.array([tokenizer.eos_id], np.int32)
-        docs = [np.asarray(documents[i], np.int32) for i in order]
-        self._flat = np.concatenate([x for doc in docs for x in (doc, eos)])
-        doc_lengths = np.array([len(doc) + 1 for doc in docs], np.int64)
-        self.num_tokens = int(doc_lengths.sum())
+        self.num_documents = len(self._doc_ids)
+        lengths = (documents.doc_lengths() if doc_lengths is None else doc_lengths)[self._doc_ids]
+        self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
+        self.num_tokens = int(self._seq_start[-1])
         if self.objective == "span":
-            self._pack_span(doc_lengths)
+            self._row_starts, self.packing_efficiency = pack_rows(
+                lengths, self._raw_len, (self.seq_len, self.target_len), self._span_sizes
+            )
         else:
-            self.target_len = self.seq_len
-            chunks = _chunk_lengths(doc_lengths, self.seq_len)
-            rows = _next_fit(chunks[:, None], (self.seq_len,))
-            self._rows = _scatter(self._flat, chunks, rows, int(rows[-1]) + 1, self.seq_len)
-            self.rows_per_epoch = len(self._rows[0])
-            self.packing_efficiency = float((self._rows[1] > 0).mean())
-        self._permutations: dict[int, np.ndarray] = {}
+            self._row_starts, self.packing_efficiency = pack_rows(lengths, self.seq_len, (self.seq_len,))
+        self.rows_per_epoch = len(self._row_starts) - 1
 
     # ------------------------------------------------------------ setup
 
     def _setup_objective(self) -> None:
         """Check that the tokenizer has what the objective needs; for span corruption also fix
-        the raw chunk length and the decoder length."""
+        the raw chunk length, the decoder length and the (inputs, targets) sizes of raw chunks."""
         tok, d = self._tokenizer, self._cfg
-        if self.objective == "mlm" and tok.mask_id is None:
-            raise DataError("the mlm objective needs a '<mask>' piece, and the tokenizer has none")
+        check_objective(self.objective, d, tok.mask_id is not None, len(tok.sentinel_ids))
+        self.target_len = self.seq_len
         if self.objective == "span":
-            self._raw_len, derived_target_len = objectives.span_corruption_raw_length(
-                d.seq_len, d.noise_density, d.mean_span_length
-            )
-            if d.target_len is not None and d.target_len < derived_target_len:
-                raise DataError(
-                    f"data.target_len={d.target_len} is too small: span corruption of data.seq_len={d.seq_len} "
-                    f"(noise {d.noise_density}, mean span {d.mean_span_length}) makes targets of up to "
-                    f"{derived_target_len} tokens; set data.target_len >= {derived_target_len} or leave it unset"
-                )
-            self.target_len = d.target_len or derived_target_len
-            spans = objectives.num_noise_spans(self._raw_len, d.noise_density, d.mean_span_length)
-            if spans > len(tok.sentinel_ids):
-                raise DataError(
-                    f"span corruption of data.seq_len={d.seq_len} needs up to {spans} sentinels, but the "
-                    f"tokenizer has {len(tok.sentinel_ids)} (<extra_id_N> pieces); raise data.num_sentinels "
-                    "and retrain the tokenizer, or shorten data.seq_len"
-                )
-
-    def _pack_span(self, doc_lengths: np.ndarray) -> None:
-        """Cut documents into raw chunks of <= raw_len and pack them so that every row's corrupted
-        inputs fit seq_len and its targets fit target_len (both depend only on chunk lengths)."""
-        d = self._cfg
-        chunks = _chunk_lengths(doc_lengths, self._raw_len)
-        table = np.array(
-            [objectives.span_lengths(n, d.noise_density, d.mean_span_length) for n in range(self._raw_len + 1)]
-        )
-        sizes = table[chunks]  # [C, 2]: inputs_len, targets_len
-        rows = _next_fit(sizes, (self.seq_len, self.target_len))
-        self._chunk_start = np.cumsum(chunks) - chunks
-        self._chunk_length = chunks
-        self._row_first_chunk = np.searchsorted(rows, np.arange(rows[-1] + 1))
-        self._row_num_chunks = np.bincount(rows)
-        self.rows_per_epoch = len(self._row_num_chunks)
-        self.packing_efficiency = float(sizes[:, 0].sum() / (self.rows_per_epoch * self.seq_len))
+            self._raw_len, self.target_len = span_lengths_of(d)
+            self._span_sizes = np.array(
+                [objectives.span_lengths(n, d.noise_density, d.mean_span_length) for n in range(self._raw_len + 1)]
+            )  # [raw_len + 1, 2]: inputs_len, targets_len
 
     # ------------------------------------------------------------ row selection
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        """The row order of ``epoch`` (a few recent ones are memoised)."""
-        perm = self._permutations.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self._seed, self._stream, _EPOCH, epoch]).permutation(self.rows_per_epoch)
-            if len(self._permutations) >= 4:
-                self._permutations.clear()
-            self._permutations[epoch] = perm
-        return perm
+    def _epoch_keys(self, epoch: int) -> np.ndarray:
+        return _hash_words(self._seed, self._stream, _EPOCH, epoch, count=_FEISTEL_ROUNDS)
 
     def _row_ids(self, start: int, count: int) -> np.ndarray:
         """Packed-row ids of global stream positions [start, start + count)."""
-        g = np.arange(start, start + count)
-        epochs, index = np.divmod(g, self.rows_per_epoch)
+        epochs, index = np.divmod(np.arange(start, start + count, dtype=np.int64), self.rows_per_epoch)
         out = np.empty(count, np.int64)
         for e in np.unique(epochs):
             at = epochs == e
-            out[at] = self._permutation(int(e))[index[at]]
+            out[at] = shuffle_index(index[at], self.rows_per_epoch, self._epoch_keys(int(e)))
         return out
+
+    def _read(self, rows: np.ndarray):
+        """``(flat int32 [T], piece_lengths [P], piece_rows [P])`` of ``rows``: their pieces back to back."""
+        seq, lo, hi, piece_row = _pieces(self._row_starts, self._seq_start, rows)
+        return self._corpus.read(self._doc_ids[seq], lo, hi), hi - lo, piece_row
 
     # ------------------------------------------------------------ serving
 
@@ -242,22 +352,23 @@ class Batches:
         per_process = self.batch_size // process_count
         first = process_index * per_process
         rows = self._row_ids(step * self.batch_size + first, per_process)
-        if self.objective == "causal":
-            tokens, segment_ids, positions = (a[rows] for a in self._rows)
-            return objectives.causal_lm(tokens, segment_ids, positions, self._tokenizer.bos_id)
-        rngs = [
-            np.random.default_rng([self._seed, self._stream, _OBJECTIVE, step, first + i])
-            for i in range(per_process)
-        ]
+        flat, lengths, piece_rows = self._read(rows)
         if self.objective == "span":
-            return self._span_batch(rows, rngs)
-        return self._dense_batch(rows, rngs)
+            rngs = self._rngs(step, first, per_process)
+            return self._span_batch(flat, lengths, piece_rows, rngs)
+        tokens, segment_ids, positions = _scatter(flat, lengths, piece_rows, per_process, self.seq_len)
+        if self.objective == "causal":
+            return objectives.causal_lm(tokens, segment_ids, positions, self._tokenizer.bos_id)
+        return self._dense_batch(tokens, segment_ids, positions, self._rngs(step, first, per_process))
 
     __call__ = batches  # ``ds(step, process_index, process_count)`` works too
 
-    def _dense_batch(self, rows: np.ndarray, rngs: list) -> dict[str, np.ndarray]:
+    def _rngs(self, step: int, first: int, count: int) -> list:
+        """One generator per row: row ``first + i`` of the global batch of ``step``."""
+        return [np.random.default_rng([self._seed, self._stream, _OBJECTIVE, step, first + i]) for i in range(count)]
+
+    def _dense_batch(self, tokens, segment_ids, positions, rngs: list) -> dict[str, np.ndarray]:
         """prefix / mlm: the objective applied row by row, each row with its own generator."""
-        tokens, segment_ids, positions = (a[rows] for a in self._rows)
         tok = self._tokenizer
         if self.objective == "prefix":
             per_row = [
@@ -275,22 +386,18 @@ class Batches:
             ]
         return {k: np.concatenate([r[k] for r in per_row]) for k in per_row[0]}
 
-    def _span_batch(self, rows: np.ndarray, rngs: list) -> dict[str, np.ndarray]:
+    def _span_batch(self, flat, lengths, piece_rows, rngs: list) -> dict[str, np.ndarray]:
+        """Every piece (a raw chunk) span-corrupted with its row's generator, then packed."""
         d, tok = self._cfg, self._tokenizer
-        inputs, targets, piece_rows = [], [], []
-        for i, (row, rng) in enumerate(zip(rows, rngs)):
-            first = self._row_first_chunk[row]
-            for c in range(first, first + self._row_num_chunks[row]):
-                start = self._chunk_start[c]
-                x, y = objectives.span_corrupt(
-                    self._flat[start : start + self._chunk_length[c]], rng,
-                    noise_density=d.noise_density, mean_span_length=d.mean_span_length,
-                    sentinel_ids=tok.sentinel_ids, eos_id=tok.eos_id,
-                )
-                inputs.append(x)
-                targets.append(y)
-                piece_rows.append(i)
-        n = len(rows)
+        inputs, targets = [], []
+        for piece, row in zip(np.split(flat, np.cumsum(lengths)[:-1]), piece_rows):
+            x, y = objectives.span_corrupt(
+                piece, rngs[row], noise_density=d.noise_density, mean_span_length=d.mean_span_length,
+                sentinel_ids=tok.sentinel_ids, eos_id=tok.eos_id,
+            )
+            inputs.append(x)
+            targets.append(y)
+        n = len(rngs)
         enc = _scatter(np.concatenate(inputs), [len(x) for x in inputs], piece_rows, n, self.seq_len)
         dec_targets, dec_segments, dec_positions = _scatter(
             np.concatenate(targets), [len(y) for y in targets], piece_rows, n, self.target_len
@@ -317,22 +424,14 @@ class Batches:
         )
 
 
-# ---------------------------------------------------------------------- datasets
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+# ---------------------------------------------------------------------- splits
 
 
 def _split_unit(n: int, seed: int) -> np.ndarray:
     """float64 [n] in [0, 1): a stable hash of (seed, document index), the splitmix64 stream
     seeded by ``seed``."""
-    with np.errstate(over="ignore"):
-        base = _mix64(np.array([seed % 2**64], np.uint64))
-        z = _mix64(base + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+    base = _mix64(np.array([seed % 2**64], np.uint64))
+    z = _mix64(base + (np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN))
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
@@ -350,109 +449,132 @@ def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def _corpus_fingerprint(docs: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for doc in docs:
-        data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
+# ---------------------------------------------------------------------- corpora
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cache-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _check_tokenizer(tok: Tokenizer, cfg, where: str) -> None:
+    """The model must embed every id, and the objective must find its special pieces."""
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"the tokenizer {where} has {tok.vocab_size} pieces, more than model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size >= {tok.vocab_size}"
+        )
+    check_objective(cfg.objective, cfg.data, tok.mask_id is not None, len(tok.sentinel_ids))
 
 
-def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(x) for x in ids], np.int64)
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-    return flat, lengths
+def _is_prepared_path(path: Optional[str]) -> bool:
+    return path is not None and (fmt.is_prepared(path) or fmt.looks_unfinished(path))
 
 
-def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+def _check_prepared_with(store: TokenStore, tok: Tokenizer, path: str, tok_path: str) -> None:
+    if store.manifest["tokenizer"]["sha256"] != tok.sha256:
+        raise DataError(
+            f"{tok_path} is not the tokenizer data.path={path!r} was prepared with; unset data.tokenizer, "
+            f"use a new work dir, or prepare the corpus with --tokenizer {tok_path}"
+        )
 
 
-def _tokenize_cached(tokenizer, train_docs, eval_docs, key: str, cache_dir: str):
-    """Token ids of both splits, from ``cache_dir/<key>.npz`` when present. Returns
-    ``(train_ids, eval_ids, cache_hit)``, each a list of int32 arrays."""
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as z:
-            return _unflatten(z["train"], z["train_lengths"]), _unflatten(z["eval"], z["eval_lengths"]), True
-    train_flat, train_lengths = _flatten(tokenizer.encode_batch(train_docs))
-    eval_flat, eval_lengths = _flatten(tokenizer.encode_batch(eval_docs) if eval_docs else [])
-    _atomic_savez(path, train=train_flat, train_lengths=train_lengths, eval=eval_flat, eval_lengths=eval_lengths)
-    return _unflatten(train_flat, train_lengths), _unflatten(eval_flat, eval_lengths), False
+def _open_prepared(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenizer]:
+    """A directory ``t5x-lite prepare`` wrote, memory-mapped, with its tokenizer. The config's
+    tokenizer (if set) and the work dir's (if any) must be that one."""
+    path = cfg.data.path
+    store = TokenStore.open(path)
+    tok_path = os.path.join(path, fmt.TOKENIZER)
+    tok = Tokenizer.load(tok_path)
+    _check_prepared_with(store, tok, path, tok_path)
+    for other in (cfg.data.tokenizer, os.path.join(workdir, fmt.TOKENIZER)):
+        if other and os.path.exists(other):
+            _check_prepared_with(store, Tokenizer.load(other), path, other)
+    _check_tokenizer(tok, cfg, f"of the prepared corpus {path}")
+    log(f"data: prepared corpus {path}: {store.num_documents} docs, {store.num_tokens} tokens, "
+        f"{len(store.manifest['shards'])} shards (memory-mapped)")
+    return store, tok
 
 
-def _get_tokenizer(cfg, workdir: str, train_docs: list[str], log: Callable) -> Tokenizer:
-    """``data.tokenizer`` if set, else ``workdir/tokenizer.model`` if present, else a new one
-    trained on the training documents and saved there."""
+def _read_corpus(cfg, log: Callable) -> list[str]:
     t0 = time.perf_counter()
-    path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    skipped = Skipped()
+    docs = load_documents(cfg.data, skipped)
+    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    log(f"data: corpus {cfg.data.path or 'stdlib docstrings'}: {len(docs)} docs, {megabytes:.1f} MB, "
+        f"read in {time.perf_counter() - t0:.1f}s" + (f"; skipped {skipped}" if skipped else ""))
+    return docs
+
+
+def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optional[list[str]]]:
+    """``data.tokenizer`` if set, else ``workdir/tokenizer.model`` if present, else a new one
+    trained on the training documents (read now) and saved there. Returns the tokenizer and the
+    documents (None when they were not read)."""
+    docs = None
+    path = cfg.data.tokenizer or os.path.join(workdir, fmt.TOKENIZER)
     if cfg.data.tokenizer or os.path.exists(path):
+        t0 = time.perf_counter()
         tok = Tokenizer.load(path)
         how = f"loaded {path}"
     else:
+        check_objective(cfg.objective, cfg.data, True, cfg.data.num_sentinels)
+        docs = _read_corpus(cfg, log)
+        t0 = time.perf_counter()
+        train_idx, _ = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
         tok = Tokenizer.train(
-            train_docs, path, cfg.model.vocab_size, cfg.data.num_sentinels, seed=cfg.train.seed
+            [docs[i] for i in train_idx], path, cfg.model.vocab_size, cfg.data.num_sentinels, seed=cfg.train.seed
         )
-        how = f"trained on {len(train_docs)} docs -> {path}"
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise DataError(
-            f"the tokenizer {path} has {tok.vocab_size} pieces, more than model.vocab_size={cfg.model.vocab_size}; "
-            f"set model.vocab_size >= {tok.vocab_size}"
-        )
+        how = f"trained on {len(train_idx)} docs -> {path}"
+    _check_tokenizer(tok, cfg, path)
     log(f"data: tokenizer {how} (vocab {tok.vocab_size}, {len(tok.sentinel_ids)} sentinels) "
         f"in {time.perf_counter() - t0:.1f}s")
-    return tok
+    return tok, docs
+
+
+def _open_cached(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenizer]:
+    """The stdlib corpus or raw files, tokenized once into ``workdir/data_cache/<key>`` (the
+    prepared format). The key covers the files' sizes and times, the field, ``max_docs`` and the
+    tokenizer, so a rerun finds it with a ``stat`` per file and reads no text."""
+    source = source_key(cfg.data)
+    tok, docs = _get_tokenizer(cfg, workdir, log)
+    key = hashlib.sha256("|".join([_CACHE_VERSION, source, tok.sha256]).encode()).hexdigest()[:24]
+    cache = os.path.join(workdir, "data_cache", key)
+    if not fmt.is_prepared(cache):
+        docs = docs if docs is not None else _read_corpus(cfg, log)
+        t0 = time.perf_counter()
+        tokens, offsets = fmt.join_documents(tok.encode_batch(docs), tok.eos_id, fmt.token_dtype(tok.vocab_size))
+        os.makedirs(cache, exist_ok=True)
+        record = fmt.write_shard(cache, fmt.SHARD_PREFIX + "0", tokens, offsets,
+                                 {"bytes": sum(len(d.encode("utf-8")) for d in docs)})
+        tok.save(os.path.join(cache, fmt.TOKENIZER))
+        fmt.write_manifest(cache, [record], tok, source=cfg.data.path or "stdlib docstrings")
+        log(f"data: tokenized {len(docs)} docs in {time.perf_counter() - t0:.1f}s -> {cache}")
+    store = TokenStore.open(cache)
+    log(f"data: {store.num_documents} docs, {store.num_tokens} tokens from {cache}")
+    return store, tok
 
 
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     """Corpus -> (tokenizer, train Batches, eval Batches or None).
 
-    Documents are split by a stable hash of (index, train.seed) with ``data.eval_fraction`` held
-    out. Token ids are cached in ``workdir/data_cache/<key>.npz``. Eval serves
-    ``train.eval_batches`` fixed batches; it is None when no document is held out.
+    ``data.path`` may be a directory ``t5x-lite prepare`` wrote (memory-mapped; its tokenizer is
+    copied into the work dir for decoding), raw text / JSON-lines files, or unset (the stdlib
+    docstrings); the last two are tokenized once into ``workdir/data_cache``. Documents are split
+    by a stable hash of (index, train.seed) with ``data.eval_fraction`` held out; ``data.max_docs``
+    keeps the first documents. Eval serves ``train.eval_batches`` fixed batches; it is None when
+    no document is held out. Bad input raises before anything is written to the work dir.
     """
-    t0 = time.perf_counter()
-    docs = load_documents(cfg.data)
-    train_idx, eval_idx = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
-    train_docs = [docs[i] for i in train_idx]
-    eval_docs = [docs[i] for i in eval_idx]
-    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    source = cfg.data.path or "stdlib docstrings"
-    log(f"data: corpus {source}: {len(docs)} docs ({len(train_docs)} train, {len(eval_docs)} eval), "
-        f"{megabytes:.1f} MB, read in {time.perf_counter() - t0:.1f}s")
-
-    tok = _get_tokenizer(cfg, workdir, train_docs, log)
+    prepared = _is_prepared_path(cfg.data.path)
+    store, tok = (_open_prepared if prepared else _open_cached)(cfg, workdir, log)
 
     t0 = time.perf_counter()
-    key_text = "|".join(
-        [_CACHE_VERSION, tok.sha256, _corpus_fingerprint(docs), str(cfg.train.seed), repr(cfg.data.eval_fraction)]
-    )
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
-    train_ids, eval_ids, hit = _tokenize_cached(tok, train_docs, eval_docs, key, os.path.join(workdir, "data_cache"))
-    n_train, n_eval = sum(len(x) for x in train_ids), sum(len(x) for x in eval_ids)
-    log(f"data: {n_train} train / {n_eval} eval tokens "
-        f"({'from cache' if hit else 'tokenized'} in {time.perf_counter() - t0:.1f}s)")
-
-    train = Batches(cfg, train_ids, tok, stream=_TRAIN_STREAM)
-    evaluation = (
-        Batches(cfg, eval_ids, tok, stream=_EVAL_STREAM, num_batches=cfg.train.eval_batches) if eval_ids else None
-    )
+    n = store.num_documents if cfg.data.max_docs is None else min(store.num_documents, cfg.data.max_docs)
+    train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed)
+    lengths = store.doc_lengths()
+    train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
+    evaluation = None
+    if len(eval_idx):
+        evaluation = Batches(cfg, store, tok, doc_ids=eval_idx, stream=_EVAL_STREAM,
+                             num_batches=cfg.train.eval_batches, doc_lengths=lengths)
     eval_rows = evaluation.rows_per_epoch if evaluation else 0
-    log(f"data: {train.rows_per_epoch} train rows of {train.seq_len}, packing efficiency "
-        f"{train.packing_efficiency:.1%}; {eval_rows} eval rows")
+    log(f"data: {len(train_idx)} train / {len(eval_idx)} eval docs; {train.rows_per_epoch} train rows of "
+        f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
+        f"indexed in {time.perf_counter() - t0:.2f}s")
+    if prepared and not os.path.exists(os.path.join(workdir, fmt.TOKENIZER)):
+        tok.save(os.path.join(workdir, fmt.TOKENIZER))
     return tok, train, evaluation

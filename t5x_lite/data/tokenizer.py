@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
 from t5x_lite.data import DataError
+from t5x_lite.data.shards import atomic_write
 
 PAD, EOS, UNK, BOS, MASK = "<pad>", "</s>", "<unk>", "<s>", "<mask>"
 NUM_BYTE_PIECES = 256  # byte_fallback adds one piece per byte value
@@ -68,12 +68,17 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
-        """Load a sentencepiece ``.model`` file."""
+        """Load a sentencepiece ``.model`` file (a BERT WordPiece ``vocab.txt``, or the JSON its
+        tokenizer saves, loads as the same-interfaced ``interop.wordpiece.WordPieceTokenizer``)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise DataError(f"cannot read tokenizer model {path!r}: {e}") from None
+        if path.endswith(".txt") or data.startswith(b"{"):
+            from t5x_lite.interop.wordpiece import WordPieceTokenizer
+
+            return WordPieceTokenizer.load(path)
         try:
             return cls(data)
         except (RuntimeError, OSError) as e:
@@ -92,7 +97,7 @@ class Tokenizer:
         """Train a unigram model with exactly ``vocab_size`` pieces and write it to ``path``.
 
         Training sees at most ``input_sentence_size`` lines (a shuffled sample). The model file
-        is written atomically (temporary file, then ``os.replace``).
+        is written atomically (``save``).
         """
         minimum = min_vocab_size(num_sentinels)
         if vocab_size < minimum:
@@ -125,27 +130,17 @@ class Tokenizer:
         except RuntimeError as e:
             raise DataError(
                 f"sentencepiece could not train a {vocab_size}-piece tokenizer: {e}\n"
-                "hint: 'Vocabulary size too high' means the corpus is too small for model.vocab_size "
-                "(lower it or add data); 'smaller than required_chars' means it is too small for the "
-                "corpus' characters (raise it)"
+                "hint: 'Vocabulary size too high' means the corpus is too small for that many pieces "
+                "(lower model.vocab_size / --vocab-size, or add data); 'smaller than required_chars' means "
+                "it is too small for the corpus' characters (raise it)"
             ) from None
         tokenizer = cls(model.getvalue())
         tokenizer.save(path)
         return tokenizer
 
     def save(self, path: str) -> None:
-        """Write the model bytes to ``path`` atomically."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._bytes)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        """Write the model bytes to ``path`` atomically (temporary file, fsync, rename)."""
+        atomic_write(path, lambda f: f.write(self._bytes))
 
     # ---------------------------------------------------------------- ids
 
