@@ -1,0 +1,123 @@
+"""Decode throughput of ``t5x_lite.generate``: tokens/s at batch 1 and 32 (128-token prompts,
+256 new tokens), LLaMA-1B with bf16 weights and random init by default.
+
+    python bench/decode.py                                # configs/llama_1b.yaml on the GPU
+    python bench/decode.py --set model.attention=xla      # any config override
+    python bench/decode.py --smoke                        # configs/decoder_tiny.yaml: runs on a CPU
+    python bench/decode.py --batch-sizes 1,8,32 --json runs/decode_bench.json
+
+Every figure excludes compilation: each shape runs once to compile (reported as
+``compile_s``: first call minus a timed call), then ``--repeats`` timed runs (median). EOS is
+ignored, so every row generates exactly ``--new-tokens`` tokens. ``tokens_per_s`` is end to end
+(prefill + decode, batch x new tokens / time); ``decode_tokens_per_s`` leaves the prefill out: it
+times ``--new-tokens`` against 1 new token. One JSON object per batch size goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+import t5x_lite
+from t5x_lite.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="default: configs/llama_1b.yaml (--smoke: decoder_tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--smoke", action="store_true", help="the tiny CPU config, 2 timed runs")
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    return p.parse_args(argv)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(cfg, params, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Compile, then time ``generate`` for ``new_tokens`` and for 1 token at one batch size."""
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(5, cfg.model.vocab_size, (batch, prompt_len)).astype(np.int32)
+    prompts[:, 0] = 3  # BOS
+
+    def run(k):
+        return lambda: generate_once(cfg, params, prompts, k)
+
+    out = {}
+    for k in (new_tokens, 1):
+        first = timed(run(k))
+        times = [timed(run(k)) for _ in range(repeats)]
+        out[k] = (first, statistics.median(times))
+    (first_k, t_k), (first_1, t_1) = out[new_tokens], out[1]
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "seconds": round(t_k, 4),
+        "tokens_per_s": round(batch * new_tokens / t_k, 1),
+        "decode_tokens_per_s": round(batch * (new_tokens - 1) / max(t_k - t_1, 1e-9), 1),
+        "ms_per_step": round(1000 * (t_k - t_1) / (new_tokens - 1), 3),
+        "prefill_s": round(t_1, 4),
+        "compile_s": round((first_k - t_k) + (first_1 - t_1), 2),
+    }
+
+
+def generate_once(cfg, params, prompts, max_new_tokens):
+    tokens = t5x_lite.generate(cfg, params, prompts, max_new_tokens=max_new_tokens, eos_id=None)
+    assert tokens.shape == (len(prompts), max_new_tokens)  # host copy: the run is complete
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    default = "configs/decoder_tiny.yaml" if args.smoke else "configs/llama_1b.yaml"
+    path = args.config or os.path.join(ROOT, default)
+    overrides = [f"model.param_dtype={args.param_dtype}", *args.overrides]
+    if args.smoke:
+        args.repeats = min(args.repeats, 2)
+    cfg = load_config(path, overrides)
+    longest = args.prompt_len + args.new_tokens
+    if longest > cfg.model.max_length:
+        print(f"error: --prompt-len + --new-tokens = {longest} exceeds model.max_length={cfg.model.max_length}",
+              file=sys.stderr)
+        return 2
+    device = jax.devices()[0]
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(t5x_lite.init_params(cfg, seed=0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"{os.path.basename(path)}: {n_params / 1e6:.1f}M params ({args.param_dtype}), "
+          f"cache {cfg.model.dtype}, attention={cfg.model.attention}, {jax.device_count()} x "
+          f"{device.device_kind}; init {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    results = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        r = measure(cfg, params, batch, args.prompt_len, args.new_tokens, args.repeats)
+        r.update(config=os.path.basename(path), params_m=round(n_params / 1e6, 1), param_dtype=args.param_dtype,
+                 device=device.device_kind, num_devices=jax.device_count(), jax=jax.__version__)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        print(f"  batch {batch:3d}: {r['tokens_per_s']:>10,.0f} tok/s end to end, "
+              f"{r['decode_tokens_per_s']:>10,.0f} tok/s decode ({r['ms_per_step']:.2f} ms/step), "
+              f"prefill {r['prefill_s'] * 1000:.0f} ms, compile {r['compile_s']:.1f}s", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,709 @@
+"""Generation for the three families: sampling, beam search and fill-mask, compiled and sharded.
+
+Decoder and encoder-decoder models generate with two compiled programs per shape:
+
+- **prefill**: (encode the inputs once, then) run the prompt through the decoder, filling a
+  KV cache of ``P + K`` slots (``P`` padded prompt length, ``K`` = ``max_new_tokens``); returns
+  the next-token logits of every row.
+- **loop**: a ``lax.while_loop`` on device. Each iteration picks the next token of every row
+  (``next_token``: temperature / top-k / top-p, or greedy) or extends the beams
+  (``beam_search``), then runs one cached decode step. It stops when every row has emitted EOS
+  (beams: when no live beam can beat the finished ones) or after ``K`` tokens. The prefill state
+  (cache included) is donated to it and updated in place; nothing returns to the host until the
+  tokens are done.
+
+Prompts of unequal length are LEFT-padded: segment id 1 on real tokens, 0 on padding, positions
+counting from 0 at each row's first real token. All rows then share one cache index, padding is
+never attended, and every row decodes exactly as it would alone. Padded lengths are rounded up
+to a power of two (at least 8), so prompts of similar length share one compiled program.
+
+Both programs are jitted with explicit shardings on the training mesh: parameters as the config's
+rules place them (FSDP-sharded under ZeRO-3), prompts and cache split over the batch axes and the
+cache's kv heads over ``tensor`` (logical axes ``CACHE_KV_AXES``). Compiled programs are kept per
+(model config, mesh, settings, shapes): a second call with the same shapes compiles nothing.
+
+The encoder family does not generate: ``fill_mask`` gives the top-k tokens at each ``<mask>``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from t5x_lite import partitioning
+from t5x_lite.config import Config, ConfigError
+from t5x_lite.models import CACHE_KV_AXES, abstract_params, build_model, init_cache
+
+Array = jax.Array
+
+# The fixed special ids of this project's tokenizers (see data/tokenizer.py).
+PAD_ID, EOS_ID, BOS_ID, MASK_ID = 0, 1, 3, 4
+MASK_TOKEN = "<mask>"
+
+_BATCH_LENGTH = ("act_batch", "act_length")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class Sampling(NamedTuple):
+    """How the next token is chosen: ``temperature`` 0 is greedy (argmax); otherwise a draw from
+    softmax(logits / temperature) restricted to the ``top_k`` best tokens (0 = all) and then to the
+    nucleus: the fewest best tokens whose probability reaches ``top_p`` (1 = all).
+
+    The fields may be traced scalars: the decode loop takes them as arguments, so changing them
+    compiles nothing."""
+
+    temperature: Any = 0.0
+    top_k: Any = 0
+    top_p: Any = 1.0
+
+    def on_device(self, sharding) -> "Sampling":
+        dtypes = (jnp.float32, jnp.int32, jnp.float32)
+        return Sampling(*(jax.device_put(jnp.asarray(x, d), sharding) for x, d in zip(self, dtypes)))
+
+
+def filter_logits(logits_BV: Array, sampling: Sampling) -> Array:
+    """float32 ``logits / temperature`` with ``-inf`` outside the top-k and outside the nucleus
+    (top-k first, then top-p of what is left, as Hugging Face does); for temperature > 0."""
+    t, top_k, top_p = sampling
+    x_BV = logits_BV.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+    v = x_BV.shape[-1]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+
+    def restrict(x_BV):
+        sorted_BV = jax.lax.top_k(x_BV, v)[0]  # descending
+        in_top_k_BV = jnp.arange(v) < k
+        probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
+        in_nucleus_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p) | (top_p >= 1)  # mass before < p
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, (in_top_k_BV & in_nucleus_BV).sum(-1, keepdims=True) - 1, -1)
+        return jnp.where(x_BV >= cutoff_B1, x_BV, -jnp.inf)
+
+    return jax.lax.cond((k < v) | (top_p < 1), restrict, lambda x: x, x_BV)  # no sort without a filter
+
+
+def next_token(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
+    """int32 ``[B]``: the argmax when temperature is 0, else a draw from ``filter_logits``.
+
+    A Python temperature decides while tracing (a greedy program holds no sampling code); a
+    traced one decides on device."""
+    draw = lambda: jax.random.categorical(key, filter_logits(logits_BV, sampling), axis=-1).astype(jnp.int32)
+    argmax = lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if isinstance(sampling.temperature, (int, float)):
+        return argmax() if sampling.temperature == 0 else draw()
+    return jax.lax.cond(sampling.temperature == 0, argmax, draw)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_generation_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_beams: int,
+                          length_penalty: float = 1.0, vocab_size: Optional[int] = None,
+                          cli: bool = False) -> None:
+    """Raise one ConfigError listing every bad argument (named as flags when ``cli``)."""
+    name = _dashed if cli else (lambda n: n)
+    errors = []
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        errors.append(f"{name('max_new_tokens')}={max_new_tokens} must be a positive integer")
+    if not math.isfinite(temperature) or temperature < 0:
+        errors.append(f"{name('temperature')}={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        errors.append(f"{name('top_k')}={top_k} must be >= 0 (0 = no top-k filter)")
+    if not 0 < top_p <= 1:
+        errors.append(f"{name('top_p')}={top_p} must be in (0, 1] (1 = no nucleus filter)")
+    if num_beams < 1:
+        errors.append(f"{name('num_beams')}={num_beams} must be >= 1")
+    elif num_beams > 1 and (temperature > 0 or top_k > 0 or top_p < 1):
+        errors.append(f"beam search ({name('num_beams')}={num_beams}) is deterministic: drop {name('temperature')}, "
+                      f"{name('top_k')} and {name('top_p')}, or sample with {name('num_beams')}=1")
+    elif vocab_size is not None and 2 * num_beams > vocab_size:
+        errors.append(f"{name('num_beams')}={num_beams} needs a vocabulary of at least {2 * num_beams} tokens "
+                      f"(model.vocab_size={vocab_size})")
+    if not math.isfinite(length_penalty):
+        errors.append(f"{name('length_penalty')}={length_penalty} must be finite")
+    if errors:
+        raise ConfigError("invalid decode arguments:\n  - " + "\n  - ".join(errors))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+class Prompts(NamedTuple):
+    """Left-padded prompts: ``ids``, ``segment_ids``, ``positions`` int32 ``[B, P]``; ``lengths [B]``."""
+
+    ids: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    lengths: np.ndarray
+
+    def repeat(self, n: int) -> "Prompts":
+        """Every row ``n`` times in a row (beam search)."""
+        return Prompts(*(np.repeat(a, n, axis=0) for a in self))
+
+
+def prompt_rows(input_ids, attention_mask=None) -> list[np.ndarray]:
+    """The token rows of ``input_ids``: a list of unequal lists, or a ``[B, L]`` array whose
+    ``attention_mask`` (1 = token, 0 = padding, on either side) says which entries are real."""
+    if attention_mask is not None:
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ConfigError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same [batch, length]")
+        rows = [row[m.astype(bool)] for row, m in zip(ids, mask)]
+    elif isinstance(input_ids, np.ndarray) or hasattr(input_ids, "shape"):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ConfigError(f"input_ids must be [batch, length] or a list of token lists, got shape {ids.shape}")
+        rows = list(ids)
+    else:
+        rows = [np.asarray(r) for r in input_ids]
+        if any(r.ndim != 1 for r in rows):
+            raise ConfigError("input_ids must be a list of token lists (one per prompt), or a [batch, length] array")
+    if not rows:
+        raise ConfigError("input_ids holds no prompt")
+    for i, r in enumerate(rows):
+        if r.size == 0:
+            raise ConfigError(f"prompt {i} is empty; give at least one token (decoder prompts usually start "
+                              f"with BOS, id {BOS_ID})")
+        if not np.issubdtype(r.dtype, np.integer):
+            raise ConfigError(f"prompt {i} holds {r.dtype} values; token ids are integers")
+    return [r.astype(np.int32) for r in rows]
+
+
+def bucket_length(n: int) -> int:
+    """Padded length of an ``n``-token prompt: the next power of two, at least 8."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def left_pad(rows: Sequence[np.ndarray], length: int) -> Prompts:
+    """Rows right-aligned in ``[B, length]``; positions start at 0 at each row's first token."""
+    b = len(rows)
+    ids, seg, pos = (np.zeros((b, length), np.int32) for _ in range(3))
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        seg[i, length - len(r):] = 1
+        pos[i, length - len(r):] = np.arange(len(r))
+    return Prompts(ids, seg, pos, lengths)
+
+
+def _check_rows(cfg: Config, rows: list[np.ndarray], max_new_tokens: int, cli: bool) -> None:
+    """Token ids inside the vocabulary; prompt (+ generated tokens) within model.max_length."""
+    m = cfg.model
+    flag = _dashed("max_new_tokens") if cli else "max_new_tokens"
+    what = "prompt" if m.family != "encoder_decoder" else "input"
+    for i, r in enumerate(rows):
+        if r.min() < 0 or r.max() >= m.vocab_size:
+            raise ConfigError(f"{what} {i} holds token id {int(r.max() if r.max() >= m.vocab_size else r.min())}, "
+                              f"outside the model's vocabulary [0, {m.vocab_size})")
+        if len(r) > m.max_length:
+            raise ConfigError(f"{what} {i} has {len(r)} tokens, more than model.max_length={m.max_length}; "
+                              "shorten it")
+    if m.family == "decoder":
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > m.max_length:
+            raise ConfigError(
+                f"the longest prompt ({longest} tokens) plus {flag}={max_new_tokens} exceeds "
+                f"model.max_length={m.max_length}; lower {flag} to at most {m.max_length - longest} "
+                "or shorten the prompt")
+    elif m.family == "encoder_decoder" and 1 + max_new_tokens > m.max_length:
+        raise ConfigError(f"{flag}={max_new_tokens} exceeds the decoder's room: at most "
+                          f"{m.max_length - 1} (model.max_length={m.max_length})")
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def mesh_of(params) -> Optional[Mesh]:
+    """The mesh the parameters are sharded on, if they carry a NamedSharding."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+def _cache_names(path, _leaf) -> P:
+    """Logical axes of one cache leaf: k/v ``CACHE_KV_AXES``, slot metadata ``[batch, length]``."""
+    top = path[0].key
+    return P(*CACHE_KV_AXES) if top == "layers" else (P() if top == "index" else P(*_BATCH_LENGTH))
+
+
+def _state_names(path, leaf) -> P:
+    """Logical axes of a prefill state leaf: ``{"cache", "logits" [B, V], "position" [B]}``."""
+    top = path[0].key
+    if top == "cache":
+        return _cache_names(path[1:], leaf)
+    return P("act_batch", "act_vocab") if top == "logits" else P("act_batch")
+
+
+class _Decoder:
+    """The compiled programs of one (config, mesh, batch rows): model, rules, shardings, jits.
+
+    The logical rules are the training rules, except that ``act_batch`` keeps only the batch mesh
+    axes that divide the number of rows (a single prompt on 8 devices is replicated)."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, rows: int):
+        self.cfg, self.mesh, self.rows = cfg, mesh, rows
+        self.model = build_model(cfg, deterministic=True)
+        batch_axes = partitioning.shardings_from_logical(
+            nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,
+            partitioning.logical_rules(cfg, mesh)).spec[0]
+        self.rules = tuple((name, batch_axes if name == "act_batch" else axes)
+                           for name, axes in partitioning.logical_rules(cfg, mesh))
+        self.param_shardings = partitioning.shardings_from_logical(abstract_params(cfg), mesh, self.rules)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch = self.sharding(P(*_BATCH_LENGTH))
+        self._jits: dict = {}
+
+    def sharding(self, logical: P) -> NamedSharding:
+        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(tuple(logical), self.rules))
+
+    def context(self):
+        """Mesh and logical rules, active while the model traces (its activation constraints)."""
+        return _MeshRules(self.mesh, self.rules)
+
+    def put_params(self, params):
+        return jax.device_put(nn.meta.unbox(params), self.param_shardings)
+
+    def put_prompts(self, prompts: Prompts) -> tuple:
+        return tuple(jax.device_put(a, self.batch) for a in prompts[:3])
+
+    def _jit(self, key: tuple, build):
+        if key not in self._jits:
+            self._jits[key] = build()
+        return self._jits[key]
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, params, prompts: Prompts, max_new_tokens: int, start_id: int) -> dict:
+        """State ``{"cache", "logits" [B, V] float32, "position" [B]}`` after the prompt.
+
+        decoder: the prompt fills slots ``[0, P)`` of a ``P + K`` cache. encoder_decoder: the
+        prompt is the encoder input; the decoder cache (``1 + K`` slots, with the encoder's
+        projected keys/values) holds the start token."""
+        ids = self.put_prompts(prompts)
+        key = ("prefill", prompts.ids.shape, max_new_tokens, start_id, _dtypes(params))
+        fn = self._jit(key, lambda: self._build_prefill(params, ids, max_new_tokens, start_id))
+        with self.context():
+            return fn(params, *ids)
+
+    def _build_prefill(self, params, ids, max_new_tokens: int, start_id: int):
+        cfg, model = self.cfg, self.model
+        m = cfg.model
+        prefix_lm = m.family == "decoder" and cfg.objective == "prefix"
+
+        def run(params, ids_BP, seg_BP, pos_BP):
+            b, p = ids_BP.shape
+            variables = {"params": params}
+            if m.family == "encoder_decoder":
+                encoded_BPD = model.apply(variables, ids_BP, seg_BP, pos_BP, method="encode")
+                cache = _constrain(init_cache(m, b, 1 + max_new_tokens, encoder_segment_ids=seg_BP), _cache_names)
+                start_B1 = jnp.full((b, 1), start_id, jnp.int32)
+                logits_B1V, cache = model.apply(variables, start_B1, jnp.ones_like(start_B1),
+                                                jnp.zeros_like(start_B1), cache, encoded=encoded_BPD, method="decode")
+                next_pos_B = jnp.ones((b,), jnp.int32)
+            else:
+                cache = _constrain(init_cache(m, b, p + max_new_tokens), _cache_names)
+                logits_B1V, cache = model.apply(variables, ids_BP, seg_BP, pos_BP, cache, method="decode",
+                                                prefix_mask=(seg_BP > 0) if prefix_lm else None)
+                next_pos_B = pos_BP[:, -1] + 1  # left-padded: the last column is every row's last token
+            state = {"cache": cache, "logits": logits_B1V[:, -1].astype(jnp.float32), "position": next_pos_B}
+            return _constrain(state, _state_names)
+
+        in_sh = (self.param_shardings,) + (self.batch,) * 3
+        with self.context():
+            abstract = jax.eval_shape(run, params, *ids)
+        out_sh = self._state_shardings(abstract)
+        return jax.jit(run, in_shardings=in_sh, out_shardings=out_sh)
+
+    def _state_shardings(self, abstract_state):
+        return jax.tree_util.tree_map_with_path(lambda path, x: self.sharding(_state_names(path, x)), abstract_state)
+
+    def _step(self, params, state: dict, tokens_B: Array) -> dict:
+        """Feed ``tokens_B`` at each row's next position: the state after one cached decode step."""
+        tok_B1 = tokens_B[:, None]
+        logits_B1V, cache = self.model.apply({"params": params}, tok_B1, jnp.ones_like(tok_B1),
+                                             state["position"][:, None], state["cache"], method="decode")
+        new = {"cache": cache, "logits": logits_B1V[:, 0].astype(jnp.float32), "position": state["position"] + 1}
+        return _constrain(new, _state_names)
+
+    # ------------------------------------------------------------------ sampling loop
+
+    def sample(self, params, state: dict, seed: int, max_new_tokens: int, sampling: Sampling,
+               eos_id: Optional[int], output_logits: bool):
+        """Run the sampling loop on a prefill ``state`` (donated). Returns device arrays
+        ``(tokens [B, K], logprobs [B, K], logits [B, K, V] or None, steps)``. The seed, the
+        sampling settings and ``eos_id`` are arguments of the compiled loop, not constants: one
+        program serves greedy decoding, one every temperature > 0 / top-k / top-p."""
+        greedy = float(sampling.temperature) == 0.0
+        jkey = ("sample", _shapes(state), max_new_tokens, output_logits, greedy, _dtypes(params))
+        fn = self._jit(jkey, lambda: self._build_sample(state, max_new_tokens, output_logits, greedy))
+        key = jax.device_put(jax.random.key(seed), self.replicated)
+        with self.context():
+            out, _final_state = fn(params, state, key, sampling.on_device(self.replicated), self._eos(eos_id))
+        return out
+
+    def _eos(self, eos_id: Optional[int]) -> Array:
+        """``eos_id`` as a device scalar; -1 (no token) when None: never stop early."""
+        return jax.device_put(jnp.int32(-1 if eos_id is None else eos_id), self.replicated)
+
+    def _build_sample(self, state, max_new_tokens: int, output_logits: bool, greedy: bool):
+        k = max_new_tokens
+
+        def run(params, state, key, sampling, eos_id):
+            sampling = Sampling() if greedy else sampling  # greedy: argmax, traced in statically
+            b, v = state["logits"].shape
+            carry = {
+                "step": jnp.zeros((), jnp.int32), "state": state, "done": jnp.zeros((b,), bool),
+                "tokens": jnp.zeros((b, k), jnp.int32), "logprobs": jnp.zeros((b, k), jnp.float32),
+                "logits": jnp.zeros((b, k, v), jnp.float32) if output_logits else None,
+            }
+
+            def body(c):
+                step, logits_BV = c["step"], c["state"]["logits"]
+                tok_B = next_token(logits_BV, jax.random.fold_in(key, step), sampling)
+                tok_B = jnp.where(c["done"], PAD_ID, tok_B)
+                logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tok_B[:, None], axis=-1)[:, 0]
+                out = dict(c, step=step + 1, state=self._step(params, c["state"], tok_B))
+                out["tokens"] = c["tokens"].at[:, step].set(tok_B)
+                out["logprobs"] = c["logprobs"].at[:, step].set(jnp.where(c["done"], 0.0, logp_B))
+                if output_logits:
+                    out["logits"] = c["logits"].at[:, step].set(logits_BV)
+                out["done"] = c["done"] | (tok_B == eos_id)
+                return out
+
+            c = jax.lax.while_loop(lambda c: (c["step"] < k) & ~jnp.all(c["done"]), body, carry)
+            return (c["tokens"], c["logprobs"], c["logits"], c["step"]), c["state"]
+
+        state_sh = self._state_shardings(state)
+        tokens_sh = self.sharding(P(*_BATCH_LENGTH))
+        logits_sh = self.sharding(P("act_batch", "act_length", "act_vocab")) if output_logits else None
+        rep = self.replicated
+        return jax.jit(run, in_shardings=(self.param_shardings, state_sh, rep, Sampling(rep, rep, rep), rep),
+                       out_shardings=((tokens_sh, tokens_sh, logits_sh, rep), state_sh),
+                       donate_argnums=1)
+
+    # ------------------------------------------------------------------ beam search
+
+    def beams(self, params, state: dict, num_beams: int, max_new_tokens: int, length_penalty: float,
+              eos_id: Optional[int]):
+        """Beam search on a prefill ``state`` (donated) whose rows hold every prompt ``num_beams``
+        times. Returns device arrays ``(sequences [B, W, K], scores [B, W], steps)``, best first."""
+        jkey = ("beams", _shapes(state), num_beams, max_new_tokens, _dtypes(params))
+        fn = self._jit(jkey, lambda: self._build_beams(state, num_beams, max_new_tokens))
+        alpha = jax.device_put(jnp.float32(length_penalty), self.replicated)
+        with self.context():
+            out, _final_state = fn(params, state, alpha, self._eos(eos_id))
+        return out
+
+    def _build_beams(self, state, num_beams: int, max_new_tokens: int):
+        w, k = num_beams, max_new_tokens
+
+        def run(params, state, alpha, eos_id):
+            penalty = lambda n: jnp.asarray(n, jnp.float32) ** alpha  # score = log p / length ** alpha
+            n, v = state["logits"].shape
+            b = n // w
+            alive_logp_bW = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (w - 1), jnp.float32), (b, 1))
+            carry = {
+                "step": jnp.zeros((), jnp.int32), "state": state, "done": jnp.zeros((b,), bool),
+                "alive": jnp.zeros((b, w, k), jnp.int32), "alive_logp": alive_logp_bW,
+                "finished": jnp.zeros((b, w, k), jnp.int32), "scores": jnp.full((b, w), -jnp.inf, jnp.float32),
+            }
+
+            def body(c):
+                step = c["step"]
+                # Every one-token extension of every live beam; the best 2W hold at least W without EOS.
+                logp_bWV = jax.nn.log_softmax(c["state"]["logits"]).reshape(b, w, v) + c["alive_logp"][..., None]
+                top_logp_bC, top_idx_bC = jax.lax.top_k(logp_bWV.reshape(b, w * v), 2 * w)
+                parent_bC, tok_bC = top_idx_bC // v, (top_idx_bC % v).astype(jnp.int32)
+                seqs_bCK = jnp.take_along_axis(c["alive"], parent_bC[..., None], axis=1)
+                seqs_bCK = jnp.where(jnp.arange(k) == step, tok_bC[..., None], seqs_bCK)
+                is_eos_bC = tok_bC == eos_id
+                # Extensions ending in EOS compete with the finished hypotheses for W places.
+                ended_bC = jnp.where(is_eos_bC & ~c["done"][:, None], top_logp_bC / penalty(step + 1), -jnp.inf)
+                scores_bW, pick = jax.lax.top_k(jnp.concatenate([c["scores"], ended_bC], 1), w)
+                finished = jnp.take_along_axis(jnp.concatenate([c["finished"], seqs_bCK], 1), pick[..., None], 1)
+                # The best W without EOS stay alive; their parents' cache rows follow them.
+                alive_logp_bW, pick = jax.lax.top_k(jnp.where(is_eos_bC, -jnp.inf, top_logp_bC), w)
+                alive = jnp.take_along_axis(seqs_bCK, pick[..., None], axis=1)
+                tok_n = jnp.take_along_axis(tok_bC, pick, 1).reshape(n)
+                rows_n = (jnp.arange(b)[:, None] * w + jnp.take_along_axis(parent_bC, pick, 1)).reshape(n)
+                st = c["state"]
+                self_kv = jax.tree.map(lambda x: jnp.take(x, rows_n, axis=1), st["cache"]["layers"]["self"])
+                cache = dict(st["cache"], layers=dict(st["cache"]["layers"], self=self_kv))
+                new_state = self._step(params, dict(st, cache=cache), tok_n)
+                # A row is done when even its best live beam, at its most favourable length, cannot
+                # beat its worst finished hypothesis.
+                best_bW = alive_logp_bW[:, 0]
+                hope_b = jnp.maximum(best_bW / penalty(step + 1), best_bW / penalty(k))
+                done = c["done"] | ((scores_bW[:, -1] > -jnp.inf) & (hope_b <= scores_bW[:, -1]))
+                return {"step": step + 1, "state": new_state, "done": done, "alive": alive,
+                        "alive_logp": alive_logp_bW, "finished": finished, "scores": scores_bW}
+
+            c = jax.lax.while_loop(lambda c: (c["step"] < k) & ~jnp.all(c["done"]), body, carry)
+            # Rows cut off by max_new_tokens: their live beams compete with the finished ones.
+            live_bW = jnp.where(c["done"][:, None], -jnp.inf, c["alive_logp"] / penalty(c["step"]))
+            scores_bW, pick = jax.lax.top_k(jnp.concatenate([c["scores"], live_bW], 1), w)
+            seqs = jnp.take_along_axis(jnp.concatenate([c["finished"], c["alive"]], 1), pick[..., None], 1)
+            return (seqs, scores_bW, c["step"]), c["state"]
+
+        state_sh, rep = self._state_shardings(state), self.replicated
+        return jax.jit(run, in_shardings=(self.param_shardings, state_sh, rep, rep),
+                       out_shardings=((rep, rep, rep), state_sh), donate_argnums=1)
+
+    # ------------------------------------------------------------------ fill-mask
+
+    def top_tokens(self, params, prompts: Prompts, top_k: int):
+        """Encoder family: ``(ids [B, P, k], probs [B, P, k])`` of the k likeliest tokens per position."""
+        ids = self.put_prompts(prompts)
+        model = self.model
+
+        def run(params, ids_BP, seg_BP, pos_BP):
+            logits_BPV = model.apply({"params": params}, ids_BP, seg_BP, pos_BP)
+            probs_BPk, top_BPk = jax.lax.top_k(jax.nn.softmax(logits_BPV.astype(jnp.float32), axis=-1), top_k)
+            return top_BPk.astype(jnp.int32), probs_BPk
+
+        key = ("fill_mask", prompts.ids.shape, top_k, _dtypes(params))
+        fn = self._jit(key, lambda: jax.jit(run, in_shardings=(self.param_shardings,) + (self.batch,) * 3,
+                                            out_shardings=(self.replicated, self.replicated)))
+        with self.context():
+            return fn(params, *ids)
+
+
+class _MeshRules:
+    """``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` together."""
+
+    def __init__(self, mesh: Mesh, rules: tuple):
+        self._managers = (jax.set_mesh(mesh), nn.logical_axis_rules(rules))
+
+    def __enter__(self):
+        for m in self._managers:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._managers):
+            m.__exit__(*exc)
+        return False
+
+
+def _constrain(tree, names_fn):
+    """Logical sharding constraints on every leaf of ``tree`` (names from ``names_fn(path, leaf)``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: nn.with_logical_constraint(x, tuple(names_fn(path, x))), tree)
+
+
+def _shapes(tree) -> tuple:
+    return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
+def _dtypes(params) -> tuple:
+    return tuple(sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
+
+
+_DECODERS: dict = {}
+
+
+def _decoder(cfg: Config, mesh: Mesh, rows: int) -> _Decoder:
+    """The ``_Decoder`` of (model, objective, sharding settings, mesh, rows); built once."""
+    key = (repr(cfg.model), cfg.objective, repr(cfg.sharding), mesh, rows)
+    if key not in _DECODERS:
+        _DECODERS[key] = _Decoder(cfg, mesh, rows)
+    return _DECODERS[key]
+
+
+def _setup(cfg: Config, params, rows: list[np.ndarray], mesh: Optional[Mesh], max_new_tokens: int,
+           repeat: int = 1):
+    """Checked, left-padded prompts and the (decoder, params on its mesh) to run them."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"cfg must be a t5x_lite Config (load_config / load_for_inference), got {type(cfg).__name__}")
+    _check_rows(cfg, rows, max_new_tokens, cli=False)
+    prompts = left_pad(rows, bucket_length(max(len(r) for r in rows))).repeat(repeat)
+    if mesh is None:
+        mesh = mesh_of(params) or partitioning.make_mesh(cfg)
+    dec = _decoder(cfg, mesh, len(prompts.ids))
+    return prompts, dec, dec.put_params(params)
+
+
+def _check_family(cfg: Config, what: str) -> None:
+    if cfg.model.family == "encoder":
+        raise ConfigError(f"{what} needs a decoder or encoder_decoder model; model.family=encoder fills masks "
+                          f"instead: fill_mask(...), or a prompt with {MASK_TOKEN} on the command line")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+class Generation(NamedTuple):
+    """What ``generate_details`` returns (host numpy arrays, ``n`` = tokens generated):
+    ``tokens`` int32 ``[B, n]`` (EOS included, pad 0 after it); ``logprobs`` float32 ``[B, n]``,
+    the model's log-probability of each token (temperature 1, no filtering; 0 on padding);
+    ``logits`` float32 ``[B, n, V]`` the next-token logits at every step (``output_logits``)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    logits: Optional[np.ndarray]
+
+
+class Beams(NamedTuple):
+    """``sequences`` int32 ``[B, W, n]`` best first (EOS included, pad 0 after it) and their
+    ``scores [B, W]``: sum of token log-probabilities / (number of tokens) ** length_penalty."""
+
+    sequences: np.ndarray
+    scores: np.ndarray
+
+
+def generate_details(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, attention_mask=None,
+                     eos_id: Optional[int] = EOS_ID, start_id: int = BOS_ID, output_logits: bool = False,
+                     mesh: Optional[Mesh] = None) -> Generation:
+    """Greedy decoding or sampling, with the per-token log-probabilities (and logits if asked).
+
+    ``input_ids``: a list of token lists (any lengths) or a ``[B, L]`` array with an optional
+    ``attention_mask``. decoder: the prompts to continue (the CLI starts them with BOS);
+    encoder_decoder: the encoder inputs, the decoder starting from ``start_id``. ``eos_id=None``
+    never stops early. ``mesh``: default the parameters' mesh, else the config's training mesh."""
+    _check_family(cfg, "generate")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_beams=1)
+    prompts, dec, params = _setup(cfg, params, prompt_rows(input_ids, attention_mask), mesh, max_new_tokens)
+    state = dec.prefill(params, prompts, max_new_tokens, start_id)
+    tokens, logprobs, logits, steps = dec.sample(params, state, seed, max_new_tokens,
+                                                 Sampling(temperature, top_k, top_p), eos_id, output_logits)
+    n = int(steps)
+    return Generation(np.asarray(tokens)[:, :n], np.asarray(logprobs)[:, :n],
+                      None if logits is None else np.asarray(logits)[:, :n])
+
+
+def beam_search(cfg: Config, params, input_ids, max_new_tokens: int = 32, num_beams: int = 4,
+                length_penalty: float = 1.0, *, attention_mask=None, eos_id: Optional[int] = EOS_ID,
+                start_id: int = BOS_ID, mesh: Optional[Mesh] = None) -> Beams:
+    """Beam search (decoder and encoder_decoder): the ``num_beams`` best sequences of every prompt.
+
+    Each step extends every live beam by every token and keeps the best 2W extensions: those
+    ending in EOS compete with the finished hypotheses, the best W others stay alive. A sequence's
+    score is its log-probability / length ** ``length_penalty`` (0: plain log-probability; > 0
+    favours longer outputs). A row stops when no live beam can beat its finished ones."""
+    _check_family(cfg, "beam search")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, num_beams=num_beams,
+                          length_penalty=length_penalty, vocab_size=cfg.model.vocab_size)
+    prompts, dec, params = _setup(cfg, params, prompt_rows(input_ids, attention_mask), mesh, max_new_tokens,
+                                  repeat=num_beams)
+    state = dec.prefill(params, prompts, max_new_tokens, start_id)
+    seqs, scores, steps = dec.beams(params, state, num_beams, max_new_tokens, float(length_penalty), eos_id)
+    return Beams(np.asarray(seqs)[..., :int(steps)], np.asarray(scores))
+
+
+def generate(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, num_beams: int = 1, seed: int = 0, *, attention_mask=None,
+             length_penalty: float = 1.0, eos_id: Optional[int] = EOS_ID, start_id: int = BOS_ID,
+             mesh: Optional[Mesh] = None) -> np.ndarray:
+    """New token ids, int32 ``[batch, new_length]``, EOS included and padded with 0 after it.
+
+    ``temperature`` 0 is greedy; > 0 samples (``top_k`` 0 = off, ``top_p`` 1 = off) with
+    ``jax.random.key(seed)``; ``num_beams`` > 1 returns each prompt's best beam. See
+    ``generate_details`` for the inputs and ``beam_search`` for the beams."""
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_beams=num_beams, length_penalty=length_penalty, vocab_size=cfg.model.vocab_size)
+    common = dict(attention_mask=attention_mask, eos_id=eos_id, start_id=start_id, mesh=mesh)
+    if num_beams > 1:
+        return beam_search(cfg, params, input_ids, max_new_tokens, num_beams, length_penalty, **common).sequences[:, 0]
+    return generate_details(cfg, params, input_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                            **common).tokens
+
+
+class MaskFill(NamedTuple):
+    """Candidates for one mask: its ``position`` in the prompt, ``token_ids`` and ``probs`` (best first)."""
+
+    position: int
+    token_ids: list
+    probs: list
+
+
+def fill_mask(cfg: Config, params, input_ids, top_k: int = 5, *, mask_id: int = MASK_ID, attention_mask=None,
+              mesh: Optional[Mesh] = None) -> list[list[MaskFill]]:
+    """Encoder family: for every prompt, the ``top_k`` likeliest tokens at each ``mask_id``."""
+    if cfg.model.family != "encoder":
+        raise ConfigError(f"fill_mask needs model.family=encoder, not {cfg.model.family}; use generate")
+    if not 1 <= top_k <= cfg.model.vocab_size:
+        raise ConfigError(f"top_k={top_k} must be in [1, {cfg.model.vocab_size}] (the vocabulary)")
+    rows = prompt_rows(input_ids, attention_mask)
+    missing = [i for i, r in enumerate(rows) if not (r == mask_id).any()]
+    if missing:
+        raise ConfigError(f"prompt(s) {missing} hold no mask token (id {mask_id}, {MASK_TOKEN}): nothing to fill")
+    prompts, dec, params = _setup(cfg, params, rows, mesh, max_new_tokens=0)
+    ids, probs = (np.asarray(a) for a in dec.top_tokens(params, prompts, top_k))
+    width = prompts.ids.shape[1]
+    out = []
+    for i, r in enumerate(rows):
+        offset = width - len(r)
+        out.append([MaskFill(int(p), ids[i, offset + p].tolist(), probs[i, offset + p].tolist())
+                    for p in np.flatnonzero(r == mask_id)])
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
+    """Token ids of a command-line prompt as the family was trained: BOS first (decoder), EOS
+    last (encoder_decoder inputs), as is (encoder)."""
+    ids = tokenizer.encode(prompt)
+    if cfg.model.family == "decoder":
+        return [tokenizer.bos_id] + ids
+    if cfg.model.family == "encoder_decoder":
+        return ids + [tokenizer.eos_id]
+    return ids
+
+
+def run_decode_cli(args) -> int:
+    """``t5x-lite decode``: one completion per ``--prompt`` from the latest checkpoint (encoder
+    family: the candidates for every ``<mask>``). Same arguments and seed, same output."""
+    from t5x_lite.checkpoints import load_for_inference
+
+    check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, cli=True)
+    t0 = time.time()
+    cfg, params, tokenizer = load_for_inference(args.workdir)
+    family = cfg.model.family
+    if family == "encoder" and args.num_beams > 1:
+        raise ConfigError(f"--num-beams={args.num_beams}: the encoder family fills masks, it does not search "
+                          "beams; drop --num-beams (use --top-k for the number of candidates)")
+    rows = [_cli_prompt_ids(cfg, tokenizer, p) for p in args.prompt]
+    if family == "encoder":
+        if tokenizer.mask_id is None:
+            raise ConfigError(f"the tokenizer of {args.workdir} has no {MASK_TOKEN} token to fill")
+        missing = [p for p, r in zip(args.prompt, rows) if tokenizer.mask_id not in r]
+        if missing:
+            raise ConfigError(f"an encoder model fills {MASK_TOKEN} tokens, and these prompts hold none: {missing}")
+    else:
+        _check_rows(cfg, [np.asarray(r) for r in rows], args.max_new_tokens, cli=True)
+    print(f"decoding {len(rows)} prompt(s) with the {family} model of {args.workdir} "
+          f"(loaded in {time.time() - t0:.1f}s)", file=sys.stderr)
+    t0 = time.time()
+    if family == "encoder":
+        fills = fill_mask(cfg, params, rows, args.top_k or 5, mask_id=tokenizer.mask_id)
+        for prompt, row in zip(args.prompt, fills):
+            print(f">>> {prompt}")
+            for j, f in enumerate(row):
+                cands = "  ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for t, p in zip(f.token_ids, f.probs))
+                print(f"{MASK_TOKEN} {j + 1} (token {f.position}): {cands}")
+        return 0
+    tokens = generate(cfg, params, rows, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.num_beams, args.seed, length_penalty=args.length_penalty, eos_id=tokenizer.eos_id,
+                      start_id=tokenizer.bos_id)
+    print(f"generated {tokens.shape[1]} steps x {len(rows)} prompt(s) in {time.time() - t0:.1f}s "
+          "(compile included)", file=sys.stderr)
+    for prompt, row in zip(args.prompt, tokens):
+        print(f">>> {prompt}")
+        print(tokenizer.decode(row))
+    return 0

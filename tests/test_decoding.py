@@ -1,0 +1,417 @@
+"""Decoding: cached == full forward, greedy == naive loop, padding, beams, sampling filters,
+sharded == single device, fill-mask, the CLI and its errors.
+
+Compiles are the cost here: the tests share a few prompt sets and shapes so that most calls
+reuse programs compiled by an earlier test (the decoding module keeps them per shape), and
+compile with XLA's optimizations mostly off (``quick_compiles``)."""
+
+import os
+import types
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import t5x_lite
+from t5x_lite import decoding, partitioning
+from t5x_lite.config import ConfigError
+from t5x_lite.decoding import Sampling, beam_search, fill_mask, filter_logits, generate, generate_details
+from t5x_lite.models import _jitted_apply, abstract_params
+
+from helpers import tiny_cfg
+
+K = 10  # new tokens
+PROMPTS = [[3, 17, 9, 22], [3, 40, 41, 12, 7, 30, 33, 21, 45, 8, 50, 26], [3, 5, 60, 14, 11, 9, 28]]
+FULL_LEN, FULL_ROWS = 24, 3  # the fixed shape of the no-cache reference (one compile)
+
+
+def random_params(cfg, seed=0):
+    """Random parameters from the abstract shapes: as good as ``init_params`` for equivalences,
+    without compiling an initializer per config."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, x):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return (base + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, nn.meta.unbox(abstract_params(cfg)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiles():
+    """These tests compile ~25 small programs and run each for milliseconds: XLA's optimization
+    passes cost more than they save (about half the compile time). Both sides of every equivalence
+    compile under the same setting; it is restored for the other test modules."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def single():
+    """A one-device mesh."""
+    return partitioning.make_mesh(tiny_cfg("decoder"), jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def dec():
+    cfg = tiny_cfg("decoder", "model.num_kv_heads=2")  # GQA, rope
+    return cfg, random_params(cfg)
+
+
+def full_forward(cfg, params, rows):
+    """float32 logits ``[B, FULL_LEN, V]`` of the whole model without a cache; rows right-padded
+    (and empty rows added up to FULL_ROWS)."""
+    ids = np.zeros((FULL_ROWS, FULL_LEN), np.int32)
+    seg = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], seg[i, :len(r)] = r, 1
+    inputs = {"input_ids": ids, "segment_ids": seg}
+    if cfg.objective == "prefix":
+        inputs["prefix_mask"] = np.zeros(ids.shape, bool)
+        for i, p in enumerate(rows.prompt_lengths):
+            inputs["prefix_mask"][i, :p] = True
+    return np.asarray(_jitted_apply(repr(cfg.model), cfg.model)(params, inputs), np.float32)[:len(rows)]
+
+
+class Rows(list):
+    """Prompt + new tokens per row, remembering the prompt lengths."""
+
+    def __init__(self, prompts, new_tokens):
+        super().__init__(np.concatenate([p, t]) for p, t in zip(prompts, new_tokens))
+        self.prompt_lengths = [len(p) for p in prompts]
+
+
+def logits_at_new_tokens(cfg, params, prompts, new_tokens):
+    """Full-forward logits ``[B, n, V]`` that predict each of the n new tokens."""
+    rows = Rows(prompts, new_tokens)
+    full = full_forward(cfg, params, rows)
+    n = np.asarray(new_tokens).shape[1]
+    return np.stack([full[i, p - 1:p - 1 + n] for i, p in enumerate(rows.prompt_lengths)])
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def sequence_score(logprobs_of_tokens, tokens, length_penalty, eos):
+    """Sum of log-probs up to and including the first EOS, / length ** penalty."""
+    n = int(np.argmax(tokens == eos)) + 1 if (tokens == eos).any() else len(tokens)
+    return logprobs_of_tokens[:n].sum() / n ** length_penalty
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+def test_cached_logits_equal_full_forward_decoder(dec, single):
+    cfg, params = dec
+    g = generate_details(cfg, params, PROMPTS, K, eos_id=None, output_logits=True, mesh=single)
+    assert g.tokens.shape == (3, K) and g.logits.shape == (3, K, cfg.model.vocab_size)
+    ref = logits_at_new_tokens(cfg, params, PROMPTS, g.tokens)
+    np.testing.assert_allclose(g.logits, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(g.tokens, ref.argmax(-1))
+    picked = np.take_along_axis(log_softmax(ref), g.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(g.logprobs, picked, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def stop(dec, single):
+    """A token that greedy decoding emits early in row 0, used as EOS so that rows stop at
+    different steps (a random model hardly ever emits the real EOS)."""
+    cfg, params = dec
+    return int(generate_details(cfg, params, PROMPTS, K, eos_id=None, output_logits=True, mesh=single).tokens[0, 2])
+
+
+def test_greedy_equals_naive_full_model_loop(dec, single, stop):
+    cfg, params = dec
+    eos = stop
+    out = generate(cfg, params, PROMPTS, max_new_tokens=K, eos_id=eos, mesh=single)
+    assert (out[0] == eos).any() and not out[0, -1]  # row 0 stopped early: padding after EOS is checked
+    # naive: rerun the full model on the whole sequence for every token, stop a row at EOS
+    new = [[] for _ in PROMPTS]
+    for _ in range(K):
+        rows = Rows(PROMPTS, [np.asarray(t, np.int32) for t in new])
+        full = full_forward(cfg, params, rows)
+        for i, r in enumerate(rows):
+            if not new[i] or new[i][-1] != eos:
+                new[i].append(int(full[i, len(r) - 1].argmax()))
+    width = max(len(t) for t in new)
+    expect = np.zeros((len(PROMPTS), width), np.int32)
+    for i, t in enumerate(new):
+        expect[i, :len(t)] = t
+    np.testing.assert_array_equal(out, expect)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(dec, single):
+    cfg, params = dec
+    batch = generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single)
+    alone = generate(cfg, params, [PROMPTS[0]], max_new_tokens=K, mesh=single)  # 4 pads instead of 12
+    np.testing.assert_array_equal(alone[0], batch[0, :alone.shape[1]])
+    # the same batch given as a padded array with an attention mask (right padding here)
+    arr = np.zeros((3, 12), np.int32)
+    mask = np.zeros_like(arr)
+    for i, p in enumerate(PROMPTS):
+        arr[i, :len(p)], mask[i, :len(p)] = p, 1
+    np.testing.assert_array_equal(generate(cfg, params, arr, K, attention_mask=mask, mesh=single), batch)
+
+
+def test_beam_one_equals_greedy(dec, single):
+    cfg, params = dec
+    greedy = generate_details(cfg, params, PROMPTS, K, eos_id=None, output_logits=True, mesh=single)
+    beams = beam_search(cfg, params, PROMPTS, K, num_beams=1, length_penalty=0.0, eos_id=None, mesh=single)
+    np.testing.assert_array_equal(beams.sequences[:, 0], greedy.tokens)
+    np.testing.assert_allclose(beams.scores[:, 0], greedy.logprobs.sum(-1), rtol=1e-5)
+
+
+def test_beams_sorted_consistent_and_no_worse_than_greedy(dec, single, stop):
+    """Scores sorted, equal to the full model's score of each returned sequence (log p up to EOS /
+    length), padded after EOS, and the best no worse than greedy's."""
+    cfg, params = dec
+    prompts, alpha = PROMPTS[:2], 1.0
+    beams = beam_search(cfg, params, prompts, K, num_beams=4, length_penalty=alpha, eos_id=stop, mesh=single)
+    assert (beams.sequences == stop).any()  # some hypotheses finished with EOS
+    assert np.all(np.diff(beams.scores, axis=1) <= 1e-6)
+    for j in range(4):
+        seqs = beams.sequences[:, j]
+        ref = log_softmax(logits_at_new_tokens(cfg, params, prompts, seqs))
+        logp = np.take_along_axis(ref, seqs[..., None], -1)[..., 0]
+        for i in range(2):
+            ended = seqs[i] == stop
+            assert not ended.any() or not seqs[i, np.argmax(ended) + 1:].any()
+            np.testing.assert_allclose(beams.scores[i, j], sequence_score(logp[i], seqs[i], alpha, stop), rtol=1e-4)
+    greedy = generate_details(cfg, params, PROMPTS, K, eos_id=stop, mesh=single)  # rows decode independently
+    for i in range(2):
+        assert beams.scores[i, 0] >= sequence_score(greedy.logprobs[i], greedy.tokens[i], alpha, stop) - 1e-5
+    best = generate(cfg, params, prompts, K, num_beams=4, eos_id=stop, mesh=single)
+    np.testing.assert_array_equal(best, beams.sequences[:, 0, :best.shape[1]])
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_filter_logits_keeps_exactly_top_k_and_nucleus():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+    order = np.argsort(-logits, axis=-1)
+    for temp, k, p in [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.3, 12, 0.8), (1.0, 0, 1.0)]:
+        out = np.asarray(jax.jit(lambda x: filter_logits(x, Sampling(temp, k, p)))(logits))
+        x = logits / temp
+        for r in range(6):
+            cand = order[r, :k] if k else order[r]
+            probs = np.exp(x[r, cand] - x[r, cand].max())
+            probs /= probs.sum()
+            before = np.cumsum(probs) - probs
+            expect = set(cand[before < p].tolist() if p < 1 else cand.tolist())
+            assert set(np.flatnonzero(np.isfinite(out[r])).tolist()) == expect, (temp, k, p, r)
+            kept = sorted(expect)
+            np.testing.assert_allclose(out[r, kept], x[r, kept], rtol=1e-6)
+
+
+def test_sampled_tokens_stay_in_top_k_and_nucleus_and_seed_reproduces(dec, single):
+    cfg, params = dec
+    args = dict(temperature=1.5, top_k=6, top_p=0.5, eos_id=None, output_logits=True, mesh=single)
+    g = generate_details(cfg, params, PROMPTS, K, seed=7, **args)
+    for r in range(len(PROMPTS)):
+        for t in range(K):
+            x = g.logits[r, t] / 1.5
+            top = np.argsort(-x)[:6]
+            probs = np.exp(x[top] - x[top].max())
+            probs /= probs.sum()
+            nucleus = top[np.cumsum(probs) - probs < 0.5]
+            assert g.tokens[r, t] in nucleus
+    again = generate_details(cfg, params, PROMPTS, K, seed=7, **args)
+    np.testing.assert_array_equal(again.tokens, g.tokens)
+    other = generate_details(cfg, params, PROMPTS, K, seed=8, **args)
+    assert not np.array_equal(other.tokens, g.tokens)
+    assert len({int(t) for t in g.tokens.ravel()}) > len(PROMPTS)  # it does sample, not argmax
+
+
+def test_temperature_to_zero_equals_greedy(dec, single):
+    cfg, params = dec
+    greedy = generate(cfg, params, PROMPTS, K, mesh=single)
+    cold = generate_details(cfg, params, PROMPTS, K, temperature=1e-6, seed=3, output_logits=True, mesh=single)
+    np.testing.assert_array_equal(cold.tokens, greedy)
+
+
+# --------------------------------------------------------------------------- other configs
+
+
+@pytest.mark.parametrize("overrides", [("model.position=alibi", "data.objective=prefix"),
+                                       ("model.position=learned", "model.num_kv_heads=1")])
+def test_cached_logits_equal_full_forward_positions(overrides, single):
+    cfg = tiny_cfg("decoder", *overrides)
+    params = random_params(cfg, 1)
+    g = generate_details(cfg, params, PROMPTS, K, eos_id=None, output_logits=True, mesh=single)
+    ref = logits_at_new_tokens(cfg, params, PROMPTS, g.tokens)
+    np.testing.assert_allclose(g.logits, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def encdec():
+    cfg = tiny_cfg("encoder_decoder")  # relative position bias on both sides
+    return cfg, random_params(cfg)
+
+
+def encdec_logits(cfg, params, inputs, decoded, start=3):
+    enc = np.zeros((len(inputs), 16), np.int32)
+    enc_mask = np.zeros_like(enc)
+    for i, r in enumerate(inputs):
+        enc[i, :len(r)], enc_mask[i, :len(r)] = r, 1
+    dec_in = np.concatenate([np.full((len(inputs), 1), start, np.int32), decoded[:, :-1]], 1)
+    return np.asarray(t5x_lite.logits(cfg, params, enc, decoder_input_ids=dec_in, attention_mask=enc_mask,
+                                      decoder_attention_mask=np.ones_like(dec_in)))
+
+
+def test_cached_logits_equal_full_forward_encoder_decoder(encdec, single):
+    cfg, params = encdec
+    inputs = [p[1:] + [1] for p in PROMPTS]  # encoder inputs end with EOS
+    g = generate_details(cfg, params, inputs, K, eos_id=None, output_logits=True, mesh=single)
+    ref = encdec_logits(cfg, params, inputs, g.tokens)
+    np.testing.assert_allclose(g.logits, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(g.tokens, ref.argmax(-1))
+
+
+def test_encoder_decoder_beams(encdec, single):
+    cfg, params = encdec
+    inputs = [PROMPTS[1][1:] + [1]]
+    beams = beam_search(cfg, params, inputs, K, num_beams=3, length_penalty=0.6, eos_id=None, mesh=single)
+    assert beams.sequences.shape == (1, 3, K)
+    assert np.all(np.diff(beams.scores, axis=1) <= 1e-6)
+    seqs = beams.sequences[0]  # the 3 hypotheses as 3 rows
+    ref = log_softmax(encdec_logits(cfg, params, inputs * 3, seqs))
+    logp = np.take_along_axis(ref, seqs[..., None], -1)[..., 0].sum(-1) / K ** 0.6
+    np.testing.assert_allclose(beams.scores[0], logp, rtol=1e-4)
+    assert len({tuple(s) for s in seqs}) == 3  # distinct hypotheses
+    greedy = generate_details(cfg, params, inputs * 3, K, eos_id=None, output_logits=True, mesh=single)
+    assert beams.scores[0, 0] >= greedy.logprobs[0].sum() / K ** 0.6 - 1e-5
+
+
+def test_sharded_stage3_equals_single_device(dec, single):
+    cfg, params = dec
+    mesh8 = partitioning.make_mesh(cfg)  # fsdp=8, zero_stage=3: parameters sharded
+    assert cfg.sharding.zero_stage == 3 and mesh8.shape["fsdp"] == 8
+    sharded = decoding._decoder(cfg, mesh8, 8).put_params(params)
+    assert not sharded["token_embed"]["embedding"].sharding.is_fully_replicated
+    prompts = PROMPTS[:2]  # x 4 beams = 8 rows: the batch is split over the 8 devices too
+    a = beam_search(cfg, sharded, prompts, K, num_beams=4, length_penalty=1.0)  # mesh taken from params
+    b = beam_search(cfg, params, prompts, K, num_beams=4, length_penalty=1.0, mesh=single)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def test_fill_mask_matches_full_forward(single):
+    cfg = tiny_cfg("encoder")
+    params = random_params(cfg)
+    prompts = [[9, 4, 12, 30], [7, 8, 4, 20, 21, 4]]
+    fills = fill_mask(cfg, params, prompts, top_k=3, mesh=single)
+    assert [[f.position for f in row] for row in fills] == [[1], [2, 5]]
+    ids, mask = np.zeros((2, 6), np.int32), np.zeros((2, 6), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+    probs = np.exp(log_softmax(np.asarray(t5x_lite.logits(cfg, params, ids, attention_mask=mask))))
+    for i, row in enumerate(fills):
+        for f in row:
+            best = np.argsort(-probs[i, f.position])[:3]
+            assert f.token_ids == best.tolist()
+            np.testing.assert_allclose(f.probs, probs[i, f.position, best], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_clear_error(dec, single):
+    cfg, params = dec
+    cases = [
+        (dict(input_ids=[[3] * 60]), r"longest prompt \(60 tokens\) plus max_new_tokens=10 exceeds "
+                                     r"model.max_length=64; lower max_new_tokens to at most 4"),
+        (dict(input_ids=[[3] * 70]), r"prompt 0 has 70 tokens, more than model.max_length=64"),
+        (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(temperature=-1.0), r"temperature=-1.0 must be >= 0"),
+        (dict(top_k=-2), r"top_k=-2 must be >= 0"),
+        (dict(num_beams=2, temperature=0.5), r"beam search \(num_beams=2\) is deterministic"),
+        (dict(input_ids=[[3, 99]]), r"token id 99, outside the model's vocabulary \[0, 61\)"),
+        (dict(input_ids=[[3], []]), r"prompt 1 is empty"),
+    ]
+    for kwargs, message in cases:
+        args = dict(input_ids=PROMPTS, max_new_tokens=K, mesh=single)
+        args.update(kwargs)
+        with pytest.raises(ConfigError, match=message):
+            generate(cfg, params, **args)
+    enc_cfg = tiny_cfg("encoder")
+    with pytest.raises(ConfigError, match="needs a decoder or encoder_decoder model.*fill_mask"):
+        generate(enc_cfg, None, PROMPTS, K, num_beams=2)
+    with pytest.raises(ConfigError, match=r"prompt\(s\) \[0\] hold no mask token"):
+        fill_mask(enc_cfg, None, [[9, 10]], mesh=single)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _corpus(n_docs=200, seed=0):
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "to", "ri", "mo", "ne", "sa", "lu", "pe", "di", "fo", "ba", "zi"]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
+    return [" ".join(rng.choice(words, size=rng.integers(5, 40))) + "." for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A work dir as training leaves it: config.yaml, tokenizer.model and a checkpoint."""
+    from t5x_lite.checkpoints import Checkpoints
+    from t5x_lite.data import Tokenizer
+    from t5x_lite.trainer import write_workdir_config
+
+    path = str(tmp_path_factory.mktemp("decode_workdir"))
+    cfg = tiny_cfg("decoder", "model.vocab_size=320", "data.num_sentinels=8", "model.num_kv_heads=2")
+    write_workdir_config(cfg, path)
+    Tokenizer.train(_corpus(), os.path.join(path, "tokenizer.model"), 320, 8, seed=0)
+    params = random_params(cfg)
+    ckpt = Checkpoints(path, cfg)
+    ckpt.save(3, types.SimpleNamespace(params=params, opt_state={"count": np.zeros((), np.int32)}), {})
+    ckpt.close()
+    return path, cfg
+
+
+def run_cli(capsys, *argv):
+    from t5x_lite.cli import main
+
+    code = main(["decode", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_decodes_reproducibly_and_matches_single_device_python(workdir, capsys, single):
+    from t5x_lite.checkpoints import load_for_inference
+
+    path, _ = workdir
+    prompts = ["kato rimo", "ba zi lu pe sa"]
+    argv = ["--workdir", path, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "6",
+            "--temperature", "0.9", "--top-k", "20", "--seed", "5"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert run_cli(capsys, *argv)[1] == out  # same arguments and seed: same output
+    cfg, params, tok = load_for_inference(path, mesh=single)  # the CLI ran FSDP-sharded on 8 devices
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    tokens = generate(cfg, params, ids, 6, temperature=0.9, top_k=20, seed=5)
+    expect = "".join(f">>> {p}\n{tok.decode(t)}\n" for p, t in zip(prompts, tokens))
+    assert out == expect
+
+
+def test_cli_errors(workdir, capsys, tmp_path):
+    from t5x_lite.trainer import write_workdir_config
+
+    path, cfg = workdir
+    code, _, err = run_cli(capsys, "--workdir", path, "--prompt", "ka", "--top-p", "1.5", "--temperature", "-1")
+    assert code == 2 and "--top-p=1.5 must be in (0, 1]" in err and "--temperature=-1.0 must be >= 0" in err
+    code, _, err = run_cli(capsys, "--workdir", path, "--prompt", "ka " * 70)
+    assert code == 2 and "more than model.max_length=64" in err
+    write_workdir_config(cfg, str(tmp_path))  # a work dir that never saved a checkpoint
+    code, _, err = run_cli(capsys, "--workdir", str(tmp_path), "--prompt", "ka")
+    assert code == 2 and err.startswith("error: no checkpoint in") and "train first" in err
