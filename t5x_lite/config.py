@@ -45,11 +45,13 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embedding (BERT)
     position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
     rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear RoPE scaling (position interpolation): angles at position / rope_scaling
     max_length: int = 2048  # longest sequence: size of learned position tables, decode cache limit
     relative_buckets: int = 32
     relative_max_distance: int = 128
     tie_embeddings: bool = False
     use_bias: bool = False  # biases in attention / MLP projections (BERT, GPT-2)
+    logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
     dropout: float = 0.0
@@ -181,6 +183,8 @@ class Config:
                 f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
                 f"valid num_kv_heads: {divisors}"
             )
+        if m.rope_scaling <= 0:
+            errors.append(f"model.rope_scaling={m.rope_scaling} must be positive (1.0 = no scaling)")
         if m.position == "rope" and m.dim_per_head % 2:
             errors.append(f"rope needs an even head dim, got {m.dim_per_head}")
         allowed = {"encoder": {"mlm"}, "decoder": {"causal", "prefix"}, "encoder_decoder": {"span"}}[m.family]

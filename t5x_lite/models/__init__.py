@@ -19,7 +19,7 @@ from t5x_lite.models.transformer import (
 )
 
 __all__ = [
-    "build_model", "init_params", "abstract_params", "logits", "model_kwargs", "init_cache",
+    "build_model", "init_params", "abstract_params", "logits", "encode", "model_kwargs", "init_cache",
     "EncoderModel", "DecoderModel", "EncoderDecoderModel", "CACHE_KV_AXES", "INPUT_KEYS",
 ]
 
@@ -106,6 +106,21 @@ def logits(cfg: Union[Config, ModelConfig], params, input_ids, decoder_input_ids
             raise ValueError(f"decoder_input_ids only apply to encoder_decoder, not {mcfg.family}")
         inputs = dict(input_ids=input_ids, segment_ids=seg)
     return _jitted_apply(repr(mcfg), mcfg)(params, inputs).astype(jnp.float32)
+
+
+def encode(cfg: Union[Config, ModelConfig], params, input_ids, attention_mask=None) -> jax.Array:
+    """float32 final hidden states ``[batch, length, d_model]`` of the encoder (``encoder`` and
+    ``encoder_decoder`` families); ``attention_mask`` as in ``logits``."""
+    mcfg = _model_cfg(cfg)
+    if mcfg.family == "decoder":
+        raise ValueError("encode needs an encoder: model.family is decoder (use logits)")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    seg = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    key = repr(mcfg) + "/encode"
+    if key not in _APPLY_CACHE:
+        model = build_model(mcfg)
+        _APPLY_CACHE[key] = jax.jit(lambda p, ids, s: model.apply({"params": p}, ids, s, method="encode"))
+    return _APPLY_CACHE[key](nn.meta.unbox(params), input_ids, seg).astype(jnp.float32)
 
 
 _APPLY_CACHE: dict = {}

@@ -160,11 +160,12 @@ class Embed(nn.Module):
 # ------------------------------------------------------------ position encodings
 
 
-def rope(x_BLNH: Array, positions_BL: Array, theta: float) -> Array:
+def rope(x_BLNH: Array, positions_BL: Array, theta: float, scaling: float = 1.0) -> Array:
     """Rotary embedding, "rotate half" layout (the first and second half of the head dim form
-    the pairs, as in LLaMA/GPT-NeoX). Angles in float32."""
+    the pairs, as in LLaMA/GPT-NeoX). Angles in float32, of ``positions / scaling`` (linear
+    scaling, "position interpolation")."""
     h = x_BLNH.shape[-1]
-    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)) / scaling
     angles_BLH2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_H2
     sin, cos = jnp.sin(angles_BLH2)[:, :, None, :], jnp.cos(angles_BLH2)[:, :, None, :]
     x = x_BLNH.astype(jnp.float32)
@@ -313,8 +314,8 @@ class Attention(nn.Module):
         else:
             k_BSKH, v_BSKH = kv_proj(x_BTD, "key"), kv_proj(x_BTD, "value")
             if cfg.position == "rope":
-                q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-                k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta)
+                q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
+                k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
             if cache is not None:
                 start = (0, cache_index, 0, 0)
                 k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BSKH.astype(cache["k"].dtype), start)

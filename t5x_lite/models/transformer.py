@@ -223,7 +223,7 @@ class LMHead(nn.Module):
         else:
             head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)
             logits_BLV = head(x_BLD)
-        if cfg.use_bias:
+        if (cfg.use_bias if cfg.logits_bias is None else cfg.logits_bias):
             bias = self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                               (cfg.vocab_size,), jnp_dtype(cfg.param_dtype))
             logits_BLV = logits_BLV + bias.astype(logits_BLV.dtype)
