@@ -37,16 +37,6 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from t5x_lite.config import load_config
-    from t5x_lite.planning import compiled_plan, format_plan
-
-    cfg = load_config(args.config, args.overrides)
-    plan = compiled_plan(cfg)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0
-
-
 def _delegate(module: str, function: str):
     """A command implemented in ``module.function(args) -> exit code`` (imported lazily)."""
 
@@ -73,19 +63,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="where config, tokenizer, checkpoints and metrics live")
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("prepare", help="tokenize a corpus once into memory-mapped shards (train with data.path=DIR)")
+    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+                   help="text / JSON-lines files, gzip'd or not: a file, a directory or a glob (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR", help="the prepared directory (new, or one to resume)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="MODEL", help="sentencepiece .model to use (default: train one)")
+    tok.add_argument("--vocab-size", type=int, metavar="N", help="pieces of the trained tokenizer (default 32000)")
+    p.add_argument("--num-sentinels", type=int, default=100, help="<extra_id_N> pieces of a trained tokenizer")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: the CPU count)")
+    p.add_argument("--field", default="text", help="JSON-lines field holding the text (default: text)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace a directory prepared from other inputs")
+    p.set_defaults(fn=_delegate("t5x_lite.data.prepare", "run_prepare_cli"))
+
     p = sub.add_parser("plot", help="PNG of loss, eval loss, learning rate and tokens/s against step")
     p.add_argument("--workdir", required=True)
     p.add_argument("--output", default=None, help="PNG path (default: WORKDIR/metrics.png)")
     p.set_defaults(fn=cmd_plot)
 
-    p = sub.add_parser("plan", help="compile the train step ahead of time and report per-device memory")
+    p = sub.add_parser("plan", help="memory by ZeRO stage, compute budget and the compiled step, before training")
     _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None, help="devices to plan for (default: the local devices)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one device in GB (1e9 bytes)")
+    p.add_argument("--memory-fraction", type=float, default=0.75,
+                   help="share of it JAX may use (its default preallocation; XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak TFLOP/s of one device (H100 bf16: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the wall-clock estimate")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
+    p.add_argument("--precision", choices=["config", "mixed"], default="config",
+                   help="state bytes of this trainer's config, or the ZeRO paper's mixed-precision Adam (2+2+12)")
+    p.add_argument("--no-compile", action="store_true", help="formulas only: skip compiling on the local devices")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(fn=cmd_plan)
+    p.set_defaults(fn=_delegate("t5x_lite.planning", "run_plan_cli"))
+
+    p = sub.add_parser("sweep", help="train a ladder of d_model sizes on compute-matched budgets, fit L(C)")
+    _add_config_args(p)
+    p.add_argument("--sizes", required=True, help="comma-separated d_model values, e.g. 32,48,64,96")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per parameter")
+    p.add_argument("--workdir", default=None, help="default: runs/sweep_<config name>")
+    p.add_argument("--predict", type=int, default=None, help="size whose loss to predict (default: the next one up)")
+    p.set_defaults(fn=_delegate("t5x_lite.sweep", "run_sweep_cli"))
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a work dir on held-out data")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="data.*, train.eval_batches, train.batch_size, mesh.*, sharding.* (repeatable); "
+                        "another data.path is evaluated whole")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=_delegate("t5x_lite.trainer", "run_eval_cli"))
 
     p = sub.add_parser("decode", help="generate from the latest checkpoint (or an exported model)")
@@ -93,17 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the K best tokens (0 = off); encoder family: candidates per <mask> (default 5)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1] (1 = off)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with B beams when > 1 (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log p / length ** L (0 = plain log-probability)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_delegate("t5x_lite.decoding", "run_decode_cli"))
 
     p = sub.add_parser("export", help="write params only (for serving or fine-tuning elsewhere)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the params' dtype")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=_delegate("t5x_lite.checkpoints", "run_export_cli"))
+
+    p = sub.add_parser("import-hf", help="import a Hugging Face model directory into a new work dir (step 0)")
+    p.add_argument("path", help="directory with config.json + safetensors (BERT/RoBERTa, GPT-2, LLaMA/Mistral, T5)")
+    p.add_argument("--workdir", required=True, help="new work dir: config.yaml, tokenizer, step-0 checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the imported config, e.g. --set data.path=my.jsonl (repeatable)")
+    p.set_defaults(fn=_delegate("t5x_lite.interop.hf", "run_import_cli"))
+
+    p = sub.add_parser("export-hf", help="write the latest checkpoint as a Hugging Face model directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output", required=True, help="new directory: config.json + model.safetensors + tokenizer")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(fn=_delegate("t5x_lite.interop.hf", "run_export_cli"))
     return parser
 
 

@@ -19,25 +19,30 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def _layer_matmul_params(cfg: Config, cross: bool) -> int:
+    """Weights one token's matmuls read in a layer; with ``cross``, also the cross-attention's
+    query and output (its keys and values are projections of the encoder positions)."""
     m = cfg.model
     d, n, k, h, f = m.d_model, m.num_heads, m.kv_heads, m.dim_per_head, m.d_ff
     attn = d * n * h * 2 + d * k * h * 2  # q, out; k, v
     mlp = d * f * (3 if m.mlp in ("swiglu", "geglu") else 2)
-    return attn * (2 if cross else 1) + mlp
+    return attn + mlp + (d * n * h * 2 if cross else 0)
 
 
 def train_flops_per_step(cfg: Config) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward), as in PaLM/Chinchilla:
     6 x (matmul weights a token passes through) per token, plus attention scores and values
     (12 x keys seen x heads x head_dim per token and layer; a causal stack sees half its keys on
-    average). Embedding lookups are free; the output layer counts (d_model x vocab). The same
-    count serves ``plan`` and the training log's MFU."""
+    average). Embedding lookups are free; the output layer counts (d_model x vocab, plus BERT's
+    d_model x d_model transform). Cross-attention keys and values are projected once per encoder
+    position and decoder layer. The same count serves ``plan`` and the training log's MFU."""
     m, b = cfg.model, cfg.train.batch_size
     attn_width = m.num_heads * m.dim_per_head
-    head = 6 * m.d_model * m.vocab_size
+    head = 6 * m.d_model * m.vocab_size + (6 * m.d_model * m.d_model if m.mlm_head_transform else 0)
     if m.family == "encoder_decoder":
         t_enc, t_dec = cfg.data.seq_len, target_length(cfg)
-        enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width)
+        cross_kv = 6 * m.decoder_layers * 2 * m.d_model * m.kv_heads * m.dim_per_head
+        enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width
+                       + cross_kv)
         dec = t_dec * (6 * m.decoder_layers * _layer_matmul_params(cfg, True) + head
                        + 6 * m.decoder_layers * t_dec * attn_width  # causal self-attention
                        + 12 * m.decoder_layers * t_enc * attn_width)  # cross-attention

@@ -1,0 +1,385 @@
+"""``t5x-lite sweep``: a ladder of model sizes, each trained by the real trainer on a
+compute-matched budget, final eval loss against compute, and the scaling laws fitted to them.
+
+**A size is a ``d_model``.** Everything else follows from the base config, so the ladder
+changes width only and keeps the shape of the model:
+
+- ``head_dim`` stays the base's, so ``num_heads = d_model / head_dim``; ``num_kv_heads`` is the
+  largest divisor of ``num_heads`` that keeps the base's GQA group size or a larger one;
+- ``d_ff = d_model x`` (base ``d_ff / d_model``), rounded to a multiple of 8;
+- depth, vocabulary, sequence length, batch size and optimizer stay the base's.
+
+**Budget.** Each size sees ``R x N`` tokens (N: all its parameters; R: ``--tokens-per-param``,
+default 20, Chinchilla's compute-optimal ratio), i.e. ``ceil(R N / tokens_per_step)`` steps;
+warmup keeps the base config's fraction of the steps; one eval at the end. A run's compute
+is ``metrics.train_flops_per_step x steps``, the count the training log and ``plan`` use.
+
+**Fits** (numpy only). ``L(C) = a C^-b + c``: for a fixed ``c``, ``log(L - c) = log a - b log C``
+is linear least squares; ``c`` is chosen on a grid below ``min L`` by the squared error in L,
+then refined by golden-section search. ``c`` is not held at or above 0: small models far
+from the irreducible loss fall about linearly in log C, which the family reaches with
+``c < 0``. The fit runs over every size recorded in ``sweep.json``. ``N_opt(C) = k C^alpha``:
+least squares in log space over the runs. Every run sits on the R-tokens-per-parameter line,
+so alpha near 0.5 restates that ratio; measuring it needs isoFLOP profiles (several R per
+compute).
+
+**Resume and checks.** Results go into ``WORKDIR/sweep.json`` after each size; a rerun skips
+the sizes recorded there and resumes a size stopped half-way from its checkpoint. The
+predicted loss of the next size up is stored; when a later sweep trains that size, the
+prediction's error is recorded next to it. Sizes share the first size's tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from t5x_lite.config import Config, ConfigError, config_from_dict
+from t5x_lite.metrics import METRICS_FILE, read_metrics, tokens_per_step, train_flops_per_step
+
+SWEEP_FILE = "sweep.json"
+PLOT_FILE = "sweep.png"
+COMPARED_SECTIONS = ("model", "data", "train", "optim")  # a sweep dir keeps one base for these
+
+
+# --------------------------------------------------------------------------- fits
+
+
+def fit_loss_curve(compute: Sequence[float], loss: Sequence[float]) -> dict:
+    """Least-squares ``L = a C^-b + c`` through the points: ``a, b, c`` and the root-mean-square
+    error. ``c`` is free below the smallest loss: ``c < 0`` says the points are still far from
+    the irreducible loss, where L falls about linearly in log C (``c`` then has no meaning of its
+    own, the curve still predicts). Needs three points."""
+    c_arr, l_arr = np.asarray(compute, float), np.asarray(loss, float)
+    if len(c_arr) < 3:
+        raise ValueError(f"fitting L(C) = a C^-b + c needs at least 3 points, got {len(c_arr)}")
+    log_c = np.log(c_arr)
+
+    def solve(c: float) -> tuple[float, float, float]:
+        slope, intercept = np.polyfit(log_c, np.log(l_arr - c), 1)
+        a, b = math.exp(intercept), float(-slope)
+        return float(np.sum((a * c_arr ** -b + c - l_arr) ** 2)), a, b
+
+    top = float(l_arr.min())
+    scale = max(top, float(l_arr.max()) - top)
+    grid = top - scale * np.geomspace(1e-9, 1e3, 1200)  # c just below min L ... far below (log-linear)
+    errors = [solve(c)[0] for c in grid]
+    best = int(np.argmin(errors))
+    lo, hi = grid[min(best + 1, len(grid) - 1)], grid[max(best - 1, 0)]
+    c = _golden_section(lambda x: solve(x)[0], lo, hi)
+    err, a, b = solve(c)
+    if err > errors[best]:
+        c = float(grid[best])
+        err, a, b = solve(c)
+    return {"a": a, "b": b, "c": float(c), "rmse": math.sqrt(err / len(c_arr))}
+
+
+def _golden_section(f: Callable[[float], float], lo: float, hi: float, iters: int = 100) -> float:
+    """Minimum of a unimodal ``f`` on ``[lo, hi]``."""
+    ratio = (math.sqrt(5) - 1) / 2
+    x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    for _ in range(iters):
+        if f1 < f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - ratio * (hi - lo)
+            f1 = f(x1)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + ratio * (hi - lo)
+            f2 = f(x2)
+    return (lo + hi) / 2
+
+
+def predict_loss(fit: dict, compute: float) -> float:
+    return fit["a"] * compute ** -fit["b"] + fit["c"]
+
+
+def law_text(fit: dict) -> str:
+    return f"{fit['a']:.4g} C^-{fit['b']:.4f} {'-' if fit['c'] < 0 else '+'} {abs(fit['c']):.4f}"
+
+
+def fit_optimal_size(compute: Sequence[float], params: Sequence[float]) -> dict:
+    """``N_opt(C) = k C^alpha`` by least squares in log space (two points or more)."""
+    if len(compute) < 2:
+        raise ValueError(f"fitting N_opt(C) needs at least 2 points, got {len(compute)}")
+    alpha, log_k = np.polyfit(np.log(np.asarray(compute, float)), np.log(np.asarray(params, float)), 1)
+    return {"k": math.exp(log_k), "alpha": float(alpha)}
+
+
+# ------------------------------------------------------------------------- ladder
+
+
+def base_head_dim(base: Config) -> int:
+    return base.model.dim_per_head
+
+
+def size_config(base: Config, size: int) -> Config:
+    """The base config at ``d_model = size``, the other dimensions derived (module docstring)."""
+    m = base.model
+    head_dim = base_head_dim(base)
+    if size <= 0 or size % head_dim:
+        raise ConfigError(f"--sizes: {size} is not a positive multiple of the base head dim {head_dim} "
+                          f"(d_model / num_heads = {m.d_model} / {m.num_heads}); try "
+                          f"{', '.join(str(head_dim * k) for k in (2, 3, 4, 6, 8))}")
+    heads = size // head_dim
+    most_kv = max(1, heads * m.kv_heads // m.num_heads)  # the base's group size, or larger groups
+    kv_heads = max(k for k in range(1, most_kv + 1) if heads % k == 0)
+    model = dataclasses.replace(
+        m, d_model=size, num_heads=heads, d_ff=max(8, round(size * m.d_ff / m.d_model / 8) * 8),
+        num_kv_heads=None if m.num_kv_heads is None else kv_heads)
+    return dataclasses.replace(base, model=model).validate()
+
+
+def with_budget(cfg: Config, base: Config, tokens_per_param: float, num_params: int) -> Config:
+    """``cfg`` trained on ``tokens_per_param x num_params`` tokens, warmup at the base's fraction
+    of the steps, one eval at the end, a checkpoint every quarter."""
+    steps = max(1, math.ceil(tokens_per_param * num_params / tokens_per_step(cfg)))
+    warmup = round(base.optim.warmup_steps * steps / max(base.train.steps, 1))
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=steps),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=min(warmup, steps)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=max(1, steps // 4), keep=1),
+    ).validate()
+
+
+def ladder_entry(base: Config, size: int, tokens_per_param: float) -> dict:
+    """One rung: its config, parameters and budget (no training)."""
+    from t5x_lite.planning import param_counts
+
+    shape = size_config(base, size)
+    counts = param_counts(shape)
+    cfg = with_budget(shape, base, tokens_per_param, counts["total"])
+    steps = cfg.train.steps
+    return {"size": size, "cfg": cfg, "num_params": counts["total"], "non_embedding_params": counts["non_embedding"],
+            "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
+            "num_kv_heads": cfg.model.kv_heads, "d_ff": cfg.model.d_ff, "steps": steps,
+            "tokens": steps * tokens_per_step(cfg), "compute": train_flops_per_step(cfg) * steps}
+
+
+def next_size(sizes: Sequence[int], head_dim: int) -> int:
+    """One geometric step above the largest size (``s_k^2 / s_(k-1)``), as a head-dim multiple."""
+    s = sorted(sizes)
+    step = s[-1] / s[-2] if len(s) > 1 else 2.0
+    return max(s[-1] + head_dim, round(s[-1] * step / head_dim) * head_dim)
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--sizes expects comma-separated d_model values such as 64,96,128; got {text!r}") from None
+    if not sizes:
+        raise ConfigError("--sizes is empty; give comma-separated d_model values such as 64,96,128")
+    return sizes
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _public(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "cfg"}
+
+
+def load_state(workdir: str, base: Config, tokens_per_param: float) -> dict:
+    """``sweep.json`` of ``workdir`` (or a fresh one), after checking it was made with the same
+    base config and tokens per parameter."""
+    fresh = {"base": {s: base.to_dict()[s] for s in COMPARED_SECTIONS}, "tokens_per_param": tokens_per_param,
+             "runs": {}, "predictions": {}, "checks": {}, "fit": None, "n_opt": None}
+    path = os.path.join(workdir, SWEEP_FILE)
+    if not os.path.exists(path):
+        return fresh
+    with open(path) as f:
+        state = json.load(f)
+    if state.get("tokens_per_param") != tokens_per_param:
+        raise ConfigError(f"{path} was made with --tokens-per-param {state.get('tokens_per_param')}, not "
+                          f"{tokens_per_param}; use that value or a new --workdir")
+    saved = config_from_dict(state["base"])
+    diffs = [f"{s}.{k}: {getattr(getattr(saved, s), k)!r} -> {v!r}" for s in COMPARED_SECTIONS
+             for k, v in base.to_dict()[s].items() if getattr(getattr(saved, s), k) != v]
+    if diffs:
+        raise ConfigError(f"{path} holds a sweep of another base config; use a new --workdir or the saved "
+                          "settings. Differences:\n  - " + "\n  - ".join(diffs))
+    return state
+
+
+def save_state(workdir: str, state: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, SWEEP_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, SWEEP_FILE))
+
+
+def _final_eval_loss(result: dict, run_dir: str, steps: int) -> float:
+    """The eval loss at the last step: from the trainer's return value, else its metrics file
+    (a size finished before a crash returns nothing when rerun)."""
+    if result and "eval_loss" in result:
+        return float(result["eval_loss"])
+    rows = [r for r in read_metrics(os.path.join(run_dir, METRICS_FILE)) if r.get("step") == steps and "eval_loss" in r]
+    if not rows:
+        raise RuntimeError(f"{run_dir} finished without an eval loss at step {steps}: the sweep needs held-out "
+                           "data (data.eval_fraction > 0)")
+    return float(rows[-1]["eval_loss"])
+
+
+def _share_tokenizer(workdir: str, run_dir: str, done: Sequence[str]) -> None:
+    """Copy the tokenizer an earlier size trained (same corpus, vocab and seed: the same model
+    the trainer would train again), so all sizes read the same tokens."""
+    target = os.path.join(run_dir, "tokenizer.model")
+    for name in done:
+        source = os.path.join(workdir, name, "tokenizer.model")
+        if os.path.exists(source) and not os.path.exists(target):
+            os.makedirs(run_dir, exist_ok=True)
+            shutil.copyfile(source, target)
+            return
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run_sweep(base: Config, sizes: Sequence[int], workdir: str, tokens_per_param: float = 20.0,
+              predict: Optional[int] = None, train_fn: Optional[Callable] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Train every size not yet in ``workdir/sweep.json``, fit ``L(C)`` and ``N_opt(C)`` over all
+    recorded sizes, predict the loss of ``predict`` (default: the next size up), write
+    ``sweep.json`` and ``sweep.png``. ``train_fn(cfg, workdir) -> last metrics`` defaults to
+    ``trainer.train``; when it stops early (SIGTERM / SIGINT), so does the sweep, to resume on a
+    rerun. Returns the sweep state (what ``sweep.json`` holds)."""
+    if tokens_per_param <= 0:
+        raise ConfigError(f"--tokens-per-param={tokens_per_param} must be positive")
+    if base.data.eval_fraction <= 0 or not base.train.eval_batches:
+        raise ConfigError("a sweep compares final eval losses: set data.eval_fraction > 0 and train.eval_batches > 0")
+    ladder = [ladder_entry(base, s, tokens_per_param) for s in sorted(set(sizes))]  # all errors before any work
+    if predict is not None:
+        ladder_entry(base, predict, tokens_per_param)
+    state = load_state(workdir, base, tokens_per_param)
+    if train_fn is None:
+        from t5x_lite.trainer import train as train_fn
+
+    todo = [e for e in ladder if str(e["size"]) not in state["runs"]]
+    for e in ladder:
+        if str(e["size"]) in state["runs"]:
+            log(f"[sweep] size {e['size']}: done earlier (eval loss {state['runs'][str(e['size'])]['eval_loss']:.4f}), "
+                "skipped")
+    for i, e in enumerate(todo):
+        name = f"size_{e['size']}"
+        run_dir = os.path.join(workdir, name)
+        log(f"[sweep] size {e['size']} ({i + 1}/{len(todo)} to train): {e['num_params']:,} params, "
+            f"{e['num_layers']} layers x {e['num_heads']} heads, d_ff {e['d_ff']}; {e['tokens']:,} tokens in "
+            f"{e['steps']:,} steps = {e['compute']:.3g} FLOPs -> {run_dir}")
+        _share_tokenizer(workdir, run_dir, [f"size_{s}" for s in state["runs"]])
+        t0 = time.time()
+        result = train_fn(e["cfg"], run_dir)
+        if result and result.get("step", e["steps"]) < e["steps"]:  # SIGTERM / SIGINT: the trainer saved and left
+            log(f"[sweep] size {e['size']} stopped at step {result['step']} of {e['steps']}; run the same command "
+                "again to resume")
+            return state
+        loss = _final_eval_loss(result, run_dir, e["steps"])
+        run = dict(_public(e), eval_loss=loss, seconds=time.time() - t0, workdir=name)
+        state["runs"][str(e["size"])] = run
+        _check_prediction(state, run, log)
+        save_state(workdir, state)
+        log(f"[sweep] size {e['size']}: eval loss {loss:.4f} in {run['seconds']:.0f} s")
+    _fit_and_predict(state, base, tokens_per_param, predict, log)
+    save_state(workdir, state)
+    plot_sweep(state, os.path.join(workdir, PLOT_FILE))
+    log(f"[sweep] wrote {os.path.join(workdir, SWEEP_FILE)} and {os.path.join(workdir, PLOT_FILE)}")
+    return state
+
+
+def _check_prediction(state: dict, run: dict, log: Callable) -> None:
+    pred = state["predictions"].get(str(run["size"]))
+    if pred is None:
+        return
+    error = (pred["loss"] - run["eval_loss"]) / run["eval_loss"]
+    state["checks"][str(run["size"])] = {"predicted": pred["loss"], "actual": run["eval_loss"], "relative_error": error,
+                                         "from_sizes": pred["from_sizes"]}
+    log(f"[sweep] size {run['size']}: predicted {pred['loss']:.4f} from sizes {pred['from_sizes']}, got "
+        f"{run['eval_loss']:.4f} ({error:+.1%})")
+
+
+def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict: Optional[int], log: Callable) -> None:
+    runs = sorted(state["runs"].values(), key=lambda r: r["compute"])
+    compute = [r["compute"] for r in runs]
+    log(f"[sweep] {'size':>6} {'params':>12} {'tokens':>12} {'FLOPs':>10} {'eval loss':>10}")
+    for r in runs:
+        log(f"[sweep] {r['size']:>6} {r['num_params']:>12,} {r['tokens']:>12,} {r['compute']:>10.3g} {r['eval_loss']:>10.4f}")
+    if len(runs) >= 2:
+        state["n_opt"] = dict(fit_optimal_size(compute, [r["num_params"] for r in runs]),
+                              sizes=[r["size"] for r in runs])
+    if len(runs) < 3:
+        log(f"[sweep] {len(runs)} size(s) trained: L(C) = a C^-b + c needs 3 or more to fit")
+        return
+    fit = fit_loss_curve(compute, [r["eval_loss"] for r in runs])
+    state["fit"] = dict(fit, sizes=[r["size"] for r in runs])
+    log(f"[sweep] fit over sizes {state['fit']['sizes']}: L(C) = {law_text(fit)} (rms error {fit['rmse']:.4f}); "
+        f"N_opt(C) = {state['n_opt']['k']:.3g} C^{state['n_opt']['alpha']:.3f}")
+    target = predict or next_size([r["size"] for r in runs], base_head_dim(base))
+    entry = ladder_entry(base, target, tokens_per_param)
+    loss = predict_loss(fit, entry["compute"])
+    if str(target) not in state["runs"]:
+        state["predictions"][str(target)] = {"loss": loss, "compute": entry["compute"], "num_params": entry["num_params"],
+                                             "from_sizes": state["fit"]["sizes"],
+                                             "fit": {k: fit[k] for k in ("a", "b", "c")}}
+    log(f"[sweep] predicted final eval loss of size {target} ({entry['num_params']:,} params, "
+        f"{entry['compute']:.3g} FLOPs): {loss:.4f}")
+
+
+def plot_sweep(state: dict, path: str) -> str:
+    """Loss against compute with the fitted curve and predictions; parameters against compute
+    with the N_opt fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(state["runs"].values(), key=lambda r: r["compute"])
+    fig, (ax_l, ax_n) = plt.subplots(1, 2, figsize=(12, 4.5))
+    compute = np.array([r["compute"] for r in runs])
+    ax_l.plot(compute, [r["eval_loss"] for r in runs], "o", color="C0", label="trained")
+    for r in runs:
+        ax_l.annotate(str(r["size"]), (r["compute"], r["eval_loss"]), textcoords="offset points", xytext=(4, 4))
+    preds = state["predictions"]
+    if state["fit"]:
+        fit = state["fit"]
+        top = max([compute.max()] + [p["compute"] for p in preds.values()])
+        xs = np.geomspace(compute.min() / 1.5, top * 1.5, 200)
+        ax_l.plot(xs, predict_loss(fit, xs), "-", color="C1", label=f"fit {law_text(fit)}")
+    for size, p in preds.items():
+        sources = ",".join(str(x) for x in p["from_sizes"])
+        ax_l.plot([p["compute"]], [p["loss"]], "s", mfc="none", ms=9, color="C3",
+                  label=f"size {size} predicted from {sources}")
+    ax_l.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final eval loss", title="L(C)")
+    ax_l.legend(fontsize=8)
+    ax_l.grid(alpha=0.3, which="both")
+    ax_n.plot(compute, [r["num_params"] for r in runs], "o", color="C0")
+    if state["n_opt"]:
+        k, alpha = state["n_opt"]["k"], state["n_opt"]["alpha"]
+        xs = np.geomspace(compute.min() / 1.5, compute.max() * 1.5, 50)
+        ax_n.plot(xs, k * xs ** alpha, "-", color="C1", label=f"N_opt = {k:.3g} C^{alpha:.3f}")
+        ax_n.legend(fontsize=8)
+    ax_n.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="parameters N",
+             title=f"N_opt(C) at {state['tokens_per_param']:g} tokens / parameter")
+    ax_n.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_sweep_cli(args) -> int:
+    """``t5x-lite sweep``."""
+    from t5x_lite.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    workdir = args.workdir or os.path.join("runs", "sweep_" + os.path.splitext(os.path.basename(args.config))[0])
+    run_sweep(cfg, parse_sizes(args.sizes), workdir, args.tokens_per_param, args.predict)
+    return 0
