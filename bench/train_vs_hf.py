@@ -37,7 +37,6 @@ SMOKE = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.d
          "model.max_length=64", "data.seq_len=64", "train.batch_size=4", "model.dtype=float32"]
 SMOKE_EXTRA = {"llama": ["model.num_kv_heads=2"], "t5": ["model.num_decoder_layers=2", "model.head_dim=16"],
                "bert": ["model.dropout=0.0"]}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ------------------------------------------------------------------------- shared
@@ -77,9 +76,10 @@ def random_tokens(cfg, seed: int = 0) -> dict:
 
 
 def peak_tflops(device_name: str, given: float | None) -> float | None:
-    if given:
-        return given
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    from t5x_lite.metrics import peak_flops
+
+    peak = peak_flops(device_name, given)
+    return peak / 1e12 if peak else None
 
 
 # --------------------------------------------------------------------------- ours

@@ -107,6 +107,7 @@ class TrainConfig:
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     progress: bool = True
+    peak_tflops: Optional[float] = None  # one device's dense peak for MFU; None: known GPUs (H100: 989)
 
 
 @dataclasses.dataclass

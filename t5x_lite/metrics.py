@@ -67,6 +67,18 @@ def tokens_per_step(cfg: Config) -> int:
     return cfg.train.batch_size * per_row
 
 
+# Dense bf16 TFLOP/s per device, by a substring of ``jax.Device.device_kind``.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def peak_flops(device_kind: str, configured_tflops: Optional[float] = None) -> Optional[float]:
+    """FLOP/s one device can do at most (for MFU): the configured value, else the datasheet value
+    of a known GPU, else None (no MFU is reported)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in device_kind), None)
+
+
 # ---------------------------------------------------------------------- logging
 
 
@@ -115,9 +127,8 @@ class MetricsWriter:
             return
         if resume_step is not None and os.path.exists(self.path):
             truncate_metrics(self.path, resume_step)
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        writer_cls = _summary_writer_class()
+        self._tb = writer_cls(os.path.join(workdir, "tb")) if writer_cls is not None else None
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -127,13 +138,33 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
-            if k != "step" and isinstance(v, float) and math.isfinite(v):
+            if self._tb is not None and k != "step" and isinstance(v, float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch (tensorboardX imports torch only to
+    accept torch tensors, which we never pass: that import costs seconds per process); None,
+    with a notice, where tensorboardX is not installed."""
+    import importlib
+
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        return importlib.import_module("tensorboardX").SummaryWriter
+    except ImportError:
+        print("note: tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)",
+              file=sys.stderr)
+        return None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -41,6 +41,7 @@ from t5x_lite.checkpoints import (
 from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
 from t5x_lite.losses import cross_entropy_sums
 from t5x_lite.metrics import (
+    peak_flops,
     METRICS_FILE,
     Logger,
     MetricsWriter,
@@ -49,7 +50,7 @@ from t5x_lite.metrics import (
     tokens_per_step,
     train_flops_per_step,
 )
-from t5x_lite.models import abstract_params, build_model, init_fn, model_kwargs
+from t5x_lite.models import abstract_params, build_model, init_fn, jit_init, model_kwargs
 from t5x_lite.optim import make_optimizer
 
 
@@ -222,7 +223,7 @@ def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     return TrainSetup(
         cfg=cfg, mesh=mesh, model=model, eval_model=eval_model, tx=tx, schedule=schedule, rules=rules,
         abstract_state=abstract_state, state_shardings=state_sh, grad_shardings=grad_sh, batch_sharding=batch_sh,
-        init=jax.jit(init, out_shardings=state_sh),
+        init=jit_init(init, out_shardings=state_sh),
         train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                            donate_argnums=0),
         eval_step=jax.jit(eval_fn, in_shardings=(param_sh, batch_sh), out_shardings=replicated),
@@ -435,6 +436,9 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     steps = cfg.train.steps
     end = steps if stop_after is None else min(steps, start + stop_after)
     tokens = tokens_per_step(cfg)
+    flops = train_flops_per_step(cfg)
+    peak = peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+    peak = peak * jax.device_count() if peak else None
     bar = progress_bar(steps, start, enabled=is_main and cfg.train.progress and sys.stdout.isatty())
     last = {}
     pending = None  # (step, metrics on device, dispatch time) of the step before
@@ -448,6 +452,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
         now = time.time()
         dt, t_prev = now - t_prev, now
         values.update(step_time=dt, tokens_per_sec=tokens / dt)
+        if peak:
+            values["mfu"] = flops / dt / peak
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}",
                         step_ms=f"{1000 * dt:.0f}", refresh=False)
@@ -456,7 +462,7 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
             if bar.disable:  # no terminal (a log file, CI): one line per logged step instead
                 log(f"step {step}/{steps}  loss {values['loss']:.4f}  acc {values['accuracy']:.3f}  "
                     f"lr {values['learning_rate']:.2e}  {values['tokens_per_sec']:.0f} tok/s  "
-                    f"{1000 * dt:.0f} ms/step")
+                    f"{1000 * dt:.0f} ms/step" + (f"  MFU {100 * values['mfu']:.1f}%" if peak else ""))
         last = dict(values, step=step)
 
     def run_eval(params, step: int) -> dict:
