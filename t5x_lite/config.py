@@ -107,6 +107,7 @@ class TrainConfig:
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     progress: bool = True
+    loss_chunk: int = 0  # >0: cross-entropy this many positions at a time (no full-batch fp32 logits)
     peak_tflops: Optional[float] = None  # one device's dense peak for MFU; None: known GPUs (H100: 989)
 
 
@@ -220,6 +221,8 @@ class Config:
                 f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}; "
                 f"valid micro_batches: {fits}"
             )
+        if t.loss_chunk < 0:
+            errors.append(f"train.loss_chunk={t.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
         if t.log_every <= 0:
             errors.append(f"train.log_every={t.log_every} must be positive")
         if o.learning_rate <= 0:

@@ -32,3 +32,34 @@ def cross_entropy_sums(logits_BLV: Array, targets_BL: Array, weights_BL: Array, 
         "weight": jnp.sum(weights),
         "correct": jnp.sum(correct_BL * weights),
     }
+
+
+def chunked_cross_entropy_sums(hidden_BLD: Array, head_fn, targets_BL: Array, weights_BL: Array, chunk: int,
+                               **kwargs) -> dict:
+    """``cross_entropy_sums`` of ``head_fn(hidden)`` computed ``chunk`` positions at a time.
+
+    The logits of one chunk (``[B, chunk, V]``) exist at a time, in the forward pass and, through
+    ``jax.checkpoint``, in the backward pass too: the float32 logits of the whole batch are
+    never materialised. Chunks run along the length axis so each keeps the batch sharding.
+    """
+    b, length, d = hidden_BLD.shape
+    pad = -length % chunk
+    if pad:  # padded positions carry weight 0
+        hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
+        targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+        weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
+    n = (length + pad) // chunk
+
+    def chunks(x):
+        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(h_BCD, t_BC, w_BC):
+        return cross_entropy_sums(head_fn(h_BCD), t_BC, w_BC, **kwargs)
+
+    def body(acc, xs):
+        return jax.tree.map(jnp.add, acc, one(*xs)), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
+    sums, _ = jax.lax.scan(body, zeros, (chunks(hidden_BLD), chunks(targets_BL), chunks(weights_BL)))
+    return sums

@@ -39,7 +39,7 @@ from t5x_lite.checkpoints import (
     run_meta,
 )
 from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
-from t5x_lite.losses import cross_entropy_sums
+from t5x_lite.losses import chunked_cross_entropy_sums, cross_entropy_sums
 from t5x_lite.metrics import (
     peak_flops,
     METRICS_FILE,
@@ -51,6 +51,7 @@ from t5x_lite.metrics import (
     train_flops_per_step,
 )
 from t5x_lite.models import abstract_params, build_model, init_fn, jit_init, model_kwargs
+from t5x_lite.models.layers import jnp_dtype
 from t5x_lite.optim import make_optimizer
 
 
@@ -123,14 +124,39 @@ class _Context:
         return False
 
 
+MATMUL_LEAVES = ("kernel", "embedding")  # weights a layer only ever uses in its compute dtype
+
+
+def cast_for_compute(cfg: Config) -> Callable:
+    """``params -> params`` with every matmul weight and embedding table cast to the compute
+    dtype once per step, before the layer scan (and, under ZeRO-3, before the all-gathers,
+    which then move half the bytes). The layers cast these weights at use anyway, so the
+    numbers are unchanged; norm scales and biases stay in ``param_dtype``."""
+    if cfg.model.dtype == cfg.model.param_dtype:
+        return lambda params: params
+    dtype = jnp_dtype(cfg.model.dtype)
+
+    def cast(path, x):
+        return x.astype(dtype) if getattr(path[-1], "key", None) in MATMUL_LEAVES else x
+
+    return lambda params: jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     """``(params, batch, rng) -> sums`` of loss / weight / correct over the batch."""
-    family = cfg.model.family
+    family, chunk = cfg.model.family, cfg.train.loss_chunk
+    cast = cast_for_compute(cfg)
+    loss_kwargs = dict(z_loss=cfg.train.z_loss, label_smoothing=cfg.train.label_smoothing)
 
     def loss_sums(params, batch, rng):
-        logits = model.apply({"params": params}, **model_kwargs(family, batch), rngs={"dropout": rng})
-        return cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss=cfg.train.z_loss,
-                                  label_smoothing=cfg.train.label_smoothing)
+        variables = {"params": cast(params)}
+        inputs = model_kwargs(family, batch)
+        if not chunk:
+            logits = model.apply(variables, **inputs, rngs={"dropout": rng})
+            return cross_entropy_sums(logits, batch["targets"], batch["weights"], **loss_kwargs)
+        hidden = model.apply(variables, **inputs, rngs={"dropout": rng}, method="hidden")
+        head = lambda h: model.apply(variables, h, method="logits_from_hidden")
+        return chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], chunk, **loss_kwargs)
 
     return loss_sums
 

@@ -251,6 +251,11 @@ class EncoderModel(nn.Module):
         """Final hidden states ``[B, L, D]``."""
         return self.encoder(input_ids, segment_ids, positions)[0]
 
+    hidden = encode  # the states the LM head reads
+
+    def logits_from_hidden(self, x_BLD: Array) -> Array:
+        return self.head(x_BLD)
+
     def __call__(self, input_ids, segment_ids=None, positions=None) -> Array:
         return self.head(self.encode(input_ids, segment_ids, positions))
 
@@ -267,8 +272,15 @@ class DecoderModel(nn.Module):
                                  deterministic=self.deterministic)
         self.head = LMHead(self.cfg, self.token_embed)
 
+    def hidden(self, input_ids, segment_ids=None, positions=None, prefix_mask=None) -> Array:
+        """Final hidden states ``[B, L, D]`` (what the LM head reads)."""
+        return self.decoder(input_ids, segment_ids, positions, prefix_mask_BT=prefix_mask)[0]
+
+    def logits_from_hidden(self, x_BLD: Array) -> Array:
+        return self.head(x_BLD)
+
     def __call__(self, input_ids, segment_ids=None, positions=None, prefix_mask=None) -> Array:
-        return self.head(self.decoder(input_ids, segment_ids, positions, prefix_mask_BT=prefix_mask)[0])
+        return self.head(self.hidden(input_ids, segment_ids, positions, prefix_mask))
 
     def decode(self, input_ids, segment_ids, positions, cache, prefix_mask=None):
         """Runs ``input_ids [B, T]`` at slots ``cache['index'] + [0, T)``: (logits, new cache)."""
@@ -294,14 +306,23 @@ class EncoderDecoderModel(nn.Module):
     def encode(self, encoder_input_ids, encoder_segment_ids=None, encoder_positions=None) -> Array:
         return self.encoder(encoder_input_ids, encoder_segment_ids, encoder_positions)[0]
 
-    def __call__(self, encoder_input_ids, input_ids, encoder_segment_ids=None, segment_ids=None,
-                 encoder_positions=None, positions=None) -> Array:
+    def hidden(self, encoder_input_ids, input_ids, encoder_segment_ids=None, segment_ids=None,
+               encoder_positions=None, positions=None) -> Array:
+        """The decoder's final hidden states ``[B, T, D]`` (what the LM head reads)."""
         encoder_segment_ids, encoder_positions = _default_ids(encoder_input_ids, encoder_segment_ids,
                                                               encoder_positions)
         encoded = self.encode(encoder_input_ids, encoder_segment_ids, encoder_positions)
         x, _ = self.decoder(input_ids, segment_ids, positions, encoded_BSD=encoded,
                             encoder_segment_ids_BS=encoder_segment_ids)
-        return self.head(x)
+        return x
+
+    def logits_from_hidden(self, x_BLD: Array) -> Array:
+        return self.head(x_BLD)
+
+    def __call__(self, encoder_input_ids, input_ids, encoder_segment_ids=None, segment_ids=None,
+                 encoder_positions=None, positions=None) -> Array:
+        return self.head(self.hidden(encoder_input_ids, input_ids, encoder_segment_ids, segment_ids,
+                                     encoder_positions, positions))
 
     def decode(self, input_ids, segment_ids, positions, cache, encoded=None):
         """One decode call; ``encoded`` is needed on the first call only (it fills the cross cache)."""
