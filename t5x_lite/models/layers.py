@@ -284,9 +284,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
 class Attention(nn.Module):
     """Self- or cross-attention with GQA/MQA, optional RoPE, additive bias, KV cache.
 
-    Self-attention in decode mode writes this call's keys/values into ``cache`` at
-    ``cache_index`` and attends over the whole cache. Cross-attention reuses ``cache`` (the
-    encoder's projected keys/values) when given, else projects ``kv_BSD`` and returns them.
+    Decoding passes ``cache``, the whole stack's ``{"k", "v"}: [L, B, S, K, H]``, and this
+    layer's index ``layer``. Self-attention writes this call's keys/values into its layer at
+    slots ``cache_index + [0, T)`` (an in-place update of the scan carry: each step moves only
+    the new tokens' keys/values plus one read of the layer's cache) and attends over the layer's
+    slots. Cross-attention projects ``kv_BSD`` into its layer when given (the first decode
+    call) and otherwise reads the keys/values stored there. Returns ``(out, cache)``.
     """
 
     cfg: ModelConfig
@@ -295,7 +298,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
                  positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
-                 cache: Optional[dict] = None, cache_index: Optional[Array] = None):
+                 cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None):
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
@@ -304,30 +307,28 @@ class Attention(nn.Module):
         q_BTNH = constrain(q_BTNH, BLNH)
         kv_proj = lambda src, name: constrain(dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name)(src), BLKH)
 
-        new_cache = None
-        if self.cross:
-            if cache is not None:
-                k_BSKH, v_BSKH = cache["k"], cache["v"]
-            else:
-                k_BSKH, v_BSKH = kv_proj(kv_BSD, "key"), kv_proj(kv_BSD, "value")
-            new_cache = {"k": k_BSKH, "v": v_BSKH}
+        if self.cross and kv_BSD is None:  # decoding after the first call: the stored encoder k/v
+            k_BSKH, v_BSKH = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(q_BTNH.dtype)
+                              for name in ("k", "v"))
         else:
-            k_BSKH, v_BSKH = kv_proj(x_BTD, "key"), kv_proj(x_BTD, "value")
-            if cfg.position == "rope":
+            src_BSD = kv_BSD if self.cross else x_BTD
+            k_BSKH, v_BSKH = kv_proj(src_BSD, "key"), kv_proj(src_BSD, "value")
+            if cfg.position == "rope" and not self.cross:
                 q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
                 k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
             if cache is not None:
-                start = (0, cache_index, 0, 0)
-                k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BSKH.astype(cache["k"].dtype), start)
-                v_BSKH = jax.lax.dynamic_update_slice(cache["v"], v_BSKH.astype(cache["v"].dtype), start)
-                new_cache = {"k": k_BSKH, "v": v_BSKH}
-                k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+                start = (layer, 0, 0 if self.cross else cache_index, 0, 0)
+                cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+                         for name, new in (("k", k_BSKH), ("v", v_BSKH))}
+                if not self.cross:  # attend over every filled slot of this layer
+                    k_BSKH, v_BSKH = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
+                                      .astype(q_BTNH.dtype) for name in ("k", "v"))
 
         scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
         out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention)
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
-        return constrain(out_BTD, BLD), new_cache
+        return constrain(out_BTD, BLD), cache
 
 
 # ----------------------------------------------------------------------------- MLP

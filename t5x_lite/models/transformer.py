@@ -46,8 +46,10 @@ REMAT_POLICIES = {
 class Block(nn.Module):
     """One transformer layer: self-attention, optional cross-attention, MLP; pre- or post-norm.
 
-    ``ctx`` holds what every layer shares (masks, bias, positions, encoder output, cache index)
-    and is broadcast by ``nn.scan``; ``cache`` is this layer's slice of the decode cache.
+    The carry is ``(x, cache)``: the residual stream and, when decoding, the whole stack's cache
+    (``{"self": {"k", "v"}, "cross": ...}``, each ``[L, B, S, K, H]``), which this layer updates
+    at index ``layer``. ``ctx`` holds what every layer shares (masks, bias, positions, encoder
+    output, cache index) and is broadcast by ``nn.scan``.
     """
 
     cfg: ModelConfig
@@ -55,7 +57,8 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BLD: Array, ctx: dict, cache: Optional[dict]):
+    def __call__(self, carry: tuple, ctx: dict, layer):
+        x_BLD, cache = carry
         cfg = self.cfg
         pre = cfg.norm_position == "pre"
         drop = lambda y: nn.Dropout(cfg.dropout, broadcast_dims=())(y, deterministic=self.deterministic)
@@ -68,26 +71,27 @@ class Block(nn.Module):
             y, extra = fn(x)
             return norm(x + drop(y)), extra
 
-        new_cache = {}
-        x_BLD, self_kv = sublayer(x_BLD, "self_attention", lambda h: Attention(cfg, name="self_attention")(
-            h, mask_B1TS=ctx["mask"], bias_1NTS=ctx["bias"], positions_BT=ctx["positions"],
-            cache=None if cache is None else cache["self"], cache_index=ctx["cache_index"]))
-        if cache is not None:
-            new_cache["self"] = self_kv
+        def attend(name, cross, mask, **kw):
+            layer_cache = None if cache is None else cache[name]
+            return lambda h: Attention(cfg, cross=cross, name=f"{name}_attention")(
+                h, mask_B1TS=mask, cache=layer_cache, layer=layer, cache_index=ctx["cache_index"], **kw)
+
+        x_BLD, self_kv = sublayer(x_BLD, "self_attention", attend("self", False, ctx["mask"], bias_1NTS=ctx["bias"],
+                                                                   positions_BT=ctx["positions"]))
+        new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
-            given = None if cache is None else cache.get("cross")
-            x_BLD, cross_kv = sublayer(x_BLD, "cross_attention", lambda h: Attention(
-                cfg, cross=True, name="cross_attention")(h, mask_B1TS=ctx["cross_mask"], kv_BSD=ctx["encoded"],
-                                                         cache=given))
-            if cache is not None and given is None:  # prefill: hand the projected encoder k/v back
+            x_BLD, cross_kv = sublayer(x_BLD, "cross_attention",
+                                       attend("cross", True, ctx["cross_mask"], kv_BSD=ctx["encoded"]))
+            if cache is not None:
                 new_cache["cross"] = cross_kv
         x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
-        return constrain(x_BLD, BLD), (new_cache if cache is not None else None)
+        return (constrain(x_BLD, BLD), new_cache), None
 
 
 class Stack(nn.Module):
     """``num_layers`` blocks, scanned (``nn.scan``, params stacked on a leading ``layers`` axis)
-    or unrolled, each wrapped in ``nn.remat`` with the configured policy."""
+    or unrolled, each wrapped in ``nn.remat`` with the configured policy. The decode cache
+    travels in the carry, so each layer updates its slice in place."""
 
     cfg: ModelConfig
     num_layers: int
@@ -100,6 +104,7 @@ class Stack(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        carry = (x_BLD, cache)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
@@ -109,13 +114,12 @@ class Stack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(cfg, self.cross, self.deterministic, name="layers")(x_BLD, ctx, cache)
-        new = []
-        for i in range(self.num_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-            x_BLD, c = block(cfg, self.cross, self.deterministic, name=f"layers_{i}")(x_BLD, ctx, layer_cache)
-            new.append(c)
-        return x_BLD, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new))
+            carry, _ = scanned(cfg, self.cross, self.deterministic, name="layers")(
+                carry, ctx, jnp.arange(self.num_layers))
+        else:
+            for i in range(self.num_layers):
+                carry, _ = block(cfg, self.cross, self.deterministic, name=f"layers_{i}")(carry, ctx, i)
+        return carry
 
 
 def _default_ids(input_ids_BL: Array, segment_ids_BL: Optional[Array], positions_BL: Optional[Array]):
@@ -199,8 +203,7 @@ class TextStack(nn.Module):
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=self.deterministic)
         if cache is None:
             return x_BTD, None
-        new_layers = dict(cache["layers"], **layer_cache)  # cross k/v kept unless just computed
-        new_cache = dict(cache, layers=new_layers, index=cache_index + t, segment_ids=k_seg_BS, prefix=k_prefix_BS)
+        new_cache = dict(cache, layers=layer_cache, index=cache_index + t, segment_ids=k_seg_BS, prefix=k_prefix_BS)
         return x_BTD, new_cache
 
 
@@ -341,7 +344,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, encoder_segment_ids: O
                dtype: Any = None) -> dict:
     """An empty decode cache of ``length`` slots: keys/values ``[L, B, S, K, H]`` for every
     decoder layer, the segment id (0 = empty or padding) and prefix flag of every slot, and
-    the next slot to write. Encoder-decoder caches also hold the encoder's segment ids."""
+    the next slot to write. Encoder-decoder caches also hold the encoder's segment ids and room
+    for the cross-attention keys/values ``[L, B, S_enc, K, H]``."""
     num_layers = cfg.decoder_layers if cfg.family == "encoder_decoder" else cfg.num_layers
     dtype = dtype or jnp_dtype(cfg.dtype)
     kv = jnp.zeros((num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head), dtype)
@@ -355,6 +359,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, encoder_segment_ids: O
         if encoder_segment_ids is None:
             raise ValueError("an encoder_decoder cache needs the encoder's segment ids")
         cache["encoder_segment_ids"] = encoder_segment_ids
+        cross = jnp.zeros((num_layers, batch, encoder_segment_ids.shape[1], cfg.kv_heads, cfg.dim_per_head), dtype)
+        cache["layers"]["cross"] = {"k": cross, "v": cross}  # filled by the first decode call
     return cache
 
 
