@@ -64,3 +64,19 @@ def positions_from_segments(seg: np.ndarray) -> np.ndarray:
             pos[r, c] = count if seg[r, c] else 0
             count += 1
     return pos
+
+
+def undo_span_corruption(inputs, targets, sentinels) -> list:
+    """The raw tokens behind span-corrupted ``inputs``/``targets`` (both end with eos, dropped):
+    each sentinel in the inputs is replaced by the tokens that follow it in the targets."""
+    fill, current = {}, None
+    for t in targets[:-1]:
+        if t in sentinels:
+            current = t
+            fill[current] = []
+        else:
+            fill[current].append(int(t))
+    out = []
+    for t in inputs[:-1]:
+        out.extend(fill[t] if t in sentinels else [int(t)])
+    return out

@@ -23,6 +23,8 @@ from t5x_lite.data import (
     read_documents,
     stdlib_docstrings,
 )
+
+from helpers import undo_span_corruption
 from t5x_lite.data import corpus as corpus_module
 from t5x_lite.data.corpus import Skipped
 from t5x_lite.data.pipeline import pack_rows, shuffle_index, split_documents
@@ -407,7 +409,7 @@ def test_span_rows_fit_and_reconstruct(docs, tokenizer):
         assert enc_seg.max() == dec_seg.max()
         np.testing.assert_array_equal(whole["weights"][i], dec_seg > 0)
         for k in range(1, enc_seg.max() + 1):
-            restored.append(tuple(_restore(enc[enc_seg == k], tgt[dec_seg == k], sentinels)))
+            restored.append(tuple(undo_span_corruption(enc[enc_seg == k], tgt[dec_seg == k], sentinels)))
     np.testing.assert_array_equal(
         whole["input_ids"], objectives.shift_right(whole["targets"], whole["segment_ids"], tokenizer.bos_id)
     )
@@ -416,21 +418,6 @@ def test_span_rows_fit_and_reconstruct(docs, tokenizer):
     assert ds.packing_efficiency > 0.6
     with pytest.raises(DataError, match="data.target_len=3 is too small"):
         Batches(make_cfg("encoder_decoder", seq_len=48, target_len=3), docs, tokenizer)
-
-
-def _restore(inputs, targets, sentinels):
-    """Raw segment from its corrupted inputs/targets (both end with eos, which is part of the raw)."""
-    fill, current = {}, None
-    for t in targets[:-1]:
-        if t in sentinels:
-            current = t
-            fill[current] = []
-        else:
-            fill[current].append(int(t))
-    out = []
-    for t in inputs[:-1]:
-        out.extend(fill[t] if t in sentinels else [int(t)])
-    return out
 
 
 # ---------------------------------------------------------------------- make_datasets

@@ -5,6 +5,8 @@ import pytest
 
 from t5x_lite import objectives as obj
 
+from helpers import undo_span_corruption
+
 BOS, MASK, EOS = 3, 4, 1
 SPECIAL = {0, 1, 2, 3, 4}
 
@@ -125,22 +127,6 @@ def test_span_counts_and_t5_lengths():
     assert obj.span_lengths(1, 0.15, 3.0) == (2, 1)
 
 
-def _restore(inputs, targets, sentinels, eos):
-    """Undo span corruption: put each sentinel's target tokens back in place of it."""
-    assert inputs[-1] == eos and targets[-1] == eos
-    fill, current = {}, None
-    for t in targets[:-1]:
-        if t in sentinels:
-            current = t
-            fill[current] = []
-        else:
-            fill[current].append(t)
-    out = []
-    for t in inputs[:-1]:
-        out.extend(fill[t] if t in sentinels else [t])
-    return out
-
-
 @pytest.mark.parametrize("density,mean", [(0.15, 3.0), (0.5, 2.0), (0.3, 1.0)])
 def test_span_corrupt_reconstructs(density, mean):
     rng = np.random.default_rng(0)
@@ -160,7 +146,8 @@ def test_span_corrupt_reconstructs(density, mean):
             assert (len(inputs), len(targets)) == obj.span_lengths(n, density, mean)
             assert [t for t in inputs if t in sentinels] == sentinels[:spans]
             assert [t for t in targets if t in sentinels] == sentinels[:spans]
-            assert _restore(list(inputs), list(targets), set(sentinels), EOS) == list(tokens)
+            assert inputs[-1] == EOS and targets[-1] == EOS
+            assert undo_span_corruption(list(inputs), list(targets), set(sentinels)) == list(tokens)
 
 
 def test_span_corrupt_exact_small_case():

@@ -207,6 +207,16 @@ class Arch:
         return []
 
 
+def _plain_mha_problems(cfg) -> list:
+    """What BERT and GPT-2 cannot express: gated MLPs, GQA, a head dim other than d_model / heads."""
+    out = []
+    if cfg.mlp not in ("gelu", "relu"):
+        out.append(f"model.mlp={cfg.mlp!r} (needs 'gelu' or 'relu')")
+    if cfg.dim_per_head * cfg.num_heads != cfg.d_model or cfg.kv_heads != cfg.num_heads:
+        out.append("model.head_dim / model.num_kv_heads (needs head_dim * num_heads == d_model, no GQA)")
+    return out
+
+
 def _has_logits_bias(cfg: ModelConfig) -> bool:
     return cfg.use_bias if cfg.logits_bias is None else cfg.logits_bias
 
@@ -254,11 +264,7 @@ class Bert(Arch):
         return cfg.mlm_head_transform
 
     def extra_problems(self, cfg):
-        out = []
-        if cfg.mlp not in ("gelu", "relu"):
-            out.append(f"model.mlp={cfg.mlp!r} (needs 'gelu' or 'relu')")
-        if cfg.dim_per_head * cfg.num_heads != cfg.d_model or cfg.kv_heads != cfg.num_heads:
-            out.append("model.head_dim / model.num_kv_heads (needs head_dim * num_heads == d_model, no GQA)")
+        out = _plain_mha_problems(cfg)
         if cfg.mlm_head_transform and not _has_logits_bias(cfg):
             out.append("model.logits_bias=False (the MLM head has a bias)")
         if not cfg.mlm_head_transform and not cfg.tie_embeddings:
@@ -325,11 +331,7 @@ class Gpt2(Arch):
                     scale_attn_weights=cfg.scale_attention, tie_word_embeddings=True)
 
     def extra_problems(self, cfg):
-        out = []
-        if cfg.mlp not in ("gelu", "relu"):
-            out.append(f"model.mlp={cfg.mlp!r} (needs 'gelu' or 'relu')")
-        if cfg.dim_per_head * cfg.num_heads != cfg.d_model or cfg.kv_heads != cfg.num_heads:
-            out.append("model.head_dim / model.num_kv_heads (needs head_dim * num_heads == d_model, no GQA)")
+        out = _plain_mha_problems(cfg)
         if _has_logits_bias(cfg):
             out.append("a logits bias (set model.logits_bias=false)")
         return out

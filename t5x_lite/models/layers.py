@@ -264,11 +264,20 @@ def attention_mask(q_seg_BT: Array, k_seg_BS: Array, *, causal: bool, q_idx_T: O
 
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
                           bias_1NTS: Optional[Array], scale: float, implementation: str) -> Array:
-    """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v."""
-    if implementation in ("cudnn", "auto") and bias_1NTS is None and jax.default_backend() == "gpu" \
-            and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale,
-                                            implementation="cudnn")
+    """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
+
+    ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
+    ``jax.nn.dot_product_attention``: bf16/fp16 on a GPU, mask and bias passed through) or
+    ``auto`` (cuDNN where it applies and accepts the shapes, else XLA)."""
+    use_cudnn = implementation == "cudnn" or (
+        implementation == "auto" and jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16))
+    if use_cudnn:
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, mask=mask_B1TS,
+                                                scale=scale, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            if implementation == "cudnn":
+                raise
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
