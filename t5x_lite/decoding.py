@@ -269,7 +269,7 @@ class _Decoder:
 
     def context(self):
         """Mesh and logical rules, active while the model traces (its activation constraints)."""
-        return _MeshRules(self.mesh, self.rules)
+        return partitioning.mesh_rules(self.mesh, self.rules)
 
     def put_params(self, params):
         return jax.device_put(nn.meta.unbox(params), self.param_shardings)
@@ -477,23 +477,6 @@ class _Decoder:
                                             out_shardings=(self.replicated, self.replicated)))
         with self.context():
             return fn(params, *ids)
-
-
-class _MeshRules:
-    """``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` together."""
-
-    def __init__(self, mesh: Mesh, rules: tuple):
-        self._managers = (jax.set_mesh(mesh), nn.logical_axis_rules(rules))
-
-    def __enter__(self):
-        for m in self._managers:
-            m.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for m in reversed(self._managers):
-            m.__exit__(*exc)
-        return False
 
 
 def _constrain(tree, names_fn):

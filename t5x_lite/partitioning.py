@@ -27,6 +27,7 @@ each layer's weights inside the layer scan, just before use, and frees them afte
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -262,6 +263,13 @@ def bytes_per_device(abstract_tree, shardings) -> int:
         shard = sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules: tuple):
+    """The mesh and logical rules that tracing a model needs (its activation constraints)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def describe_mesh(mesh: Mesh) -> str:

@@ -104,24 +104,7 @@ class TrainSetup:
 
     def activation_context(self):
         """Mesh + logical rules needed while tracing the model (activation constraints)."""
-        return _Context(self.mesh, self.rules)
-
-
-class _Context:
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
-
-    def __enter__(self):
-        self._mesh_cm = jax.set_mesh(self.mesh)
-        self._mesh_cm.__enter__()
-        self._rules_cm = nn.logical_axis_rules(self.rules)
-        self._rules_cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._rules_cm.__exit__(*exc)
-        self._mesh_cm.__exit__(*exc)
-        return False
+        return partitioning.mesh_rules(self.mesh, self.rules)
 
 
 MATMUL_LEAVES = ("kernel", "embedding")  # weights a layer only ever uses in its compute dtype
