@@ -7,8 +7,6 @@ and exit code 2, before any work is done.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 
