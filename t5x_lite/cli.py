@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per parameter")
     p.add_argument("--workdir", default=None, help="default: runs/sweep_<config name>")
     p.add_argument("--predict", type=int, default=None, help="size whose loss to predict (default: the next one up)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per size (seeds train.seed, train.seed+1, ...); the fit uses each size's mean")
     p.set_defaults(fn=_delegate("t5x_lite.sweep", "run_sweep_cli"))
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a work dir on held-out data")

@@ -6,6 +6,8 @@ and eval batches combine exactly: mean = sum / weight, taken once at the end.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -63,3 +65,35 @@ def chunked_cross_entropy_sums(hidden_BLD: Array, head_fn, targets_BL: Array, we
     zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
     sums, _ = jax.lax.scan(body, zeros, (chunks(hidden_BLD), chunks(targets_BL), chunks(weights_BL)))
     return sums
+
+
+def max_scored_positions(length: int, rate: float) -> int:
+    """The most positions per row the MLM objective scores: it picks ``round(rate * m)`` (at
+    least one) of a row's ``m <= length`` maskable tokens, which never exceeds this."""
+    return max(1, math.ceil(rate * length))
+
+
+def gather_scored(weights_BL: Array, count: int) -> Array:
+    """Indices ``[B, count]`` of every position with weight > 0 in each row (rows with fewer are
+    filled with weight-0 positions). Needs at most ``count`` weighted positions per row."""
+    _, index_BM = jax.lax.top_k((weights_BL > 0).astype(jnp.int32), count)
+    return index_BM
+
+
+def masked_cross_entropy_sums(hidden_BLD: Array, head_fn, targets_BL: Array, weights_BL: Array, rate: float,
+                              chunk: int = 0, **kwargs) -> dict:
+    """``cross_entropy_sums`` of ``head_fn(hidden)`` for masked-LM rows, with the vocabulary head
+    run only at the scored positions (``max_scored_positions`` of them per row, ~15% of the
+    length) instead of all of them: the same sums, about a sixth of the head's FLOPs and logits
+    memory. ``chunk`` > 0 further splits those positions as ``chunked_cross_entropy_sums``."""
+    count = max_scored_positions(targets_BL.shape[1], rate)
+    if count >= targets_BL.shape[1]:
+        index_BM = jnp.broadcast_to(jnp.arange(targets_BL.shape[1]), targets_BL.shape)
+    else:
+        index_BM = gather_scored(weights_BL, count)
+    hidden_BMD = jnp.take_along_axis(hidden_BLD, index_BM[..., None], axis=1)
+    targets_BM = jnp.take_along_axis(targets_BL, index_BM, axis=1)
+    weights_BM = jnp.take_along_axis(weights_BL, index_BM, axis=1)
+    if chunk and chunk < count:
+        return chunked_cross_entropy_sums(hidden_BMD, head_fn, targets_BM, weights_BM, chunk, **kwargs)
+    return cross_entropy_sums(head_fn(hidden_BMD), targets_BM, weights_BM, **kwargs)

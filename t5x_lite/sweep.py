@@ -23,10 +23,19 @@ least squares in log space over the runs. Every run sits on the R-tokens-per-par
 so alpha near 0.5 restates that ratio; measuring it needs isoFLOP profiles (several R per
 compute).
 
+**Seeds.** ``--seeds K`` trains every size K times, with ``train.seed`` ... ``train.seed + K - 1``
+(the seed draws the initial weights, the data order and the held-out documents); the fit uses
+each size's mean eval loss, and the prediction carries a 90% bootstrap interval (every size's
+seeds resampled with replacement, refitted, predicted). All runs read one tokenizer, the first
+run's, so their losses per token compare. Each run records how many epochs of the training
+rows it read: past about 4 (Muennighoff et al. 2023) repeated tokens are worth less than new
+ones, which a law of compute alone does not model.
+
 **Resume and checks.** Results go into ``WORKDIR/sweep.json`` after each size; a rerun skips
 the sizes recorded there and resumes a size stopped half-way from its checkpoint. The
 predicted loss of the next size up is stored; when a later sweep trains that size, the
-prediction's error is recorded next to it. Sizes share the first size's tokenizer.
+prediction's error is recorded next to it. A rerun with a larger ``--seeds`` adds the missing
+seeds to the sizes already trained.
 """
 
 from __future__ import annotations
@@ -231,8 +240,8 @@ def _final_eval_loss(result: dict, run_dir: str, steps: int) -> float:
 
 
 def _share_tokenizer(workdir: str, run_dir: str, done: Sequence[str]) -> None:
-    """Copy the tokenizer an earlier size trained (same corpus, vocab and seed: the same model
-    the trainer would train again), so all sizes read the same tokens."""
+    """Copy the tokenizer the first run trained into ``run_dir``: every size and seed then reads
+    the corpus in the same tokens, so their losses per token compare."""
     target = os.path.join(run_dir, "tokenizer.model")
     for name in done:
         source = os.path.join(workdir, name, "tokenizer.model")
@@ -242,19 +251,34 @@ def _share_tokenizer(workdir: str, run_dir: str, done: Sequence[str]) -> None:
             return
 
 
+def run_name(size: int, seed: int, base_seed: int) -> str:
+    """``size_48`` for the base config's seed, ``size_48_seed1`` for the others."""
+    return f"size_{size}" if seed == base_seed else f"size_{size}_seed{seed}"
+
+
+def _summarise(run: dict) -> None:
+    """The size's ``eval_loss`` (mean over its seeds), ``eval_loss_std`` and ``num_seeds``."""
+    losses = [r["eval_loss"] for r in run["seeds"].values()]
+    run.update(eval_loss=float(np.mean(losses)), eval_loss_std=float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+               num_seeds=len(losses), seconds=float(sum(r["seconds"] for r in run["seeds"].values())))
+
+
 # ---------------------------------------------------------------------------- run
 
 
 def run_sweep(base: Config, sizes: Sequence[int], workdir: str, tokens_per_param: float = 20.0,
               predict: Optional[int] = None, train_fn: Optional[Callable] = None,
-              log: Callable[[str], None] = print) -> dict:
-    """Train every size not yet in ``workdir/sweep.json``, fit ``L(C)`` and ``N_opt(C)`` over all
-    recorded sizes, predict the loss of ``predict`` (default: the next size up), write
-    ``sweep.json`` and ``sweep.png``. ``train_fn(cfg, workdir) -> last metrics`` defaults to
-    ``trainer.train``; when it stops early (SIGTERM / SIGINT), so does the sweep, to resume on a
-    rerun. Returns the sweep state (what ``sweep.json`` holds)."""
+              log: Callable[[str], None] = print, seeds: int = 1) -> dict:
+    """Train every (size, seed) not yet in ``workdir/sweep.json`` (seeds ``train.seed`` ...
+    ``train.seed + seeds - 1``), fit ``L(C)`` to each size's mean eval loss and ``N_opt(C)`` over
+    all recorded sizes, predict the loss of ``predict`` (default: the next size up) with a
+    bootstrap interval over seeds, write ``sweep.json`` and ``sweep.png``. ``train_fn(cfg,
+    workdir) -> last metrics`` defaults to ``trainer.train``; when it stops early (SIGTERM /
+    SIGINT), so does the sweep, to resume on a rerun. Returns the sweep state."""
     if tokens_per_param <= 0:
         raise ConfigError(f"--tokens-per-param={tokens_per_param} must be positive")
+    if seeds < 1:
+        raise ConfigError(f"--seeds={seeds} must be 1 or more")
     if base.data.eval_fraction <= 0 or not base.train.eval_batches:
         raise ConfigError("a sweep compares final eval losses: set data.eval_fraction > 0 and train.eval_batches > 0")
     ladder = [ladder_entry(base, s, tokens_per_param) for s in sorted(set(sizes))]  # all errors before any work
@@ -264,30 +288,47 @@ def run_sweep(base: Config, sizes: Sequence[int], workdir: str, tokens_per_param
     if train_fn is None:
         from t5x_lite.trainer import train as train_fn
 
-    todo = [e for e in ladder if str(e["size"]) not in state["runs"]]
+    base_seed = base.train.seed
+    wanted = [base_seed + j for j in range(seeds)]
+    for run in state["runs"].values():  # sweep.json of one seed per size, before --seeds existed
+        run.setdefault("seeds", {str(base_seed): {k: run[k] for k in ("eval_loss", "seconds", "workdir") if k in run}})
+    todo = [(e, seed) for e in ladder for seed in wanted
+            if str(seed) not in state["runs"].get(str(e["size"]), {}).get("seeds", {})]
     for e in ladder:
-        if str(e["size"]) in state["runs"]:
-            log(f"[sweep] size {e['size']}: done earlier (eval loss {state['runs'][str(e['size'])]['eval_loss']:.4f}), "
-                "skipped")
-    for i, e in enumerate(todo):
-        name = f"size_{e['size']}"
+        run = state["runs"].get(str(e["size"]))
+        if run and all(str(seed) in run["seeds"] for seed in wanted):
+            log(f"[sweep] size {e['size']}: done earlier (eval loss {run['eval_loss']:.4f} over {run['num_seeds']} "
+                "seed(s)), skipped")
+    for i, (e, seed) in enumerate(todo):
+        name = run_name(e["size"], seed, base_seed)
         run_dir = os.path.join(workdir, name)
-        log(f"[sweep] size {e['size']} ({i + 1}/{len(todo)} to train): {e['num_params']:,} params, "
+        log(f"[sweep] size {e['size']} seed {seed} ({i + 1}/{len(todo)} to train): {e['num_params']:,} params, "
             f"{e['num_layers']} layers x {e['num_heads']} heads, d_ff {e['d_ff']}; {e['tokens']:,} tokens in "
             f"{e['steps']:,} steps = {e['compute']:.3g} FLOPs -> {run_dir}")
-        _share_tokenizer(workdir, run_dir, [f"size_{s}" for s in state["runs"]])
+        _share_tokenizer(workdir, run_dir, [r["workdir"] for run in state["runs"].values()
+                                            for r in run["seeds"].values() if "workdir" in r])
+        cfg = dataclasses.replace(e["cfg"], train=dataclasses.replace(e["cfg"].train, seed=seed)).validate()
         t0 = time.time()
-        result = train_fn(e["cfg"], run_dir)
+        result = train_fn(cfg, run_dir)
         if result and result.get("step", e["steps"]) < e["steps"]:  # SIGTERM / SIGINT: the trainer saved and left
-            log(f"[sweep] size {e['size']} stopped at step {result['step']} of {e['steps']}; run the same command "
-                "again to resume")
+            log(f"[sweep] size {e['size']} seed {seed} stopped at step {result['step']} of {e['steps']}; run the "
+                "same command again to resume")
             return state
         loss = _final_eval_loss(result, run_dir, e["steps"])
-        run = dict(_public(e), eval_loss=loss, seconds=time.time() - t0, workdir=name)
-        state["runs"][str(e["size"])] = run
+        one = {"eval_loss": loss, "seconds": time.time() - t0, "workdir": name}
+        if result and "epochs" in result:
+            one["epochs"] = float(result["epochs"])
+        run = state["runs"].setdefault(str(e["size"]), dict(_public(e), seeds={}))
+        run["seeds"][str(seed)] = one
+        if "epochs" in one:
+            run["epochs"] = one["epochs"]
+        _summarise(run)
         _check_prediction(state, run, log)
         save_state(workdir, state)
-        log(f"[sweep] size {e['size']}: eval loss {loss:.4f} in {run['seconds']:.0f} s")
+        log(f"[sweep] size {e['size']} seed {seed}: eval loss {loss:.4f} in {one['seconds']:.0f} s"
+            + (f" ({one['epochs']:.1f} epochs of the training data)" if "epochs" in one else ""))
+    for run in state["runs"].values():
+        _summarise(run)
     _fit_and_predict(state, base, tokens_per_param, predict, log)
     save_state(workdir, state)
     plot_sweep(state, os.path.join(workdir, PLOT_FILE))
@@ -300,18 +341,44 @@ def _check_prediction(state: dict, run: dict, log: Callable) -> None:
     if pred is None:
         return
     error = (pred["loss"] - run["eval_loss"]) / run["eval_loss"]
-    state["checks"][str(run["size"])] = {"predicted": pred["loss"], "actual": run["eval_loss"], "relative_error": error,
-                                         "from_sizes": pred["from_sizes"]}
+    check = {"predicted": pred["loss"], "actual": run["eval_loss"], "relative_error": error,
+             "from_sizes": pred["from_sizes"], "num_seeds": run["num_seeds"]}
+    if "interval" in pred:
+        lo, hi = pred["interval"]
+        check.update(interval=pred["interval"], inside_interval=bool(lo <= run["eval_loss"] <= hi))
+    state["checks"][str(run["size"])] = check
     log(f"[sweep] size {run['size']}: predicted {pred['loss']:.4f} from sizes {pred['from_sizes']}, got "
-        f"{run['eval_loss']:.4f} ({error:+.1%})")
+        f"{run['eval_loss']:.4f} over {run['num_seeds']} seed(s) ({error:+.1%})"
+        + (f"; 90% bootstrap interval [{check['interval'][0]:.4f}, {check['interval'][1]:.4f}]" if "interval" in check
+           else ""))
+
+
+def bootstrap_interval(runs: Sequence[dict], target_compute: float, resamples: int = 200, seed: int = 0,
+                       level: float = 0.9) -> Optional[tuple[float, float]]:
+    """A ``level`` interval of the predicted loss at ``target_compute``: each resample draws every
+    size's seeds with replacement, refits on the means and predicts. None with one seed per size."""
+    per_size = [np.array([r["eval_loss"] for r in run["seeds"].values()]) for run in runs]
+    if max(len(x) for x in per_size) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    compute = [run["compute"] for run in runs]
+    preds = []
+    for _ in range(resamples):
+        means = [x[rng.integers(0, len(x), len(x))].mean() for x in per_size]
+        preds.append(predict_loss(fit_loss_curve(compute, means), target_compute))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(preds, tail)), float(np.percentile(preds, 100 - tail))
 
 
 def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict: Optional[int], log: Callable) -> None:
     runs = sorted(state["runs"].values(), key=lambda r: r["compute"])
     compute = [r["compute"] for r in runs]
-    log(f"[sweep] {'size':>6} {'params':>12} {'tokens':>12} {'FLOPs':>10} {'eval loss':>10}")
+    log(f"[sweep] {'size':>6} {'params':>12} {'tokens':>12} {'epochs':>7} {'FLOPs':>10} {'eval loss':>10} "
+        f"{'std':>7} seeds")
     for r in runs:
-        log(f"[sweep] {r['size']:>6} {r['num_params']:>12,} {r['tokens']:>12,} {r['compute']:>10.3g} {r['eval_loss']:>10.4f}")
+        epochs = f"{r['epochs']:.2f}" if "epochs" in r else "-"
+        log(f"[sweep] {r['size']:>6} {r['num_params']:>12,} {r['tokens']:>12,} {epochs:>7} {r['compute']:>10.3g} "
+            f"{r['eval_loss']:>10.4f} {r.get('eval_loss_std', 0.0):>7.4f} {r.get('num_seeds', 1)}")
     if len(runs) >= 2:
         state["n_opt"] = dict(fit_optimal_size(compute, [r["num_params"] for r in runs]),
                               sizes=[r["size"] for r in runs])
@@ -325,12 +392,16 @@ def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict
     target = predict or next_size([r["size"] for r in runs], base_head_dim(base))
     entry = ladder_entry(base, target, tokens_per_param)
     loss = predict_loss(fit, entry["compute"])
+    interval = bootstrap_interval(runs, entry["compute"])
     if str(target) not in state["runs"]:
-        state["predictions"][str(target)] = {"loss": loss, "compute": entry["compute"], "num_params": entry["num_params"],
-                                             "from_sizes": state["fit"]["sizes"],
-                                             "fit": {k: fit[k] for k in ("a", "b", "c")}}
+        pred = {"loss": loss, "compute": entry["compute"], "num_params": entry["num_params"],
+                "from_sizes": state["fit"]["sizes"], "fit": {k: fit[k] for k in ("a", "b", "c")}}
+        if interval:
+            pred["interval"] = list(interval)
+        state["predictions"][str(target)] = pred
     log(f"[sweep] predicted final eval loss of size {target} ({entry['num_params']:,} params, "
-        f"{entry['compute']:.3g} FLOPs): {loss:.4f}")
+        f"{entry['compute']:.3g} FLOPs): {loss:.4f}"
+        + (f" (90% bootstrap interval over seeds {interval[0]:.4f} .. {interval[1]:.4f})" if interval else ""))
 
 
 def plot_sweep(state: dict, path: str) -> str:
@@ -344,7 +415,9 @@ def plot_sweep(state: dict, path: str) -> str:
     runs = sorted(state["runs"].values(), key=lambda r: r["compute"])
     fig, (ax_l, ax_n) = plt.subplots(1, 2, figsize=(12, 4.5))
     compute = np.array([r["compute"] for r in runs])
-    ax_l.plot(compute, [r["eval_loss"] for r in runs], "o", color="C0", label="trained")
+    seeds = max(r.get("num_seeds", 1) for r in runs)
+    ax_l.errorbar(compute, [r["eval_loss"] for r in runs], yerr=[r.get("eval_loss_std", 0.0) for r in runs], fmt="o",
+                  color="C0", capsize=3, label="trained" + (f" (mean ± std of up to {seeds} seeds)" if seeds > 1 else ""))
     for r in runs:
         ax_l.annotate(str(r["size"]), (r["compute"], r["eval_loss"]), textcoords="offset points", xytext=(4, 4))
     preds = state["predictions"]
@@ -355,8 +428,10 @@ def plot_sweep(state: dict, path: str) -> str:
         ax_l.plot(xs, predict_loss(fit, xs), "-", color="C1", label=f"fit {law_text(fit)}")
     for size, p in preds.items():
         sources = ",".join(str(x) for x in p["from_sizes"])
-        ax_l.plot([p["compute"]], [p["loss"]], "s", mfc="none", ms=9, color="C3",
-                  label=f"size {size} predicted from {sources}")
+        lo, hi = p.get("interval", (p["loss"], p["loss"]))
+        ax_l.errorbar([p["compute"]], [p["loss"]], yerr=[[p["loss"] - lo], [hi - p["loss"]]], fmt="s", mfc="none",
+                      ms=9, color="C3", capsize=3, label=f"size {size} predicted from {sources}"
+                      + (" (90% interval)" if "interval" in p else ""))
     ax_l.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final eval loss", title="L(C)")
     ax_l.legend(fontsize=8)
     ax_l.grid(alpha=0.3, which="both")
@@ -381,5 +456,5 @@ def run_sweep_cli(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     workdir = args.workdir or os.path.join("runs", "sweep_" + os.path.splitext(os.path.basename(args.config))[0])
-    run_sweep(cfg, parse_sizes(args.sizes), workdir, args.tokens_per_param, args.predict)
+    run_sweep(cfg, parse_sizes(args.sizes), workdir, args.tokens_per_param, args.predict, seeds=args.seeds)
     return 0

@@ -39,7 +39,7 @@ from t5x_lite.checkpoints import (
     run_meta,
 )
 from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
-from t5x_lite.losses import chunked_cross_entropy_sums, cross_entropy_sums
+from t5x_lite.losses import chunked_cross_entropy_sums, cross_entropy_sums, masked_cross_entropy_sums
 from t5x_lite.metrics import (
     peak_flops,
     METRICS_FILE,
@@ -130,15 +130,19 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     family, chunk = cfg.model.family, cfg.train.loss_chunk
     cast = cast_for_compute(cfg)
     loss_kwargs = dict(z_loss=cfg.train.z_loss, label_smoothing=cfg.train.label_smoothing)
+    masked_lm = cfg.objective == "mlm"
 
     def loss_sums(params, batch, rng):
         variables = {"params": cast(params)}
         inputs = model_kwargs(family, batch)
-        if not chunk:
+        if not chunk and not masked_lm:
             logits = model.apply(variables, **inputs, rngs={"dropout": rng})
             return cross_entropy_sums(logits, batch["targets"], batch["weights"], **loss_kwargs)
         hidden = model.apply(variables, **inputs, rngs={"dropout": rng}, method="hidden")
         head = lambda h: model.apply(variables, h, method="logits_from_hidden")
+        if masked_lm:  # the vocabulary head only where the objective scores (~15% of positions)
+            return masked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], cfg.data.mlm_rate,
+                                             chunk, **loss_kwargs)
         return chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], chunk, **loss_kwargs)
 
     return loss_sums
@@ -444,6 +448,10 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     steps = cfg.train.steps
     end = steps if stop_after is None else min(steps, start + stop_after)
+    epochs = steps * cfg.train.batch_size / train_batches.rows_per_epoch
+    log(f"data: {steps} steps x {cfg.train.batch_size} rows read the {train_batches.rows_per_epoch} training rows "
+        f"{epochs:.2f} times" + (" (past ~4 epochs repeated tokens are worth less than new ones, and held-out "
+                                 "loss drifts from train loss)" if epochs > 4 else ""))
     tokens = tokens_per_step(cfg)
     flops = train_flops_per_step(cfg)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
@@ -515,6 +523,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
                 and stop.received is None:
             ev = run_eval(state.params, done)
             last.update(ev)
+        if last:
+            last["epochs"] = done * cfg.train.batch_size / train_batches.rows_per_epoch
         if last_saved != done:
             save(state, done, ev)
         ckpt.close()  # waits until the last save is committed

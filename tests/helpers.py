@@ -50,6 +50,10 @@ def random_batch(cfg, seed: int = 0, packed: bool = True) -> dict:
             out[prefix + "positions"] = positions_from_segments(seg)
             if prefix == "":
                 out["weights"] = (seg > 0).astype(np.float32)
+    if cfg.objective == "mlm":  # like the objective: round(rate x m) of a row's m tokens are scored
+        keys = np.where(out["weights"] > 0, rng.random(out["weights"].shape), np.inf)
+        wanted = np.round(cfg.data.mlm_rate * out["weights"].sum(-1, keepdims=True))
+        out["weights"] = (np.argsort(np.argsort(keys, -1), -1) < wanted).astype(np.float32)
     return out
 
 

@@ -159,6 +159,39 @@ def test_chunked_cross_entropy_equals_full_logits(family, chunk):
     chex.assert_trees_all_close(grads_b, grads_a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_mlm_head_at_scored_positions_equals_full_logits(chunk):
+    """The MLM loss runs the vocabulary head only where the objective scores: the same loss,
+    counts and gradients as the head over every position."""
+    import t5x_lite
+    from t5x_lite.losses import cross_entropy_sums, max_scored_positions
+    from t5x_lite.models import build_model
+
+    cfg = tiny_cfg("encoder", "train.z_loss=1e-3", "model.mlm_head_transform=true", f"train.loss_chunk={chunk}")
+    params = t5x_lite.init_params(cfg, 0)
+    batch = {k: jax.numpy.asarray(v) for k, v in random_batch(cfg, seed=3).items()}
+    length = batch["weights"].shape[1]
+    scored = np.asarray(batch["weights"]).sum(-1)
+    assert 0 < scored.max() <= max_scored_positions(length, cfg.data.mlm_rate) < length
+    model = build_model(cfg)
+
+    def full(p):
+        logits = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"], batch["positions"])
+        s = cross_entropy_sums(logits, batch["targets"], batch["weights"], z_loss=1e-3)
+        return s["loss"] / s["weight"], s
+
+    (loss_ref, sums_ref), grads_ref = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+    (loss, sums), grads = _grads(cfg, params, batch)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for key in ("weight", "correct", "z_loss"):
+        np.testing.assert_allclose(sums[key], sums_ref[key], rtol=1e-6)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)  # embedding grads reach ~5
+    hlo = jax.jit(lambda p: trainer.make_loss_fn(cfg, model)(p, batch, jax.random.key(0))["loss"]).lower(
+        params).as_text()
+    rows = batch["weights"].shape[0]
+    assert f"{rows}x{length}x{cfg.model.vocab_size}" not in hlo.replace(",", "x")  # no logits at every position
+
+
 def test_params_cast_once_per_step_change_nothing():
     import t5x_lite
     from t5x_lite.models import build_model
