@@ -20,6 +20,11 @@ Usage::
     python bench/train_vs_hf.py                       # llama_1b, t5_base, bert_base on the GPU
     python bench/train_vs_hf.py --workloads llama --steps 20 --json out.json
     python bench/train_vs_hf.py --smoke               # tiny sizes on CPU (CI keeps this working)
+    python bench/train_vs_hf.py --workloads llama --variant remat_full:model.remat=full \
+        --variant b16:train.batch_size=16,train.micro_batches=2   # more rows of ours, same run
+
+A ``--variant NAME:key=value,...`` adds a row ``ours:NAME`` measured with those overrides of
+our config only (HF keeps the base config), so every variant sits beside the same HF baselines.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ def random_tokens(cfg, seed: int = 0) -> dict:
             out[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
         elif key == "weights":
             w = np.ones((b, n), np.float32)
-            if cfg.objective == "mlm":
-                w = (rng.random((b, n)) < 0.15).astype(np.float32)
+            if cfg.objective == "mlm":  # as the objective: exactly round(rate x n) scored per row
+                rank = np.argsort(np.argsort(rng.random((b, n)), -1), -1)
+                w = (rank < round(cfg.data.mlm_rate * n)).astype(np.float32)
             out[key] = w
         elif key == "prefix_mask":
             out[key] = np.zeros((b, n), bool)
@@ -206,7 +212,7 @@ def run_hf(cfg, steps: int, warmup: int, compile_model: bool) -> dict:
 def child(args) -> None:
     """One measurement; prints one JSON line."""
     cfg = load_cfg(args.workload, args.smoke, args.set)
-    if args.impl == "ours":
+    if args.impl.startswith("ours"):
         result = run_ours(cfg, args.steps, args.warmup)
     else:
         result = run_hf(cfg, args.steps, args.warmup, compile_model=args.impl == "hf_compile")
@@ -217,10 +223,19 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(workload: str, impl: str, args) -> dict:
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:key=value,key=value`` -> (NAME, overrides)."""
+    name, sep, rest = text.partition(":")
+    overrides = [x.strip() for x in rest.split(",") if x.strip()]
+    if not sep or not name or not overrides or any("=" not in x for x in overrides):
+        raise SystemExit(f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. remat_full:model.remat=full")
+    return name, overrides
+
+
+def measure(workload: str, impl: str, args, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", workload, "--impl", impl,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-    for s in args.set:
+    for s in list(args.set) + list(extra):
         cmd += ["--set", s]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -229,6 +244,26 @@ def measure(workload: str, impl: str, args) -> dict:
         tail = (proc.stderr or proc.stdout)[-2000:]
         return {"workload": workload, "impl": impl, "error": tail}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine_info() -> dict:
+    """GPU, driver and library versions of this machine (what the figures need next to them)."""
+    info = {"python": sys.version.split()[0]}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        if out:
+            info["gpu"] = out.splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib import metadata
+
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
 
 
 def table(results: list[dict], peak: float | None) -> str:
@@ -261,6 +296,8 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, float32, CPU-friendly")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--set", action="append", default=[], help="override our config (applies to HF too)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:key=value,... another row of ours with these overrides (HF unchanged)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -269,23 +306,27 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    impls = args.impls.split(",")
+    variants = [parse_variant(v) for v in args.variant]
+    impls = [(i, ()) for i in args.impls.split(",")] + [(f"ours:{name}", tuple(o)) for name, o in variants]
     if args.smoke:
-        impls = [i for i in impls if i != "hf_compile"]  # torch.compile on CPU takes minutes
+        impls = [(i, o) for i, o in impls if i != "hf_compile"]  # torch.compile on CPU takes minutes
     results = []
     for workload in args.workloads.split(","):
-        for impl in impls:
-            r = measure(workload, impl, args)
+        for impl, extra in impls:
+            r = measure(workload, impl, args, extra)
+            if extra:
+                r["overrides"] = list(extra)
             results.append(r)
-            print(f"{workload:6s} {impl:10s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
+            print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
                                                    else "ERROR\n" + r["error"]), flush=True)
-    device = next((r.get("device") for r in results if r.get("device") and r["impl"] == "ours"), "cpu")
+    device = next((r.get("device") for r in results if r.get("device") and r["impl"].startswith("ours")), "cpu")
     peak = peak_tflops(device or "", args.peak_tflops)
     print()
     print(table(results, peak))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "results": results}, f, indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "machine": machine_info(),
+                       "results": results}, f, indent=2)
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -7,7 +7,10 @@ and exit code 2, before any work is done.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+COMPILING = {"train", "eval", "decode", "sweep", "plan"}  # commands that compile XLA programs
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -17,6 +20,21 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------ commands
+
+
+def enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache, so that a rerun, a resume or a sweep of the same
+    shapes loads its compiled steps instead of compiling them again (on a GPU, tens of seconds
+    of the first step). ``T5X_LITE_COMPILE_CACHE``: a directory, or ``off``; default
+    ``~/.cache/t5x_lite/xla``. A cache dir set through JAX's own option is left as it is."""
+    where = os.environ.get("T5X_LITE_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "t5x_lite", "xla"))
+    if where.strip().lower() in ("", "off", "0", "none", "false"):
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
 
 
 def cmd_train(args) -> int:
@@ -162,6 +180,8 @@ def main(argv=None) -> int:
         from t5x_lite.distributed import initialize
 
         initialize()  # multi-process runs: join jax.distributed before any device is touched
+        if args.command in COMPILING:
+            enable_compilation_cache()
         return args.fn(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

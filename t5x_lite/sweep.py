@@ -79,7 +79,13 @@ def fit_loss_curve(compute: Sequence[float], loss: Sequence[float]) -> dict:
     top = float(l_arr.min())
     scale = max(top, float(l_arr.max()) - top)
     grid = top - scale * np.geomspace(1e-9, 1e3, 1200)  # c just below min L ... far below (log-linear)
-    errors = [solve(c)[0] for c in grid]
+    # Every grid point's line fit at once (closed-form least squares), then its error in L.
+    x = log_c - log_c.mean()
+    y = np.log(l_arr[None, :] - grid[:, None])
+    slope = (y - y.mean(axis=1, keepdims=True)) @ x / (x @ x)
+    intercept = y.mean(axis=1) - slope * log_c.mean()
+    curve = np.exp(intercept[:, None] + slope[:, None] * log_c[None, :]) + grid[:, None]
+    errors = np.sum((curve - l_arr[None, :]) ** 2, axis=1)
     best = int(np.argmin(errors))
     lo, hi = grid[min(best + 1, len(grid) - 1)], grid[max(best - 1, 0)]
     c = _golden_section(lambda x: solve(x)[0], lo, hi)
@@ -112,7 +118,12 @@ def predict_loss(fit: dict, compute: float) -> float:
 
 
 def law_text(fit: dict) -> str:
-    return f"{fit['a']:.4g} C^-{fit['b']:.4f} {'-' if fit['c'] < 0 else '+'} {abs(fit['c']):.4f}"
+    """The fitted law; near the ``c -> -inf`` limit (``b`` ~ 0) also its log-linear form
+    ``L ~ (a + c) - a b ln(10) log10 C``, the one that carries meaning there."""
+    text = f"{fit['a']:.4g} C^-{fit['b']:.4g} {'-' if fit['c'] < 0 else '+'} {abs(fit['c']):.4f}"
+    if fit["b"] < 0.01:
+        text += f" (~ {fit['a'] + fit['c']:.3f} - {fit['a'] * fit['b'] * math.log(10):.3f} log10 C)"
+    return text
 
 
 def fit_optimal_size(compute: Sequence[float], params: Sequence[float]) -> dict:

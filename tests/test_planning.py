@@ -10,6 +10,7 @@ import pytest
 from helpers import tiny_cfg
 from t5x_lite import planning, sweep
 from t5x_lite.cli import main
+from t5x_lite.config import ConfigError
 from t5x_lite.metrics import tokens_per_step, train_flops_per_step
 from t5x_lite.planning import GB, StateBytes, zero_stage_bytes
 
@@ -219,6 +220,46 @@ def test_sweep_fits_predicts_and_resumes(tmp_path):
     assert stub.calls == [48]
     check = state["checks"]["48"]
     assert check["from_sizes"] == [16, 24, 32, 40] and abs(check["relative_error"]) < 1e-3
+
+
+class NoisyLawTrainer(LawTrainer):
+    """``LAW`` plus a per-seed offset of mean 0 over seeds 0, 1, 2, and an ``epochs`` figure."""
+
+    def __call__(self, cfg, workdir):
+        self.calls.append((cfg.model.d_model, cfg.train.seed))
+        compute = train_flops_per_step(cfg) * cfg.train.steps
+        return {"eval_loss": sweep.predict_loss(LAW, compute) + 0.02 * (cfg.train.seed - 1), "loss": 0.0,
+                "epochs": 0.5}
+
+
+def test_sweep_seeds_average_and_give_an_interval(tmp_path):
+    base = tiny_cfg("decoder", "model.num_kv_heads=2")
+    quiet = lambda msg: None
+    stub = NoisyLawTrainer()
+    state = sweep.run_sweep(base, [16, 24, 32, 40], str(tmp_path), train_fn=stub, log=quiet, seeds=2)
+    assert stub.calls == [(s, seed) for s in (16, 24, 32, 40) for seed in (0, 1)]
+    run = state["runs"]["24"]
+    assert set(run["seeds"]) == {"0", "1"} and run["num_seeds"] == 2 and run["epochs"] == 0.5
+    assert [r["workdir"] for r in run["seeds"].values()] == ["size_24", "size_24_seed1"]
+    assert run["eval_loss_std"] == pytest.approx(0.02 / math.sqrt(2))
+
+    stub = NoisyLawTrainer()  # a third seed: only it is trained; the means are then the law itself
+    state = sweep.run_sweep(base, [16, 24, 32, 40], str(tmp_path), train_fn=stub, log=quiet, seeds=3)
+    assert stub.calls == [(s, 2) for s in (16, 24, 32, 40)]
+    for key in ("a", "b", "c"):
+        assert state["fit"][key] == pytest.approx(LAW[key], rel=1e-2)
+    pred = state["predictions"]["48"]
+    lo, hi = pred["interval"]
+    assert lo < pred["loss"] < hi and hi - lo < 0.2
+    assert lo <= sweep.predict_loss(LAW, pred["compute"]) <= hi
+
+    stub = NoisyLawTrainer()
+    state = sweep.run_sweep(base, [16, 24, 32, 40, 48], str(tmp_path), train_fn=stub, log=quiet, seeds=3)
+    assert stub.calls == [(48, 0), (48, 1), (48, 2)]
+    check = state["checks"]["48"]
+    assert check["num_seeds"] == 3 and check["inside_interval"] and abs(check["relative_error"]) < 1e-2
+    with pytest.raises(ConfigError, match="--seeds"):
+        sweep.run_sweep(base, [16], str(tmp_path), train_fn=stub, log=quiet, seeds=0)
 
 
 def test_sweep_rejects_bad_input_before_training(tmp_path):

@@ -206,3 +206,23 @@ def test_params_cast_once_per_step_change_nothing():
     a = model.apply({"params": params}, input_ids=ids)
     b = model.apply({"params": cast}, input_ids=ids)
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+    from t5x_lite import cli
+
+    before = jax.config.jax_compilation_cache_dir  # conftest's own cache
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("T5X_LITE_COMPILE_CACHE", "off")
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("T5X_LITE_COMPILE_CACHE", str(tmp_path / "xla"))
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # JAX's own setting wins
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert {"train", "eval", "decode", "sweep"} <= cli.COMPILING
