@@ -90,6 +90,10 @@ class DataConfig:
     num_sentinels: int = 100
     eval_fraction: float = 0.02  # fraction of documents held out for eval
     max_docs: Optional[int] = None  # cap on documents read (quick experiments)
+    # greedy: whole documents, in order, into a row while they fit (long ones cut at seq_len);
+    # concat: the token stream cut every seq_len tokens, every row full, a document that crosses
+    # a row boundary goes on in the next row as a new segment (not for span corruption).
+    packing: str = dataclasses.field(default="greedy", metadata=_choices("greedy", "concat"))
 
     def resolved_objective(self, family: str) -> str:
         return self.objective or {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "span"}[family]
@@ -203,6 +207,9 @@ class Config:
                 )
         if d.seq_len < 8:
             errors.append(f"data.seq_len={d.seq_len} is too short (at least 8)")
+        if d.packing == "concat" and self.objective == "span":
+            errors.append("data.packing=concat cuts documents at row boundaries, but span corruption packs whole "
+                          "raw chunks of its own length; use data.packing=greedy for the span objective")
         if not 0 < d.mlm_rate < 1:
             errors.append(f"data.mlm_rate={d.mlm_rate} must be in (0, 1)")
         if not 0 < d.noise_density < 1:

@@ -55,6 +55,7 @@ from t5x_lite.metrics import METRICS_FILE, read_metrics, tokens_per_step, train_
 
 SWEEP_FILE = "sweep.json"
 PLOT_FILE = "sweep.png"
+REPEAT_LIMIT = 4  # epochs; past it repeated data is worth less (Muennighoff et al. 2023)
 COMPARED_SECTIONS = ("model", "data", "train", "optim")  # a sweep dir keeps one base for these
 
 
@@ -404,15 +405,23 @@ def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict
     entry = ladder_entry(base, target, tokens_per_param)
     loss = predict_loss(fit, entry["compute"])
     interval = bootstrap_interval(runs, entry["compute"])
+    per_epoch = [r["tokens"] / r["epochs"] for r in runs if r.get("epochs")]
+    epochs = entry["tokens"] / float(np.median(per_epoch)) if per_epoch else None
     if str(target) not in state["runs"]:
         pred = {"loss": loss, "compute": entry["compute"], "num_params": entry["num_params"],
                 "from_sizes": state["fit"]["sizes"], "fit": {k: fit[k] for k in ("a", "b", "c")}}
         if interval:
             pred["interval"] = list(interval)
+        if epochs:
+            pred["epochs"] = epochs
         state["predictions"][str(target)] = pred
     log(f"[sweep] predicted final eval loss of size {target} ({entry['num_params']:,} params, "
         f"{entry['compute']:.3g} FLOPs): {loss:.4f}"
         + (f" (90% bootstrap interval over seeds {interval[0]:.4f} .. {interval[1]:.4f})" if interval else ""))
+    if epochs and epochs > REPEAT_LIMIT:
+        log(f"[sweep] warning: size {target} would read the training data {epochs:.1f} times; past ~{REPEAT_LIMIT} "
+            "epochs repeated tokens are worth less than new ones and the law of compute alone predicts too low a "
+            "loss: use a larger corpus (t5x-lite prepare) or fewer --tokens-per-param")
 
 
 def plot_sweep(state: dict, path: str) -> str:
@@ -442,9 +451,11 @@ def plot_sweep(state: dict, path: str) -> str:
         lo, hi = p.get("interval", (p["loss"], p["loss"]))
         ax_l.errorbar([p["compute"]], [p["loss"]], yerr=[[p["loss"] - lo], [hi - p["loss"]]], fmt="s", mfc="none",
                       ms=9, color="C3", capsize=3, label=f"size {size} predicted from {sources}"
-                      + (" (90% interval)" if "interval" in p else ""))
+                      + (" (90% interval)" if "interval" in p else "")
+                      + (f", {p['epochs']:.1f} epochs: past ~{REPEAT_LIMIT}, expect worse"
+                         if p.get("epochs", 0) > REPEAT_LIMIT else ""))
     ax_l.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final eval loss", title="L(C)")
-    ax_l.legend(fontsize=8)
+    ax_l.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: never over a point
     ax_l.grid(alpha=0.3, which="both")
     ax_n.plot(compute, [r["num_params"] for r in runs], "o", color="C0")
     if state["n_opt"]:
@@ -456,7 +467,7 @@ def plot_sweep(state: dict, path: str) -> str:
              title=f"N_opt(C) at {state['tokens_per_param']:g} tokens / parameter")
     ax_n.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from t5x_lite import objectives
-from t5x_lite.config import Config
+from t5x_lite.config import Config, ConfigError
 from t5x_lite.data import (
     Batches,
     DataError,
@@ -383,6 +383,39 @@ def test_causal_rows_hold_every_document_once(docs, tokenizer):
         seen.extend(tuple(t[s == k]) for k in range(1, s.max() + 1))
     expected = [tuple(np.append(d, 1)[i : i + 32]) for d in docs for i in range(0, len(d) + 1, 32)]
     assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize("objective", ["causal", "mlm"])
+def test_concat_packing_fills_every_row_and_loses_nothing(objective, docs, tokenizer):
+    family = "encoder" if objective == "mlm" else "decoder"
+    greedy = Batches(make_cfg(family, objective, batch_size=1), docs, tokenizer)
+    cfg = make_cfg(family, objective, batch_size=1, packing="concat")
+    ds = Batches(cfg, docs, tokenizer)
+    rows = Batches(make_cfg(family, objective, batch_size=ds.rows_per_epoch, packing="concat"), docs,
+                   tokenizer).batches(0)
+    stream = np.concatenate([np.append(d, 1) for d in docs])
+    assert ds.rows_per_epoch == -(-len(stream) // 32) < greedy.rows_per_epoch
+    assert ds.packing_efficiency > 0.99 > greedy.packing_efficiency
+    # Rows in stream order (their starts) rebuild the token stream exactly: every row but the
+    # last full, and a document crossing a row boundary goes on as the next row's first segment.
+    starts = [np.flatnonzero(np.all(stream[i:i + 32] == rows["targets"][:, :min(32, len(stream) - i)], axis=1))
+              for i in range(0, len(stream), 32)]
+    order = [int(s[0]) for s in starts]
+    targets, segments, positions = (rows[k][order] for k in ("targets", "segment_ids", "positions"))
+    assert (segments[:-1] > 0).all()
+    np.testing.assert_array_equal(targets[segments > 0], stream)
+    for seg_row, pos_row in zip(segments, positions):  # positions restart in every segment
+        for k in range(1, seg_row.max() + 1):
+            np.testing.assert_array_equal(pos_row[seg_row == k], np.arange((seg_row == k).sum()))
+    if objective == "mlm":  # full rows score the most positions; the loss's gather bound still holds
+        from t5x_lite.losses import max_scored_positions
+
+        assert rows["weights"].sum(1).max() <= max_scored_positions(32, cfg.data.mlm_rate)
+
+
+def test_concat_packing_is_refused_for_span_corruption():
+    with pytest.raises(ConfigError, match="data.packing=concat"):
+        make_cfg("encoder_decoder", packing="concat")
 
 
 def test_tiny_corpus_repeats_rows(docs, tokenizer):

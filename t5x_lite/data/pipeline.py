@@ -100,6 +100,14 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
     return row_starts, float(sizes[:, 0].sum() / (len(first) * capacities[0]))
 
 
+def concat_rows(num_tokens: int, length: int):
+    """The stream cut every ``length`` tokens (the last row may be short): ``(row_starts, fill)``
+    as ``pack_rows`` returns them. A sequence crossing a cut goes on in the next row."""
+    row_starts = np.append(np.arange(0, num_tokens, length, dtype=np.int64), num_tokens)
+    rows = len(row_starts) - 1
+    return row_starts, float(num_tokens / (rows * length)) if rows else 0.0
+
+
 def _pieces(row_starts: np.ndarray, seq_start: np.ndarray, rows: np.ndarray):
     """The parts of sequences inside packed rows.
 
@@ -300,6 +308,8 @@ class Batches:
             self._row_starts, self.packing_efficiency = pack_rows(
                 lengths, self._raw_len, (self.seq_len, self.target_len), self._span_sizes
             )
+        elif self._cfg.packing == "concat":
+            self._row_starts, self.packing_efficiency = concat_rows(self.num_tokens, self.seq_len)
         else:
             self._row_starts, self.packing_efficiency = pack_rows(lengths, self.seq_len, (self.seq_len,))
         self.rows_per_epoch = len(self._row_starts) - 1
