@@ -262,6 +262,21 @@ def test_sweep_seeds_average_and_give_an_interval(tmp_path):
         sweep.run_sweep(base, [16], str(tmp_path), train_fn=stub, log=quiet, seeds=0)
 
 
+def test_sweep_flags_a_prediction_past_four_epochs(tmp_path):
+    base = tiny_cfg("decoder", "model.num_kv_heads=2")
+
+    class SmallCorpus(LawTrainer):  # 100k training tokens per epoch
+        def __call__(self, cfg, workdir):
+            out = super().__call__(cfg, workdir)
+            return dict(out, epochs=cfg.train.steps * tokens_per_step(cfg) / 1e5)
+
+    lines = []
+    state = sweep.run_sweep(base, [16, 24, 32], str(tmp_path), train_fn=SmallCorpus(), log=lines.append)
+    pred = state["predictions"]["40"]
+    assert pred["epochs"] == pytest.approx(sweep.ladder_entry(base, 40, 20)["tokens"] / 1e5)
+    assert pred["epochs"] > 4 and any("would read the training data" in line for line in lines)
+
+
 def test_sweep_rejects_bad_input_before_training(tmp_path):
     from t5x_lite.config import ConfigError
 
