@@ -413,3 +413,57 @@ def test_cli_import_train_decode_export(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "tokenizer.model"))
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
     chex.assert_trees_all_equal(hf.load(out)[1], jax.device_get(after))
+
+
+def _byte_level_bpe(path: str, vocab_size: int) -> str:
+    """A GPT-2-style byte-level BPE ``tokenizer.json`` trained with the ``tokenizers`` library,
+    with the ``tokenizer_config.json`` transformers writes beside it."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "tokenizer_class": "GPT2Tokenizer"}, f)
+    return os.path.join(path, "tokenizer.json")
+
+
+def test_gpt2_byte_level_bpe_tokenizer_matches_transformers(tmp_path):
+    """import-hf of a GPT-2 directory whose tokenizer is a tokenizer.json (byte-level BPE): the
+    work dir encodes and decodes as transformers does, from its own copy of the tokenizer."""
+    from t5x_lite.checkpoints import load_for_inference
+    from t5x_lite.data import DataError, Tokenizer
+    from t5x_lite.interop.hf_tokenizer import HFTokenizer
+
+    path = str(tmp_path / "gpt2")
+    file = _byte_level_bpe(path, 400)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_embd=D, n_layer=2, n_head=4,
+                                                         n_positions=32)).save_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    texts = ["Return the sum of  a and b.\n\tTabs, émigrés: ©2026 — naïve 😀", "x" * 50, " leading space", ""]
+    wd = str(tmp_path / "run")
+    hf.import_to_workdir(path, wd, log=lambda _: None)
+    os.rename(path, str(tmp_path / "gone"))  # the work dir needs nothing of the original directory
+    _, _, ours = load_for_inference(wd)
+    assert isinstance(ours, HFTokenizer) and isinstance(Tokenizer.load(os.path.join(wd, "tokenizer.model")),
+                                                        HFTokenizer)
+    assert ours.eos_id == theirs.eos_token_id == ours.pad_id and ours.vocab_size == 400
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids + [ours.eos_id, 5, 6]) == theirs.decode(ids) == text  # stops at end of text
+    assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
+    with pytest.raises(DataError, match="eos_token"):
+        bare = tmp_path / "bare.json"
+        data = json.loads(open(str(tmp_path / "gone" / "tokenizer.json")).read())
+        data["added_tokens"] = []
+        data["model"]["vocab"].pop("<|endoftext|>")
+        bare.write_text(json.dumps(data))
+        HFTokenizer.load(str(bare))

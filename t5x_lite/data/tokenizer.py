@@ -46,6 +46,18 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+def _is_hf_tokenizer(data: bytes) -> bool:
+    import json
+
+    from t5x_lite.interop.hf_tokenizer import FORMAT, is_tokenizer_json
+
+    try:
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return is_tokenizer_json(parsed) or (isinstance(parsed, dict) and parsed.get("format") == FORMAT)
+
+
 class Tokenizer:
     """Wraps a ``sentencepiece.SentencePieceProcessor`` built from serialized model bytes."""
 
@@ -68,13 +80,18 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
-        """Load a sentencepiece ``.model`` file (a BERT WordPiece ``vocab.txt``, or the JSON its
-        tokenizer saves, loads as the same-interfaced ``interop.wordpiece.WordPieceTokenizer``)."""
+        """Load a sentencepiece ``.model`` file. A BERT WordPiece ``vocab.txt`` (or the JSON its
+        tokenizer saves) loads as the same-interfaced ``interop.wordpiece.WordPieceTokenizer``; a
+        Hugging Face ``tokenizer.json`` (or its saved copy) as ``interop.hf_tokenizer.HFTokenizer``."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise DataError(f"cannot read tokenizer model {path!r}: {e}") from None
+        if data.lstrip().startswith(b"{") and _is_hf_tokenizer(data):
+            from t5x_lite.interop.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.load(path)
         if path.endswith(".txt") or data.startswith(b"{"):
             from t5x_lite.interop.wordpiece import WordPieceTokenizer
 

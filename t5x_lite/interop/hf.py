@@ -735,7 +735,8 @@ def _with_sentinels(model_bytes: bytes, count: int) -> bytes:
 def _import_tokenizer(path: str, hf: dict, vocab_size: int):
     """``(kind, tokenizer)`` for the tokenizer in ``path``: ``sentencepiece`` (``tokenizer.model`` /
     ``spiece.model``; a T5 one gains the ``<extra_id_N>`` sentinels transformers adds), ``wordpiece``
-    (``vocab.txt``), or ``(None, None)``."""
+    (``vocab.txt``), ``tokenizers`` (``tokenizer.json``: GPT-2's byte-level BPE and the rest), or
+    ``(None, None)``."""
     from t5x_lite.data import Tokenizer
     from t5x_lite.interop.wordpiece import WordPieceTokenizer
 
@@ -755,6 +756,11 @@ def _import_tokenizer(path: str, hf: dict, vocab_size: int):
     file = os.path.join(path, "vocab.txt")
     if os.path.exists(file):
         return "wordpiece", _fits(WordPieceTokenizer.load(file), vocab_size, file)
+    file = os.path.join(path, "tokenizer.json")  # byte-level BPE (GPT-2, LLaMA 3, ...) and the rest
+    if os.path.exists(file):
+        from t5x_lite.interop.hf_tokenizer import HFTokenizer
+
+        return "tokenizers", _fits(HFTokenizer.load(file), vocab_size, file)
     return None, None
 
 
@@ -812,12 +818,13 @@ def import_to_workdir(path: str, workdir: str, overrides: Sequence[str] = (), lo
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(path, name)):
             shutil.copyfile(os.path.join(path, name), os.path.join(workdir, HF_FILES_DIR, name))
-    if kind == "sentencepiece":
+    if kind in ("sentencepiece", "tokenizers"):
         tok.save(os.path.join(workdir, TOKENIZER_FILE))
     elif kind == "wordpiece":
         cfg.data.tokenizer = os.path.abspath(os.path.join(workdir, HF_FILES_DIR, "vocab.txt"))
     else:
-        log(f"note: {path} has no sentencepiece model (tokenizer.model / spiece.model) nor WordPiece vocab.txt: "
+        log(f"note: {path} has no sentencepiece model (tokenizer.model / spiece.model), WordPiece vocab.txt nor "
+            "tokenizer.json: "
             "set data.tokenizer in the work dir's config.yaml before train or decode")
     log(f"tokenizer: {tok!r}" if tok is not None else "tokenizer: none")
     log("writing the step-0 checkpoint")
