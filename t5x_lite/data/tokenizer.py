@@ -46,6 +46,17 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+def ids_until_eos(ids: Iterable[int], eos_id: int, drop: Iterable[int] = ()) -> list[int]:
+    """``ids`` as ints up to (not including) the first ``eos_id``, without those in ``drop``."""
+    dropped, out = set(drop), []
+    for i in map(int, ids):
+        if i == eos_id:
+            break
+        if i not in dropped:
+            out.append(i)
+    return out
+
+
 def _is_hf_tokenizer(data: bytes) -> bool:
     import json
 
@@ -218,14 +229,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` up to (not including) the first eos; pads are dropped."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i != self.pad_id:
-                out.append(i)
-        return self._sp.decode(out)
+        return self._sp.decode(ids_until_eos(ids, self.eos_id, drop=(self.pad_id,)))
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"

@@ -19,6 +19,7 @@ import os
 from typing import Iterable, Optional
 
 from t5x_lite.data import DataError
+from t5x_lite.data.tokenizer import ids_until_eos
 
 FORMAT = "hf_tokenizers"
 ROLES = ("eos", "bos", "pad", "unk", "mask")
@@ -133,13 +134,7 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text up to the first end-of-text id, special tokens dropped."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            out.append(i)
-        return self._tok.decode(out, skip_special_tokens=True)
+        return self._tok.decode(ids_until_eos(ids, self.eos_id), skip_special_tokens=True)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos={self._names['eos']!r})"
