@@ -47,3 +47,25 @@ def test_decode_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_attention_bench_segments_describe_the_documents(tmp_path):
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("attention_bench", os.path.join(ROOT, "bench", "attention.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    lengths, starts = bench.segment_lengths_and_starts(seg, 4)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+    rows = bench.packed_rows(3, 40, 4)
+    assert [len(set(r[r > 0])) for r in rows] == [4, 4, 4] and (rows[:, -1] == 0).all()
+
+    out = tmp_path / "attention.json"
+    proc = _run(["bench/attention.py", "--smoke", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4

@@ -1,0 +1,196 @@
+"""Attention kernels on one layer of the llama_1b shape: forward + backward time and error of
+each way t5x_lite could call attention on packed rows, side by side in one run.
+
+    python bench/attention.py                         # GPU: [8, 2048, 16 heads / 8 kv, 128], bf16
+    python bench/attention.py --segments 1            # one document per row (causal == document mask)
+    python bench/attention.py --smoke                 # tiny, float32, CPU: the two XLA rows only
+
+Rows (each ``jit(grad)`` of ``sum(attention(q, k, v) * g)``, timed as the median of
+``--repeats`` runs after a compile run):
+
+- ``xla_mask``     our XLA einsum attention with the ``[B, 1, T, S]`` document + causal mask
+                   (``model.attention=xla``); the reference of every error column (float32);
+- ``xla_packed``   the same attention with the documents rebuilt from the lengths / starts that
+                   ``cudnn_packed`` is given: zero error checks them (runs on a CPU too);
+- ``cudnn_mask``   ``jax.nn.dot_product_attention(mask=..., implementation="cudnn")``: what
+                   ``model.attention=cudnn`` calls today; jax turns the mask into a dense bias
+                   and runs the kernel non-causal;
+- ``cudnn_causal`` the same with ``is_causal=True`` and no mask: the fastest call there is,
+                   but it ignores document boundaries (equal to the reference only with
+                   ``--segments 1``);
+- ``cudnn_packed`` jax's cuDNN function with ``mask_type=PADDING_CAUSAL`` and per-document
+                   lengths and starts (``q_seqlen``/``q_offsets``, ``[B, M]`` / ``[B, M + 1]``):
+                   causal within each document, no bias. A private jax API: an error row says
+                   this jax does not take it.
+
+Prints one JSON object per row and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from t5x_lite.models.layers import attention_mask, dot_product_attention  # noqa: E402
+
+
+def packed_rows(batch: int, length: int, segments: int, seed: int = 0) -> np.ndarray:
+    """int32 [B, T] segment ids: ``segments`` documents of random lengths per row, then 5% padding."""
+    rng = np.random.default_rng(seed)
+    used = int(length * 0.95) if segments > 1 else length
+    out = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, used), segments - 1, replace=False)) if segments > 1 else []
+        bounds = [0, *cuts, used]
+        for s in range(segments):
+            out[b, bounds[s]:bounds[s + 1]] = s + 1
+    return out
+
+
+def segment_lengths_and_starts(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """``([B, M] lengths, [B, M + 1] starts)`` of segments 1..M (contiguous, padding 0 last), -1
+    where a row has fewer: the packed layout of jax's cuDNN attention."""
+    ids = jnp.arange(1, max_segments + 1)
+    member = segment_ids[:, None, :] == ids[None, :, None]  # [B, M, T]
+    lengths = member.sum(-1).astype(jnp.int32)
+    starts = jnp.where(lengths > 0, jnp.argmax(member, axis=-1), -1).astype(jnp.int32)
+    lengths = jnp.where(lengths > 0, lengths, -1)
+    starts = jnp.concatenate([starts, jnp.full((starts.shape[0], 1), -1, jnp.int32)], axis=1)
+    return lengths, starts
+
+
+def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
+    t = seg.shape[1]
+    idx = jnp.arange(t)
+    mask = attention_mask(seg, seg, causal=True, q_idx_T=idx, k_idx_S=idx)
+
+    def xla_mask(q, k, v):
+        return dot_product_attention(q, k, v, mask, None, scale, "xla")
+
+    def cudnn_mask(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+
+    def cudnn_causal(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
+
+    def cudnn_packed(q, k, v):
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+        lengths, starts = segment_lengths_and_starts(seg, max_segments)
+        return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
+                               scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+
+    def xla_packed(q, k, v):  # the documents rebuilt from lengths / starts alone: checks them on any device
+        lengths, starts = segment_lengths_and_starts(seg, max_segments)
+        slot = jnp.arange(t)[None, None, :]
+        inside = (slot >= starts[:, :-1, None]) & (slot < starts[:, :-1, None] + lengths[:, :, None])
+        rebuilt = jnp.sum(inside * jnp.arange(1, max_segments + 1)[None, :, None], axis=1)
+        mask2 = attention_mask(rebuilt, rebuilt, causal=True, q_idx_T=idx, k_idx_S=idx)
+        return dot_product_attention(q, k, v, mask2, None, scale, "xla")
+
+    return {"xla_mask": xla_mask, "xla_packed": xla_packed, "cudnn_mask": cudnn_mask, "cudnn_causal": cudnn_causal,
+            "cudnn_packed": cudnn_packed}
+
+
+def measure(fn, q, k, v, g, repeats: int) -> tuple[float, float, jax.Array, tuple]:
+    """``(compile + first run s, median s, output, grads)`` of forward + backward."""
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * g), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    t0 = time.perf_counter()
+    (_, out), grads = jax.block_until_ready(step(q, k, v))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(q, k, v))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times) if times else first, out, grads
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--segments", type=int, default=4, help="documents per row")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny float32 shapes, XLA rows only (CPU)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    dtype = jnp.bfloat16
+    names = ["xla_mask", "cudnn_mask", "cudnn_causal", "cudnn_packed"]
+    if args.smoke:
+        args.batch, args.length, args.heads, args.kv_heads, args.head_dim = 2, 64, 4, 2, 16
+        args.repeats, dtype, names = 2, jnp.float32, ["xla_mask", "xla_packed"]
+    keys = jax.random.split(jax.random.key(0), 4)
+    b, t, n, kh, h = args.batch, args.length, args.heads, args.kv_heads, args.head_dim
+    q = jax.random.normal(keys[0], (b, t, n, h), dtype)
+    k = jax.random.normal(keys[1], (b, t, kh, h), dtype)
+    v = jax.random.normal(keys[2], (b, t, kh, h), dtype)
+    g = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
+    seg = jnp.asarray(packed_rows(b, t, args.segments))
+    scale = 1.0 / math.sqrt(h)
+    fns = variants(seg, scale, args.segments)
+    # Reference in float32 (XLA), the error of every row against it, on real (non-pad) queries only.
+    _, _, ref, ref_grads = measure(fns["xla_mask"], *(x.astype(jnp.float32) for x in (q, k, v)), g, 0)
+    real = np.asarray(seg > 0)[:, :, None, None]
+    lengths = np.stack([(np.asarray(seg) == i).sum(1) for i in range(1, args.segments + 1)])
+    pairs = float((lengths * (lengths + 1) / 2).sum())
+    device = jax.devices()[0]
+    results = []
+    for name in names:
+        row = {"variant": name, "batch": b, "length": t, "heads": n, "kv_heads": kh, "head_dim": h,
+               "segments": args.segments, "dtype": jnp.dtype(dtype).name, "device": device.device_kind,
+               "jax": jax.__version__}
+        try:
+            first, median, out, grads = measure(fns[name], q, k, v, g, args.repeats)
+        except Exception as e:  # a kernel this jax / GPU does not take: a row that says so
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            continue
+        out_err = np.abs(np.asarray(out, np.float32) - np.asarray(ref)) * real
+        grad_err = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(r)).max())
+                       for a, r in zip(grads, ref_grads))
+        # FLOPs actually needed: 4 H N per (query, key) pair of one document with key <= query
+        # (QK^T and PV, 2 FLOPs a multiply-add), forward; x3.5 with the backward pass.
+        flops = 3.5 * 4 * n * h * pairs
+        row.update(compile_s=round(first - median, 3), ms=round(1000 * median, 3),
+                   tflops=round(flops / median / 1e12, 2), max_out_err=float(out_err.max()), max_grad_err=grad_err)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n| variant | ms fwd+bwd | TFLOP/s (needed FLOPs) | max out err | max grad err |  ({device.device_kind}, "
+          f"{b}x{t}, {n}/{kh} heads x {h}, {args.segments} docs/row)")
+    print("|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['variant']} | error: {r['error'][:80]} | | | |")
+        else:
+            print(f"| {r['variant']} | {r['ms']:.2f} | {r['tflops']:.1f} | {r['max_out_err']:.2e} | "
+                  f"{r['max_grad_err']:.2e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
