@@ -12,6 +12,7 @@
 # LOGDIR/process_K.log (default LOGDIR: launch_logs/<date>-<pid>); the first one's output is
 # also shown here. When one process fails, the others are stopped (SIGTERM, then SIGKILL after
 # $GRACE_S seconds, default 10) and this script exits with the first failure's exit code.
+# SIGTERM to this script is passed on to every process (preemption: they save and exit 0).
 # launch/multihost.sh runs this on each of several hosts, setting COORDINATOR (host 0's
 # address), FIRST_PROCESS (this host's first process id) and TOTAL_PROCESSES (all hosts').
 set -uo pipefail
@@ -93,7 +94,16 @@ stop_all() {  # SIGTERM every process still running, SIGKILL what is left after 
   wait 2>/dev/null
 }
 
-trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+# Ctrl-C: stop everything now. SIGTERM (a scheduler's preemption notice): pass it on and keep
+# waiting; the processes agree on a step, save it and exit 0, and so does this script. The
+# scheduler's own deadline, not this script, decides when to kill what is left.
+trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT
+on_term() {
+  echo "local.sh: SIGTERM; passing it on: the processes stop after a common step and save it" >&2
+  local pid
+  for pid in "${LIVE[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+}
+trap on_term TERM
 
 LIVE=("${PIDS[@]}")
 while (( ${#LIVE[@]} > 0 )); do
