@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", type=int, default=None, help="size whose loss to predict (default: the next one up)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per size (seeds train.seed, train.seed+1, ...); the fit uses each size's mean")
+    p.add_argument("--budgets", default=None,
+                   help="isoFLOP profiles instead: comma-separated FLOP budgets (e.g. 1e11,3e11,1e12), every size "
+                        "trained on each; fits N_opt(C) from the profiles' minima")
     p.set_defaults(fn=_delegate("t5x_lite.sweep", "run_sweep_cli"))
 
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a work dir on held-out data")

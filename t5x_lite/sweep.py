@@ -160,9 +160,13 @@ def size_config(base: Config, size: int) -> Config:
 
 
 def with_budget(cfg: Config, base: Config, tokens_per_param: float, num_params: int) -> Config:
-    """``cfg`` trained on ``tokens_per_param x num_params`` tokens, warmup at the base's fraction
-    of the steps, one eval at the end, a checkpoint every quarter."""
-    steps = max(1, math.ceil(tokens_per_param * num_params / tokens_per_step(cfg)))
+    """``cfg`` trained on ``tokens_per_param x num_params`` tokens (``with_steps``)."""
+    return with_steps(cfg, base, max(1, math.ceil(tokens_per_param * num_params / tokens_per_step(cfg))))
+
+
+def with_steps(cfg: Config, base: Config, steps: int) -> Config:
+    """``cfg`` trained for ``steps`` steps, warmup at the base's fraction of the steps, one eval
+    at the end, a checkpoint every quarter."""
     warmup = round(base.optim.warmup_steps * steps / max(base.train.steps, 1))
     return dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=steps),
@@ -232,11 +236,16 @@ def load_state(workdir: str, base: Config, tokens_per_param: float) -> dict:
 
 
 def save_state(workdir: str, state: dict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, SWEEP_FILE + ".tmp")
+    save_json(os.path.join(workdir, SWEEP_FILE), state)
+
+
+def save_json(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a crash leaves the previous file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(state, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, SWEEP_FILE))
+    os.replace(tmp, path)
 
 
 def _final_eval_loss(result: dict, run_dir: str, steps: int) -> float:
@@ -477,6 +486,13 @@ def run_sweep_cli(args) -> int:
     from t5x_lite.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    workdir = args.workdir or os.path.join("runs", "sweep_" + os.path.splitext(os.path.basename(args.config))[0])
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    if args.budgets:
+        from t5x_lite.isoflop import parse_budgets, run_isoflop
+
+        workdir = args.workdir or os.path.join("runs", "isoflop_" + name)
+        run_isoflop(cfg, parse_sizes(args.sizes), parse_budgets(args.budgets), workdir, seeds=args.seeds)
+        return 0
+    workdir = args.workdir or os.path.join("runs", "sweep_" + name)
     run_sweep(cfg, parse_sizes(args.sizes), workdir, args.tokens_per_param, args.predict, seeds=args.seeds)
     return 0

@@ -293,3 +293,64 @@ def test_sweep_rejects_bad_input_before_training(tmp_path):
         sweep.run_sweep(tiny_cfg("decoder", "optim.learning_rate=1e-3"), [16], str(tmp_path), train_fn=stub,
                         log=lambda m: None)
     assert stub.calls == [16]
+
+
+# ----------------------------------------------------------------------- isoFLOP
+
+
+class ChinchillaTrainer:
+    """Final eval loss from L(N, D) = E + A / N^0.34 + B / D^0.28: compute-optimal
+    N_opt = k C^(0.28 / 0.62) = C^0.452 (Hoffmann et al.'s fitted exponents)."""
+
+    def __init__(self, rows_per_epoch=None):
+        self.calls, self.rows = [], rows_per_epoch
+
+    def __call__(self, cfg, workdir):
+        from t5x_lite.planning import param_counts
+
+        self.calls.append((cfg.model.d_model, cfg.train.steps))
+        n = param_counts(cfg)["total"]
+        d = cfg.train.steps * tokens_per_step(cfg)
+        out = {"eval_loss": 1.69 + 406.4 / n ** 0.34 + 410.7 / d ** 0.28, "step": cfg.train.steps}
+        if self.rows:
+            out["epochs"] = cfg.train.steps * cfg.train.batch_size / self.rows
+        return out
+
+
+def test_isoflop_profiles_recover_the_compute_optimal_exponent(tmp_path):
+    from t5x_lite import isoflop
+
+    base = tiny_cfg("decoder", "model.num_kv_heads=2", "data.seq_len=16")
+    sizes = [8 * k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
+    budgets = [3e10, 3e11, 3e12]
+    lines = []
+    state = isoflop.run_isoflop(base, sizes, budgets, str(tmp_path), train_fn=ChinchillaTrainer(), log=lines.append)
+    assert all(p["ok"] for p in state["profiles"].values()), state["profiles"]
+    assert state["n_opt"]["alpha"] == pytest.approx(0.28 / 0.62, abs=0.06)
+    n_opts = [p["n_opt"] for p in state["profiles"].values()]
+    assert n_opts == sorted(n_opts)  # more compute, larger optimal model
+    assert (tmp_path / "isoflop.png").stat().st_size > 0
+    assert any("not trained" in line for line in lines)  # the smallest budget leaves big sizes too few steps
+    again = ChinchillaTrainer()
+    isoflop.run_isoflop(base, sizes, budgets, str(tmp_path), train_fn=again, log=lambda m: None)
+    assert again.calls == []  # everything recorded is skipped
+
+
+def test_isoflop_rules_skip_repeats_and_name_an_edge_minimum(tmp_path):
+    from t5x_lite import isoflop
+
+    base = tiny_cfg("decoder", "model.num_kv_heads=2", "data.seq_len=16")
+    lines = []
+    stub = ChinchillaTrainer(rows_per_epoch=400)
+    state = isoflop.run_isoflop(base, [64, 96, 128], [3e11], str(tmp_path), train_fn=stub, log=lines.append)
+    trained = {size for size, _ in stub.calls}
+    steps = {e["size"]: e["steps"] for e in (isoflop.budget_entry(base, s, 3e11) for s in (64, 96, 128))}
+    # The first run trains blind; after it, runs past 4 epochs of the 400 rows are refused.
+    assert trained == {64} | {s for s in (96, 128) if steps[s] * 8 / 400 <= 4}
+    assert any("would read the training rows" in line for line in lines)
+    prof = isoflop.fit_profile([1e3, 1e4, 1e5], [3.0, 2.0, 1.5])  # still falling: minimum beyond the largest
+    assert not prof["ok"] and "add larger sizes" in prof["why"]
+    prof = isoflop.fit_profile([1e3, 1e4, 1e5], [3.0, 2.0, 2.5])
+    assert prof["ok"] and 1e3 < prof["n_opt"] < 1e5
+    with pytest.raises(ConfigError, match="--budgets"):
+        isoflop.parse_budgets("1e11,lots")
