@@ -8,14 +8,17 @@ minimum (Chinchilla's approach 2); its vertex is the compute-optimal size at tha
 Vertices of several budgets give ``N_opt(C) = k C^alpha`` and the compute-optimal tokens per
 parameter, ``D_opt / N_opt``, measured instead of assumed.
 
-Rules, fixed in code so that no choice is made after seeing the losses:
+Rules, fixed in code:
 
 - a (budget, size) of fewer than ``MIN_STEPS`` steps is not trained (warmup alone would be most
   of it), and neither is one that would read the training rows more than ``REPEAT_LIMIT`` times
   (repeated tokens are worth less; the profile would tilt toward large models) when the rows
   per epoch are known from an earlier run;
-- a budget's parabola needs 3 sizes; its vertex counts only if the parabola opens upward and
-  the vertex lies inside the sizes tried (else the log says which way to extend the ladder);
+- a budget's parabola goes through its lowest loss and up to ``WINDOW`` = 2 sizes on each side
+  (3 at least; the lowest loss must not be at either end of the ladder); its vertex counts only
+  if the parabola opens upward and the vertex lies inside those sizes (else the log says which
+  way to extend the ladder). The window was added after a first CPU run, in which one parabola
+  through all 5 sizes of a budget was pulled off its minimum by sizes 4x away from it;
 - ``N_opt(C)`` is a least-squares line in log-log space through the counted vertices (2 or more).
 
 Results go into ``WORKDIR/isoflop.json`` after each run (a rerun trains only what is missing)
@@ -40,6 +43,7 @@ ISOFLOP_FILE = "isoflop.json"
 ISOFLOP_PLOT = "isoflop.png"
 MIN_STEPS = 50
 REPEAT_LIMIT = 4.0
+WINDOW = 2  # sizes on each side of a budget's lowest loss that its parabola goes through
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -66,13 +70,22 @@ def budget_entry(base: Config, size: int, budget: float) -> dict:
             "tokens_per_param": tokens / params, "compute": train_flops_per_step(cfg) * steps}
 
 
-def fit_profile(num_params: Sequence[float], losses: Sequence[float]) -> dict:
-    """Parabola of loss in ``ln N``; its vertex when it opens upward and lies inside the sizes."""
-    x, y = np.log(np.asarray(num_params, float)), np.asarray(losses, float)
+def fit_profile(num_params: Sequence[float], losses: Sequence[float], window: int = WINDOW) -> dict:
+    """Parabola of loss in ``ln N`` through the lowest point and up to ``window`` sizes on each
+    side of it (far from the minimum a profile is not a parabola); its vertex when it opens
+    upward and lies inside those sizes."""
+    order = np.argsort(np.asarray(num_params, float))
+    x, y = np.log(np.asarray(num_params, float))[order], np.asarray(losses, float)[order]
     if len(x) < 3:
         return {"ok": False, "why": f"{len(x)} sizes trained at this budget; a parabola needs 3"}
+    best = int(np.argmin(y))
+    if best in (0, len(x) - 1):
+        side = "smaller" if best == 0 else "larger"
+        return {"ok": False, "why": f"the lowest loss is at the {side.replace('er', 'est')} size tried: add {side} sizes"}
+    lo, hi = max(0, best - window), min(len(x), best + window + 1)
+    x, y = x[lo:hi], y[lo:hi]
     p2, p1, p0 = np.polyfit(x, y, 2)
-    out = {"coef": [float(p2), float(p1), float(p0)]}
+    out = {"coef": [float(p2), float(p1), float(p0)], "fit_params": [float(v) for v in np.exp(x)]}
     if p2 <= 0:
         return dict(out, ok=False, why="the losses do not curve upward on both sides: no minimum among these sizes; "
                                       "add sizes on the side where the loss still falls")
@@ -207,7 +220,7 @@ def plot_isoflop(state: dict, path: str) -> str:
         ax_p.plot(n, [r[3] for r in rows], "o", color=color, label=f"C = {budget:.2g} FLOPs")
         prof = state["profiles"].get(f"{budget:.6g}", {})
         if "coef" in prof:
-            xs = np.geomspace(n.min(), n.max(), 100)
+            xs = np.geomspace(min(prof["fit_params"]), max(prof["fit_params"]), 100)
             ax_p.plot(xs, np.polyval(prof["coef"], np.log(xs)), "-", color=color, alpha=0.6)
         if prof.get("ok"):
             ax_p.plot([prof["n_opt"]], [prof["loss_opt"]], "*", ms=14, color=color)
