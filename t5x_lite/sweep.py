@@ -20,7 +20,7 @@ then refined by golden-section search. ``c`` is not held at or above 0: small mo
 from the irreducible loss fall about linearly in log C, which the family reaches with
 ``c < 0``. The fit runs over every size recorded in ``sweep.json``. ``N_opt(C) = k C^alpha``:
 least squares in log space over the runs. Every run sits on the R-tokens-per-parameter line,
-so alpha near 0.5 restates that ratio; measuring it needs isoFLOP profiles (several R per
+so alpha near 0.5 restates that ratio; measuring it needs isoFLOP profiles (``--budgets``: ``t5x_lite.isoflop``; several R per
 compute).
 
 **Seeds.** ``--seeds K`` trains every size K times, with ``train.seed`` ... ``train.seed + K - 1``

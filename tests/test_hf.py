@@ -442,7 +442,7 @@ def test_gpt2_byte_level_bpe_tokenizer_matches_transformers(tmp_path):
     from t5x_lite.interop.hf_tokenizer import HFTokenizer
 
     path = str(tmp_path / "gpt2")
-    file = _byte_level_bpe(path, 400)
+    _byte_level_bpe(path, 400)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_embd=D, n_layer=2, n_head=4,
                                                          n_positions=32)).save_pretrained(path)

@@ -348,6 +348,7 @@ def test_isoflop_rules_skip_repeats_and_name_an_edge_minimum(tmp_path):
     # The first run trains blind; after it, runs past 4 epochs of the 400 rows are refused.
     assert trained == {64} | {s for s in (96, 128) if steps[s] * 8 / 400 <= 4}
     assert any("would read the training rows" in line for line in lines)
+    assert not state["profiles"]["3e+11"]["ok"] and "needs 3" in state["profiles"]["3e+11"]["why"]
     prof = isoflop.fit_profile([1e3, 1e4, 1e5], [3.0, 2.0, 1.5])  # still falling: minimum beyond the largest
     assert not prof["ok"] and "add larger sizes" in prof["why"]
     prof = isoflop.fit_profile([1e3, 1e4, 1e5], [3.0, 2.0, 2.5])
