@@ -21,7 +21,7 @@ Rows (each ``jit(grad)`` of ``sum(attention(q, k, v) * g)``, timed as the median
 - ``cudnn_packed`` jax's cuDNN function with ``mask_type=PADDING_CAUSAL`` and per-document
                    lengths and starts (``q_seqlen``/``q_offsets``, ``[B, M]`` / ``[B, M + 1]``):
                    causal within each document, no bias. A private jax API: an error row says
-                   this jax does not take it.
+                   this jax does not take it. ``model.attention=cudnn_packed`` runs this call.
 
 Prints one JSON object per row and a table.
 """
@@ -43,7 +43,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from t5x_lite.models.layers import attention_mask, dot_product_attention  # noqa: E402
+from t5x_lite.models.layers import (  # noqa: E402
+    attention_mask,
+    cudnn_packed_attention,
+    dot_product_attention,
+    segment_lengths_and_starts,
+)
 
 
 def packed_rows(batch: int, length: int, segments: int, seed: int = 0) -> np.ndarray:
@@ -57,18 +62,6 @@ def packed_rows(batch: int, length: int, segments: int, seed: int = 0) -> np.nda
         for s in range(segments):
             out[b, bounds[s]:bounds[s + 1]] = s + 1
     return out
-
-
-def segment_lengths_and_starts(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-    """``([B, M] lengths, [B, M + 1] starts)`` of segments 1..M (contiguous, padding 0 last), -1
-    where a row has fewer: the packed layout of jax's cuDNN attention."""
-    ids = jnp.arange(1, max_segments + 1)
-    member = segment_ids[:, None, :] == ids[None, :, None]  # [B, M, T]
-    lengths = member.sum(-1).astype(jnp.int32)
-    starts = jnp.where(lengths > 0, jnp.argmax(member, axis=-1), -1).astype(jnp.int32)
-    lengths = jnp.where(lengths > 0, lengths, -1)
-    starts = jnp.concatenate([starts, jnp.full((starts.shape[0], 1), -1, jnp.int32)], axis=1)
-    return lengths, starts
 
 
 def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
@@ -85,13 +78,9 @@ def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
     def cudnn_causal(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
 
-    def cudnn_packed(q, k, v):
-        from jax._src.cudnn.fused_attention_stablehlo import MaskType
-        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
+    def cudnn_packed(q, k, v):  # what model.attention=cudnn_packed runs in every layer
         lengths, starts = segment_lengths_and_starts(seg, max_segments)
-        return cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
-                               scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+        return cudnn_packed_attention(q, k, v, None, lengths, starts, scale, causal=True)
 
     def xla_packed(q, k, v):  # the documents rebuilt from lengths / starts alone: checks them on any device
         lengths, starts = segment_lengths_and_starts(seg, max_segments)
@@ -131,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--segments", type=int, default=4, help="documents per row")
+    p.add_argument("--max-segments", type=int, default=None,
+                   help="M of the packed layout (default: --segments; the model passes the row length)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes, XLA rows only (CPU)")
     p.add_argument("--json", default=None)
@@ -148,7 +139,7 @@ def main(argv=None) -> int:
     g = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
     seg = jnp.asarray(packed_rows(b, t, args.segments))
     scale = 1.0 / math.sqrt(h)
-    fns = variants(seg, scale, args.segments)
+    fns = variants(seg, scale, args.max_segments or args.segments)
     # Reference in float32 (XLA), the error of every row against it, on real (non-pad) queries only.
     _, _, ref, ref_grads = measure(fns["xla_mask"], *(x.astype(jnp.float32) for x in (q, k, v)), g, 0)
     real = np.asarray(seg > 0)[:, :, None, None]

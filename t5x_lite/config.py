@@ -59,7 +59,7 @@ class ModelConfig:
     param_dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16"))
     remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "full"))
     scan_layers: bool = True
-    attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto"))
+    attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
 
     @property
     def kv_heads(self) -> int:

@@ -58,7 +58,9 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
-    lengths, starts = bench.segment_lengths_and_starts(seg, 4)
+    from t5x_lite.models.layers import segment_lengths_and_starts
+
+    lengths, starts = segment_lengths_and_starts(seg, 4)
     np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [8, -1, -1, -1]])
     np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
     rows = bench.packed_rows(3, 40, 4)

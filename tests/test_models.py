@@ -262,3 +262,52 @@ def test_every_parameter_has_logical_axes():
         assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
         for leaf in leaves:
             assert len(leaf.names) == leaf.value.ndim
+
+
+def _emulated_cudnn_packed(seen):
+    """Stands in for jax's cuDNN packed-layout kernel (GPU only): the documents rebuilt from the
+    lengths / starts alone, then XLA attention. Records the mask type each call asks for."""
+    from t5x_lite.models.layers import attention_mask
+
+    def attention(q, k, v, bias, lengths, starts, scale, causal):
+        seen.append(causal)
+        t = q.shape[1]
+        slot = jnp.arange(t)[None, None, :]
+        inside = (slot >= starts[:, :-1, None]) & (slot < starts[:, :-1, None] + lengths[:, :, None])
+        seg = jnp.sum(inside * jnp.arange(1, lengths.shape[1] + 1)[None, :, None], axis=1)
+        idx = jnp.arange(t)
+        mask = attention_mask(seg, seg, causal=causal, q_idx_T=idx, k_idx_S=idx)
+        return dot_product_attention(q, k, v, mask, bias, scale, "xla")
+
+    return attention
+
+
+@pytest.mark.parametrize("family,position", [("decoder", "rope"), ("encoder", "learned"),
+                                             ("encoder_decoder", "relative")])
+def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatch):
+    """model.attention=cudnn_packed hands each self-attention the documents of its rows as
+    lengths / starts and the right mask type; with the kernel emulated, logits equal XLA's."""
+    from t5x_lite.models import layers
+    from helpers import random_batch
+    from t5x_lite.models import model_kwargs
+
+    seen = []
+    monkeypatch.setattr(layers, "cudnn_packed_attention", _emulated_cudnn_packed(seen))
+    cfg = tiny_cfg(family, f"model.position={position}")
+    params = t5x_lite.init_params(cfg, 0)
+    batch = model_kwargs(family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=4).items()})
+    want = apply(cfg, params, **batch)
+    packed_cfg = tiny_cfg(family, f"model.position={position}", "model.attention=cudnn_packed")
+    got = apply(packed_cfg, params, **batch)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    assert set(seen) == {"decoder": {True}, "encoder": {False}, "encoder_decoder": {False, True}}[family]
+
+
+def test_segment_lengths_and_starts():
+    from t5x_lite.models.layers import segment_lengths_and_starts
+
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0] * 8])
+    lengths, starts = segment_lengths_and_starts(seg, 8)
+    np.testing.assert_array_equal(lengths[:, :4], [[3, 2, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(starts[:, :4], [[0, 3, 5, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
+    assert lengths.shape == (3, 8) and starts.shape == (3, 9) and (starts[:, -1] == -1).all()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite.config import ModelConfig
+from t5x_lite.config import ConfigError, ModelConfig
 
 Array = jax.Array
 NEG_INF = -1e9  # finite "minus infinity": a fully masked row gives a uniform, not NaN, softmax
@@ -259,16 +259,57 @@ def attention_mask(q_seg_BT: Array, k_seg_BS: Array, *, causal: bool, q_idx_T: O
     return mask[:, None]
 
 
+def segment_lengths_and_starts(segment_ids_BT: Array, max_segments: int) -> tuple[Array, Array]:
+    """``([B, M] lengths, [B, M + 1] starts)`` of segments 1..M of each row (contiguous, padding
+    0 last), -1 where a row has fewer: the packed layout of jax's cuDNN attention."""
+    b, t = segment_ids_BT.shape
+    rows = jnp.repeat(jnp.arange(b), t)
+    ids = segment_ids_BT.reshape(-1).astype(jnp.int32)
+    slot = ids - 1  # segment k -> slot k - 1; padding (0) -> -1, dropped below
+    valid = (slot >= 0) & (slot < max_segments)
+    where = (rows, jnp.where(valid, slot, max_segments))  # out-of-range writes land in a spare column
+    lengths = jnp.zeros((b, max_segments + 1), jnp.int32).at[where].add(valid.astype(jnp.int32))[:, :-1]
+    pos = jnp.tile(jnp.arange(t, dtype=jnp.int32), b)
+    starts = jnp.full((b, max_segments + 1), t, jnp.int32).at[where].min(jnp.where(valid, pos, t))[:, :-1]
+    starts = jnp.where(lengths > 0, starts, -1)
+    lengths = jnp.where(lengths > 0, lengths, -1)
+    return lengths, jnp.concatenate([starts, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+
+
+def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NTS: Optional[Array],
+                           lengths_BM: Array, starts_BM1: Array, scale: float, causal: bool) -> Array:
+    """jax's cuDNN attention on packed rows: each document (``lengths`` / ``starts``) attends only
+    to itself, causally when ``causal``, with no ``[B, 1, T, S]`` mask turned into a bias. A
+    private jax function (``jax._src.cudnn.fused_attention_stablehlo``); GPU only."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+                               q_offsets=starts_BM1, kv_offsets=starts_BM1, scale=scale,
+                               mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
+    except (ImportError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise ConfigError(f"model.attention=cudnn_packed needs jax's cuDNN attention on an NVIDIA GPU with bf16/fp16 "
+                         f"compute ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use "
+                         "model.attention=auto, cudnn or xla") from e
+
+
 # ----------------------------------------------------------------------- attention
 
 
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
-                          bias_1NTS: Optional[Array], scale: float, implementation: str) -> Array:
+                          bias_1NTS: Optional[Array], scale: float, implementation: str,
+                          segments: Optional[tuple] = None, causal: bool = False) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
-    ``jax.nn.dot_product_attention``: bf16/fp16 on a GPU, mask and bias passed through) or
-    ``auto`` (cuDNN where it applies and accepts the shapes, else XLA)."""
+    ``jax.nn.dot_product_attention``: bf16/fp16 on a GPU, mask and bias passed through),
+    ``cudnn_packed`` (``cudnn_packed_attention`` when ``segments`` = (lengths, starts) is given,
+    else as ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, else XLA)."""
+    if implementation == "cudnn_packed":
+        if segments is not None:
+            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, *segments, scale, causal)
+        implementation = "auto"  # decoding, prefix LM, cross-attention: the mask, on cuDNN where it runs
     use_cudnn = implementation == "cudnn" or (
         implementation == "auto" and jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16))
     if use_cudnn:
@@ -303,11 +344,13 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     cross: bool = False
+    causal: bool = False  # what the mask says, for kernels that take a mask type instead
 
     @nn.compact
     def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
                  positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
-                 cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None):
+                 cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None,
+                 segments: Optional[tuple] = None):
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
@@ -334,7 +377,8 @@ class Attention(nn.Module):
                                       .astype(q_BTNH.dtype) for name in ("k", "v"))
 
         scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
-        out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention)
+        out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention,
+                                         segments=segments, causal=self.causal)
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
         return constrain(out_BTD, BLD), cache

@@ -32,6 +32,7 @@ from t5x_lite.models.layers import (
     dense,
     jnp_dtype,
     make_norm,
+    segment_lengths_and_starts,
     activation,
 )
 
@@ -55,6 +56,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     cross: bool = False
     deterministic: bool = True
+    causal: bool = False  # the self-attention mask type cuDNN's packed layout is told
 
     @nn.compact
     def __call__(self, carry: tuple, ctx: dict, layer):
@@ -73,11 +75,12 @@ class Block(nn.Module):
 
         def attend(name, cross, mask, **kw):
             layer_cache = None if cache is None else cache[name]
-            return lambda h: Attention(cfg, cross=cross, name=f"{name}_attention")(
+            return lambda h: Attention(cfg, cross=cross, causal=self.causal and not cross, name=f"{name}_attention")(
                 h, mask_B1TS=mask, cache=layer_cache, layer=layer, cache_index=ctx["cache_index"], **kw)
 
         x_BLD, self_kv = sublayer(x_BLD, "self_attention", attend("self", False, ctx["mask"], bias_1NTS=ctx["bias"],
-                                                                   positions_BT=ctx["positions"]))
+                                                                   positions_BT=ctx["positions"],
+                                                                   segments=ctx.get("segments")))
         new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
             x_BLD, cross_kv = sublayer(x_BLD, "cross_attention",
@@ -97,6 +100,7 @@ class Stack(nn.Module):
     num_layers: int
     cross: bool = False
     deterministic: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x_BLD: Array, ctx: dict, cache: Optional[dict] = None):
@@ -114,11 +118,11 @@ class Stack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            carry, _ = scanned(cfg, self.cross, self.deterministic, name="layers")(
+            carry, _ = scanned(cfg, self.cross, self.deterministic, self.causal, name="layers")(
                 carry, ctx, jnp.arange(self.num_layers))
         else:
             for i in range(self.num_layers):
-                carry, _ = block(cfg, self.cross, self.deterministic, name=f"layers_{i}")(carry, ctx, i)
+                carry, _ = block(cfg, self.cross, self.deterministic, self.causal, name=f"layers_{i}")(carry, ctx, i)
         return carry
 
 
@@ -192,11 +196,15 @@ class TextStack(nn.Module):
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
         ctx = {"mask": mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None}
+        if cfg.attention == "cudnn_packed" and cache is None and prefix_mask_BT is None:
+            # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding
+            # and prefix LM keep the mask. Segment ids run 1..k in a row, so k <= T.
+            ctx["segments"] = segment_lengths_and_starts(segment_ids_BT, t)
         if self.cross:
             enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
             ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
 
-        stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, name="stack")
+        stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
