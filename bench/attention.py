@@ -48,6 +48,7 @@ from t5x_lite.models.layers import (  # noqa: E402
     cudnn_packed_attention,
     dot_product_attention,
     segment_lengths_and_starts,
+    segments_from_lengths_and_starts,
 )
 
 
@@ -83,10 +84,7 @@ def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
         return cudnn_packed_attention(q, k, v, None, lengths, starts, scale, causal=True)
 
     def xla_packed(q, k, v):  # the documents rebuilt from lengths / starts alone: checks them on any device
-        lengths, starts = segment_lengths_and_starts(seg, max_segments)
-        slot = jnp.arange(t)[None, None, :]
-        inside = (slot >= starts[:, :-1, None]) & (slot < starts[:, :-1, None] + lengths[:, :, None])
-        rebuilt = jnp.sum(inside * jnp.arange(1, max_segments + 1)[None, :, None], axis=1)
+        rebuilt = segments_from_lengths_and_starts(*segment_lengths_and_starts(seg, max_segments), t)
         mask2 = attention_mask(rebuilt, rebuilt, causal=True, q_idx_T=idx, k_idx_S=idx)
         return dot_product_attention(q, k, v, mask2, None, scale, "xla")
 

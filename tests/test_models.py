@@ -267,14 +267,12 @@ def test_every_parameter_has_logical_axes():
 def _emulated_cudnn_packed(seen):
     """Stands in for jax's cuDNN packed-layout kernel (GPU only): the documents rebuilt from the
     lengths / starts alone, then XLA attention. Records the mask type each call asks for."""
-    from t5x_lite.models.layers import attention_mask
+    from t5x_lite.models.layers import attention_mask, segments_from_lengths_and_starts
 
     def attention(q, k, v, bias, lengths, starts, scale, causal):
         seen.append(causal)
         t = q.shape[1]
-        slot = jnp.arange(t)[None, None, :]
-        inside = (slot >= starts[:, :-1, None]) & (slot < starts[:, :-1, None] + lengths[:, :, None])
-        seg = jnp.sum(inside * jnp.arange(1, lengths.shape[1] + 1)[None, :, None], axis=1)
+        seg = segments_from_lengths_and_starts(lengths, starts, t)
         idx = jnp.arange(t)
         mask = attention_mask(seg, seg, causal=causal, q_idx_T=idx, k_idx_S=idx)
         return dot_product_attention(q, k, v, mask, bias, scale, "xla")
@@ -304,10 +302,11 @@ def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatc
 
 
 def test_segment_lengths_and_starts():
-    from t5x_lite.models.layers import segment_lengths_and_starts
+    from t5x_lite.models.layers import segment_lengths_and_starts, segments_from_lengths_and_starts
 
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0] * 8])
     lengths, starts = segment_lengths_and_starts(seg, 8)
     np.testing.assert_array_equal(lengths[:, :4], [[3, 2, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
     np.testing.assert_array_equal(starts[:, :4], [[0, 3, 5, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
     assert lengths.shape == (3, 8) and starts.shape == (3, 9) and (starts[:, -1] == -1).all()
+    np.testing.assert_array_equal(segments_from_lengths_and_starts(lengths, starts, 8), seg)

@@ -276,6 +276,13 @@ def segment_lengths_and_starts(segment_ids_BT: Array, max_segments: int) -> tupl
     return lengths, jnp.concatenate([starts, jnp.full((b, 1), -1, jnp.int32)], axis=1)
 
 
+def segments_from_lengths_and_starts(lengths_BM: Array, starts_BM1: Array, length: int) -> Array:
+    """The inverse of ``segment_lengths_and_starts``: int32 ``[B, length]`` segment ids."""
+    slot_1_1T = jnp.arange(length)[None, None, :]
+    inside_BMT = (slot_1_1T >= starts_BM1[:, :-1, None]) & (slot_1_1T < starts_BM1[:, :-1, None] + lengths_BM[:, :, None])
+    return jnp.sum(inside_BMT * jnp.arange(1, lengths_BM.shape[1] + 1)[None, :, None], axis=1).astype(jnp.int32)
+
+
 def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NTS: Optional[Array],
                            lengths_BM: Array, starts_BM1: Array, scale: float, causal: bool) -> Array:
     """jax's cuDNN attention on packed rows: each document (``lengths`` / ``starts``) attends only
