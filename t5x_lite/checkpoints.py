@@ -30,6 +30,7 @@ import fcntl
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -62,6 +63,19 @@ class CheckpointError(DataError):
 # ------------------------------------------------------------------- the manager
 
 
+class _NotReadOnlyNotice(logging.Filter):
+    NOTICES = ("Given directory is read only", "read_only=True, setting save_interval_steps")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+def _quiet_read_only_warning() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _NotReadOnlyNotice) for f in absl_logger.filters):
+        absl_logger.addFilter(_NotReadOnlyNotice())
+
+
 class Checkpoints:
     """``ocp.CheckpointManager`` over ``WORKDIR/checkpoints`` with the project's items and policies.
 
@@ -75,6 +89,8 @@ class Checkpoints:
         self._lock = None if read_only or jax.process_index() else lock_workdir(workdir)
         # Unfinished saves of a killed run; the manager removes them as it starts (not read-only).
         self.interrupted = [] if read_only else interrupted_saves(self.directory)
+        if read_only:  # orbax warns that a read-only manager is read-only; readers asked for exactly that
+            _quiet_read_only_warning()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.checkpoint.async_save,
             preservation_policy=preservation_policy(cfg.checkpoint),
