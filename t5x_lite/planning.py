@@ -34,10 +34,13 @@ F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
 inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash attention on GPU keeps 4n
 instead.) Cross-attention adds (a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per
 decoder token, and 2aK per encoder position and decoder layer (none, minimal). The output
-layer adds (V/t + D)(a + 8) per token (logits, their float32 log-softmax and its gradient; the
-final norm). Weights beyond the stored params: without remat, compute-dtype copies of every
+layer adds D(a + 8) per token (the final norm) and V/t (a + 8) per position whose logits exist at
+once (logits, their float32 log-softmax and its gradient): every position, or the MLM's scored
+ones (~15%), or one ``train.loss_chunk`` of them. Weights beyond the stored params: without remat, compute-dtype copies of every
 weight when ``dtype`` differs from ``param_dtype`` (sharded like the params: XLA shards after
-JAX has chosen what to save); at stage 3, one layer gathered in full. ``train.micro_batches >
+JAX has chosen what to save); at stage 3, one layer gathered in full, and with
+``train.loss_chunk`` the output layer's weight and gradient in full (2 V D / t: the chunk scan
+keeps them across its iterations). ``train.micro_batches >
 1`` holds a second gradient buffer (the accumulator). Against XLA's memory analysis on 8 CPU
 devices (float32, scanned layers, d_model 128, 512 tokens per device), compiled temp bytes /
 (grads + activations) came out 0.86-1.11 over decoder, encoder and encoder-decoder stacks,
@@ -64,6 +67,7 @@ import numpy as np
 from t5x_lite import partitioning
 from t5x_lite.config import Config
 from t5x_lite.metrics import target_length, tokens_per_step, train_flops_per_step
+from t5x_lite.losses import max_scored_positions
 
 GB = 1e9
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -200,19 +204,27 @@ def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) 
                 "full": layers * a * m.d_model + everything}[m.remat]
         return tokens * (kept + mask)
 
-    head = (_per_shard(m.vocab_size, tensor) + m.d_model) * (a + 8)
+    def head(tokens: int) -> float:
+        """Final norm for every token; logits only where the loss is computed at once: the
+        MLM's scored positions (``losses.max_scored_positions``), one ``train.loss_chunk``."""
+        scored = max_scored_positions(tokens, cfg.data.mlm_rate) if cfg.objective == "mlm" else tokens
+        if cfg.train.loss_chunk:
+            scored = min(scored, cfg.train.loss_chunk)
+        return (tokens * m.d_model + scored * _per_shard(m.vocab_size, tensor)) * (a + 8)
+
     if m.family != "encoder_decoder":
-        return stack(cfg.data.seq_len, m.num_layers) + cfg.data.seq_len * head
+        return stack(cfg.data.seq_len, m.num_layers) + head(cfg.data.seq_len)
     t_enc, t_dec = cfg.data.seq_len, target_length(cfg)
     cross_kv = 0 if m.remat == "full" else m.decoder_layers * t_enc * 2 * _per_shard(m.kv_heads, tensor) \
         * m.dim_per_head * a
-    return stack(t_enc, m.num_layers) + stack(t_dec, m.decoder_layers, t_enc) + cross_kv + t_dec * head
+    return stack(t_enc, m.num_layers) + stack(t_dec, m.decoder_layers, t_enc) + cross_kv + head(t_dec)
 
 
 def weight_copy_bytes(cfg: Config, counts: dict, stage: int, tensor: int, param_shards: int) -> float:
     """Weight buffers beyond the stored params: without remat, the compute-dtype copies of every
     weight (when ``dtype`` differs from ``param_dtype``; sharded like the params, since XLA
-    shards after JAX has chosen what to save); at stage 3, one layer gathered in full."""
+    shards after JAX has chosen what to save); at stage 3, one layer gathered in full, and with a
+    chunked loss the output layer's weight and gradient in full."""
     m = cfg.model
     copies = 0.0
     if m.remat == "none" and m.dtype != m.param_dtype:
@@ -220,6 +232,10 @@ def weight_copy_bytes(cfg: Config, counts: dict, stage: int, tensor: int, param_
     if stage == 3:
         layers = m.num_layers + (m.decoder_layers if m.family == "encoder_decoder" else 0)
         copies += counts["stack"] / layers * _dtype_bytes(m.param_dtype) / tensor
+        if cfg.train.loss_chunk:
+            # The chunked loss is a scan: the output layer's weight stays gathered in full across
+            # its chunks, and its gradient accumulates in full in the scan's carry.
+            copies += 2 * m.vocab_size * m.d_model * _dtype_bytes(m.param_dtype) / tensor
     return copies
 
 
