@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a ladder of d_model sizes on compute-matched budgets, fit L(C)")
     _add_config_args(p)
     p.add_argument("--sizes", required=True, help="comma-separated d_model values, e.g. 32,48,64,96")
-    p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per parameter")
+    p.add_argument("--tokens-per-param", type=float, default=None, help="training tokens per parameter (default 20)")
     p.add_argument("--workdir", default=None, help="default: runs/sweep_<config name>")
     p.add_argument("--predict", type=int, default=None, help="size whose loss to predict (default: the next one up)")
     p.add_argument("--seeds", type=int, default=1,

@@ -490,9 +490,16 @@ def run_sweep_cli(args) -> int:
     if args.budgets:
         from t5x_lite.isoflop import parse_budgets, run_isoflop
 
+        given = [flag for flag, value in (("--tokens-per-param", args.tokens_per_param), ("--predict", args.predict))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} belong to the fixed-ratio ladder; with --budgets every size's "
+                              "tokens follow from the budget. Drop them, or drop --budgets")
+
         workdir = args.workdir or os.path.join("runs", "isoflop_" + name)
         run_isoflop(cfg, parse_sizes(args.sizes), parse_budgets(args.budgets), workdir, seeds=args.seeds)
         return 0
     workdir = args.workdir or os.path.join("runs", "sweep_" + name)
-    run_sweep(cfg, parse_sizes(args.sizes), workdir, args.tokens_per_param, args.predict, seeds=args.seeds)
+    tokens_per_param = 20.0 if args.tokens_per_param is None else args.tokens_per_param
+    run_sweep(cfg, parse_sizes(args.sizes), workdir, tokens_per_param, args.predict, seeds=args.seeds)
     return 0

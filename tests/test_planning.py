@@ -364,3 +364,6 @@ def test_isoflop_rules_skip_repeats_and_name_an_edge_minimum(tmp_path):
     assert prof["ok"] and 1e3 < prof["n_opt"] < 1e5
     with pytest.raises(ConfigError, match="--budgets"):
         isoflop.parse_budgets("1e11,lots")
+    code = main(["sweep", "--config", "configs/decoder_tiny.yaml", "--sizes", "16,24,32", "--budgets", "1e11",
+                 "--tokens-per-param", "10", "--workdir", str(tmp_path / "cli")])
+    assert code == 2 and not (tmp_path / "cli").exists()
