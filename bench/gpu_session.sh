@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
+# device call, every result written under $OUT (default runs/gpu_session):
+#
+#   bash bench/gpu_session.sh attention   # bench/attention.py: 1 and 4 documents per row      (~1 min)
+#   bash bench/gpu_session.sh llama       # llama_1b: ours (+ variants) vs HF eager / compiled  (~8 min)
+#   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32                   (~3 min)
+#
+# SMOKE=1 runs the same parts at CPU sizes (what tests/test_bench.py covers piece by piece).
+# On the device machine: `pip install --no-deps -e .` (or PYTHONPATH=.) first; the script sets
+# XLA_PYTHON_CLIENT_PREALLOCATE=false because torch and JAX take turns on the GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+SMOKE_FLAG=()
+[[ ${SMOKE:-0} == 1 ]] && SMOKE_FLAG=(--smoke)
+STEPS=(--steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
+
+part=${1:-}
+case $part in
+  attention)
+    for segments in 1 4; do
+      python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --json "$OUT/attention_seg$segments.json" \
+        | tee "$OUT/attention_seg$segments.txt"
+    done ;;
+  llama)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
+      --variant cudnn:model.attention=cudnn \
+      --variant packed:model.attention=cudnn_packed \
+      --variant remat_full:model.remat=full \
+      --variant b16:train.batch_size=16 \
+      --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
+  t5_bert)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5,bert "${STEPS[@]}" \
+      --variant packed:model.attention=cudnn_packed \
+      --variant xla:model.attention=xla \
+      --json "$OUT/t5_bert.json" | tee "$OUT/t5_bert.txt" ;;
+  decode)
+    python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
+  *)
+    echo "usage: $0 attention|llama|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
+    exit 2 ;;
+esac
+echo "gpu_session: $part done; results in $OUT" >&2
