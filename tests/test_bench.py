@@ -71,3 +71,16 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())}
     assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4
+
+
+def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    env = dict(os.environ, OUT=str(tmp_path), SMOKE="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "attention"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for segments in (1, 4):
+        rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_seg{segments}.json").read_text())}
+        assert rows["xla_packed"]["max_out_err"] < 1e-5
