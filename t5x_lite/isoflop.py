@@ -11,7 +11,7 @@ parameter, ``D_opt / N_opt``, measured instead of assumed.
 Rules, fixed in code:
 
 - a (budget, size) of fewer than ``MIN_STEPS`` steps is not trained (warmup alone would be most
-  of it), and neither is one that would read the training rows more than ``REPEAT_LIMIT`` times
+  of it), and neither is one that would read the training rows more than ``REPEAT_EPOCHS`` times
   (repeated tokens are worth less; the profile would tilt toward large models) when the rows
   per epoch are known from an earlier run;
 - a budget's parabola goes through its lowest loss and up to ``WINDOW`` = 2 sizes on each side
@@ -27,22 +27,19 @@ and ``WORKDIR/isoflop.png``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from t5x_lite.config import Config, ConfigError
-from t5x_lite.metrics import tokens_per_step, train_flops_per_step
+from t5x_lite.metrics import REPEAT_EPOCHS, tokens_per_step, train_flops_per_step
 
 ISOFLOP_FILE = "isoflop.json"
 ISOFLOP_PLOT = "isoflop.png"
 MIN_STEPS = 50
-REPEAT_LIMIT = 4.0
 WINDOW = 2  # sizes on each side of a budget's lowest loss that its parabola goes through
 
 
@@ -109,7 +106,7 @@ def run_isoflop(base: Config, sizes: Sequence[int], budgets: Sequence[float], wo
                 train_fn: Optional[Callable] = None, log: Callable[[str], None] = print) -> dict:
     """Train every (budget, size, seed) the rules admit and that ``isoflop.json`` lacks, fit each
     budget's profile and ``N_opt(C)``; write ``isoflop.json`` and ``isoflop.png``."""
-    from t5x_lite.sweep import _final_eval_loss, _share_tokenizer, save_json
+    from t5x_lite.sweep import save_json, train_run
 
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} must be 1 or more")
@@ -135,29 +132,20 @@ def run_isoflop(base: Config, sizes: Sequence[int], budgets: Sequence[float], wo
     for i, (e, seed) in enumerate(todo):
         rows = _rows_per_epoch(state)
         epochs = e["steps"] * e["cfg"].train.batch_size / rows if rows else None
-        if epochs is not None and epochs > REPEAT_LIMIT:
+        if epochs is not None and epochs > REPEAT_EPOCHS:
             log(f"[isoflop] C={e['budget']:.3g} size {e['size']}: would read the training rows {epochs:.1f} times "
-                f"(> {REPEAT_LIMIT:g}), not trained")
+                f"(> {REPEAT_EPOCHS}), not trained")
             continue
         name = f"c{e['budget']:.3g}_size_{e['size']}_seed{seed}".replace("+", "")
-        run_dir = os.path.join(workdir, name)
         log(f"[isoflop] {i + 1}/{len(todo)}: C={e['budget']:.3g} size {e['size']} seed {seed}: "
             f"{e['num_params']:,} params x {e['tokens']:,} tokens ({e['tokens_per_param']:.1f} per param) in "
-            f"{e['steps']:,} steps -> {run_dir}")
-        _share_tokenizer(workdir, run_dir, [r["workdir"] for r in state["runs"].values()])
-        cfg = dataclasses.replace(e["cfg"], train=dataclasses.replace(e["cfg"].train, seed=seed)).validate()
-        t0 = time.time()
-        result = train_fn(cfg, run_dir)
-        if result and result.get("step", e["steps"]) < e["steps"]:
-            log(f"[isoflop] stopped at step {result['step']} of {e['steps']}; run the same command again to resume")
+            f"{e['steps']:,} steps -> {os.path.join(workdir, name)}")
+        one = train_run(e["cfg"], seed, workdir, name, [r["workdir"] for r in state["runs"].values()], train_fn,
+                        lambda m: log(f"[isoflop] {m}"))
+        if one is None:
             return state
-        run = {"budget": e["budget"], "size": e["size"], "seed": seed, "num_params": e["num_params"],
-               "steps": e["steps"], "tokens": e["tokens"], "tokens_per_param": e["tokens_per_param"],
-               "compute": e["compute"], "eval_loss": _final_eval_loss(result, run_dir, e["steps"]),
-               "seconds": time.time() - t0, "workdir": name}
-        if result and "epochs" in result:
-            run["epochs"] = float(result["epochs"])
-            run["rows_per_epoch"] = e["steps"] * e["cfg"].train.batch_size / run["epochs"]
+        run = dict({k: e[k] for k in ("budget", "size", "num_params", "steps", "tokens", "tokens_per_param",
+                                      "compute")}, seed=seed, **one)
         state["runs"][_key(e["budget"], e["size"], seed)] = run
         save_json(path, state)
         log(f"[isoflop] C={e['budget']:.3g} size {e['size']} seed {seed}: eval loss {run['eval_loss']:.4f} in "

@@ -61,6 +61,11 @@ def target_length(cfg: Config) -> int:
     return span_corruption_raw_length(cfg.data.seq_len, cfg.data.noise_density, cfg.data.mean_span_length)[1]
 
 
+# Epochs of the training data past which repeated tokens are worth clearly less than new ones
+# (Muennighoff et al. 2023): the trainer warns, sweeps flag or skip runs beyond it.
+REPEAT_EPOCHS = 4
+
+
 def tokens_per_step(cfg: Config) -> int:
     """Token positions one step processes (encoder + decoder positions for encoder_decoder)."""
     per_row = cfg.data.seq_len + (target_length(cfg) if cfg.model.family == "encoder_decoder" else 0)

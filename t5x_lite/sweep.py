@@ -51,11 +51,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from t5x_lite.config import Config, ConfigError, config_from_dict
-from t5x_lite.metrics import METRICS_FILE, read_metrics, tokens_per_step, train_flops_per_step
+from t5x_lite.metrics import METRICS_FILE, REPEAT_EPOCHS, read_metrics, tokens_per_step, train_flops_per_step
 
 SWEEP_FILE = "sweep.json"
 PLOT_FILE = "sweep.png"
-REPEAT_LIMIT = 4  # epochs; past it repeated data is worth less (Muennighoff et al. 2023)
 COMPARED_SECTIONS = ("model", "data", "train", "optim")  # a sweep dir keeps one base for these
 
 
@@ -71,22 +70,25 @@ def fit_loss_curve(compute: Sequence[float], loss: Sequence[float]) -> dict:
     if len(c_arr) < 3:
         raise ValueError(f"fitting L(C) = a C^-b + c needs at least 3 points, got {len(c_arr)}")
     log_c = np.log(c_arr)
+    x = log_c - log_c.mean()
+
+    def fits(cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each ``c``: the least-squares line ``log(L - c) = log a - b log C`` (closed form)
+        and its squared error in L: ``(errors, a, b)``."""
+        y = np.log(l_arr[None, :] - cs[:, None])
+        slope = (y - y.mean(axis=1, keepdims=True)) @ x / (x @ x)
+        log_a = y.mean(axis=1) - slope * log_c.mean()
+        curve = np.exp(log_a[:, None] + slope[:, None] * log_c[None, :]) + cs[:, None]
+        return np.sum((curve - l_arr[None, :]) ** 2, axis=1), np.exp(log_a), -slope
 
     def solve(c: float) -> tuple[float, float, float]:
-        slope, intercept = np.polyfit(log_c, np.log(l_arr - c), 1)
-        a, b = math.exp(intercept), float(-slope)
-        return float(np.sum((a * c_arr ** -b + c - l_arr) ** 2)), a, b
+        errors, a, b = fits(np.array([c]))
+        return float(errors[0]), float(a[0]), float(b[0])
 
     top = float(l_arr.min())
     scale = max(top, float(l_arr.max()) - top)
     grid = top - scale * np.geomspace(1e-9, 1e3, 1200)  # c just below min L ... far below (log-linear)
-    # Every grid point's line fit at once (closed-form least squares), then its error in L.
-    x = log_c - log_c.mean()
-    y = np.log(l_arr[None, :] - grid[:, None])
-    slope = (y - y.mean(axis=1, keepdims=True)) @ x / (x @ x)
-    intercept = y.mean(axis=1) - slope * log_c.mean()
-    curve = np.exp(intercept[:, None] + slope[:, None] * log_c[None, :]) + grid[:, None]
-    errors = np.sum((curve - l_arr[None, :]) ** 2, axis=1)
+    errors = fits(grid)[0]
     best = int(np.argmin(errors))
     lo, hi = grid[min(best + 1, len(grid) - 1)], grid[max(best - 1, 0)]
     c = _golden_section(lambda x: solve(x)[0], lo, hi)
@@ -272,6 +274,26 @@ def _share_tokenizer(workdir: str, run_dir: str, done: Sequence[str]) -> None:
             return
 
 
+def train_run(cfg: Config, seed: int, workdir: str, name: str, earlier: Sequence[str], train_fn: Callable,
+              log: Callable[[str], None]) -> Optional[dict]:
+    """Train ``cfg`` with ``seed`` in ``workdir/name`` (on the tokenizer of the ``earlier`` run dirs):
+    ``{"eval_loss", "seconds", "workdir"[, "epochs", "rows_per_epoch"]}``, or None when the
+    trainer stopped early (SIGTERM / SIGINT: the caller stops too, a rerun resumes)."""
+    run_dir = os.path.join(workdir, name)
+    _share_tokenizer(workdir, run_dir, earlier)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)).validate()
+    t0 = time.time()
+    result = train_fn(cfg, run_dir)
+    steps = cfg.train.steps
+    if result and result.get("step", steps) < steps:
+        log(f"stopped at step {result['step']} of {steps}; run the same command again to resume")
+        return None
+    one = {"eval_loss": _final_eval_loss(result, run_dir, steps), "seconds": time.time() - t0, "workdir": name}
+    if result and result.get("epochs"):
+        one.update(epochs=float(result["epochs"]), rows_per_epoch=steps * cfg.train.batch_size / result["epochs"])
+    return one
+
+
 def run_name(size: int, seed: int, base_seed: int) -> str:
     """``size_48`` for the base config's seed, ``size_48_seed1`` for the others."""
     return f"size_{size}" if seed == base_seed else f"size_{size}_seed{seed}"
@@ -322,31 +344,23 @@ def run_sweep(base: Config, sizes: Sequence[int], workdir: str, tokens_per_param
                 "seed(s)), skipped")
     for i, (e, seed) in enumerate(todo):
         name = run_name(e["size"], seed, base_seed)
-        run_dir = os.path.join(workdir, name)
         log(f"[sweep] size {e['size']} seed {seed} ({i + 1}/{len(todo)} to train): {e['num_params']:,} params, "
             f"{e['num_layers']} layers x {e['num_heads']} heads, d_ff {e['d_ff']}; {e['tokens']:,} tokens in "
-            f"{e['steps']:,} steps = {e['compute']:.3g} FLOPs -> {run_dir}")
-        _share_tokenizer(workdir, run_dir, [r["workdir"] for run in state["runs"].values()
-                                            for r in run["seeds"].values() if "workdir" in r])
-        cfg = dataclasses.replace(e["cfg"], train=dataclasses.replace(e["cfg"].train, seed=seed)).validate()
-        t0 = time.time()
-        result = train_fn(cfg, run_dir)
-        if result and result.get("step", e["steps"]) < e["steps"]:  # SIGTERM / SIGINT: the trainer saved and left
-            log(f"[sweep] size {e['size']} seed {seed} stopped at step {result['step']} of {e['steps']}; run the "
-                "same command again to resume")
+            f"{e['steps']:,} steps = {e['compute']:.3g} FLOPs -> {os.path.join(workdir, name)}")
+        earlier = [r["workdir"] for run in state["runs"].values() for r in run["seeds"].values() if "workdir" in r]
+        one = train_run(e["cfg"], seed, workdir, name, earlier, train_fn, lambda m: log(f"[sweep] size {e['size']} "
+                                                                                       f"seed {seed} {m}"))
+        if one is None:
             return state
-        loss = _final_eval_loss(result, run_dir, e["steps"])
-        one = {"eval_loss": loss, "seconds": time.time() - t0, "workdir": name}
-        if result and "epochs" in result:
-            one["epochs"] = float(result["epochs"])
         run = state["runs"].setdefault(str(e["size"]), dict(_public(e), seeds={}))
         run["seeds"][str(seed)] = one
-        if "epochs" in one:
-            run["epochs"] = one["epochs"]
+        for key in ("epochs", "rows_per_epoch"):
+            if key in one:
+                run[key] = one[key]
         _summarise(run)
         _check_prediction(state, run, log)
         save_state(workdir, state)
-        log(f"[sweep] size {e['size']} seed {seed}: eval loss {loss:.4f} in {one['seconds']:.0f} s"
+        log(f"[sweep] size {e['size']} seed {seed}: eval loss {one['eval_loss']:.4f} in {one['seconds']:.0f} s"
             + (f" ({one['epochs']:.1f} epochs of the training data)" if "epochs" in one else ""))
     for run in state["runs"].values():
         _summarise(run)
@@ -414,8 +428,8 @@ def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict
     entry = ladder_entry(base, target, tokens_per_param)
     loss = predict_loss(fit, entry["compute"])
     interval = bootstrap_interval(runs, entry["compute"])
-    per_epoch = [r["tokens"] / r["epochs"] for r in runs if r.get("epochs")]
-    epochs = entry["tokens"] / float(np.median(per_epoch)) if per_epoch else None
+    rows = [r["rows_per_epoch"] for r in runs if r.get("rows_per_epoch")]
+    epochs = entry["steps"] * entry["cfg"].train.batch_size / float(np.median(rows)) if rows else None
     if str(target) not in state["runs"]:
         pred = {"loss": loss, "compute": entry["compute"], "num_params": entry["num_params"],
                 "from_sizes": state["fit"]["sizes"], "fit": {k: fit[k] for k in ("a", "b", "c")}}
@@ -427,8 +441,8 @@ def _fit_and_predict(state: dict, base: Config, tokens_per_param: float, predict
     log(f"[sweep] predicted final eval loss of size {target} ({entry['num_params']:,} params, "
         f"{entry['compute']:.3g} FLOPs): {loss:.4f}"
         + (f" (90% bootstrap interval over seeds {interval[0]:.4f} .. {interval[1]:.4f})" if interval else ""))
-    if epochs and epochs > REPEAT_LIMIT:
-        log(f"[sweep] warning: size {target} would read the training data {epochs:.1f} times; past ~{REPEAT_LIMIT} "
+    if epochs and epochs > REPEAT_EPOCHS:
+        log(f"[sweep] warning: size {target} would read the training data {epochs:.1f} times; past ~{REPEAT_EPOCHS} "
             "epochs repeated tokens are worth less than new ones and the law of compute alone predicts too low a "
             "loss: use a larger corpus (t5x-lite prepare) or fewer --tokens-per-param")
 
@@ -461,8 +475,8 @@ def plot_sweep(state: dict, path: str) -> str:
         ax_l.errorbar([p["compute"]], [p["loss"]], yerr=[[p["loss"] - lo], [hi - p["loss"]]], fmt="s", mfc="none",
                       ms=9, color="C3", capsize=3, label=f"size {size} predicted from {sources}"
                       + (" (90% interval)" if "interval" in p else "")
-                      + (f", {p['epochs']:.1f} epochs: past ~{REPEAT_LIMIT}, expect worse"
-                         if p.get("epochs", 0) > REPEAT_LIMIT else ""))
+                      + (f", {p['epochs']:.1f} epochs: past ~{REPEAT_EPOCHS}, expect worse"
+                         if p.get("epochs", 0) > REPEAT_EPOCHS else ""))
     ax_l.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final eval loss", title="L(C)")
     ax_l.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: never over a point
     ax_l.grid(alpha=0.3, which="both")

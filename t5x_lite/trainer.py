@@ -41,6 +41,7 @@ from t5x_lite.checkpoints import (
 from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
 from t5x_lite.losses import chunked_cross_entropy_sums, cross_entropy_sums, masked_cross_entropy_sums
 from t5x_lite.metrics import (
+    REPEAT_EPOCHS,
     peak_flops,
     METRICS_FILE,
     Logger,
@@ -448,10 +449,11 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     steps = cfg.train.steps
     end = steps if stop_after is None else min(steps, start + stop_after)
-    epochs = steps * cfg.train.batch_size / train_batches.rows_per_epoch
+    epochs_of = lambda n_steps: n_steps * cfg.train.batch_size / train_batches.rows_per_epoch
     log(f"data: {steps} steps x {cfg.train.batch_size} rows read the {train_batches.rows_per_epoch} training rows "
-        f"{epochs:.2f} times" + (" (past ~4 epochs repeated tokens are worth less than new ones, and held-out "
-                                 "loss drifts from train loss)" if epochs > 4 else ""))
+        f"{epochs_of(steps):.2f} times" + (f" (past ~{REPEAT_EPOCHS} epochs repeated tokens are worth less than new "
+                                           "ones, and held-out loss drifts from train loss)"
+                                           if epochs_of(steps) > REPEAT_EPOCHS else ""))
     tokens = tokens_per_step(cfg)
     flops = train_flops_per_step(cfg)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
@@ -524,7 +526,7 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
             ev = run_eval(state.params, done)
             last.update(ev)
         if last:
-            last["epochs"] = done * cfg.train.batch_size / train_batches.rows_per_epoch
+            last["epochs"] = epochs_of(done)
         if last_saved != done:
             save(state, done, ev)
         ckpt.close()  # waits until the last save is committed
