@@ -9,18 +9,27 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
     env.pop("XLA_FLAGS", None)  # one CPU device per child, as a user's run
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _run_json(args, out):
+    """Run a bench script with ``--json out``; its process and the JSON it wrote."""
+    proc = _run([*args, "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
 
 
 def test_train_vs_hf_smoke_all_workloads(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = _run(["bench/train_vs_hf.py", "--smoke", "--impls", "ours,hf", "--steps", "1", "--warmup", "1",
-                 "--variant", "remat:model.remat=full", "--json", str(out)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    proc, data = _run_json(["bench/train_vs_hf.py", "--smoke", "--impls", "ours,hf", "--steps", "1", "--warmup", "1",
+                            "--variant", "remat:model.remat=full"], tmp_path / "bench.json")
     rows = {(r["workload"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {(w, i) for w in ("llama", "t5", "bert") for i in ("ours", "hf", "ours:remat")}
     assert rows[("llama", "ours:remat")]["overrides"] == ["model.remat=full"]
@@ -40,11 +49,8 @@ def test_train_vs_hf_rejects_a_bad_variant():
 
 
 def test_decode_bench_smoke(tmp_path):
-    out = tmp_path / "decode.json"
-    proc = _run(["bench/decode.py", "--smoke", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "8",
-                 "--repeats", "1", "--json", str(out)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    _, rows = _run_json(["bench/decode.py", "--smoke", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "8",
+                         "--repeats", "1"], tmp_path / "decode.json")
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
@@ -66,20 +72,16 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     rows = bench.packed_rows(3, 40, 4)
     assert [len(set(r[r > 0])) for r in rows] == [4, 4, 4] and (rows[:, -1] == 0).all()
 
-    out = tmp_path / "attention.json"
-    proc = _run(["bench/attention.py", "--smoke", "--json", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    _, rows = _run_json(["bench/attention.py", "--smoke"], tmp_path / "attention.json")
+    rows = {r["variant"]: r for r in rows}
     assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4
 
 
 def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
-    env = dict(os.environ, OUT=str(tmp_path), SMOKE="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(["bash", "bench/gpu_session.sh", "attention"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "attention"], cwd=ROOT,
+                          env=_env(OUT=str(tmp_path), SMOKE="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for segments in (1, 4):
         rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_seg{segments}.json").read_text())}
