@@ -57,18 +57,6 @@ def ids_until_eos(ids: Iterable[int], eos_id: int, drop: Iterable[int] = ()) -> 
     return out
 
 
-def _is_hf_tokenizer(data: bytes) -> bool:
-    import json
-
-    from t5x_lite.interop.hf_tokenizer import FORMAT, is_tokenizer_json
-
-    try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return is_tokenizer_json(parsed) or (isinstance(parsed, dict) and parsed.get("format") == FORMAT)
-
-
 class Tokenizer:
     """Wraps a ``sentencepiece.SentencePieceProcessor`` built from serialized model bytes."""
 
@@ -99,10 +87,18 @@ class Tokenizer:
                 data = f.read()
         except OSError as e:
             raise DataError(f"cannot read tokenizer model {path!r}: {e}") from None
-        if data.lstrip().startswith(b"{") and _is_hf_tokenizer(data):
-            from t5x_lite.interop.hf_tokenizer import HFTokenizer
+        if data.lstrip().startswith(b"{"):  # JSON: a Hugging Face tokenizer (or our copy of one), parsed once
+            import json
 
-            return HFTokenizer.load(path)
+            from t5x_lite.interop.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+
+            try:
+                text = data.decode("utf-8")
+                parsed = json.loads(text)
+            except (ValueError, UnicodeDecodeError):
+                parsed = None
+            if is_hf_tokenizer(parsed):
+                return HFTokenizer.from_parsed(path, text, parsed)
         if path.endswith(".txt") or data.startswith(b"{"):
             from t5x_lite.interop.wordpiece import WordPieceTokenizer
 

@@ -32,9 +32,10 @@ FALLBACKS = {
 }
 
 
-def is_tokenizer_json(data: dict) -> bool:
-    """A ``tokenizers`` serialisation (what ``Tokenizer.save`` of that library writes)."""
-    return isinstance(data, dict) and "model" in data and "added_tokens" in data
+def is_hf_tokenizer(data) -> bool:
+    """A ``tokenizers`` serialisation (what that library's ``Tokenizer.save`` writes), or the
+    work-dir copy ``HFTokenizer.save`` writes."""
+    return isinstance(data, dict) and (("model" in data and "added_tokens" in data) or data.get("format") == FORMAT)
 
 
 def _token_name(value) -> Optional[str]:
@@ -82,6 +83,11 @@ class HFTokenizer:
             data = json.loads(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"cannot read Hugging Face tokenizer {path!r}: {e}") from None
+        return cls.from_parsed(path, text, data)
+
+    @classmethod
+    def from_parsed(cls, path: str, text: str, data: dict) -> "HFTokenizer":
+        """``load`` of a file already read (``text``) and parsed (``data``)."""
         if data.get("format") == FORMAT:
             return cls(data["tokenizer"], data["specials"])
         config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
