@@ -81,7 +81,7 @@ def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
 
     def cudnn_packed(q, k, v):  # what model.attention=cudnn_packed runs in every layer
         lengths, starts = segment_lengths_and_starts(seg, max_segments)
-        return cudnn_packed_attention(q, k, v, None, lengths, starts, scale, causal=True)
+        return cudnn_packed_attention(q, k, v, None, (lengths, starts, lengths, starts), scale, causal=True)
 
     def xla_packed(q, k, v):  # the documents rebuilt from lengths / starts alone: checks them on any device
         rebuilt = segments_from_lengths_and_starts(*segment_lengths_and_starts(seg, max_segments), t)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--segments", type=int, default=4, help="documents per row")
     p.add_argument("--max-segments", type=int, default=None,
-                   help="M of the packed layout (default: --segments; the model passes the row length)")
+                   help="M of the packed layout (default: --segments; the model uses model.max_segments)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes, XLA rows only (CPU)")
     p.add_argument("--json", default=None)

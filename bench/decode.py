@@ -3,6 +3,7 @@
 
     python bench/decode.py                                # configs/llama_1b.yaml on the GPU
     python bench/decode.py --set model.attention=xla      # any config override
+    python bench/decode.py --variant unroll:model.scan_unroll=16   # another row, same params
     python bench/decode.py --smoke                        # configs/decoder_tiny.yaml: runs on a CPU
     python bench/decode.py --batch-sizes 1,8,32 --json runs/decode_bench.json
 
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 import t5x_lite
-from t5x_lite.config import load_config
+from t5x_lite.config import ConfigError, load_config, parse_variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="default: configs/llama_1b.yaml (--smoke: decoder_tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="more rows, same params: e.g. unroll:model.scan_unroll=16 (model.attention, remat, "
+                        "scan_unroll, dtype: what does not change the parameters)")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -102,16 +106,24 @@ def main(argv=None) -> int:
     print(f"{os.path.basename(path)}: {n_params / 1e6:.1f}M params ({args.param_dtype}), "
           f"cache {cfg.model.dtype}, attention={cfg.model.attention}, {jax.device_count()} x "
           f"{device.device_kind}; init {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    try:
+        variants = [("default", cfg)] + [(name, load_config(path, overrides + extra))
+                                         for name, extra in map(parse_variant, args.variant)]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        r = measure(cfg, params, batch, args.prompt_len, args.new_tokens, args.repeats)
-        r.update(config=os.path.basename(path), params_m=round(n_params / 1e6, 1), param_dtype=args.param_dtype,
-                 device=device.device_kind, num_devices=jax.device_count(), jax=jax.__version__)
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        print(f"  batch {batch:3d}: {r['tokens_per_s']:>10,.0f} tok/s end to end, "
-              f"{r['decode_tokens_per_s']:>10,.0f} tok/s decode ({r['ms_per_step']:.2f} ms/step), "
-              f"prefill {r['prefill_s'] * 1000:.0f} ms, compile {r['compile_s']:.1f}s", file=sys.stderr)
+    for name, variant_cfg in variants:
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            r = measure(variant_cfg, params, batch, args.prompt_len, args.new_tokens, args.repeats)
+            r.update(variant=name, config=os.path.basename(path), params_m=round(n_params / 1e6, 1),
+                     param_dtype=args.param_dtype, device=device.device_kind, num_devices=jax.device_count(),
+                     jax=jax.__version__)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            print(f"  {name} batch {batch:3d}: {r['tokens_per_s']:>10,.0f} tok/s end to end, "
+                  f"{r['decode_tokens_per_s']:>10,.0f} tok/s decode ({r['ms_per_step']:.2f} ms/step), "
+                  f"prefill {r['prefill_s'] * 1000:.0f} ms, compile {r['compile_s']:.1f}s", file=sys.stderr)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

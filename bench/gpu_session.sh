@@ -2,8 +2,10 @@
 # Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
 # device call, every result written under $OUT (default runs/gpu_session):
 #
-#   bash bench/gpu_session.sh attention   # bench/attention.py: 1 and 4 documents per row      (~1 min)
+#   bash bench/gpu_session.sh attention   # bench/attention.py: 1 and 4 documents per row, M    (~1 min)
 #   bash bench/gpu_session.sh llama       # llama_1b: ours (+ variants) vs HF eager / compiled  (~8 min)
+#                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
+#                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32                   (~3 min)
 #
@@ -22,24 +24,27 @@ STEPS=(--steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
 part=${1:-}
 case $part in
   attention)
-    for segments in 1 4; do
-      python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --json "$OUT/attention_seg$segments.json" \
-        | tee "$OUT/attention_seg$segments.txt"
+    # documents per row / M of the packed layout: 1/1, 4/4, 4/16, 4/64 (does cuDNN's cost grow with M?)
+    for segments_m in 1:1 4:4 4:16 4:64; do
+      segments=${segments_m%:*} m=${segments_m#*:}
+      python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --max-segments "$m" \
+        --json "$OUT/attention_seg${segments}_m$m.json" | tee "$OUT/attention_seg${segments}_m$m.txt"
     done ;;
   llama)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
-      --variant cudnn:model.attention=cudnn \
-      --variant packed:model.attention=cudnn_packed \
+      --variant mask:model.max_segments=0 \
+      --variant packed1:model.max_segments=1 \
       --variant remat_full:model.remat=full \
       --variant b16:train.batch_size=16 \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5,bert "${STEPS[@]}" \
-      --variant packed:model.attention=cudnn_packed \
-      --variant xla:model.attention=xla \
+      --variant mask:model.max_segments=0 \
+      --variant packed1:model.max_segments=1 \
       --json "$OUT/t5_bert.json" | tee "$OUT/t5_bert.txt" ;;
   decode)
-    python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
+    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 \
+      --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
   *)
     echo "usage: $0 attention|llama|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
     exit 2 ;;

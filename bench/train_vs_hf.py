@@ -223,15 +223,6 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME:key=value,key=value`` -> (NAME, overrides)."""
-    name, sep, rest = text.partition(":")
-    overrides = [x.strip() for x in rest.split(",") if x.strip()]
-    if not sep or not name or not overrides or any("=" not in x for x in overrides):
-        raise SystemExit(f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. remat_full:model.remat=full")
-    return name, overrides
-
-
 def measure(workload: str, impl: str, args, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", workload, "--impl", impl,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
@@ -306,7 +297,12 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    variants = [parse_variant(v) for v in args.variant]
+    from t5x_lite.config import ConfigError, parse_variant
+
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+    except ConfigError as e:
+        raise SystemExit(f"--variant: {e}") from None
     impls = [(i, ()) for i in args.impls.split(",")] + [(f"ours:{name}", tuple(o)) for name, o in variants]
     if args.smoke:
         impls = [(i, o) for i, o in impls if i != "hf_compile"]  # torch.compile on CPU takes minutes

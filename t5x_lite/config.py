@@ -59,7 +59,13 @@ class ModelConfig:
     param_dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16"))
     remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "full"))
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
+    # Documents (segments) a packed row may hold: the packer's cap, and M of cuDNN's packed layout,
+    # which keeps a float32 [B * M, heads, T] softmax statistic per layer. 0 = no cap (cuDNN, if
+    # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row (cuDNN's
+    # padding mask alone). With attention=auto on a GPU, > 0 selects the packed layout.
+    max_segments: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -189,6 +195,15 @@ class Config:
                 f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
                 f"valid num_kv_heads: {divisors}"
             )
+        if m.max_segments < 0 or m.max_segments > d.seq_len:
+            errors.append(f"model.max_segments={m.max_segments} must be in [0, data.seq_len={d.seq_len}] "
+                          "(0 = no cap on documents per row)")
+        elif m.attention == "cudnn_packed" and m.max_segments == 0:
+            errors.append("model.attention=cudnn_packed needs model.max_segments > 0, the most documents a row "
+                          "may hold (cuDNN keeps a float32 [batch x max_segments, heads, length] statistic per "
+                          "layer): e.g. 16, or 1 for one document per row")
+        if m.scan_unroll < 1:
+            errors.append(f"model.scan_unroll={m.scan_unroll} must be >= 1 (layers per scan iteration)")
         if m.rope_scaling <= 0:
             errors.append(f"model.rope_scaling={m.rope_scaling} must be positive (1.0 = no scaling)")
         if m.position == "rope" and m.dim_per_head % 2:
@@ -383,12 +398,26 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg.validate()
 
 
-def config_diff(a: Config, b: Config, sections: tuple[str, ...] = ("model", "data")) -> list[str]:
-    """Keys (within ``sections``) whose values differ between two configs."""
+# How the model computes, not what it is: a run may continue with other values of these.
+COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll"})
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:key=value,key=value`` (a named set of overrides, as the benches take) -> (NAME, overrides)."""
+    name, sep, rest = text.partition(":")
+    overrides = [x.strip() for x in rest.split(",") if x.strip()]
+    if not sep or not name or not overrides or any("=" not in x for x in overrides):
+        raise ConfigError(f"variant {text!r}: expected NAME:key=value[,key=value...], e.g. remat_full:model.remat=full")
+    return name, overrides
+
+
+def config_diff(a: Config, b: Config, sections: tuple[str, ...] = ("model", "data"),
+                ignore: frozenset = frozenset()) -> list[str]:
+    """Keys (within ``sections``, other than ``ignore``) whose values differ between two configs."""
     out = []
     da, db = a.to_dict(), b.to_dict()
     for s in sections:
         for k in da[s]:
-            if da[s][k] != db[s][k]:
+            if f"{s}.{k}" not in ignore and da[s][k] != db[s][k]:
                 out.append(f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}")
     return out

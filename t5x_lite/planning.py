@@ -32,7 +32,7 @@ F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
 
 (E - M, E: the layer whose backward pass runs, recomputed under remat. 16 D: float32 norm
 inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash attention on GPU keeps 4n
-instead.) Cross-attention adds (a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per
+instead, 4nM with its packed layout, M = ``model.max_segments``.) Cross-attention adds (a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per
 decoder token, and 2aK per encoder position and decoder layer (none, minimal). The output
 layer adds D(a + 8) per token (the final norm) and V/t (a + 8) per position whose logits exist at
 once (logits, their float32 log-softmax and its gradient): every position, or the MLM's scored
@@ -161,7 +161,7 @@ def zero_stage_bytes(state: StateBytes, stage: int, param_shards: int, opt_shard
 def uses_flash_attention(cfg: Config, platform: str) -> bool:
     """Whether ``layers.dot_product_attention`` takes the cuDNN path (no score matrix kept)."""
     m = cfg.model
-    return (platform == "gpu" and m.attention in ("cudnn", "auto") and m.dtype in ("bfloat16", "float16")
+    return (platform == "gpu" and m.attention in ("cudnn", "auto", "cudnn_packed") and m.dtype in ("bfloat16", "float16")
             and m.position not in ("relative", "alibi"))
 
 
@@ -180,8 +180,10 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
     kv = _per_shard(m.kv_heads, tensor) * m.dim_per_head
     f = _per_shard(m.d_ff, tensor)
 
+    packed = m.attention in ("auto", "cudnn_packed") and m.max_segments > 0  # statistic per document slot
+
     def probs(s):
-        return 4 * n if flash else n * s * (4 + a)
+        return 4 * n * (m.max_segments if packed else 1) if flash else n * s * (4 + a)
 
     everything = (2 * a + 16) * d + a * (2 * q + 2 * kv + 6 * f) + probs(keys)
     dots = a * (2 * d + q + 2 * kv + (2 if m.mlp in ("swiglu", "geglu") else 1) * f)

@@ -38,7 +38,7 @@ from t5x_lite.checkpoints import (
     read_config,
     run_meta,
 )
-from t5x_lite.config import Config, ConfigError, config_diff, config_from_dict, parse_override
+from t5x_lite.config import COMPUTE_ONLY, Config, ConfigError, config_diff, config_from_dict, parse_override
 from t5x_lite.losses import chunked_cross_entropy_sums, cross_entropy_sums, masked_cross_entropy_sums
 from t5x_lite.metrics import (
     REPEAT_EPOCHS,
@@ -316,12 +316,13 @@ def compiled_stats(compiled) -> dict:
 def check_workdir_config(cfg: Config, workdir: str) -> Optional[Config]:
     """The config a work dir was started with, after checking that ``cfg`` may continue it.
 
-    Model and data settings must match (the checkpoint and token cache depend on them); train,
+    Model and data settings must match (the checkpoint and token cache depend on them), except
+    how the model computes (``config.COMPUTE_ONLY``: attention kernel, remat, scan unroll); train,
     optimizer, mesh and checkpoint settings may change between runs."""
     if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return None
     saved = read_config(workdir)
-    diffs = config_diff(saved, cfg)
+    diffs = config_diff(saved, cfg, ignore=COMPUTE_ONLY)
     if diffs:
         raise ConfigError(
             f"work dir {workdir} holds a run with a different model/data config; it would not resume but "

@@ -50,8 +50,8 @@ def test_train_vs_hf_rejects_a_bad_variant():
 
 def test_decode_bench_smoke(tmp_path):
     _, rows = _run_json(["bench/decode.py", "--smoke", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "8",
-                         "--repeats", "1"], tmp_path / "decode.json")
-    assert [r["batch"] for r in rows] == [1, 2]
+                         "--repeats", "1", "--variant", "unroll:model.scan_unroll=2"], tmp_path / "decode.json")
+    assert [(r["variant"], r["batch"]) for r in rows] == [("default", 1), ("default", 2), ("unroll", 1), ("unroll", 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
@@ -83,6 +83,6 @@ def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_session.sh", "attention"], cwd=ROOT,
                           env=_env(OUT=str(tmp_path), SMOKE="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for segments in (1, 4):
-        rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_seg{segments}.json").read_text())}
+    for name in ("seg1_m1", "seg4_m4", "seg4_m16", "seg4_m64"):
+        rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_{name}.json").read_text())}
         assert rows["xla_packed"]["max_out_err"] < 1e-5

@@ -68,6 +68,8 @@ def test_bad_values(override, match):
     (["sharding.zero_stage=4"], "zero_stage=4 must be one of 0, 1, 2, 3"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "at most one of mesh"),
     (["model.d_model=100", "model.num_heads=8"], "not divisible by model.num_heads"),
+    (["model.attention=cudnn_packed"], r"cudnn_packed needs model.max_segments > 0.*e.g. 16"),
+    (["model.max_segments=200", "data.seq_len=128"], r"max_segments=200 must be in \[0, data.seq_len=128\]"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

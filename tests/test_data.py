@@ -413,6 +413,41 @@ def test_concat_packing_fills_every_row_and_loses_nothing(objective, docs, token
         assert rows["weights"].sum(1).max() <= max_scored_positions(32, cfg.data.mlm_rate)
 
 
+def _segments_of(rows: dict, prefix: str = "") -> list[tuple]:
+    """Every segment of every row, as a tuple of its target (or encoder input) tokens."""
+    tokens = rows["encoder_input_ids" if prefix else "targets"]
+    return [tuple(t[s == k]) for t, s in zip(tokens, rows[prefix + "segment_ids"]) for k in range(1, s.max() + 1)]
+
+
+@pytest.mark.parametrize("family,objective,packing", [("decoder", "causal", "greedy"), ("decoder", "causal", "concat"),
+                                                      ("encoder_decoder", "span", "greedy")])
+def test_max_segments_caps_documents_per_row_and_loses_nothing(family, objective, packing, docs, tokenizer):
+    """model.max_segments (cuDNN's packed layout is built for it) caps the documents of a row;
+    rows get more numerous, no token is lost or repeated."""
+    def epoch(cap):
+        cfg = make_cfg(family, objective, seq_len=48, batch_size=1, packing=packing)
+        cfg.model.max_segments = cap
+        rows = Batches(cfg, docs, tokenizer).rows_per_epoch
+        cfg.train.batch_size = rows
+        return rows, Batches(cfg, docs, tokenizer).batches(0)
+
+    (free_rows, free), (capped_rows, capped) = epoch(0), epoch(1)
+    assert free["segment_ids"].max() > 1 and capped["segment_ids"].max() == 1 and capped_rows > free_rows
+    if objective == "span":  # the same raw chunks (corrupted afresh: the noise is drawn per row)
+        sentinels = set(tokenizer.sentinel_ids)
+        restored = [sorted(tuple(undo_span_corruption(e, t, sentinels)) for e, t in zip(_segments_of(rows, "encoder_"),
+                                                                                    _segments_of(rows)))
+                    for rows in (free, capped)]
+        assert restored[0] == restored[1]
+    elif packing == "greedy":  # the same documents, fewer to a row
+        assert sorted(_segments_of(capped)) == sorted(_segments_of(free))
+    else:  # concat: the same token stream, cut at 48 tokens or where the next document begins
+        stream = np.concatenate([np.append(d, 1) for d in docs])
+        served = capped["targets"][capped["segment_ids"] > 0]
+        np.testing.assert_array_equal(np.sort(served), np.sort(stream))
+        assert sum(len(s) for s in _segments_of(capped)) == len(stream)
+
+
 def test_concat_packing_is_refused_for_span_corruption():
     with pytest.raises(ConfigError, match="data.packing=concat"):
         make_cfg("encoder_decoder", packing="concat")

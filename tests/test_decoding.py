@@ -5,6 +5,7 @@ Compiles are the cost here: the tests share a few prompt sets and shapes so that
 reuse programs compiled by an earlier test (the decoding module keeps them per shape), and
 compile with XLA's optimizations mostly off (``quick_compiles``)."""
 
+import dataclasses
 import os
 import types
 
@@ -143,6 +144,9 @@ def test_greedy_equals_naive_full_model_loop(dec, single, stop):
     for i, t in enumerate(new):
         expect[i, :len(t)] = t
     np.testing.assert_array_equal(out, expect)
+    # the layer scan unrolled (model.scan_unroll, a decode speed knob): the same tokens
+    unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_unroll=cfg.model.num_layers))
+    np.testing.assert_array_equal(generate(unrolled, params, PROMPTS, max_new_tokens=K, eos_id=eos, mesh=single), expect)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):

@@ -208,6 +208,10 @@ def test_scan_equals_unrolled(family):
     loss_s, grads_s = _loss_and_grads(scanned, params_s, batch)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     chex.assert_trees_all_close(grads_s, _stack_layers(grads_u), atol=1e-5, rtol=1e-4)
+    # model.scan_unroll: the same scan, its 2 layers as one straight iteration
+    loss_r, grads_r = _loss_and_grads(tiny_cfg(family, "model.scan_unroll=2"), params_s, batch)
+    np.testing.assert_allclose(loss_r, loss_s, rtol=1e-6)
+    chex.assert_trees_all_close(grads_r, grads_s, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("full", "false")])
@@ -266,15 +270,16 @@ def test_every_parameter_has_logical_axes():
 
 def _emulated_cudnn_packed(seen):
     """Stands in for jax's cuDNN packed-layout kernel (GPU only): the documents rebuilt from the
-    lengths / starts alone, then XLA attention. Records the mask type each call asks for."""
+    lengths / starts alone, then XLA attention. Records the mask type and kind of each call."""
     from t5x_lite.models.layers import attention_mask, segments_from_lengths_and_starts
 
-    def attention(q, k, v, bias, lengths, starts, scale, causal):
-        seen.append(causal)
-        t = q.shape[1]
-        seg = segments_from_lengths_and_starts(lengths, starts, t)
-        idx = jnp.arange(t)
-        mask = attention_mask(seg, seg, causal=causal, q_idx_T=idx, k_idx_S=idx)
+    def attention(q, k, v, bias, segments, scale, causal):
+        q_lengths, q_starts, kv_lengths, kv_starts = segments
+        seen.append(("causal" if causal else "padding", "self" if kv_lengths is q_lengths else "cross"))
+        t, s = q.shape[1], k.shape[1]
+        q_seg = segments_from_lengths_and_starts(q_lengths, q_starts, t)
+        kv_seg = segments_from_lengths_and_starts(kv_lengths, kv_starts, s)
+        mask = attention_mask(q_seg, kv_seg, causal=causal, q_idx_T=jnp.arange(t), k_idx_S=jnp.arange(s))
         return dot_product_attention(q, k, v, mask, bias, scale, "xla")
 
     return attention
@@ -284,7 +289,8 @@ def _emulated_cudnn_packed(seen):
                                              ("encoder_decoder", "relative")])
 def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatch):
     """model.attention=cudnn_packed hands each self-attention the documents of its rows as
-    lengths / starts and the right mask type; with the kernel emulated, logits equal XLA's."""
+    lengths / starts and the right mask type (T5's cross-attention: decoder documents against
+    encoder documents); with the kernel emulated, logits equal XLA's."""
     from t5x_lite.models import layers
     from helpers import random_batch
     from t5x_lite.models import model_kwargs
@@ -295,10 +301,11 @@ def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatc
     params = t5x_lite.init_params(cfg, 0)
     batch = model_kwargs(family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=4).items()})
     want = apply(cfg, params, **batch)
-    packed_cfg = tiny_cfg(family, f"model.position={position}", "model.attention=cudnn_packed")
+    packed_cfg = tiny_cfg(family, f"model.position={position}", "model.attention=cudnn_packed", "model.max_segments=2")
     got = apply(packed_cfg, params, **batch)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-    assert set(seen) == {"decoder": {True}, "encoder": {False}, "encoder_decoder": {False, True}}[family]
+    assert set(seen) == {"decoder": {("causal", "self")}, "encoder": {("padding", "self")},
+                         "encoder_decoder": {("padding", "self"), ("causal", "self"), ("padding", "cross")}}[family]
 
 
 def test_segment_lengths_and_starts():

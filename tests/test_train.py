@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import cli, partitioning, trainer
+from t5x_lite.config import ConfigError
 
 from helpers import random_batch, tiny_cfg
 
@@ -102,6 +103,17 @@ def test_rerun_with_other_model_refuses_to_start_over(tmp_path, capsys):
     (wd / "config.yaml").write_text(tiny_cfg("decoder").to_yaml())
     code, _, err = cli_run(capsys, "train", "--config", "configs/decoder_tiny.yaml", "--workdir", str(wd))
     assert code == 2 and "different model/data config" in err and "model.d_model" in err
+
+
+def test_how_the_model_computes_may_change_between_runs(tmp_path):
+    """Attention kernel, remat and scan unroll change the arithmetic, not the checkpoint or data."""
+    from t5x_lite.trainer import check_workdir_config, write_workdir_config
+
+    write_workdir_config(tiny_cfg("decoder"), str(tmp_path))
+    check_workdir_config(tiny_cfg("decoder", "model.attention=auto", "model.remat=full", "model.scan_unroll=2"),
+                         str(tmp_path))
+    with pytest.raises(ConfigError, match="model.max_segments: 0 -> 4"):  # changes the rows
+        check_workdir_config(tiny_cfg("decoder", "model.max_segments=4"), str(tmp_path))
 
 
 def _snapshot(path):

@@ -68,13 +68,14 @@ def _orbit(nxt: np.ndarray) -> np.ndarray:
     return out[:r]
 
 
-def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None):
+def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None, max_pieces: int = 0):
     """Greedy in-order packing (next fit) of sequences into rows, as stream ranges.
 
     lengths: int [N], the sequences in order (their concatenation is the *stream*). Sequences are
     cut into chunks of at most ``chunk_len``; ``size_table`` (int [chunk_len + 1, k]) gives what a
     chunk of n tokens takes of each of the k ``capacities`` (default: n of the one capacity). A row
-    closes when the next chunk would overflow one of them. Returns ``(row_starts, fill)``:
+    closes when the next chunk would overflow one of them, or when it holds ``max_pieces`` chunks
+    (0 = no cap). Returns ``(row_starts, fill)``:
     int64 [R + 1] stream offsets (row r is [row_starts[r], row_starts[r + 1])), and the used share
     of capacity 0 over all rows.
 
@@ -90,6 +91,8 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
     # A row opened by chunk p holds chunks p .. nxt[p] - 1: all that fit every capacity.
     nxt = np.min([np.searchsorted(ends[:, j], starts[:, j] + cap, side="right")
                   for j, cap in enumerate(capacities)], axis=0)
+    if max_pieces:
+        nxt = np.minimum(nxt, np.arange(len(chunks)) + max_pieces)
     first = _orbit(nxt)
     chunk_start = np.concatenate([[0], np.cumsum(chunks)])
     row_starts = np.append(chunk_start[first], chunk_start[-1])
@@ -100,10 +103,22 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
     return row_starts, float(sizes[:, 0].sum() / (len(first) * capacities[0]))
 
 
-def concat_rows(num_tokens: int, length: int):
+def concat_rows(seq_start: np.ndarray, length: int, max_pieces: int = 0):
     """The stream cut every ``length`` tokens (the last row may be short): ``(row_starts, fill)``
-    as ``pack_rows`` returns them. A sequence crossing a cut goes on in the next row."""
-    row_starts = np.append(np.arange(0, num_tokens, length, dtype=np.int64), num_tokens)
+    as ``pack_rows`` returns them. A sequence crossing a cut goes on in the next row.
+
+    seq_start: int64 [N + 1], the stream offsets of the sequences. With ``max_pieces`` > 0 a row
+    also ends where its ``max_pieces + 1``-th sequence would begin (that row is then short)."""
+    num_tokens = int(seq_start[-1])
+    if not max_pieces:
+        row_starts = np.append(np.arange(0, num_tokens, length, dtype=np.int64), num_tokens)
+    else:
+        starts, a, n = [], 0, len(seq_start) - 1
+        while a < num_tokens:
+            starts.append(a)
+            first = int(np.searchsorted(seq_start, a, side="right")) - 1  # the sequence holding token a
+            a = min(a + length, int(seq_start[min(first + max_pieces, n)]))
+        row_starts = np.array(starts + [num_tokens], np.int64)
     rows = len(row_starts) - 1
     return row_starts, float(num_tokens / (rows * length)) if rows else 0.0
 
@@ -304,14 +319,16 @@ class Batches:
         lengths = (documents.doc_lengths() if doc_lengths is None else doc_lengths)[self._doc_ids]
         self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
         self.num_tokens = int(self._seq_start[-1])
+        cap = cfg.model.max_segments  # documents per row (cuDNN's packed layout is built for it)
         if self.objective == "span":
             self._row_starts, self.packing_efficiency = pack_rows(
-                lengths, self._raw_len, (self.seq_len, self.target_len), self._span_sizes
+                lengths, self._raw_len, (self.seq_len, self.target_len), self._span_sizes, max_pieces=cap
             )
         elif self._cfg.packing == "concat":
-            self._row_starts, self.packing_efficiency = concat_rows(self.num_tokens, self.seq_len)
+            self._row_starts, self.packing_efficiency = concat_rows(self._seq_start, self.seq_len, max_pieces=cap)
         else:
-            self._row_starts, self.packing_efficiency = pack_rows(lengths, self.seq_len, (self.seq_len,))
+            self._row_starts, self.packing_efficiency = pack_rows(lengths, self.seq_len, (self.seq_len,),
+                                                                  max_pieces=cap)
         self.rows_per_epoch = len(self._row_starts) - 1
 
     # ------------------------------------------------------------ setup

@@ -283,17 +283,46 @@ def segments_from_lengths_and_starts(lengths_BM: Array, starts_BM1: Array, lengt
     return jnp.sum(inside_BMT * jnp.arange(1, lengths_BM.shape[1] + 1)[None, :, None], axis=1).astype(jnp.int32)
 
 
+def _jax_version() -> tuple[int, int]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:2])
+
+
+def cross_segments(q_lengths_BM: Array, q_starts_BM1: Array, kv_lengths_BM: Array, kv_starts_BM1: Array) -> tuple:
+    """Packed segments for attention from one row's documents (queries) to another's (keys), the
+    k-th document of each side being the same one (T5's encoder and decoder rows). A slot empty on
+    either side is dropped on both, so that cuDNN, which closes up the -1 gaps of each side
+    separately, still pairs the k-th query segment with the k-th key segment."""
+    both = (q_lengths_BM > 0) & (kv_lengths_BM > 0)
+    keep = lambda a_BM: jnp.where(both, a_BM, -1)
+    both_BM1 = jnp.concatenate([both, jnp.zeros_like(both[:, :1])], axis=1)
+    return (keep(q_lengths_BM), jnp.where(both_BM1, q_starts_BM1, -1),
+            keep(kv_lengths_BM), jnp.where(both_BM1, kv_starts_BM1, -1))
+
+
+def _jax_version() -> tuple[int, int]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:2])
+
+
 def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NTS: Optional[Array],
-                           lengths_BM: Array, starts_BM1: Array, scale: float, causal: bool) -> Array:
-    """jax's cuDNN attention on packed rows: each document (``lengths`` / ``starts``) attends only
-    to itself, causally when ``causal``, with no ``[B, 1, T, S]`` mask turned into a bias. A
-    private jax function (``jax._src.cudnn.fused_attention_stablehlo``); GPU only."""
+                           segments: tuple, scale: float, causal: bool) -> Array:
+    """jax's cuDNN attention on packed rows: the k-th query segment attends only to the k-th key
+    segment, causally when ``causal``, with no ``[B, 1, T, S]`` mask turned into a bias.
+    ``segments``: ``(q_lengths [B, M], q_starts [B, M + 1], kv_lengths, kv_starts)`` as
+    ``segment_lengths_and_starts`` makes them; with M = 1 cuDNN ignores the starts (a row's one
+    document starts at 0). A private jax function (``jax._src.cudnn.fused_attention_stablehlo``);
+    GPU only."""
+    q_lengths_BM, q_starts_BM1, kv_lengths_BM, kv_starts_BM1 = segments
     try:
         from jax._src.cudnn.fused_attention_stablehlo import MaskType
         from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
-                               q_offsets=starts_BM1, kv_offsets=starts_BM1, scale=scale,
+        n, k = q_BTNH.shape[2], k_BSKH.shape[2]
+        if k != n and q_lengths_BM.shape[1] > 1 and _jax_version() < (0, 11):
+            # jax < 0.11 scales packed key/value offsets by the query heads (fixed in 0.11): with
+            # GQA it would read other rows' keys, so it gets as many key/value heads as queries.
+            k_BSKH, v_BSKH = (jnp.repeat(a, n // k, axis=2) for a in (k_BSKH, v_BSKH))
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, q_seqlen=q_lengths_BM, kv_seqlen=kv_lengths_BM,
+                               q_offsets=q_starts_BM1, kv_offsets=kv_starts_BM1, scale=scale,
                                mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
     except (ImportError, ValueError, NotImplementedError, RuntimeError) as e:
         raise ConfigError(f"model.attention=cudnn_packed needs jax's cuDNN attention on an NVIDIA GPU with bf16/fp16 "
@@ -304,6 +333,11 @@ def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NT
 # ----------------------------------------------------------------------- attention
 
 
+def on_gpu() -> bool:
+    """Whether arrays live on a GPU (where ``attention=auto`` picks cuDNN)."""
+    return jax.default_backend() == "gpu"
+
+
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
                           segments: Optional[tuple] = None, causal: bool = False) -> Array:
@@ -311,14 +345,19 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
     ``jax.nn.dot_product_attention``: bf16/fp16 on a GPU, mask and bias passed through),
-    ``cudnn_packed`` (``cudnn_packed_attention`` when ``segments`` = (lengths, starts) is given,
-    else as ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, else XLA)."""
+    ``cudnn_packed`` (``cudnn_packed_attention`` when its ``segments`` are given, else as
+    ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, the packed layout when
+    ``segments`` are given; else XLA)."""
+    cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    if segments is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
+        try:
+            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, segments, scale, causal)
+        except ConfigError:
+            if implementation == "cudnn_packed":
+                raise
     if implementation == "cudnn_packed":
-        if segments is not None:
-            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, *segments, scale, causal)
-        implementation = "auto"  # decoding, prefix LM, cross-attention: the mask, on cuDNN where it runs
-    use_cudnn = implementation == "cudnn" or (
-        implementation == "auto" and jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16))
+        implementation = "auto"  # decoding, prefix LM: the mask, on cuDNN where it runs
+    use_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_fits)
     if use_cudnn:
         try:
             return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, mask=mask_B1TS,

@@ -29,6 +29,7 @@ from t5x_lite.models.layers import (
     alibi_bias,
     attention_mask,
     constrain,
+    cross_segments,
     dense,
     jnp_dtype,
     make_norm,
@@ -84,7 +85,8 @@ class Block(nn.Module):
         new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
             x_BLD, cross_kv = sublayer(x_BLD, "cross_attention",
-                                       attend("cross", True, ctx["cross_mask"], kv_BSD=ctx["encoded"]))
+                                       attend("cross", True, ctx["cross_mask"], kv_BSD=ctx["encoded"],
+                                              segments=ctx.get("cross_segments")))
             if cache is not None:
                 new_cache["cross"] = cross_kv
         x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
@@ -116,6 +118,7 @@ class Stack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, 0),
                 length=self.num_layers,
+                unroll=min(cfg.scan_unroll, self.num_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             carry, _ = scanned(cfg, self.cross, self.deterministic, self.causal, name="layers")(
@@ -196,13 +199,20 @@ class TextStack(nn.Module):
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
         ctx = {"mask": mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None}
-        if cfg.attention == "cudnn_packed" and cache is None and prefix_mask_BT is None:
+        packed = (cfg.attention in ("cudnn_packed", "auto") and cfg.max_segments > 0 and cache is None
+                  and prefix_mask_BT is None)
+        if packed:
             # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding
-            # and prefix LM keep the mask. Segment ids run 1..k in a row, so k <= T.
-            ctx["segments"] = segment_lengths_and_starts(segment_ids_BT, t)
+            # and prefix LM keep the mask. Rows hold at most max_segments documents (the packer's
+            # cap). Where attention runs on XLA ("auto" off a GPU) these go unused and XLA drops them.
+            lengths_BM, starts_BM1 = segment_lengths_and_starts(segment_ids_BT, cfg.max_segments)
+            ctx["segments"] = (lengths_BM, starts_BM1, lengths_BM, starts_BM1)
         if self.cross:
             enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
             ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
+            if packed:  # the k-th decoder document reads the k-th encoder document
+                ctx["cross_segments"] = cross_segments(
+                    lengths_BM, starts_BM1, *segment_lengths_and_starts(enc_seg, cfg.max_segments))
 
         stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])

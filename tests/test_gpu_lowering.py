@@ -1,0 +1,127 @@
+"""The cuDNN attention paths as a GPU would compile them, checked on this CPU.
+
+``jax.export`` lowers a function for ``platforms=["cuda"]`` without a GPU; jax's cuDNN attention
+asks the (absent) GPU for its cuDNN version and compute capability while tracing, so those two
+answers are given here (cuDNN 9.10 on a Hopper). What is checked is the StableHLO a GPU would
+receive: which cuDNN kernels run, with which mask type, which operands (a dense bias or none),
+and the size of what they keep for the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import t5x_lite
+from helpers import random_batch, tiny_cfg
+from t5x_lite.models import build_model, model_kwargs
+
+_KERNELS = ("fmhaSoftmax", "fmhaScaleBiasSoftmax")
+_TARGETS = [f"__cudnn${k}{bwd}" for k in _KERNELS for bwd in ("", "Backward")]
+_CALL = re.compile(r'stablehlo\.custom_call @__cudnn\$(\w+)\(.*?backend_config = "(.*?)".*?'
+                   r' : \((.*?)\) -> \((.*?)\)')
+_TENSOR = re.compile(r"tensor<([0-9x]*)x?(\w+)>")
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """jax's cuDNN attention sees cuDNN 9.10 on compute capability 9.0; ``attention=auto`` sees a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    from t5x_lite.models import layers
+
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(layers, "on_gpu", lambda: True)
+
+
+def _shapes(types: str) -> list[tuple]:
+    return [tuple(int(d) for d in dims.split("x") if d) for dims, _ in _TENSOR.findall(types)]
+
+
+def cudnn_calls(fn, *args) -> list[dict]:
+    """The cuDNN attention custom calls of ``jit(fn)(*args)`` lowered for CUDA: kernel name,
+    backend config, operand and result shapes, in module order."""
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in _TARGETS])(*args)
+    calls = []
+    for kernel, config, operands, results in _CALL.findall(exported.mlir_module()):
+        config = json.loads(config.replace("\\22", '"'))["cudnn_fmha_backend_config"]
+        calls.append({"kernel": kernel, "mask_type": config["mask_type"], "segments": config["max_seg_per_batch"],
+                      "operands": _shapes(operands), "results": _shapes(results)})
+    return calls
+
+
+def _grad_calls(cfg) -> list[dict]:
+    """cuDNN calls of the gradient of the model's summed logits (forward and backward kernels)."""
+    params = t5x_lite.init_params(cfg, 0)
+    batch = model_kwargs(cfg.model.family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=1).items()})
+    model = build_model(cfg)
+
+    def loss(params):
+        return model.apply({"params": params}, **batch).astype(jnp.float32).sum()
+
+    return cudnn_calls(jax.grad(loss), params)
+
+
+def _forward(calls):
+    return [c for c in calls if not c["kernel"].endswith("Backward")]
+
+
+B, T, N = 8, 16, 4  # tiny_cfg: batch 8, length 16, 4 heads
+
+
+def test_cudnn_packed_decoder_runs_causal_segments_without_a_bias(hopper):
+    """Decoder + GQA, 2 documents per row: cuDNN's causal padding kernel over packed segments,
+    no mask turned into a bias, a softmax statistic of B x max_segments rows (not B x T)."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.num_kv_heads=2", "model.attention=cudnn_packed",
+                   "model.max_segments=2")
+    calls = _grad_calls(cfg)
+    assert sorted(c["kernel"] for c in calls) == ["fmhaSoftmax", "fmhaSoftmaxBackward"]
+    fwd, = _forward(calls)
+    assert fwd["mask_type"] == "PADDING_CAUSAL" and fwd["segments"] == 2
+    q, k, v, *segments = fwd["operands"]
+    assert q == (B, T, N, 8) and segments == [(B, 2), (B, 2), (B, 3), (B, 3)]
+    # jax < 0.11 scales packed kv offsets by the query heads, so it is given N key/value heads
+    assert k == v == (B, T, 2 if jax.__version_info__ >= (0, 11) else N, 8)
+    assert fwd["results"][1] == (B * 2, N, T)  # float32 softmax statistic kept for the backward pass
+
+
+@pytest.mark.parametrize("max_segments,kernel", [(0, "fmhaScaleBiasSoftmax"), (3, "fmhaSoftmax")])
+def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_segments, kernel):
+    """attention=auto (the GPU configs): cuDNN with the mask as a bias when rows are not capped,
+    the packed layout when model.max_segments caps them."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", f"model.max_segments={max_segments}")
+    fwd, = _forward(_grad_calls(cfg))
+    assert fwd["kernel"] == kernel and fwd["segments"] == max(max_segments, 1)
+
+
+def test_cudnn_mask_becomes_a_dense_non_causal_bias(hopper):
+    """Why cudnn_packed exists: model.attention=cudnn hands jax the [B, 1, T, S] document mask,
+    which jax turns into an additive bias on a kernel with no mask type (no causal skipping)."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=cudnn")
+    fwd, = _forward(_grad_calls(cfg))
+    assert fwd["kernel"] == "fmhaScaleBiasSoftmax" and fwd["mask_type"] == "NO_MASK"
+    assert fwd["operands"][3] == (B, 1, T, T)
+
+
+def test_cudnn_packed_encoder_and_t5(hopper):
+    """Encoder: the padding kernel over segments. T5: the relative-position bias [1, N, T, S]
+    rides along on both self-attentions (and gets its gradient); cross-attention pairs the k-th
+    decoder document with the k-th encoder document, without a bias."""
+    enc = _forward(_grad_calls(tiny_cfg("encoder", "model.dtype=bfloat16", "model.attention=cudnn_packed",
+                                        "model.max_segments=4")))
+    assert [(c["kernel"], c["mask_type"], c["segments"]) for c in enc] == [("fmhaSoftmax", "PADDING", 4)]
+
+    calls = _grad_calls(tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=cudnn_packed",
+                                 "model.max_segments=2"))
+    fwd = sorted((c["kernel"], c["mask_type"], c["segments"], c["operands"][3]) for c in _forward(calls))
+    assert fwd == [("fmhaScaleBiasSoftmax", "PADDING", 2, (1, N, T, T)),  # encoder self-attention
+                   ("fmhaScaleBiasSoftmax", "PADDING_CAUSAL", 2, (1, N, T, T)),  # decoder self-attention
+                   ("fmhaSoftmax", "PADDING", 2, (B, 2))]  # cross-attention: operand 3 is q_seqlen
+    bias_grads = [c for c in calls if c["kernel"] == "fmhaScaleBiasSoftmaxBackward" and (1, N, T, T) in c["results"]]
+    assert len(bias_grads) == 2  # dbias of the relative-position bias, encoder and decoder
