@@ -34,6 +34,7 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
+      --variant remat_dots:model.remat=dots \
       --variant remat_full:model.remat=full \
       --variant b16:train.batch_size=16 \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;

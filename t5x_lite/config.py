@@ -57,7 +57,9 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
     param_dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16"))
-    remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "full"))
+    # minimal: keep weight-matmul and cuDNN attention outputs; dots: weight-matmul outputs only
+    # (cuDNN attention's forward runs again in the backward pass); full: keep only layer inputs
+    remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "dots", "full"))
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))

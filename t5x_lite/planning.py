@@ -27,13 +27,14 @@ F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
     one layer, everything (E):   (2a + 16) D + a (2Q + 2K + 6F) + n S (4 + a)
     one layer, matmul outputs (M):  a (2D + Q + 2K + 2F)      (plain MLP: F instead of 2F)
     remat none:      L E + (E - M) + 5 n S   (the attention mask broadcast to the scores)
-    remat minimal:   L M + (E - M) + S
+    remat minimal / dots:   L M + (E - M) + S
     remat full:      L a D + E + S
 
 (E - M, E: the layer whose backward pass runs, recomputed under remat. 16 D: float32 norm
 inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash attention on GPU keeps 4n
-instead, 4nM with its packed layout, M = ``model.max_segments``.) Cross-attention adds (a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per
-decoder token, and 2aK per encoder position and decoder layer (none, minimal). The output
+instead, 4nM with its packed layout, M = ``model.max_segments``; remat minimal adds that and
+the kernel's output, aQ, to M: kept rather than rerun.) Cross-attention adds
+(a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per decoder token, and 2aK per encoder position and decoder layer (none, minimal). The output
 layer adds D(a + 8) per token (the final norm) and V/t (a + 8) per position whose logits exist at
 once (logits, their float32 log-softmax and its gradient): every position, or the MLM's scored
 ones (~15%), or one ``train.loss_chunk`` of them. Weights beyond the stored params: without remat, compute-dtype copies of every
@@ -185,11 +186,14 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
     def probs(s):
         return 4 * n * (m.max_segments if packed else 1) if flash else n * s * (4 + a)
 
+    kernel_kept = flash and m.remat == "minimal"  # cuDNN's output and statistic are kept too
+
     everything = (2 * a + 16) * d + a * (2 * q + 2 * kv + 6 * f) + probs(keys)
     dots = a * (2 * d + q + 2 * kv + (2 if m.mlp in ("swiglu", "geglu") else 1) * f)
+    dots += (a * q + probs(keys)) if kernel_kept else 0
     if cross_keys:
         everything += (a + 8) * d + 2 * a * q + probs(cross_keys)
-        dots += a * (d + q)
+        dots += a * (d + q) + ((a * q + probs(cross_keys)) if kernel_kept else 0)
     return everything, dots
 
 
@@ -203,6 +207,7 @@ def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) 
         mask = (5 * _per_shard(m.num_heads, tensor) if m.remat == "none" and not flash else 1) * tokens
         kept = {"none": layers * everything + everything - dots,
                 "minimal": layers * dots + everything - dots,
+                "dots": layers * dots + everything - dots,
                 "full": layers * a * m.d_model + everything}[m.remat]
         return tokens * (kept + mask)
 

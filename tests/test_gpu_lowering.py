@@ -1,8 +1,9 @@
 """The cuDNN attention paths as a GPU would compile them, checked on this CPU.
 
-``jax.export`` lowers a function for ``platforms=["cuda"]`` without a GPU; jax's cuDNN attention
-asks the (absent) GPU for its cuDNN version and compute capability while tracing, so those two
-answers are given here (cuDNN 9.10 on a Hopper). What is checked is the StableHLO a GPU would
+``jit(f).trace(...).lower(lowering_platforms=("cuda",))`` lowers for a GPU without one; jax's
+cuDNN attention asks the (absent) GPU for its
+cuDNN version and compute capability while tracing, so those two answers are given here
+(cuDNN 9.10 on a Hopper). What is checked is the StableHLO a GPU would
 receive: which cuDNN kernels run, with which mask type, which operands (a dense bias or none),
 and the size of what they keep for the backward pass.
 """
@@ -20,8 +21,6 @@ import t5x_lite
 from helpers import random_batch, tiny_cfg
 from t5x_lite.models import build_model, model_kwargs
 
-_KERNELS = ("fmhaSoftmax", "fmhaScaleBiasSoftmax")
-_TARGETS = [f"__cudnn${k}{bwd}" for k in _KERNELS for bwd in ("", "Backward")]
 _CALL = re.compile(r'stablehlo\.custom_call @__cudnn\$(\w+)\(.*?backend_config = "(.*?)".*?'
                    r' : \((.*?)\) -> \((.*?)\)')
 _TENSOR = re.compile(r"tensor<([0-9x]*)x?(\w+)>")
@@ -45,11 +44,10 @@ def _shapes(types: str) -> list[tuple]:
 def cudnn_calls(fn, *args) -> list[dict]:
     """The cuDNN attention custom calls of ``jit(fn)(*args)`` lowered for CUDA: kernel name,
     backend config, operand and result shapes, in module order."""
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in _TARGETS])(*args)
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
+    text = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = []
-    for kernel, config, operands, results in _CALL.findall(exported.mlir_module()):
+    for kernel, config, operands, results in _CALL.findall(text):
         config = json.loads(config.replace("\\22", '"'))["cudnn_fmha_backend_config"]
         calls.append({"kernel": kernel, "mask_type": config["mask_type"], "segments": config["max_seg_per_batch"],
                       "operands": _shapes(operands), "results": _shapes(results)})
@@ -125,3 +123,27 @@ def test_cudnn_packed_encoder_and_t5(hopper):
                    ("fmhaSoftmax", "PADDING", 2, (B, 2))]  # cross-attention: operand 3 is q_seqlen
     bias_grads = [c for c in calls if c["kernel"] == "fmhaScaleBiasSoftmaxBackward" and (1, N, T, T) in c["results"]]
     assert len(bias_grads) == 2  # dbias of the relative-position bias, encoder and decoder
+
+
+def _train_step_calls(cfg) -> list[dict]:
+    """cuDNN calls of the whole train step (loss, gradients, AdamW) lowered for CUDA on one
+    device (on a mesh, jax wraps each call in a custom partitioning callback that the GPU
+    compiler expands, so the kernels are not in the text)."""
+    from t5x_lite import partitioning, trainer
+
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
+    with setup.activation_context():
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+                 for k, v in trainer.batch_shapes(cfg).items()}
+        return cudnn_calls(setup.train_step, setup.abstract_state, batch)
+
+
+@pytest.mark.parametrize("remat,forward_kernels", [("minimal", 1), ("dots", 2)])
+def test_remat_minimal_keeps_the_attention_kernel_output(hopper, remat, forward_kernels):
+    """The GPU configs' remat=minimal saves cuDNN's forward outputs: the train step runs the
+    attention forward kernel once per layer, not again inside the backward pass (remat=dots)."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", "model.max_segments=2",
+                   f"model.remat={remat}", "train.loss_chunk=8", "mesh.fsdp=1")
+    calls = _train_step_calls(cfg)
+    assert len(_forward(calls)) == forward_kernels and len(calls) == forward_kernels + 1
+    assert {c["mask_type"] for c in calls} == {"PADDING_CAUSAL"}

@@ -214,7 +214,7 @@ def test_scan_equals_unrolled(family):
     chex.assert_trees_all_close(grads_r, grads_s, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("full", "false")])
+@pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("dots", "true"), ("full", "false")])
 def test_remat_equals_no_remat(policy, scan):
     from helpers import random_batch
 

@@ -39,8 +39,18 @@ from t5x_lite.models.layers import (
 
 Array = jax.Array
 
+def save_dots_and_attention(prim, *avals, **params) -> bool:
+    """remat ``minimal``: keep the outputs of weight matmuls (dots without batch dimensions) and of
+    cuDNN's attention forward kernel (its output and softmax statistic); without the latter, the
+    backward pass of the output projection runs the attention forward again. XLA's attention
+    (einsums with batch dimensions) is recomputed as before."""
+    return (prim.name.startswith("dot_product_attention_fwd")  # jax's cuDNN primitives (0.10, 0.11)
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
 REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": save_dots_and_attention,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
