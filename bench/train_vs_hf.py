@@ -54,33 +54,6 @@ def load_cfg(workload: str, smoke: bool, overrides: list[str]):
     return load_config(os.path.join(ROOT, WORKLOADS[workload]), extra + overrides)
 
 
-def random_tokens(cfg, seed: int = 0) -> dict:
-    """Unpacked random batch in the train step's format (all weights 1, MLM: 15% of positions)."""
-    import numpy as np
-
-    from t5x_lite.trainer import batch_shapes
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, spec in batch_shapes(cfg).items():
-        b, n = spec.shape
-        if key.endswith("segment_ids"):
-            out[key] = np.ones((b, n), np.int32)
-        elif key.endswith("positions"):
-            out[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
-        elif key == "weights":
-            w = np.ones((b, n), np.float32)
-            if cfg.objective == "mlm":  # as the objective: exactly round(rate x n) scored per row
-                rank = np.argsort(np.argsort(rng.random((b, n)), -1), -1)
-                w = (rank < round(cfg.data.mlm_rate * n)).astype(np.float32)
-            out[key] = w
-        elif key == "prefix_mask":
-            out[key] = np.zeros((b, n), bool)
-        else:
-            out[key] = rng.integers(10, cfg.model.vocab_size, (b, n)).astype(np.int32)
-    return out
-
-
 def peak_tflops(device_name: str, given: float | None) -> float | None:
     from t5x_lite.metrics import peak_flops
 
@@ -92,33 +65,9 @@ def peak_tflops(device_name: str, given: float | None) -> float | None:
 
 
 def run_ours(cfg, steps: int, warmup: int) -> dict:
-    import jax
+    from t5x_lite.benchmark import measure_train
 
-    from t5x_lite import partitioning, trainer
-
-    t0 = time.perf_counter()
-    mesh = partitioning.make_mesh(cfg)
-    setup = trainer.make_setup(cfg, mesh)
-    compiled = trainer.compile_train_step(setup)
-    with setup.activation_context():
-        state = setup.init(jax.random.key(0))
-        batch = trainer.to_global(random_tokens(cfg), setup.batch_sharding)
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        first_step_s = time.perf_counter() - t0
-        for _ in range(max(warmup - 1, 0)):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = compiled(state, batch)
-        loss = float(jax.device_get(metrics["loss"]))
-        elapsed = time.perf_counter() - t1
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
-    return {"step_s": elapsed / steps, "first_step_s": first_step_s, "loss": loss,
-            "peak_bytes": stats.get("peak_bytes_in_use"), "device": device.device_kind,
-            "jax": jax.__version__}
+    return measure_train(cfg, steps, warmup)
 
 
 # ----------------------------------------------------------------------------- HF
@@ -154,7 +103,9 @@ def hf_model(cfg):
 def hf_inputs(cfg, device) -> dict:
     import torch
 
-    b = {k: torch.as_tensor(v, device=device) for k, v in random_tokens(cfg).items()}
+    from t5x_lite.benchmark import random_batch
+
+    b = {k: torch.as_tensor(v, device=device) for k, v in random_batch(cfg).items()}  # the tokens ours gets
     if cfg.model.family == "decoder":
         return {"input_ids": b["targets"].long(), "labels": b["targets"].long()}
     if cfg.model.family == "encoder_decoder":

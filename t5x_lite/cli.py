@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=_delegate("t5x_lite.planning", "run_plan_cli"))
 
+    p = sub.add_parser("bench", help="time the compiled train step of a config (and variants) on this machine")
+    _add_config_args(p)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another row with these overrides, e.g. remat_full:model.remat=full (repeatable)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one compiles")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="one device's dense peak for MFU (default: known GPUs, e.g. H100 989)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.set_defaults(fn=_delegate("t5x_lite.benchmark", "run_bench_cli"))
+
     p = sub.add_parser("sweep", help="train a ladder of d_model sizes on compute-matched budgets, fit L(C)")
     _add_config_args(p)
     p.add_argument("--sizes", required=True, help="comma-separated d_model values, e.g. 32,48,64,96")

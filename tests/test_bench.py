@@ -86,3 +86,21 @@ def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     for name in ("seg1_m1", "seg4_m4", "seg4_m16", "seg4_m64"):
         rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_{name}.json").read_text())}
         assert rows["xla_packed"]["max_out_err"] < 1e-5
+
+
+def test_bench_command_times_a_config_and_its_variants(tmp_path):
+    """``t5x-lite bench``: one row per variant, from the same random batch and init (the same loss)."""
+    proc, data = _run_json(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--steps", "2",
+                            "--warmup", "1", "--set", "model.num_layers=2", "--set", "train.batch_size=4",
+                            "--variant", "unroll:model.scan_unroll=2"], tmp_path / "bench.json")
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == ["default", "unroll"] and rows["unroll"]["overrides"] == ["model.num_layers=2",
+                                                                                   "train.batch_size=4",
+                                                                                   "model.scan_unroll=2"]
+    for r in rows.values():
+        assert r["tokens_per_step"] == 4 * 128 and r["tokens_per_s"] > 0 and r["compiled_bytes"] > 0
+        assert r["first_step_s"] >= r["compile_s"] > 0
+    assert math.isclose(rows["default"]["loss"], rows["unroll"]["loss"], rel_tol=1e-5)
+    assert "| default |" in proc.stdout and "| unroll |" in proc.stdout
+    bad = _run(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--variant", "oops"])
+    assert bad.returncode == 2 and "error: variant 'oops'" in bad.stderr

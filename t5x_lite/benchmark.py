@@ -1,0 +1,134 @@
+"""``t5x-lite bench``: how fast one config trains on this machine, measured.
+
+``plan`` estimates memory and time from formulas; this runs the real compiled train step on
+random tokens and times it: compile, first step (init + compile + one step), then warm-up steps
+and timed steps with one device sync at the end. Variants (``--variant NAME:key=value,...``)
+run in the same process, one after another, each with its own compiled step, so that figures
+side by side come from the same machine at the same time. The persistent compilation cache is
+not used: compile times are cold ones.
+
+Figures per variant: tokens/s, step time, MFU (``metrics.train_flops_per_step`` over the
+device's dense bf16 peak, when known or given), compile seconds, first-step seconds, the
+compiler's bytes per device (arguments + temporaries) and the loss (finite, near ln V on
+random tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from t5x_lite.config import Config, ConfigError, load_config, parse_variant
+
+
+def random_batch(cfg: Config, seed: int = 0) -> dict:
+    """One unpacked batch in the train step's format: random tokens, one document per row, all
+    weights 1 (MLM: ``round(data.mlm_rate x length)`` scored positions per row)."""
+    from t5x_lite.trainer import batch_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, spec in batch_shapes(cfg).items():
+        b, n = spec.shape
+        if key.endswith("segment_ids"):
+            out[key] = np.ones((b, n), np.int32)
+        elif key.endswith("positions"):
+            out[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
+        elif key == "weights":
+            w = np.ones((b, n), np.float32)
+            if cfg.objective == "mlm":
+                rank = np.argsort(np.argsort(rng.random((b, n)), -1), -1)
+                w = (rank < round(cfg.data.mlm_rate * n)).astype(np.float32)
+            out[key] = w
+        elif key == "prefix_mask":
+            out[key] = np.zeros((b, n), bool)
+        else:
+            out[key] = rng.integers(10, cfg.model.vocab_size, (b, n)).astype(np.int32)
+    return out
+
+
+def measure_train(cfg: Config, steps: int, warmup: int) -> dict:
+    """Time ``cfg``'s train step on the local devices (``steps`` timed after ``warmup``)."""
+    import jax
+
+    from t5x_lite import partitioning, trainer
+
+    t0 = time.perf_counter()
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg))
+    compiled = trainer.compile_train_step(setup)
+    compile_s = time.perf_counter() - t0
+    with setup.activation_context():
+        state = setup.init(jax.random.key(0))
+        batch = trainer.to_global(random_batch(cfg), setup.batch_sharding)  # bench/train_vs_hf: HF's too
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        first_step_s = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        loss = float(jax.device_get(metrics["loss"]))  # the one sync: every step has run
+        step_s = (time.perf_counter() - t1) / steps
+    device = jax.devices()[0]
+    stats = trainer.compiled_stats(compiled)
+    return {"step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
+            "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
+            "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
+            "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
+
+
+def _figures(cfg: Config, result: dict, peak_tflops: Optional[float]) -> dict:
+    """tokens/s and MFU of one measurement (the training log's FLOP count)."""
+    from t5x_lite.metrics import peak_flops, tokens_per_step, train_flops_per_step
+
+    tokens, flops = tokens_per_step(cfg), train_flops_per_step(cfg)
+    peak = peak_flops(result["device"], peak_tflops)
+    out = {"tokens_per_step": tokens, "flops_per_step": flops,
+           "tokens_per_s": tokens / result["step_s"]}
+    if peak:
+        out["mfu"] = flops / result["step_s"] / (peak * result["num_devices"])
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| variant | tokens/s | step ms | MFU | compile s | first step s | compiled GB / device | loss |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        mem = f"{r['compiled_bytes'] / 1e9:.2f}" if r.get("compiled_bytes") else "-"
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
+                     f"{r['compile_s']:.1f} | {r['first_step_s']:.1f} | {mem} | {r['loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def run_bench_cli(args) -> int:
+    if args.steps < 1 or args.warmup < 1:
+        raise ConfigError(f"--steps={args.steps} and --warmup={args.warmup} must be >= 1")
+    variants = [("default", [])] + [parse_variant(v) for v in args.variant]
+    cfgs = [(name, load_config(args.config, args.overrides + extra)) for name, extra in variants]  # all checked first
+    rows = []
+    for name, cfg in cfgs:
+        print(f"bench {name}: compiling and timing {args.warmup} + {args.steps} steps of batch "
+              f"{cfg.train.batch_size} x {cfg.data.seq_len}", file=sys.stderr, flush=True)
+        result = measure_train(cfg, args.steps, args.warmup)
+        if not math.isfinite(result["loss"]):
+            print(f"warning: variant {name}: the loss is {result['loss']}", file=sys.stderr)
+        row = {"variant": name, "overrides": args.overrides + dict(variants)[name], **result,
+               **_figures(cfg, result, args.peak_tflops)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "config": args.config, "results": rows}, f, indent=2)
+    return 0
