@@ -121,6 +121,10 @@ class TrainConfig:
     progress: bool = True
     loss_chunk: int = 0  # >0: cross-entropy this many positions at a time (no full-batch fp32 logits)
     peak_tflops: Optional[float] = None  # one device's dense peak for MFU; None: known GPUs (H100: 989)
+    # PRNG of the dropout masks: threefry2x32 (jax's default: the same masks on any mesh) or XLA's
+    # RngBitGenerator (rbg, unsafe_rbg: cheaper on GPUs, masks depend on the sharding)
+    dropout_rng: str = dataclasses.field(default="threefry2x32",
+                                         metadata=_choices("threefry2x32", "rbg", "unsafe_rbg"))
 
 
 @dataclasses.dataclass

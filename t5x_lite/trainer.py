@@ -164,7 +164,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         return grads, sums
 
     def train_step(state: TrainState, batch: dict):
-        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed, impl=cfg.train.dropout_rng), state.step)
         if num_micro == 1:
             grads, sums = grad_sums(state.params, batch, rng)
         else:
