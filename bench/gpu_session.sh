@@ -3,9 +3,10 @@
 # device call, every result written under $OUT (default runs/gpu_session):
 #
 #   bash bench/gpu_session.sh attention   # bench/attention.py: 1 and 4 documents per row, M    (~1 min)
-#   bash bench/gpu_session.sh llama       # llama_1b: ours (+ variants) vs HF eager / compiled  (~8 min)
+#   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1 vs HF eager / compiled (~6 min)
 #                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
 #                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1
+#   bash bench/gpu_session.sh llama_more  # llama_1b: ours, remat dots / full, batch 16, cuBLAS GEMMs (~5 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32                   (~3 min)
 #
@@ -34,10 +35,14 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
+      --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
+  llama_more)  # ours only: its "ours" row ties these to the llama part's HF rows
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
       --variant remat_dots:model.remat=dots \
       --variant remat_full:model.remat=full \
       --variant b16:train.batch_size=16 \
-      --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
+      --variant cublas:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+      --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
@@ -52,7 +57,7 @@ case $part in
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
   *)
-    echo "usage: $0 attention|llama|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
+    echo "usage: $0 attention|llama|llama_more|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
     exit 2 ;;
 esac
 echo "gpu_session: $part done; results in $OUT" >&2

@@ -174,12 +174,26 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def split_env(overrides) -> tuple[dict, list[str]]:
+    """A variant's ``NAME=value`` items with an upper-case NAME are environment variables of its
+    process (``XLA_FLAGS`` is added to the inherited flags); the rest are config overrides."""
+    env, config = {}, []
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name.isupper():
+            env[name] = (os.environ.get(name, "") + " " + value).strip() if name == "XLA_FLAGS" else value
+        else:
+            config.append(item)
+    return env, config
+
+
 def measure(workload: str, impl: str, args, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", workload, "--impl", impl,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+    variant_env, extra = split_env(extra)
     for s in list(args.set) + list(extra):
         cmd += ["--set", s]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=ROOT, **variant_env)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -239,7 +253,9 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--set", action="append", default=[], help="override our config (applies to HF too)")
     p.add_argument("--variant", action="append", default=[],
-                   help="NAME:key=value,... another row of ours with these overrides (HF unchanged)")
+                   help="NAME:key=value,... another row of ours with these overrides (HF unchanged); "
+                        "an upper-case key is an environment variable of that run, e.g. "
+                        "nogemm:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)

@@ -43,6 +43,18 @@ def test_train_vs_hf_smoke_all_workloads(tmp_path):
     assert "| llama | ours:remat |" in proc.stdout
 
 
+def test_variant_environment_items(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_vs_hf", os.path.join(ROOT, "bench", "train_vs_hf.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_a=1")
+    env, config = bench.split_env(["model.remat=full", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false", "NCCL_X=2"])
+    assert config == ["model.remat=full"]
+    assert env == {"XLA_FLAGS": "--xla_a=1 --xla_gpu_enable_triton_gemm=false", "NCCL_X": "2"}
+
+
 def test_train_vs_hf_rejects_a_bad_variant():
     proc = _run(["bench/train_vs_hf.py", "--smoke", "--variant", "no_overrides"])
     assert proc.returncode != 0 and "NAME:key=value" in proc.stderr
