@@ -2,13 +2,16 @@
 # Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
 # device call, every result written under $OUT (default runs/gpu_session):
 #
-#   bash bench/gpu_session.sh attention   # bench/attention.py: 1 and 4 documents per row, M    (~1 min)
 #   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1 vs HF eager / compiled (~6 min)
 #                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
 #                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1
+#   bash bench/gpu_session.sh attention   # bench/attention.py: documents per row and M         (~1 min)
+#   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~4 min)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: ours, remat dots / full, batch 16, cuBLAS GEMMs (~5 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32                   (~3 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled  (~3 min)
+#
+# In that order of value when device time is short.
 #
 # SMOKE=1 runs the same parts at CPU sizes (what tests/test_bench.py covers piece by piece).
 # On the device machine: `pip install --no-deps -e .` (or PYTHONPATH=.) first; the script sets
@@ -18,8 +21,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
-SMOKE_FLAG=()
-[[ ${SMOKE:-0} == 1 ]] && SMOKE_FLAG=(--smoke)
+SMOKE_FLAG=() SMOKE_SET=()
+if [[ ${SMOKE:-0} == 1 ]]; then
+  SMOKE_FLAG=(--smoke)
+  SMOKE_SET=(--set model.d_model=64 --set model.num_layers=2 --set model.num_heads=4 --set model.num_kv_heads=4
+             --set model.head_dim=16 --set model.d_ff=128 --set model.vocab_size=512 --set data.seq_len=64
+             --set train.batch_size=4 --set model.dtype=float32)
+fi
 STEPS=(--steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
 
 part=${1:-}
@@ -53,11 +61,16 @@ case $part in
       --variant packed1:model.max_segments=1 \
       --variant rbg:train.dropout_rng=rbg \
       --json "$OUT/bert.json" | tee "$OUT/bert.txt" ;;
+  profile)  # where each config's step goes: model parts, forward / backward, costliest instructions
+    for config in llama_1b t5_base bert_base; do
+      python -m t5x_lite bench --config "configs/$config.yaml" --steps 5 --warmup 2 --profile "$OUT/profile_$config" \
+        "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt"
+    done ;;
   decode)
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
   *)
-    echo "usage: $0 attention|llama|llama_more|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
+    echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
     exit 2 ;;
 esac
 echo "gpu_session: $part done; results in $OUT" >&2

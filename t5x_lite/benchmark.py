@@ -10,7 +10,8 @@ not used: compile times are cold ones.
 Figures per variant: tokens/s, step time, MFU (``metrics.train_flops_per_step`` over the
 device's dense bf16 peak, when known or given), compile seconds, first-step seconds, the
 compiler's bytes per device (arguments + temporaries) and the loss (finite, near ln V on
-random tokens).
+random tokens). ``--profile DIR`` also traces two more steps of each variant and prints where
+their time goes (``profiling.py``: by model part, forward / backward, costliest instructions).
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ def random_batch(cfg: Config, seed: int = 0) -> dict:
     return out
 
 
-def measure_train(cfg: Config, steps: int, warmup: int) -> dict:
-    """Time ``cfg``'s train step on the local devices (``steps`` timed after ``warmup``)."""
+PROFILE_STEPS = 2
+
+
+def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[str] = None) -> dict:
+    """Time ``cfg``'s train step on the local devices (``steps`` timed after ``warmup``). With
+    ``profile_dir``, ``PROFILE_STEPS`` more steps run under the profiler afterwards (the timing
+    stays unprofiled) and ``profile`` holds ``profiling.summarize`` of them."""
     import jax
 
     from t5x_lite import partitioning, trainer
@@ -77,9 +83,21 @@ def measure_train(cfg: Config, steps: int, warmup: int) -> dict:
             state, metrics = compiled(state, batch)
         loss = float(jax.device_get(metrics["loss"]))  # the one sync: every step has run
         step_s = (time.perf_counter() - t1) / steps
+        profile = None
+        if profile_dir:
+            from t5x_lite import profiling
+
+            with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+                for _ in range(PROFILE_STEPS):
+                    state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+            try:
+                profile = profiling.summarize(profile_dir, compiled.as_text(), PROFILE_STEPS)
+            except (ValueError, FileNotFoundError) as e:  # the trace stays in profile_dir to read by hand
+                profile = {"error": str(e)}
     device = jax.devices()[0]
     stats = trainer.compiled_stats(compiled)
-    return {"step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
+    return {"profile": profile, "step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
             "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
             "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
@@ -119,7 +137,13 @@ def run_bench_cli(args) -> int:
     for name, cfg in cfgs:
         print(f"bench {name}: compiling and timing {args.warmup} + {args.steps} steps of batch "
               f"{cfg.train.batch_size} x {cfg.data.seq_len}", file=sys.stderr, flush=True)
-        result = measure_train(cfg, args.steps, args.warmup)
+        profile_dir = os.path.join(args.profile, name) if args.profile else None
+        result = measure_train(cfg, args.steps, args.warmup, profile_dir)
+        if result["profile"]:
+            from t5x_lite.profiling import format_summary
+
+            summary = result["profile"].get("error") or format_summary(result["profile"])
+            print(f"profile of {name} ({profile_dir}):\n{summary}\n", file=sys.stderr)
         if not math.isfinite(result["loss"]):
             print(f"warning: variant {name}: the loss is {result['loss']}", file=sys.stderr)
         row = {"variant": name, "overrides": args.overrides + dict(variants)[name], **result,

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="one device's dense peak for MFU (default: known GPUs, e.g. H100 989)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace 2 more steps per variant into DIR/<variant> and print where their time goes")
     p.set_defaults(fn=_delegate("t5x_lite.benchmark", "run_bench_cli"))
 
     p = sub.add_parser("sweep", help="train a ladder of d_model sizes on compute-matched budgets, fit L(C)")

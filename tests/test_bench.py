@@ -104,7 +104,8 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     """``t5x-lite bench``: one row per variant, from the same random batch and init (the same loss)."""
     proc, data = _run_json(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--steps", "2",
                             "--warmup", "1", "--set", "model.num_layers=2", "--set", "train.batch_size=4",
-                            "--variant", "unroll:model.scan_unroll=2"], tmp_path / "bench.json")
+                            "--variant", "unroll:model.scan_unroll=2", "--profile", str(tmp_path / "prof")],
+                           tmp_path / "bench.json")
     rows = {r["variant"]: r for r in data["results"]}
     assert list(rows) == ["default", "unroll"] and rows["unroll"]["overrides"] == ["model.num_layers=2",
                                                                                    "train.batch_size=4",
@@ -114,5 +115,34 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
         assert r["first_step_s"] >= r["compile_s"] > 0
     assert math.isclose(rows["default"]["loss"], rows["unroll"]["loss"], rel_tol=1e-5)
     assert "| default |" in proc.stdout and "| unroll |" in proc.stdout
+    # --profile: the traced steps' instructions, attributed to the parts of the model
+    prof = rows["default"]["profile"]
+    shares = {c["category"]: c["share"] for c in prof["categories"]}
+    assert math.isclose(sum(shares.values()), 1.0, rel_tol=1e-6) and prof["busy_ms_per_step"] > 0
+    assert {"mlp", "attention: projections", "attention: scores, softmax, kernel", "output layer + loss"} <= set(shares)
+    assert shares["mlp"] > 0.1 and prof["passes"]["backward"] > 0 and prof["passes"]["forward"] > 0
+    assert any("/mlp/" in o["op_name"] and o["category"] == "mlp" for o in prof["top_ops"])
+    assert "| mlp |" in proc.stderr
     bad = _run(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--variant", "oops"])
     assert bad.returncode == 2 and "error: variant 'oops'" in bad.stderr
+
+
+def test_profile_exclusive_times_and_categories():
+    from t5x_lite.profiling import category, exclusive_times, op_names
+
+    loop = {"ts": 0, "dur": 10, "pid": 1, "tid": 1, "name": "while.3"}
+    body = [{"ts": 1, "dur": 3, "pid": 1, "tid": 1, "name": "dot.1"},
+            {"ts": 5, "dur": 2, "pid": 1, "tid": 1, "name": "fusion.2"}]
+    other_thread = {"ts": 2, "dur": 4, "pid": 1, "tid": 2, "name": "fusion.9"}
+    got = {e["name"]: us for e, us in exclusive_times([loop, *body, other_thread])}
+    assert got == {"while.3": 5, "dot.1": 3, "fusion.2": 2, "fusion.9": 4}
+    text = ('  %fusion.2 = bf16[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/'
+            'transpose(jvp(DecoderModel))/decoder/stack/layers/mlp/wo/dot_general" stack_frame_id=3}\n'
+            '  ROOT %all-reduce.1 = f32[8]{0} all-reduce(%x), metadata={op_name="jit(train_step)/add"}')
+    names = op_names(text)
+    assert names == {"fusion.2": "jit(train_step)/transpose(jvp(DecoderModel))/decoder/stack/layers/mlp/wo/dot_general",
+                     "all-reduce.1": "jit(train_step)/add"}
+    assert category("fusion.2", names["fusion.2"]) == "mlp"
+    assert category("all-reduce.1", names["all-reduce.1"]) == "collectives"
+    assert category("fusion.7", "jit(train_step)/jvp()/exp") == "output layer + loss"
+    assert category("fusion.8", "jit(train_step)/div") == "optimizer, clipping, other"

@@ -1,0 +1,126 @@
+"""Where a compiled step spends its time: a profiler trace, summed by what the model does.
+
+``jax.profiler.trace(..., create_perfetto_trace=True)`` writes a Chrome-trace JSON in which
+every executed HLO instruction is an event carrying ``hlo_module`` and ``hlo_op`` (XLA's name
+for the instruction: ``fusion.12``, ``dot.60``...). The compiled module's text gives each
+instruction's ``op_name`` metadata: the JAX name stack, which holds the flax module path
+(``.../layers/mlp/wi_0/dot_general``) and whether it ran in the forward (``jvp(...)``) or the
+backward pass (``transpose(jvp(...))``). Summing the events' *exclusive* time (a ``while``
+event on a CPU thread contains its body's events) by that path gives the table the GPU plan
+needs: how much of a step the MLP, attention, norms, output layer and optimizer take.
+
+Times are summed over the threads or streams that run instructions: where they overlap (a
+collective on its own stream) the sum exceeds the step's wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+from typing import Optional
+
+# (category, pattern on "hlo_op op_name"), first match wins.
+CATEGORIES = (
+    ("collectives", re.compile(r"^(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)")),
+    ("attention: projections", re.compile(r"_attention/(query|key|value|out)/")),
+    ("attention: scores, softmax, kernel", re.compile(r"_attention/|dot_product_attention|fmha|cudnn")),
+    ("mlp", re.compile(r"/mlp/")),
+    ("norms", re.compile(r"_norm/|final_norm/")),
+    ("output layer + loss", re.compile(r"/head/|lm_head|logits|cross_entropy|log_softmax")),
+    ("layers: residuals, RoPE, scan", re.compile(r"/stack/")),
+    ("embeddings", re.compile(r"embed")),
+    ("model: other", re.compile(r"Model\)")),
+    ("output layer + loss", re.compile(r"jvp\(")),  # differentiated, outside the model: the loss
+)
+OTHER = "optimizer, clipping, other"
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op_name metadata, from a compiled module's text (``compiled.as_text()``)."""
+    return {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m}
+
+
+def category(hlo_op: str, op_name: str) -> str:
+    key = f"{hlo_op} {op_name}"
+    return next((name for name, pattern in CATEGORIES if pattern.search(key)), OTHER)
+
+
+def trace_file(log_dir: str) -> str:
+    found = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {log_dir} (jax.profiler.trace(..., "
+                                "create_perfetto_trace=True) writes one)")
+    return found[-1]
+
+
+def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
+    """``(event, microseconds)`` of complete events minus the events nested in them, per thread."""
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    out = []
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        stack: list[list] = []  # [event, end, exclusive]
+        for e in evs:
+            start, dur = e["ts"], e.get("dur", 0)
+            while stack and stack[-1][1] <= start:
+                out.append((stack[-1][0], stack[-1][2]))
+                stack.pop()
+            if stack:
+                stack[-1][2] -= dur
+            stack.append([e, start + dur, dur])
+        out.extend((s[0], s[2]) for s in stack)
+    return out
+
+
+def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = None) -> dict:
+    """Per-step time by category and the costliest instructions of ``steps`` traced steps.
+
+    ``module``: the ``hlo_module`` to keep (default: the one with the most time)."""
+    events = json.load(gzip.open(trace_file(log_dir)))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    if not ops:
+        raise ValueError(f"the trace in {log_dir} has no events with an hlo_op: nothing to attribute")
+    timed = exclusive_times(ops)
+    per_module = collections.Counter()
+    for e, us in timed:
+        per_module[e["args"].get("hlo_module", "")] += us
+    module = module or per_module.most_common(1)[0][0]
+    names = op_names(hlo_text)
+    by_category, by_op, passes = collections.Counter(), collections.Counter(), collections.Counter()
+    for e, us in timed:
+        if e["args"].get("hlo_module", "") != module:
+            continue
+        op = e["args"]["hlo_op"]
+        name = names.get(op, "")
+        by_category[category(op, name)] += us
+        by_op[(op, name)] += us
+        passes["backward" if "transpose(" in name else "forward" if "jvp(" in name else "update, metrics"] += us
+    total = sum(by_category.values())
+    ms = lambda us: us / 1000 / steps
+    return {
+        "module": module, "steps": steps, "busy_ms_per_step": ms(total),
+        "categories": [{"category": c, "ms": ms(us), "share": us / total} for c, us in by_category.most_common()],
+        "passes": {p: ms(us) for p, us in passes.most_common()},
+        "top_ops": [{"hlo_op": op, "op_name": name, "ms": ms(us), "category": category(op, name)}
+                    for (op, name), us in by_op.most_common(15)],
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['module']}: {s['busy_ms_per_step']:.2f} ms of instructions per step "
+             f"(summed over threads / streams; {s['steps']} steps traced); "
+             + ", ".join(f"{p} {ms:.2f} ms" for p, ms in s["passes"].items()),
+             "| where | ms / step | share |", "|---|---|---|"]
+    lines += [f"| {c['category']} | {c['ms']:.2f} | {100 * c['share']:.1f}% |" for c in s["categories"]]
+    lines += ["", "| instruction | ms / step | where | op_name |", "|---|---|---|---|"]
+    for o in s["top_ops"]:
+        lines.append(f"| {o['hlo_op']} | {o['ms']:.3f} | {o['category']} | {o['op_name'][-90:]} |")
+    return "\n".join(lines)
