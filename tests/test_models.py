@@ -317,3 +317,18 @@ def test_segment_lengths_and_starts():
     np.testing.assert_array_equal(starts[:, :4], [[0, 3, 5, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
     assert lengths.shape == (3, 8) and starts.shape == (3, 9) and (starts[:, -1] == -1).all()
     np.testing.assert_array_equal(segments_from_lengths_and_starts(lengths, starts, 8), seg)
+
+
+def test_cross_segments_keep_documents_paired_after_cudnn_closes_gaps():
+    """cuDNN closes up the -1 slots of the query side and of the key side separately, then pairs
+    the i-th segments: a document empty on one side must be dropped on both."""
+    from t5x_lite.models.layers import cross_segments
+
+    def close_gaps(a):  # what jax does to lengths / starts before the kernel (-1 entries last)
+        return [[x for x in row if x >= 0] for row in np.asarray(a).tolist()]
+
+    q_len, q_start = jnp.array([[3, -1, 2]]), jnp.array([[0, -1, 3, -1]])  # decoder: document 2 empty
+    kv_len, kv_start = jnp.array([[4, 5, 1]]), jnp.array([[0, 4, 9, -1]])
+    ql, qs, kl, ks = cross_segments(q_len, q_start, kv_len, kv_start)
+    assert list(zip(close_gaps(ql)[0], close_gaps(kl)[0])) == [(3, 4), (2, 1)]  # documents 1 and 3
+    assert list(zip(close_gaps(qs)[0], close_gaps(ks)[0])) == [(0, 0), (3, 9)]
