@@ -33,8 +33,9 @@ STEPS=(--steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
 part=${1:-}
 case $part in
   attention)
-    # documents per row / M of the packed layout: 1/1, 4/4, 4/16, 4/64 (does cuDNN's cost grow with M?)
-    for segments_m in 1:1 4:4 4:16 4:64; do
+    # documents per row / M of the packed layout: 1/1 (cuDNN's padded kernel), 1/2 (what max_segments=1
+    # runs), 4/4, 4/16, 4/64 (does cuDNN's cost grow with M?)
+    for segments_m in 1:1 1:2 4:4 4:16 4:64; do
       segments=${segments_m%:*} m=${segments_m#*:}
       python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --max-segments "$m" \
         --json "$OUT/attention_seg${segments}_m$m.json" | tee "$OUT/attention_seg${segments}_m$m.txt"

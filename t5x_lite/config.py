@@ -65,8 +65,8 @@ class ModelConfig:
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
     # Documents (segments) a packed row may hold: the packer's cap, and M of cuDNN's packed layout,
     # which keeps a float32 [B * M, heads, T] softmax statistic per layer. 0 = no cap (cuDNN, if
-    # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row (cuDNN's
-    # padding mask alone). With attention=auto on a GPU, > 0 selects the packed layout.
+    # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row. With
+    # attention=auto on a GPU, > 0 selects the packed layout (at least 2 slots in the kernel).
     max_segments: int = 0
 
     @property

@@ -89,13 +89,15 @@ def test_cudnn_packed_decoder_runs_causal_segments_without_a_bias(hopper):
     assert fwd["results"][1] == (B * 2, N, T)  # float32 softmax statistic kept for the backward pass
 
 
-@pytest.mark.parametrize("max_segments,kernel", [(0, "fmhaScaleBiasSoftmax"), (3, "fmhaSoftmax")])
-def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_segments, kernel):
+@pytest.mark.parametrize("max_segments,kernel,slots", [(0, "fmhaScaleBiasSoftmax", 1), (1, "fmhaSoftmax", 2),
+                                                        (3, "fmhaSoftmax", 3)])
+def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_segments, kernel, slots):
     """attention=auto (the GPU configs): cuDNN with the mask as a bias when rows are not capped,
-    the packed layout when model.max_segments caps them."""
+    the packed layout when model.max_segments caps them: at least 2 slots, as with 1 cuDNN would
+    ignore where a row's document starts."""
     cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", f"model.max_segments={max_segments}")
     fwd, = _forward(_grad_calls(cfg))
-    assert fwd["kernel"] == kernel and fwd["segments"] == max(max_segments, 1)
+    assert fwd["kernel"] == kernel and fwd["segments"] == slots
 
 
 def test_cudnn_mask_becomes_a_dense_non_causal_bias(hopper):

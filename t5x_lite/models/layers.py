@@ -308,8 +308,8 @@ def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NT
     """jax's cuDNN attention on packed rows: the k-th query segment attends only to the k-th key
     segment, causally when ``causal``, with no ``[B, 1, T, S]`` mask turned into a bias.
     ``segments``: ``(q_lengths [B, M], q_starts [B, M + 1], kv_lengths, kv_starts)`` as
-    ``segment_lengths_and_starts`` makes them; with M = 1 cuDNN ignores the starts (a row's one
-    document starts at 0). A private jax function (``jax._src.cudnn.fused_attention_stablehlo``);
+    ``segment_lengths_and_starts`` makes them, M >= 2 (with M = 1 cuDNN ignores the starts). A
+    private jax function (``jax._src.cudnn.fused_attention_stablehlo``);
     GPU only."""
     q_lengths_BM, q_starts_BM1, kv_lengths_BM, kv_starts_BM1 = segments
     try:

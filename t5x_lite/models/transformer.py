@@ -214,15 +214,18 @@ class TextStack(nn.Module):
         if packed:
             # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding
             # and prefix LM keep the mask. Rows hold at most max_segments documents (the packer's
-            # cap). Where attention runs on XLA ("auto" off a GPU) these go unused and XLA drops them.
-            lengths_BM, starts_BM1 = segment_lengths_and_starts(segment_ids_BT, cfg.max_segments)
+            # cap); at least 2 slots, since with 1 cuDNN ignores the starts (a left-padded row's
+            # document does not start at 0). Where attention runs on XLA ("auto" off a GPU) these
+            # go unused and XLA drops them.
+            slots = max(cfg.max_segments, 2)
+            lengths_BM, starts_BM1 = segment_lengths_and_starts(segment_ids_BT, slots)
             ctx["segments"] = (lengths_BM, starts_BM1, lengths_BM, starts_BM1)
         if self.cross:
             enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
             ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
             if packed:  # the k-th decoder document reads the k-th encoder document
                 ctx["cross_segments"] = cross_segments(
-                    lengths_BM, starts_BM1, *segment_lengths_and_starts(enc_seg, cfg.max_segments))
+                    lengths_BM, starts_BM1, *segment_lengths_and_starts(enc_seg, slots))
 
         stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
