@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1 vs HF eager / compiled (~6 min)
 #                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
 #                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1
-#   bash bench/gpu_session.sh attention   # bench/attention.py: documents per row and M         (~1 min)
+#   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~2 min)
 #   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~4 min)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: ours, remat dots / full, batch 16, cuBLAS GEMMs (~5 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
@@ -39,7 +39,11 @@ case $part in
       segments=${segments_m%:*} m=${segments_m#*:}
       python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --max-segments "$m" \
         --json "$OUT/attention_seg${segments}_m$m.json" | tee "$OUT/attention_seg${segments}_m$m.txt"
-    done ;;
+    done
+    # the SwiGLU MLP of one layer against its bare GEMMs; then with cuBLAS for every GEMM
+    python bench/mlp.py "${SMOKE_FLAG[@]}" --json "$OUT/mlp.json" | tee "$OUT/mlp.txt"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python bench/mlp.py "${SMOKE_FLAG[@]}" \
+      --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" ;;
   llama)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
