@@ -41,6 +41,10 @@ def _shapes(types: str) -> list[tuple]:
     return [tuple(int(d) for d in dims.split("x") if d) for dims, _ in _TENSOR.findall(types)]
 
 
+def _dtypes(types: str) -> list[str]:
+    return [dtype for _, dtype in _TENSOR.findall(types)]
+
+
 def cudnn_calls(fn, *args) -> list[dict]:
     """The cuDNN attention custom calls of ``jit(fn)(*args)`` lowered for CUDA: kernel name,
     backend config, operand and result shapes, in module order."""
@@ -50,7 +54,7 @@ def cudnn_calls(fn, *args) -> list[dict]:
     for kernel, config, operands, results in _CALL.findall(text):
         config = json.loads(config.replace("\\22", '"'))["cudnn_fmha_backend_config"]
         calls.append({"kernel": kernel, "mask_type": config["mask_type"], "segments": config["max_seg_per_batch"],
-                      "operands": _shapes(operands), "results": _shapes(results)})
+                      "operands": _shapes(operands), "operand_dtypes": _dtypes(operands), "results": _shapes(results)})
     return calls
 
 
@@ -125,6 +129,8 @@ def test_cudnn_packed_encoder_and_t5(hopper):
                    ("fmhaSoftmax", "PADDING", 2, (B, 2))]  # cross-attention: operand 3 is q_seqlen
     bias_grads = [c for c in calls if c["kernel"] == "fmhaScaleBiasSoftmaxBackward" and (1, N, T, T) in c["results"]]
     assert len(bias_grads) == 2  # dbias of the relative-position bias, encoder and decoder
+    # the float32 relative bias reaches cuDNN in bf16, like q, k and v
+    assert {c["operand_dtypes"][3] for c in _forward(calls) if c["kernel"] == "fmhaScaleBiasSoftmax"} == {"bf16"}
 
 
 def _train_step_calls(cfg) -> list[dict]:

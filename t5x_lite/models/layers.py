@@ -349,9 +349,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, the packed layout when
     ``segments`` are given; else XLA)."""
     cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
+    # with a mask jax would broadcast it to [B, N, T, S] in float32)
+    cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
     if segments is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
         try:
-            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, segments, scale, causal)
+            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, cudnn_bias, segments, scale, causal)
         except ConfigError:
             if implementation == "cudnn_packed":
                 raise
@@ -360,7 +363,7 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     use_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_fits)
     if use_cudnn:
         try:
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, mask=mask_B1TS,
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, mask=mask_B1TS,
                                                 scale=scale, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
             if implementation == "cudnn":
