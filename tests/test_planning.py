@@ -83,6 +83,9 @@ def test_remat_and_flash_attention_shrink_activations():
     assert per_row["none"] > per_row["minimal"] > per_row["full"]
     cfg = tiny_cfg("decoder", *MEMORY_CASE, "model.dtype=bfloat16", "model.attention=auto")
     assert planning.uses_flash_attention(cfg, "gpu") and not planning.uses_flash_attention(cfg, "cpu")
+    assert planning.uses_flash_attention(tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=auto"),
+                                         "gpu")  # T5's relative bias goes to cuDNN too
+    assert not planning.uses_flash_attention(tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=xla"), "gpu")
     assert planning.activation_bytes_per_row(cfg, flash=True) < planning.activation_bytes_per_row(cfg)
     assert planning.activation_bytes_per_row(cfg, tensor=2) < planning.activation_bytes_per_row(cfg)
 
