@@ -72,7 +72,7 @@ case $part in
         "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt"
     done ;;
   decode)
-    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 \
+    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 --variant xla:model.attention=xla \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
   *)
     echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
