@@ -132,6 +132,9 @@ def run_bench_cli(args) -> int:
     if args.steps < 1 or args.warmup < 1:
         raise ConfigError(f"--steps={args.steps} and --warmup={args.warmup} must be >= 1")
     variants = [("default", [])] + [parse_variant(v) for v in args.variant]
+    names = [name for name, _ in variants]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--variant names must differ from each other and from 'default': {names[1:]}")
     cfgs = [(name, load_config(args.config, args.overrides + extra)) for name, extra in variants]  # all checked first
     rows = []
     for name, cfg in cfgs:

@@ -127,6 +127,9 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     assert "| mlp |" in proc.stderr
     bad = _run(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--variant", "oops"])
     assert bad.returncode == 2 and "error: variant 'oops'" in bad.stderr
+    bad = _run(["-m", "t5x_lite", "bench", "--config", "configs/decoder_tiny.yaml", "--variant", "a:train.seed=1",
+                "--variant", "a:train.seed=2"])
+    assert bad.returncode == 2 and "names must differ" in bad.stderr
 
 
 def test_profile_exclusive_times_and_categories():
