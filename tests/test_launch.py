@@ -292,3 +292,21 @@ def test_preempted_two_process_run_saves_one_step_and_resumes(runs):
     train(load_config(CONFIG, SMALL + [f"data.path={runs['corpus']}"] + long), str(reference))
     # 80 steps of gloo all-reduces against one process's: float32 rounding drifts (~2e-6 at 200).
     assert_same_rows(train_rows(workdir), train_rows(reference), rtol=2e-5)
+
+
+def _xla_starts_with(flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_slurm_launcher_xla_flags_exist_in_this_xla():
+    """Every XLA flag the SLURM launcher sets is one this jaxlib's XLA knows (it aborts on an
+    unknown one at start-up, CPU or GPU: the flags share one table)."""
+    text = open(os.path.join(ROOT, "launch", "slurm.sbatch")).read()
+    flags = re.findall(r"^\s+(--xla_[a-z0-9_]+=\S+)", text, re.M)
+    assert len(flags) >= 8
+    proc = _xla_starts_with(" ".join(flags))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bad = _xla_starts_with("--xla_gpu_no_such_flag=true")
+    assert bad.returncode != 0 and "Unknown flag" in bad.stderr
