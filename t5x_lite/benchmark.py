@@ -66,8 +66,9 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
     from t5x_lite import partitioning, trainer
 
     t0 = time.perf_counter()
-    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg))
-    compiled = trainer.compile_train_step(setup)
+    mesh = partitioning.make_mesh(cfg)
+    warn = lambda line: print(line, file=sys.stderr, flush=True)
+    setup, compiled = trainer.compile_or_fall_back(trainer.make_setup(cfg, mesh), mesh, warn)
     compile_s = time.perf_counter() - t0
     with setup.activation_context():
         state = setup.init(jax.random.key(0))
@@ -100,6 +101,7 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
     return {"profile": profile, "step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
             "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
             "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
+            "attention": setup.cfg.model.attention,  # what ran: "auto" unless a fallback was taken
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 
 

@@ -290,6 +290,33 @@ def compile_train_step(setup: TrainSetup):
         return setup.train_step.lower(setup.abstract_state, abstract).compile()
 
 
+def _cudnn_failure(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("cudnn", "fmha", "flash attention"))
+
+
+def compile_or_fall_back(setup: TrainSetup, mesh: Mesh, log: Callable[[str], None] = print):
+    """``(setup, compiled train step)``. With ``model.attention=auto`` ("cuDNN where it applies,
+    else XLA"), a cuDNN attention kernel that XLA refuses when it compiles for the GPU (after
+    the trace-time checks passed: a cuDNN too old for the packed layout, a bias it does not take
+    with it) is not fatal: the step is rebuilt with the mask through cuDNN, then with XLA's
+    attention, each fallback logged. Other errors, and any error under an explicit choice,
+    propagate."""
+    attempts = [setup.cfg.model.attention] + (["cudnn", "xla"] if setup.cfg.model.attention == "auto" else [])
+    for i, attention in enumerate(attempts):
+        try:
+            if i:
+                cfg = setup.cfg
+                setup = make_setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention)),
+                                   mesh)
+            return setup, compile_train_step(setup)
+        except Exception as e:  # XLA's error type differs between jax versions
+            if i == len(attempts) - 1 or (i == 0 and not _cudnn_failure(e)):
+                raise  # (a fallback that fails in any way goes on to the next one)
+            log(f"warning: the train step with model.attention={attempts[i]} did not compile "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); retrying with model.attention={attempts[i + 1]}")
+
+
 def compiled_stats(compiled) -> dict:
     """Temp / argument / output bytes and FLOPs the compiler reports (per device)."""
     out = {}
@@ -427,7 +454,7 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     t0 = time.time()
     check_batch(cfg, train_batches(0, jax.process_index(), jax.process_count()))
-    compiled = compile_train_step(setup)
+    setup, compiled = compile_or_fall_back(setup, mesh, log)
     stats = compiled_stats(compiled)
     log(f"compiled train step in {time.time() - t0:.1f}s: temp {human_bytes(stats.get('temp_bytes', 0))}, "
         f"arguments {human_bytes(stats.get('argument_bytes', 0))}, "

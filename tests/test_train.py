@@ -92,6 +92,36 @@ def test_dropout_masks_are_seeded_per_step_and_independent_of_the_mesh():
     assert first == again and np.isfinite(first).all() and first[0] != pytest.approx(one[0], rel=1e-4)
 
 
+def test_auto_attention_falls_back_when_cudnn_does_not_compile(monkeypatch):
+    """attention=auto: a cuDNN kernel XLA refuses at compile time (simulated) rebuilds the step
+    with the mask through cuDNN (which this CPU refuses for real), then with XLA; logged. Other
+    errors, or an explicit attention choice, are not swallowed."""
+    real = trainer.compile_train_step
+
+    def refuse(reason):
+        def compile_step(setup):
+            if setup.cfg.model.attention == "auto":
+                raise RuntimeError(reason)
+            return real(setup)
+        return compile_step
+
+    cfg = tiny_cfg("decoder", "model.attention=auto", "model.max_segments=2")
+    mesh = partitioning.make_mesh(cfg, ONE_DEVICE)
+    lines = []
+    monkeypatch.setattr(trainer, "compile_train_step", refuse("INTERNAL: cuDNN graph not supported"))
+    setup, compiled = trainer.compile_or_fall_back(trainer.make_setup(cfg, mesh), mesh, lines.append)
+    assert setup.cfg.model.attention == "xla" and compiled is not None
+    assert [line.split("retrying with ")[1] for line in lines] == ["model.attention=cudnn", "model.attention=xla"]
+    monkeypatch.setattr(trainer, "compile_train_step", refuse("RESOURCE_EXHAUSTED: out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.compile_or_fall_back(trainer.make_setup(cfg, mesh), mesh, lines.append)
+    explicit = tiny_cfg("decoder", "model.attention=xla")
+    monkeypatch.setattr(trainer, "compile_train_step", lambda setup: (_ for _ in ()).throw(RuntimeError("cuDNN")))
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        trainer.compile_or_fall_back(trainer.make_setup(explicit, mesh), mesh, lines.append)
+    assert len(lines) == 2
+
+
 def cli_run(capsys, *args):
     code = cli.main(list(args))
     out = capsys.readouterr()
