@@ -238,7 +238,8 @@ def table(results: list[dict], peak: float | None) -> str:
             o = by.get((r["workload"], other))
             return f"{o['step_s'] / r['step_s']:.2f}x" if o and "error" not in o else "-"
 
-        rows.append(f"| {r['workload']} | {r['impl']} | {tps:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | {mem} | "
+        impl = r["impl"] + (f" (attention fell back to {r['attention']})" if r.get("attention_fallback") else "")
+        rows.append(f"| {r['workload']} | {impl} | {tps:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | {mem} | "
                     f"{r['first_step_s']:.1f} | {ratio('hf')} | {ratio('hf_compile')} |")
     return "\n".join(rows)
 

@@ -101,7 +101,8 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
     return {"profile": profile, "step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
             "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
             "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
-            "attention": setup.cfg.model.attention,  # what ran: "auto" unless a fallback was taken
+            "attention": setup.cfg.model.attention,  # what ran: the config's unless a fallback was taken
+            "attention_fallback": setup.cfg.model.attention != cfg.model.attention,
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 
 
@@ -125,7 +126,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         mem = f"{r['compiled_bytes'] / 1e9:.2f}" if r.get("compiled_bytes") else "-"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
+        name = r["variant"] + (f" (attention fell back to {r['attention']})" if r.get("attention_fallback") else "")
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
                      f"{r['compile_s']:.1f} | {r['first_step_s']:.1f} | {mem} | {r['loss']:.3f} |")
     return "\n".join(lines)
 
