@@ -70,6 +70,15 @@ class ModelConfig:
     max_segments: int = 0
 
     @property
+    def packed_slots(self) -> int:
+        """M of cuDNN's packed layout when the model uses it (attention auto or cudnn_packed and
+        max_segments > 0; auto only where cuDNN runs), else 0. At least 2: with 1 cuDNN ignores
+        the starts, and a left-padded row's document does not start at 0."""
+        if self.attention not in ("auto", "cudnn_packed") or self.max_segments == 0:
+            return 0
+        return max(self.max_segments, 2)
+
+    @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 

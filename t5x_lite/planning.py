@@ -32,17 +32,18 @@ F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
 
 (E - M, E: the layer whose backward pass runs, recomputed under remat. 16 D: float32 norm
 inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash attention on GPU keeps 4n
-instead, 4nM with its packed layout, M = ``model.max_segments``; remat minimal adds that and
+instead, 4nP with its packed layout, P = ``model.packed_slots``; remat minimal adds that and
 the kernel's output, aQ, to M: kept rather than rerun.) Cross-attention adds
-(a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per decoder token, and 2aK per encoder position and decoder layer (none, minimal). The output
-layer adds D(a + 8) per token (the final norm) and V/t (a + 8) per position whose logits exist at
-once (logits, their float32 log-softmax and its gradient): every position, or the MLM's scored
-ones (~15%), or one ``train.loss_chunk`` of them. Weights beyond the stored params: without remat, compute-dtype copies of every
-weight when ``dtype`` differs from ``param_dtype`` (sharded like the params: XLA shards after
-JAX has chosen what to save); at stage 3, one layer gathered in full, and with
+(a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per decoder token, and 2aK per
+encoder position and decoder layer (none, minimal). The output layer adds D(a + 8) per token
+(the final norm) and V/t (a + 8) per position whose logits exist at once (logits, their float32
+log-softmax and its gradient): every position, or the MLM's scored ones (~15%), or one
+``train.loss_chunk`` of them. Weights beyond the stored params: without remat, compute-dtype
+copies of every weight when ``dtype`` differs from ``param_dtype`` (sharded like the params:
+XLA shards after JAX has chosen what to save); at stage 3, one layer gathered in full, and with
 ``train.loss_chunk`` the output layer's weight and gradient in full (2 V D / t: the chunk scan
-keeps them across its iterations). ``train.micro_batches >
-1`` holds a second gradient buffer (the accumulator). Against XLA's memory analysis on 8 CPU
+keeps them across its iterations). ``train.micro_batches > 1`` holds a second gradient buffer
+(the accumulator). Against XLA's memory analysis on 8 CPU
 devices (float32, scanned layers, d_model 128, 512 tokens per device), compiled temp bytes /
 (grads + activations) came out 0.86-1.11 over decoder, encoder and encoder-decoder stacks,
 remat none / minimal / full, stages 1-3, GQA, tensor = 2, data x fsdp and micro-batches.
@@ -181,10 +182,8 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
     kv = _per_shard(m.kv_heads, tensor) * m.dim_per_head
     f = _per_shard(m.d_ff, tensor)
 
-    packed = m.attention in ("auto", "cudnn_packed") and m.max_segments > 0  # statistic per document slot
-
-    def probs(s):
-        return 4 * n * (m.max_segments if packed else 1) if flash else n * s * (4 + a)
+    def probs(s):  # flash: one float32 statistic per query, head and packed document slot
+        return 4 * n * max(m.packed_slots, 1) if flash else n * s * (4 + a)
 
     kernel_kept = flash and m.remat == "minimal"  # cuDNN's output and statistic are kept too
 

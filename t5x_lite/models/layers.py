@@ -283,10 +283,6 @@ def segments_from_lengths_and_starts(lengths_BM: Array, starts_BM1: Array, lengt
     return jnp.sum(inside_BMT * jnp.arange(1, lengths_BM.shape[1] + 1)[None, :, None], axis=1).astype(jnp.int32)
 
 
-def _jax_version() -> tuple[int, int]:
-    return tuple(int(part) for part in jax.__version__.split(".")[:2])
-
-
 def cross_segments(q_lengths_BM: Array, q_starts_BM1: Array, kv_lengths_BM: Array, kv_starts_BM1: Array) -> tuple:
     """Packed segments for attention from one row's documents (queries) to another's (keys), the
     k-th document of each side being the same one (T5's encoder and decoder rows). A slot empty on

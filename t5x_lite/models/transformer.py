@@ -39,6 +39,7 @@ from t5x_lite.models.layers import (
 
 Array = jax.Array
 
+
 def save_dots_and_attention(prim, *avals, **params) -> bool:
     """remat ``minimal``: keep the outputs of weight matmuls (dots without batch dimensions) and of
     cuDNN's attention forward kernel (its output and softmax statistic); without the latter, the
@@ -209,21 +210,17 @@ class TextStack(nn.Module):
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
         ctx = {"mask": mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None}
-        packed = (cfg.attention in ("cudnn_packed", "auto") and cfg.max_segments > 0 and cache is None
-                  and prefix_mask_BT is None)
-        if packed:
+        slots = cfg.packed_slots if cache is None and prefix_mask_BT is None else 0
+        if slots:
             # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding
             # and prefix LM keep the mask. Rows hold at most max_segments documents (the packer's
-            # cap); at least 2 slots, since with 1 cuDNN ignores the starts (a left-padded row's
-            # document does not start at 0). Where attention runs on XLA ("auto" off a GPU) these
-            # go unused and XLA drops them.
-            slots = max(cfg.max_segments, 2)
+            # cap). Where attention runs on XLA ("auto" off a GPU) these go unused and XLA drops them.
             lengths_BM, starts_BM1 = segment_lengths_and_starts(segment_ids_BT, slots)
             ctx["segments"] = (lengths_BM, starts_BM1, lengths_BM, starts_BM1)
         if self.cross:
             enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
             ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
-            if packed:  # the k-th decoder document reads the k-th encoder document
+            if slots:  # the k-th decoder document reads the k-th encoder document
                 ctx["cross_segments"] = cross_segments(
                     lengths_BM, starts_BM1, *segment_lengths_and_starts(enc_seg, slots))
 
