@@ -106,7 +106,8 @@ def run_isoflop(base: Config, sizes: Sequence[int], budgets: Sequence[float], wo
                 train_fn: Optional[Callable] = None, log: Callable[[str], None] = print) -> dict:
     """Train every (budget, size, seed) the rules admit and that ``isoflop.json`` lacks, fit each
     budget's profile and ``N_opt(C)``; write ``isoflop.json`` and ``isoflop.png``."""
-    from t5x_lite.sweep import save_json, train_run
+    from t5x_lite.data.shards import write_json
+    from t5x_lite.sweep import train_run
 
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} must be 1 or more")
@@ -147,11 +148,11 @@ def run_isoflop(base: Config, sizes: Sequence[int], budgets: Sequence[float], wo
         run = dict({k: e[k] for k in ("budget", "size", "num_params", "steps", "tokens", "tokens_per_param",
                                       "compute")}, seed=seed, **one)
         state["runs"][_key(e["budget"], e["size"], seed)] = run
-        save_json(path, state)
+        write_json(path, state)
         log(f"[isoflop] C={e['budget']:.3g} size {e['size']} seed {seed}: eval loss {run['eval_loss']:.4f} in "
             f"{run['seconds']:.0f} s")
     _fit(state, log)
-    save_json(path, state)
+    write_json(path, state)
     plot_isoflop(state, os.path.join(workdir, ISOFLOP_PLOT))
     log(f"[isoflop] wrote {path} and {os.path.join(workdir, ISOFLOP_PLOT)}")
     return state

@@ -51,6 +51,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from t5x_lite.config import Config, ConfigError, config_from_dict
+from t5x_lite.data.shards import write_json
 from t5x_lite.metrics import METRICS_FILE, REPEAT_EPOCHS, read_metrics, tokens_per_step, train_flops_per_step
 
 SWEEP_FILE = "sweep.json"
@@ -238,16 +239,7 @@ def load_state(workdir: str, base: Config, tokens_per_param: float) -> dict:
 
 
 def save_state(workdir: str, state: dict) -> None:
-    save_json(os.path.join(workdir, SWEEP_FILE), state)
-
-
-def save_json(path: str, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (a crash leaves the previous file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, path)
+    write_json(os.path.join(workdir, SWEEP_FILE), state)  # atomic: a crash leaves the previous file
 
 
 def _final_eval_loss(result: dict, run_dir: str, steps: int) -> float:
