@@ -32,9 +32,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +41,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from t5x_lite.benchmark import time_calls  # noqa: E402
+from t5x_lite.data.shards import write_json  # noqa: E402
 from t5x_lite.models.layers import (  # noqa: E402
     attention_mask,
     cudnn_packed_attention,
@@ -99,15 +99,8 @@ def measure(fn, q, k, v, g, repeats: int) -> tuple[float, float, jax.Array, tupl
         return jnp.sum(out.astype(jnp.float32) * g), out
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    t0 = time.perf_counter()
-    (_, out), grads = jax.block_until_ready(step(q, k, v))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(q, k, v))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times) if times else first, out, grads
+    first, median, ((_, out), grads) = time_calls(step, (q, k, v), repeats)
+    return first, median, out, grads
 
 
 def main(argv=None) -> int:
@@ -176,8 +169,7 @@ def main(argv=None) -> int:
             print(f"| {r['variant']} | {r['ms']:.2f} | {r['tflops']:.1f} | {r['max_out_err']:.2e} | "
                   f"{r['max_grad_err']:.2e} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

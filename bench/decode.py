@@ -28,6 +28,7 @@ import numpy as np
 
 import t5x_lite
 from t5x_lite.config import ConfigError, load_config, parse_variant
+from t5x_lite.data.shards import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,9 +126,7 @@ def main(argv=None) -> int:
                   f"{r['decode_tokens_per_s']:>10,.0f} tok/s decode ({r['ms_per_step']:.2f} ms/step), "
                   f"prefill {r['prefill_s'] * 1000:.0f} ms, compile {r['compile_s']:.1f}s", file=sys.stderr)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -35,21 +33,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from t5x_lite.benchmark import time_calls  # noqa: E402
 from t5x_lite.config import load_config  # noqa: E402
+from t5x_lite.data.shards import write_json  # noqa: E402
 from t5x_lite.models.layers import Mlp  # noqa: E402
-
-
-def median_seconds(step, args, repeats: int) -> tuple[float, float, object]:
-    """``(compile + first run s, median s, first output)`` of ``step(*args)``."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(step(*args))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), out
 
 
 def rows(tokens: int, d: int, f: int, dtype, seed: int = 0) -> dict:
@@ -103,7 +90,7 @@ def main(argv=None) -> int:
     results = []
     reference = None
     for name, (step, step_args) in rows(args.tokens, args.d_model, args.d_ff, dtype).items():
-        first, median, out = median_seconds(step, step_args, args.repeats)
+        first, median, out = time_calls(step, step_args, args.repeats)
         row = {"variant": name, "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff,
                "dtype": jnp.dtype(dtype).name, "device": device.device_kind, "jax": jax.__version__,
                "compile_s": round(first - median, 3), "ms": round(1000 * median, 3),
@@ -120,8 +107,7 @@ def main(argv=None) -> int:
     for r in results:
         print(f"| {r['variant']} | {r['ms']:.2f} | {r['tflops']:.1f} | {100 * r['of_peak']:.0f}% |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

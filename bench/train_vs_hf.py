@@ -64,12 +64,6 @@ def peak_tflops(device_name: str, given: float | None) -> float | None:
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(cfg, steps: int, warmup: int) -> dict:
-    from t5x_lite.benchmark import measure_train
-
-    return measure_train(cfg, steps, warmup)
-
-
 # ----------------------------------------------------------------------------- HF
 
 
@@ -164,7 +158,9 @@ def child(args) -> None:
     """One measurement; prints one JSON line."""
     cfg = load_cfg(args.workload, args.smoke, args.set)
     if args.impl.startswith("ours"):
-        result = run_ours(cfg, args.steps, args.warmup)
+        from t5x_lite.benchmark import measure_train
+
+        result = measure_train(cfg, args.steps, args.warmup)
     else:
         result = run_hf(cfg, args.steps, args.warmup, compile_model=args.impl == "hf_compile")
     from t5x_lite.metrics import tokens_per_step, train_flops_per_step
@@ -288,9 +284,10 @@ def main() -> int:
     print()
     print(table(results, peak))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "machine": machine_info(),
-                       "results": results}, f, indent=2)
+        from t5x_lite.data.shards import write_json
+
+        write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "machine": machine_info(),
+                               "results": results})
     return 1 if any("error" in r for r in results) else 0
 
 

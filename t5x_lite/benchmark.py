@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Optional
 
+import jax
 import numpy as np
 
 from t5x_lite.config import Config, ConfigError, load_config, parse_variant
+from t5x_lite.data.shards import write_json
 
 
 def random_batch(cfg: Config, seed: int = 0) -> dict:
@@ -57,12 +60,24 @@ def random_batch(cfg: Config, seed: int = 0) -> dict:
 PROFILE_STEPS = 2
 
 
+def time_calls(step, args: tuple, repeats: int) -> tuple[float, float, object]:
+    """``(compile + first call s, median s of ``repeats`` more, first output)`` of ``step(*args)``,
+    each call waited for: the kernel benches (``bench/attention.py``, ``bench/mlp.py``)."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(step(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times) if times else first, out
+
+
 def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[str] = None) -> dict:
     """Time ``cfg``'s train step on the local devices (``steps`` timed after ``warmup``). With
     ``profile_dir``, ``PROFILE_STEPS`` more steps run under the profiler afterwards (the timing
     stays unprofiled) and ``profile`` holds ``profiling.summarize`` of them."""
-    import jax
-
     from t5x_lite import partitioning, trainer
 
     t0 = time.perf_counter()
@@ -159,7 +174,5 @@ def run_bench_cli(args) -> int:
         print(json.dumps(row), flush=True)
     print(table(rows))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "config": args.config, "results": rows}, f, indent=2)
+        write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "config": args.config, "results": rows})
     return 0
