@@ -71,9 +71,9 @@ class ModelConfig:
 
     @property
     def packed_slots(self) -> int:
-        """M of cuDNN's packed layout when the model uses it (attention auto or cudnn_packed and
-        max_segments > 0; auto only where cuDNN runs), else 0. At least 2: with 1 cuDNN ignores
-        the starts, and a left-padded row's document does not start at 0."""
+        """M of cuDNN's packed layout when the model builds it (attention auto or cudnn_packed and
+        max_segments > 0; auto then uses it only where cuDNN runs), else 0. At least 2: with 1
+        cuDNN ignores the starts, and a left-padded row's document does not start at 0."""
         if self.attention not in ("auto", "cudnn_packed") or self.max_segments == 0:
             return 0
         return max(self.max_segments, 2)
