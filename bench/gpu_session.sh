@@ -2,9 +2,10 @@
 # Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
 # device call, every result written under $OUT (default runs/gpu_session):
 #
-#   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1 vs HF eager / compiled (~6 min)
+#   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1, fused vs HF eager / compiled (~7 min)
 #                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
-#                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1
+#                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1,
+#                                         # fused = q/k/v and gate/up projections as one matmul each
 #   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~2 min)
 #   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~4 min)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: ours, remat dots / full, batch 16, cuBLAS GEMMs (~5 min)
@@ -48,6 +49,7 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
+      --variant fused:model.fused_qkv=true,model.fused_mlp=true \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
   llama_more)  # ours only: its "ours" row ties these to the llama part's HF rows
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
@@ -60,11 +62,13 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
+      --variant fused:model.fused_qkv=true,model.fused_mlp=true \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt"
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
       --variant rbg:train.dropout_rng=rbg \
+      --variant fused_qkv:model.fused_qkv=true \
       --json "$OUT/bert.json" | tee "$OUT/bert.txt" ;;
   profile)  # where each config's step goes: model parts, forward / backward, costliest instructions
     for config in llama_1b t5_base bert_base; do

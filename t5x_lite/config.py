@@ -60,6 +60,11 @@ class ModelConfig:
     # minimal: keep weight-matmul and cuDNN attention outputs; dots: weight-matmul outputs only
     # (cuDNN attention's forward runs again in the backward pass); full: keep only layer inputs
     remat: str = dataclasses.field(default="none", metadata=_choices("none", "minimal", "dots", "full"))
+    # One matmul for several projections of one input (the parameters stay separate: the same
+    # checkpoints; the weights are concatenated per layer and step): self-attention's q, k, v
+    # ([D, K, G + 2, H]), a gated MLP's gate and up ([D, 2, F]).
+    fused_qkv: bool = False
+    fused_mlp: bool = False
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
@@ -217,6 +222,9 @@ class Config:
             errors.append("model.attention=cudnn_packed needs model.max_segments > 0, the most documents a row "
                           "may hold (cuDNN keeps a float32 [batch x max_segments, heads, length] statistic per "
                           "layer): e.g. 16, or 1 for one document per row")
+        if m.fused_mlp and m.mlp not in ("swiglu", "geglu"):
+            errors.append(f"model.fused_mlp fuses a gated MLP's gate and up projections; model.mlp={m.mlp!r} "
+                          "has one input projection (use swiglu or geglu, or fused_mlp=false)")
         if m.scan_unroll < 1:
             errors.append(f"model.scan_unroll={m.scan_unroll} must be >= 1 (layers per scan iteration)")
         if m.rope_scaling <= 0:
@@ -414,7 +422,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 # How the model computes, not what it is: a run may continue with other values of these.
-COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll"})
+COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll", "model.fused_qkv",
+                          "model.fused_mlp"})
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

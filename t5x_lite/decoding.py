@@ -27,6 +27,8 @@ The encoder family does not generate: ``fill_mask`` gives the top-k tokens at ea
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -253,7 +255,10 @@ class _Decoder:
 
     def __init__(self, cfg: Config, mesh: Mesh, rows: int):
         self.cfg, self.mesh, self.rows = cfg, mesh, rows
-        self.model = build_model(cfg, deterministic=True)
+        # Separate projections: fusing them (model.fused_qkv / fused_mlp, a training choice)
+        # would copy the weights into one matrix again for every generated token (the same numbers).
+        unfused = dataclasses.replace(cfg.model, fused_qkv=False, fused_mlp=False)
+        self.model = build_model(dataclasses.replace(cfg, model=unfused), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,
             partitioning.logical_rules(cfg, mesh)).spec[0]

@@ -228,6 +228,34 @@ def test_remat_equals_no_remat(policy, scan):
     chex.assert_trees_all_close(grads_b, grads_a, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family,extra", [("decoder", ("model.num_heads=4", "model.num_kv_heads=2")),
+                                          ("encoder", ("model.use_bias=true", "model.mlp=geglu")),
+                                          ("encoder_decoder", ("model.mlp=geglu",))])
+def test_fused_projections_equal_separate(family, extra):
+    """model.fused_qkv / fused_mlp: one matmul over the concatenated weights, the same parameters;
+    loss and gradients equal the separate projections (GQA, biases, T5's cross-attention unfused)."""
+    from helpers import random_batch
+
+    base = tiny_cfg(family, *extra)
+    fused = tiny_cfg(family, *extra, "model.fused_qkv=true", "model.fused_mlp=true")
+    params = t5x_lite.init_params(base, 0)
+    chex.assert_trees_all_equal_shapes(params, t5x_lite.init_params(fused, 0))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(base).items()}
+    loss_a, grads_a = _loss_and_grads(base, params, batch)
+    loss_b, grads_b = _loss_and_grads(fused, params, batch)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    chex.assert_trees_all_close(grads_b, grads_a, atol=1e-6, rtol=1e-5)
+    # one projection matmul fewer per fused block: q/k/v 3 -> 1, gate/up 2 -> 1
+    count = lambda cfg: str(jax.make_jaxpr(lambda p: _loss_and_grads(cfg, p, batch))(params)).count("dot_general")
+    blocks = {"decoder": 1, "encoder": 1, "encoder_decoder": 2}[family]  # scanned: each stack's body once
+    assert count(base) - count(fused) == 3 * blocks * (2 + 1)  # forward, its two backward GEMMs
+
+
+def test_fused_mlp_needs_a_gated_mlp():
+    with pytest.raises(t5x_lite.ConfigError, match="fused_mlp"):
+        tiny_cfg("encoder", "model.mlp=gelu", "model.fused_mlp=true")
+
+
 def test_learned_positions_reject_long_inputs():
     cfg = tiny_cfg("encoder")
     params = t5x_lite.init_params(cfg, 0)

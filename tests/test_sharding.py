@@ -60,16 +60,19 @@ class Case(NamedTuple):
     mesh: tuple = (1, 1, 1)
     micro: int = 1
     opt_over_data: bool = False
+    fused: bool = False  # model.fused_qkv and fused_mlp (compute only: the reference stays unfused)
 
     def config(self):
         data, fsdp, tensor = self.mesh
+        fused = ("model.fused_qkv=true", "model.fused_mlp=true") if self.fused else ()
         return tiny_cfg(self.family, *TINY, f"sharding.zero_stage={self.stage}", f"mesh.data={data}",
                         f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"train.micro_batches={self.micro}",
-                        f"sharding.shard_opt_over_data={self.opt_over_data}")
+                        f"sharding.shard_opt_over_data={self.opt_over_data}", *fused)
 
     def __str__(self):
         return (f"{self.family}-zero{self.stage}-mesh{'x'.join(map(str, self.mesh))}"
-                + (f"-micro{self.micro}" if self.micro > 1 else "") + ("-optoverdata" if self.opt_over_data else ""))
+                + (f"-micro{self.micro}" if self.micro > 1 else "") + ("-optoverdata" if self.opt_over_data else "")
+                + ("-fused" if self.fused else ""))
 
 
 def abstract_batch(setup) -> dict:
@@ -137,6 +140,8 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
     Case("encoder_decoder", 1, (8, 1, 1), 1, True), Case("encoder_decoder", 2, (1, 8, 1)),
     Case("encoder_decoder", 0, (2, 4, 1)), Case("encoder_decoder", 3, (2, 2, 2), 2),
     Case("encoder_decoder", 2, (1, 4, 2), 2),
+    # fused q/k/v and gate/up projections, heads and MLP split over `tensor`, == unfused on one device
+    Case("decoder", 3, (1, 4, 2), fused=True), Case("encoder_decoder", 2, (2, 2, 2), fused=True),
 ]
 
 

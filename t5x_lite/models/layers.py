@@ -48,7 +48,9 @@ class Dense(nn.Module):
     """``x`` contracted over its last ``num_in`` axes with a kernel ``[*in, *features]``.
 
     The kernel is created at its full rank with logical ``kernel_axes`` (inputs first), a
-    fan-in scaled truncated-normal init, and cast to the compute ``dtype`` at use."""
+    fan-in scaled truncated-normal init, and cast to the compute ``dtype`` at use.
+    ``weights(in_shape)`` returns the kernel and bias without applying them (``fused_dense``
+    concatenates several projections' weights into one matmul)."""
 
     features: tuple
     kernel_axes: tuple
@@ -59,19 +61,44 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def weights(self, in_shape: tuple) -> tuple[Array, Optional[Array]]:
+        """``(kernel [*in_shape, *features], bias [*features] or None)`` in the compute dtype."""
         n_in, n_out = self.num_in, len(self.features)
-        kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
         init = nn.initializers.variance_scaling(self.scale, "fan_in", "truncated_normal",
                                                 in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape,
-                            self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            tuple(in_shape) + tuple(self.features), self.param_dtype)
+        bias = None
         if self.use_bias:
-            bias = self.param("bias", zeros_init(self.kernel_axes[n_in:]), tuple(self.features), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            bias = self.param("bias", zeros_init(self.kernel_axes[n_in:]), tuple(self.features),
+                              self.param_dtype).astype(self.dtype)
+        return kernel.astype(self.dtype), bias
+
+    def __call__(self, x: Array) -> Array:
+        kernel, bias = self.weights(tuple(x.shape[-self.num_in:]))
+        y = contract(x.astype(self.dtype), kernel, self.num_in)
+        return y if bias is None else y + bias
+
+
+def contract(x: Array, kernel: Array, num_in: int) -> Array:
+    """``x``'s last ``num_in`` axes contracted with ``kernel``'s first ``num_in``."""
+    dims = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
+    return jax.lax.dot_general(x, kernel, (dims, ((), ())))
+
+
+def fused_dense(x: Array, weights: list[tuple[Array, Optional[Array]]], axis: int, name: str) -> Array:
+    """Several projections of one input as one matmul: the kernels (from ``Dense.weights``, one
+    input axis) concatenated along their output axis ``axis``, biases alike. Each block of the
+    result along ``axis`` equals its projection alone. The parameters stay as they are (the same
+    checkpoints and Hugging Face tables); only the compute changes: a copy of the weights per
+    layer and step, against a larger GEMM in the forward pass and both backward ones (the input
+    gradient sums the projections inside one GEMM). ``name`` scopes the ops (profiles)."""
+    with jax.named_scope(name):
+        kernel = jnp.concatenate([k for k, _ in weights], axis=axis)
+        y = contract(x.astype(kernel.dtype), kernel, 1)
+        if weights[0][1] is not None:
+            y = y + jnp.concatenate([b for _, b in weights], axis=axis - 1)
+    return y
 
 
 def dense(cfg: ModelConfig, features, kernel_axes: tuple, name: str, num_in: int = 1, scale: float = 1.0,
@@ -400,16 +427,20 @@ class Attention(nn.Module):
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
         q_scale = 1.0 if cfg.scale_attention else 1.0 / h
-        q_BTNH = dense(cfg, (n, h), ("embed", "heads", "kv"), "query", scale=q_scale)(x_BTD)
-        q_BTNH = constrain(q_BTNH, BLNH)
-        kv_proj = lambda src, name: constrain(dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name)(src), BLKH)
+        q_proj = dense(cfg, (n, h), ("embed", "heads", "kv"), "query", scale=q_scale)
+        k_proj, v_proj = (dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name) for name in ("key", "value"))
 
         if self.cross and kv_BSD is None:  # decoding after the first call: the stored encoder k/v
+            q_BTNH = constrain(q_proj(x_BTD), BLNH)
             k_BSKH, v_BSKH = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(q_BTNH.dtype)
                               for name in ("k", "v"))
         else:
-            src_BSD = kv_BSD if self.cross else x_BTD
-            k_BSKH, v_BSKH = kv_proj(src_BSD, "key"), kv_proj(src_BSD, "value")
+            if cfg.fused_qkv and not self.cross:
+                q_BTNH, k_BSKH, v_BSKH = self._fused_qkv(x_BTD, q_proj, k_proj, v_proj)
+            else:
+                src_BSD = kv_BSD if self.cross else x_BTD
+                q_BTNH = constrain(q_proj(x_BTD), BLNH)
+                k_BSKH, v_BSKH = (constrain(proj(src_BSD), BLKH) for proj in (k_proj, v_proj))
             if cfg.position == "rope" and not self.cross:
                 q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
                 k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
@@ -427,6 +458,24 @@ class Attention(nn.Module):
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
         return constrain(out_BTD, BLD), cache
+
+    def _fused_qkv(self, x_BTD: Array, q_proj: Dense, k_proj: Dense, v_proj: Dense) -> tuple[Array, Array, Array]:
+        """q, k, v of self-attention from one matmul (``model.fused_qkv``). The kernel is laid out
+        per kv head, ``[D, K, G + 2, H]`` (its G query heads, then its key and value), so that
+        splitting heads over ``tensor`` keeps each group's q, k and v on one device."""
+        cfg = self.cfg
+        b, t, d = x_BTD.shape
+        k, h = cfg.kv_heads, cfg.dim_per_head
+        g = cfg.num_heads // k
+        wq, bq = q_proj.weights((d,))
+        parts = [(wq.reshape(d, k, g, h), None if bq is None else bq.reshape(k, g, h))]
+        for proj in (k_proj, v_proj):
+            w, bias = proj.weights((d,))
+            parts.append((w[:, :, None], None if bias is None else bias[:, None]))
+        y_BTKCH = fused_dense(x_BTD, parts, axis=2, name="qkv")  # C = G + 2
+        y_BTKCH = constrain(y_BTKCH, ("act_batch", "act_length", "act_kv_heads", None, "act_kv"))
+        q_BTNH = constrain(y_BTKCH[:, :, :, :g].reshape(b, t, k * g, h), BLNH)
+        return q_BTNH, constrain(y_BTKCH[:, :, :, g], BLKH), constrain(y_BTKCH[:, :, :, g + 1], BLKH)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -450,8 +499,16 @@ class Mlp(nn.Module):
         cfg = self.cfg
         act = activation(cfg)
         if cfg.mlp in ("swiglu", "geglu"):
-            gate_BLF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_0")(x_BLD)
-            up_BLF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_1")(x_BLD)
+            gate, up = (dense(cfg, cfg.d_ff, ("embed", "mlp"), name) for name in ("wi_0", "wi_1"))
+            if cfg.fused_mlp:  # [D, 2, F]: one matmul; splitting F over ``tensor`` keeps the pairs together
+                d = x_BLD.shape[-1]
+                parts = [(w[:, None], None if bias is None else bias[None])
+                         for w, bias in (proj.weights((d,)) for proj in (gate, up))]
+                y_BL2F = fused_dense(x_BLD, parts, axis=1, name="wi_fused")
+                y_BL2F = constrain(y_BL2F, ("act_batch", "act_length", None, "act_mlp"))
+                gate_BLF, up_BLF = y_BL2F[:, :, 0], y_BL2F[:, :, 1]
+            else:
+                gate_BLF, up_BLF = gate(x_BLD), up(x_BLD)
             h_BLF = act(gate_BLF) * up_BLF
         else:
             h_BLF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi")(x_BLD))
