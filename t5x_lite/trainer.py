@@ -488,28 +488,40 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     peak = peak * jax.device_count() if peak else None
     bar = progress_bar(steps, start, enabled=is_main and cfg.train.progress and sys.stdout.isatty())
     last = {}
-    pending = None  # (step, metrics on device, dispatch time) of the step before
+    pending = None  # (step, metrics on device) of the step before
+    warned_input, data_time = False, 0.0  # host seconds making batches since the last finished step
     last_saved = start if restored is not None else None
     t_prev = time.time()
 
     def finish(pending_item):
-        nonlocal t_prev, last
-        step, metrics, _ = pending_item
+        nonlocal t_prev, last, warned_input, data_time
+        step, metrics = pending_item
+        data, data_time = data_time, 0.0
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         dt, t_prev = now - t_prev, now
-        values.update(step_time=dt, tokens_per_sec=tokens / dt)
+        # step_time: from the step before finishing to this one finishing. data_time: the part of
+        # it the host spent making and placing batches (the next step's, while the device ran
+        # this one): near step_time, the device waits for data (input-bound). A step finished
+        # before an eval or at the end has no next batch in its time (data_time 0).
+        values.update(step_time=dt, tokens_per_sec=tokens / dt, data_time=data)
+        if not warned_input and step > start + 2 and data > 0.5 * dt:
+            warned_input = True
+            log(f"note: step {step}: making batches took {1000 * data:.0f} ms of a {1000 * dt:.0f} ms step; "
+                "once it takes the whole step the device waits for data (a prepared corpus, `t5x-lite prepare`, "
+                "is read from memory-mapped shards; span corruption and MLM masking run per row on the host)")
         if peak:
             values["mfu"] = flops / dt / peak
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}",
-                        step_ms=f"{1000 * dt:.0f}", refresh=False)
+                        step_ms=f"{1000 * dt:.0f}", data_ms=f"{1000 * data:.0f}", refresh=False)
         if step % cfg.train.log_every == 0 or step == 1 or step == steps:
             writer.write(step, values)
             if bar.disable:  # no terminal (a log file, CI): one line per logged step instead
                 log(f"step {step}/{steps}  loss {values['loss']:.4f}  acc {values['accuracy']:.3f}  "
                     f"lr {values['learning_rate']:.2e}  {values['tokens_per_sec']:.0f} tok/s  "
-                    f"{1000 * dt:.0f} ms/step" + (f"  MFU {100 * values['mfu']:.1f}%" if peak else ""))
+                    f"{1000 * dt:.0f} ms/step (data {1000 * data:.0f} ms)"
+                    + (f"  MFU {100 * values['mfu']:.1f}%" if peak else ""))
         last = dict(values, step=step)
 
     def run_eval(params, step: int) -> dict:
@@ -528,11 +540,13 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     with StopSignals() as stop, setup.activation_context():
         for step in range(start, end):
+            t_data = time.perf_counter()
             batch = to_global(train_batches(step, jax.process_index(), jax.process_count()), setup.batch_sharding)
+            data_time += time.perf_counter() - t_data
             state, metrics = compiled(state, batch)
             if pending is not None:
                 finish(pending)
-            pending = (step + 1, metrics, time.time())
+            pending = (step + 1, metrics)
             done, ev = step + 1, None
             if eval_batches is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
                     and done != end:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import chex
 import jax
@@ -138,6 +139,7 @@ def test_train_command_logs_plots_and_resumes(tmp_path, capsys):
     assert [r["step"] for r in train_rows] == [1, 2, 4, 6]
     for key in ("loss", "learning_rate", "tokens_per_sec", "accuracy", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert all(0 <= r["data_time"] < r["step_time"] for r in train_rows)  # host time making batches
     assert any("eval_loss" in r and r["step"] == 4 for r in rows)
     assert os.listdir(os.path.join(wd, "tb"))  # TensorBoard event file
     for line in ("mesh data=1 x fsdp=8 x tensor=1", "zero_stage=3", "per device: params", "compiled train step"):
@@ -154,6 +156,32 @@ def test_train_command_logs_plots_and_resumes(tmp_path, capsys):
     assert code == 0 and os.path.getsize(out.strip()) > 10_000 and out.strip().endswith(".png")
 
 
+def test_a_step_waiting_for_its_batch_is_named(tmp_path, capsys, monkeypatch):
+    """metrics.jsonl's data_time is the host's time making a step's batch; when it is most of
+    the step, the log says the device is waiting for data."""
+    from t5x_lite.data.pipeline import Batches
+
+    real = Batches.batches
+
+    def slow(self, step, *args):
+        time.sleep(0.25)
+        return real(self, step, *args)
+
+    monkeypatch.setattr(Batches, "__call__", slow)
+    wd = str(tmp_path / "run")
+    code, out, _ = cli_run(capsys, "train", "--config", "configs/decoder_tiny.yaml", "--workdir", wd,
+                           *sum((["--set", s] for s in SMALL), []), "--set", "train.steps=6")
+    assert code == 0
+    assert out.count("making batches took") == 1
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]
+    assert all(0 <= r["data_time"] <= r["step_time"] for r in rows)
+    # step 1's time holds batches 1 and 2, step 2's batch 3; steps 4 (an eval follows) and 6 (the
+    # last) finish with no batch made in their time
+    assert rows[0]["data_time"] >= 0.5 and rows[1]["data_time"] >= 0.25
+    assert rows[2]["data_time"] == rows[3]["data_time"] == 0
+
+
 def test_rerun_with_other_model_refuses_to_start_over(tmp_path, capsys):
     wd = tmp_path / "run"
     wd.mkdir()
@@ -167,8 +195,8 @@ def test_how_the_model_computes_may_change_between_runs(tmp_path):
     from t5x_lite.trainer import check_workdir_config, write_workdir_config
 
     write_workdir_config(tiny_cfg("decoder"), str(tmp_path))
-    check_workdir_config(tiny_cfg("decoder", "model.attention=auto", "model.remat=full", "model.scan_unroll=2"),
-                         str(tmp_path))
+    check_workdir_config(tiny_cfg("decoder", "model.attention=auto", "model.remat=full", "model.scan_unroll=2",
+                                  "model.fused_qkv=true", "model.fused_mlp=true"), str(tmp_path))
     with pytest.raises(ConfigError, match="model.max_segments: 0 -> 4"):  # changes the rows
         check_workdir_config(tiny_cfg("decoder", "model.max_segments=4"), str(tmp_path))
 
