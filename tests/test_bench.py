@@ -67,6 +67,15 @@ def test_decode_bench_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_pipeline_bench_smoke(tmp_path):
+    _, data = _run_json(["bench/pipeline.py", "--smoke", "--workdir", str(tmp_path / "wd")], tmp_path / "pipe.json")
+    rows = data["rows"]
+    assert [r["objective"] for r in rows] == ["causal", "mlm", "span"]
+    for r in rows:  # the figures agree with each other
+        assert 0 < r["batch_ms"] <= r["batch_ms_max"] and 0 < r["packing"] <= 1
+        assert math.isclose(r["host_tokens_per_s"], r["tokens_per_batch"] / (r["batch_ms"] / 1000), rel_tol=0.01)
+
+
 def test_attention_bench_segments_describe_the_documents(tmp_path):
     import importlib.util
 
