@@ -116,6 +116,9 @@ class DataConfig:
     # concat: the token stream cut every seq_len tokens, every row full, a document that crosses
     # a row boundary goes on in the next row as a new segment (not for span corruption).
     packing: str = dataclasses.field(default="greedy", metadata=_choices("greedy", "concat"))
+    # processes making the coming steps' training batches while the device runs (0: the training
+    # loop makes each batch itself); the same batches either way
+    workers: int = 0
 
     def resolved_objective(self, family: str) -> str:
         return self.objective or {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "span"}[family]
@@ -254,6 +257,8 @@ class Config:
             errors.append(f"data.noise_density={d.noise_density} must be in (0, 1)")
         if d.mean_span_length < 1:
             errors.append(f"data.mean_span_length={d.mean_span_length} must be >= 1")
+        if d.workers < 0:
+            errors.append(f"data.workers={d.workers} must be >= 0 (0: batches made in the training loop)")
         if not 0 <= d.eval_fraction < 1:
             errors.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.steps < 0:
@@ -423,7 +428,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 # How the model computes, not what it is: a run may continue with other values of these.
 COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll", "model.fused_qkv",
-                          "model.fused_mlp"})
+                          "model.fused_mlp", "data.workers"})
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

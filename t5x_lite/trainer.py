@@ -10,6 +10,7 @@ Python.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -538,10 +539,16 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
         ckpt.save(step, state, meta, {"eval_loss": ev["eval_loss"]} if keep_best else None)
         last_saved = step
 
-    with StopSignals() as stop, setup.activation_context():
+    with StopSignals() as stop, setup.activation_context(), contextlib.ExitStack() as closing:
+        source = train_batches
+        if cfg.data.workers:
+            from t5x_lite.data.prefetch import Prefetcher
+
+            source = closing.enter_context(Prefetcher(train_batches, cfg.data.workers, log))
+            log(f"data: {source.workers} worker processes make the batches of the next {source.depth} steps")
         for step in range(start, end):
             t_data = time.perf_counter()
-            batch = to_global(train_batches(step, jax.process_index(), jax.process_count()), setup.batch_sharding)
+            batch = to_global(source(step, jax.process_index(), jax.process_count()), setup.batch_sharding)
             data_time += time.perf_counter() - t_data
             state, metrics = compiled(state, batch)
             if pending is not None:

@@ -68,9 +68,10 @@ def test_decode_bench_smoke(tmp_path):
 
 
 def test_pipeline_bench_smoke(tmp_path):
-    _, data = _run_json(["bench/pipeline.py", "--smoke", "--workdir", str(tmp_path / "wd")], tmp_path / "pipe.json")
+    _, data = _run_json(["bench/pipeline.py", "--smoke", "--workers", "0,1", "--workdir", str(tmp_path / "wd")],
+                        tmp_path / "pipe.json")
     rows = data["rows"]
-    assert [r["objective"] for r in rows] == ["causal", "mlm", "span"]
+    assert [(r["objective"], r["workers"]) for r in rows] == [(o, w) for o in ("causal", "mlm", "span") for w in (0, 1)]
     for r in rows:  # the figures agree with each other
         assert 0 < r["batch_ms"] <= r["batch_ms_max"] and 0 < r["packing"] <= 1
         assert math.isclose(r["host_tokens_per_s"], r["tokens_per_batch"] / (r["batch_ms"] / 1000), rel_tol=0.01)

@@ -150,7 +150,9 @@ def interrupted(data, tmp_path_factory, interrupted_runs_started, straight):
     after_term = sorted(Checkpoints(workdir, load_config(None, SETTINGS + data), read_only=True).all_steps())
 
     markers2 = tmp_path_factory.mktemp("markers2")
-    killed = start(train_args(workdir, data), markers2, hang_at=7, hang_save=6)
+    # this run's batches come from worker processes (data.workers): its step-4 checkpoint, which the
+    # last run resumes from, must still equal the reference run's
+    killed = start(train_args(workdir, data, "data.workers=2"), markers2, hang_at=7, hang_save=6)
     wait_for(killed, markers2, ["row", "save"])
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
@@ -171,6 +173,7 @@ def test_sigterm_saves_the_step_reached_and_exits_0(interrupted):
     assert "SIGTERM: stopped after step 3; checkpoint" in interrupted["term_output"]
     assert interrupted["after_term"] == [2, 3]
     assert "resumed from checkpoint at step 3" in interrupted["killed_output"]
+    assert "2 worker processes make the batches" in interrupted["killed_output"]
 
 
 def test_kill_during_async_save_resumes_from_previous_complete(interrupted):

@@ -593,3 +593,60 @@ def test_make_datasets_errors(tmp_path, tokenizer, t5_style_tokenizer):
     with pytest.raises(DataError, match="<mask>"):
         make_datasets(cfg, str(workdir), log=lambda _: None)
     assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------- worker processes (data.workers)
+
+
+def test_token_store_pickles_as_its_directory_or_by_value(tmp_path, corpus, docs, tokenizer):
+    import pickle
+
+    write_corpus(tmp_path / "c.jsonl", corpus)
+    _, train, _ = make_datasets(make_cfg(path=str(tmp_path / "c.jsonl")), str(tmp_path / "run"), log=lambda s: None)
+    store = train._corpus
+    blob = pickle.dumps(store)
+    assert store.directory and len(blob) < 1000  # the path, not the tokens
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.document(5), store.document(5))
+    in_memory = TokenStore.from_documents(docs[:10], tokenizer.eos_id)
+    assert pickle.loads(pickle.dumps(in_memory)).document(3).tolist() == list(docs[3])
+
+
+@pytest.mark.parametrize("family,objective", [("encoder", "mlm"), ("encoder_decoder", "span")])
+def test_worker_processes_make_the_loops_batches(family, objective, tmp_path, corpus):
+    """Batches made ahead by worker processes equal the ones the loop makes, bit for bit: in
+    order, after a jump back and forth (a resume), and for one process of two."""
+    from t5x_lite.data.prefetch import Prefetcher
+
+    write_corpus(tmp_path / "c.jsonl", corpus)
+    cfg = make_cfg(family, objective, path=str(tmp_path / "c.jsonl"), batch_size=4)
+    _, train, _ = make_datasets(cfg, str(tmp_path / "run"), log=lambda s: None)
+    with Prefetcher(train, workers=2, log=pytest.fail) as ahead:
+        assert ahead.rows_per_epoch == train.rows_per_epoch  # the wrapped source's attributes
+        for step in [0, 1, 2, 9, 10, 3]:
+            assert_same(ahead(step), train(step))
+        assert_same(ahead(4, 1, 2), train(4, 1, 2))
+        with pytest.raises(ValueError, match="step must be >= 0"):  # a worker's error reaches the caller
+            ahead(-1)
+
+
+def test_a_dead_worker_leaves_the_loop_making_batches(tmp_path, docs, tokenizer):
+    import signal
+
+    from t5x_lite.data.prefetch import Prefetcher
+
+    train = Batches(make_cfg("decoder", "causal"), docs, tokenizer)
+    lines = []
+    ahead = Prefetcher(train, workers=1, log=lines.append)
+    assert_same(ahead(0), train(0))
+    for pid in list(ahead._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    for step in range(1, 6):  # steps made before the kill come back; then the loop makes them
+        assert_same(ahead(step), train(step))
+    assert len(lines) == 1 and "batch worker processes failed" in lines[0]
+    ahead.close()
+
+
+def test_data_workers_must_not_be_negative():
+    with pytest.raises(ConfigError, match="data.workers"):
+        make_cfg(workers=-1)

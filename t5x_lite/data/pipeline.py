@@ -23,6 +23,7 @@ uninterrupted run would have read at s, and nothing of the steps before.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -272,6 +273,24 @@ def check_objective(objective: str, data_cfg, has_mask: bool, num_sentinels: int
 
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The ids the objectives use, copied from a tokenizer: a ``Batches`` holds these rather
+    than the tokenizer, so it pickles to worker processes (``data.workers``) as plain values."""
+
+    bos_id: int
+    eos_id: int
+    mask_id: Optional[int]
+    vocab_size: int
+    special_ids: frozenset
+    sentinel_ids: tuple
+
+    @classmethod
+    def of(cls, tok) -> "TokenIds":
+        return cls(tok.bos_id, tok.eos_id, tok.mask_id, tok.vocab_size, frozenset(tok.special_ids),
+                   tuple(tok.sentinel_ids))
+
+
 class Batches:
     """Deterministic, stateless batches of one objective over tokenized documents.
 
@@ -307,7 +326,7 @@ class Batches:
         self._cfg = d
         self._seed = cfg.train.seed
         self._stream = stream
-        self._tokenizer = tokenizer
+        self._tokenizer = TokenIds.of(tokenizer)
         self._setup_objective()
         if not isinstance(documents, TokenStore):
             documents = TokenStore.from_documents(documents, tokenizer.eos_id)

@@ -195,6 +195,14 @@ class TokenStore:
         self.num_tokens = int(sum(int(o[-1]) for o in self._offsets))
         self.eos_id = eos_id
         self.manifest = manifest or {}
+        self.directory: Optional[str] = None  # set by ``open``
+
+    def __reduce__(self):
+        """Pickled as its directory when memory-mapped from one (a worker process maps it again:
+        nothing is copied), else by value."""
+        if self.directory is not None:
+            return (TokenStore.open, (self.directory,))
+        return (TokenStore, (list(zip(self._tokens, self._offsets)), self.eos_id, self.manifest))
 
     @classmethod
     def from_documents(cls, docs: Sequence[Sequence[int]], eos_id: int, dtype=np.int32) -> "TokenStore":
@@ -228,7 +236,9 @@ class TokenStore:
                 raise DataError(f"{directory}: shard {entry['name']} does not match the manifest; "
                                 "rerun `t5x-lite prepare` with --overwrite")
             shards.append((tokens, offsets))
-        return cls(shards, manifest["tokenizer"]["eos_id"], manifest)
+        store = cls(shards, manifest["tokenizer"]["eos_id"], manifest)
+        store.directory = directory
+        return store
 
     def doc_lengths(self) -> np.ndarray:
         """int64 [N]: tokens of every document, eos included."""
