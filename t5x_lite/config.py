@@ -142,6 +142,16 @@ class TrainConfig:
     # RngBitGenerator (rbg, unsafe_rbg: cheaper on GPUs, masks depend on the sharding)
     dropout_rng: str = dataclasses.field(default="threefry2x32",
                                          metadata=_choices("threefry2x32", "rbg", "unsafe_rbg"))
+    # Loss scaling for float16 compute (its gradients underflow below 6e-8 without it): the loss is
+    # multiplied by a scale before the backward pass and the gradients divided by it; a step whose
+    # gradients are not finite is skipped and halves the scale, loss_scale_period finite steps in a
+    # row double it. auto: dynamic when model.dtype is float16 (bfloat16 has float32's range).
+    loss_scale: str = dataclasses.field(default="auto", metadata=_choices("auto", "dynamic", "none"))
+    loss_scale_init: float = 2.0 ** 15
+    loss_scale_period: int = 2000
+
+    def loss_scaling(self, compute_dtype: str) -> bool:
+        return self.loss_scale == "dynamic" or (self.loss_scale == "auto" and compute_dtype == "float16")
 
 
 @dataclasses.dataclass
@@ -257,6 +267,9 @@ class Config:
             errors.append(f"data.noise_density={d.noise_density} must be in (0, 1)")
         if d.mean_span_length < 1:
             errors.append(f"data.mean_span_length={d.mean_span_length} must be >= 1")
+        if t.loss_scale_init < 1 or t.loss_scale_period < 1:
+            errors.append(f"train.loss_scale_init={t.loss_scale_init} and train.loss_scale_period="
+                          f"{t.loss_scale_period} must be >= 1")
         if d.workers < 0:
             errors.append(f"data.workers={d.workers} must be >= 0 (0: batches made in the training loop)")
         if not 0 <= d.eval_fraction < 1:

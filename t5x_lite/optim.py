@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Optional
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from t5x_lite.config import Config
@@ -46,4 +49,49 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
         opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=o.weight_decay or None,
                               weight_decay_mask=decay_mask)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    return optax.chain(*parts, opt), schedule
+    tx = optax.chain(*parts, opt)
+    if cfg.train.loss_scaling(cfg.model.dtype):
+        tx = dynamic_loss_scale(tx, cfg.train.loss_scale_init, cfg.train.loss_scale_period)
+    return tx, schedule
+
+
+# ------------------------------------------------------------------ loss scaling (float16)
+
+
+class LossScaleState(NamedTuple):
+    """The scale the next step multiplies its loss by, finite steps since it last changed, and
+    ``optax.apply_if_finite``'s state around the optimizer (its ``total_notfinite``: steps skipped)."""
+
+    scale: jax.Array  # float32 []
+    good_steps: jax.Array  # int32 []
+    inner: Any
+
+
+def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float, period: int,
+                       factor: float = 2.0) -> optax.GradientTransformation:
+    """``inner`` behind a dynamic loss scale. The train step multiplies its loss by
+    ``loss_scale_of(opt_state)`` and divides the gradients by it before ``update``. Non-finite
+    gradients (the scaled backward pass overflowed float16): ``optax.apply_if_finite`` leaves
+    params and ``inner``'s state as they were, and the scale is divided by ``factor`` (not below
+    1); ``period`` finite steps in a row multiply it by ``factor``. The state lives in the
+    optimizer state, so checkpoints, resumes and shardings (replicated scalars) carry it."""
+    guarded = optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 1)  # never apply non-finite updates
+
+    def init(params):
+        return LossScaleState(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32), guarded.init(params))
+
+    def update(grads, state: LossScaleState, params=None):
+        updates, guarded_state = guarded.update(grads, state.inner, params)
+        finite = guarded_state.last_finite
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= period
+        scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale),
+                          jnp.maximum(state.scale / factor, 1.0))
+        return updates, LossScaleState(scale, jnp.where(grow, 0, good).astype(jnp.int32), guarded_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def loss_scale_of(opt_state) -> Optional[LossScaleState]:
+    """The ``LossScaleState`` of an optimizer state that has one (float16 training), else None."""
+    return opt_state if isinstance(opt_state, LossScaleState) else None

@@ -54,7 +54,7 @@ from t5x_lite.metrics import (
 )
 from t5x_lite.models import abstract_params, build_model, init_fn, jit_init, model_kwargs
 from t5x_lite.models.layers import jnp_dtype
-from t5x_lite.optim import make_optimizer
+from t5x_lite.optim import loss_scale_of, make_optimizer
 
 
 
@@ -154,27 +154,35 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                     mesh: Mesh) -> Callable:
     loss_sums = make_loss_fn(cfg, model)
     num_micro = cfg.train.micro_batches
+    loss_positions = math.prod(batch_shapes(cfg)["targets"].shape)
     micro_sharding = NamedSharding(mesh, P(None, partitioning.BATCH_AXES))
 
-    def grad_sums(params, batch, rng):
+    def grad_sums(params, batch, rng, scale):
         def loss_of(p):
             sums = loss_sums(p, batch, rng)
-            return sums["loss"], sums
+            return sums["loss"] * scale, sums  # float16: the backward pass runs scaled
 
         grads, sums = jax.grad(loss_of, has_aux=True)(params)
         return grads, sums
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed, impl=cfg.train.dropout_rng), state.step)
+        scaling = loss_scale_of(state.opt_state)
+        # Loss scaling / float16: the loss *sum* runs backward times loss_scale / (batch x target
+        # length), so the float16 gradients are the mean loss's times loss_scale (1 without
+        # scaling), not growing with the batch; float32 / bfloat16 without scaling: the sum as is.
+        scale = jnp.float32(1.0)
+        if scaling is not None or cfg.model.dtype == "float16":
+            scale = (jnp.float32(1.0) if scaling is None else scaling.scale) / loss_positions
         if num_micro == 1:
-            grads, sums = grad_sums(state.params, batch, rng)
+            grads, sums = grad_sums(state.params, batch, rng, scale)
         else:
             micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
                 split_micro_batches(x, num_micro), micro_sharding), batch)
 
             def accumulate(carry, xs):
                 index, mb = xs
-                grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index))
+                grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index), scale)
                 acc_grads = jax.tree.map(jnp.add, carry[0], grads)
                 acc_grads = jax.lax.with_sharding_constraint(acc_grads, grad_shardings)
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
@@ -183,7 +191,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        grads = jax.tree.map(lambda g: g / (denom * scale), grads)
         # ZeRO-2/3: each device keeps only its shard of the gradient (reduce-scatter).
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -196,6 +204,8 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             "learning_rate": schedule(state.step),
             "target_tokens": sums["weight"],
         }
+        if scaling is not None:  # the scale this step ran with; steps skipped so far (overflow)
+            metrics.update(loss_scale=scaling.scale, skipped_steps=loss_scale_of(opt_state).inner.total_notfinite)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -522,7 +532,9 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
                 log(f"step {step}/{steps}  loss {values['loss']:.4f}  acc {values['accuracy']:.3f}  "
                     f"lr {values['learning_rate']:.2e}  {values['tokens_per_sec']:.0f} tok/s  "
                     f"{1000 * dt:.0f} ms/step (data {1000 * data:.0f} ms)"
-                    + (f"  MFU {100 * values['mfu']:.1f}%" if peak else ""))
+                    + (f"  MFU {100 * values['mfu']:.1f}%" if peak else "")
+                    + (f"  loss scale {values['loss_scale']:g} ({values['skipped_steps']:.0f} steps skipped)"
+                       if "loss_scale" in values else ""))
         last = dict(values, step=step)
 
     def run_eval(params, step: int) -> dict:

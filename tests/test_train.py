@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import t5x_lite
 from t5x_lite import cli, partitioning, trainer
 from t5x_lite.config import ConfigError
 
@@ -323,3 +324,111 @@ def test_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
     assert {"train", "eval", "decode", "sweep"} <= cli.COMPILING
+
+
+# ------------------------------------------------------------------ float16 loss scaling
+
+
+def test_dynamic_loss_scale_skips_non_finite_steps_and_adapts():
+    import jax.numpy as jnp
+    import optax
+
+    from t5x_lite.optim import dynamic_loss_scale, loss_scale_of
+
+    tx = dynamic_loss_scale(optax.sgd(1.0), init_scale=8.0, period=2)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    finite, broken = {"w": jnp.full(3, 0.5)}, {"w": jnp.array([0.5, jnp.inf, 0.5])}
+    history = []
+    for grads in (finite, broken, broken, finite, finite, finite):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        s = loss_scale_of(state)
+        history.append((float(s.scale), int(s.good_steps), int(s.inner.total_notfinite), float(params["w"][0])))
+    assert history == [(8.0, 1, 0, 0.5),  # applied
+                       (4.0, 0, 1, 0.5), (2.0, 0, 2, 0.5),  # skipped: params as they were, scale halved
+                       (2.0, 1, 2, 0.0), (4.0, 0, 2, -0.5),  # 2 finite steps in a row: doubled
+                       (4.0, 1, 2, -1.0)]
+    assert loss_scale_of(optax.sgd(1.0).init(params)) is None
+
+
+def test_float16_training_scales_its_loss(tmp_path):
+    """float16 compute (loss_scale auto = dynamic): steps whose scaled backward pass overflows are
+    skipped (the same loss again: nothing moved) and halve the scale; then training follows float32.
+    The state round-trips a checkpoint."""
+    from t5x_lite.checkpoints import Checkpoints
+
+    def run(*sets, steps=12):
+        cfg = tiny_cfg("decoder", *sets, "mesh.fsdp=1", "optim.warmup_steps=0", "optim.learning_rate=1e-2")
+        setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
+        with setup.activation_context():
+            state = setup.init(jax.random.key(0))
+            batch = trainer.to_global(random_batch(cfg), setup.batch_sharding)
+            rows = []
+            for _ in range(steps):
+                state, m = setup.train_step(state, batch)
+                rows.append({k: float(v) for k, v in m.items()})
+        return cfg, setup, state, rows
+
+    cfg, setup, state, fp16 = run("model.dtype=float16", "train.loss_scale_init=4194304", "train.loss_scale_period=3")
+    *_, fp32 = run("model.dtype=float32")
+    skipped = int(fp16[-1]["skipped_steps"])
+    assert 2 <= skipped <= 8
+    assert [r["loss_scale"] for r in fp16[:skipped]] == [4194304 / 2 ** i for i in range(skipped)]
+    assert len({r["loss"] for r in fp16[:skipped + 1]}) == 1  # skipped steps changed nothing
+    applied = [r["loss"] for r in fp16[skipped:]]
+    np.testing.assert_allclose(applied, [r["loss"] for r in fp32[:len(applied)]], rtol=2e-2)
+    assert applied[-1] < applied[0] - 1.0
+    assert fp16[skipped + 3]["loss_scale"] == 2 * fp16[skipped]["loss_scale"]  # period 3: doubled
+
+    ckpt = Checkpoints(str(tmp_path), cfg)
+    ckpt.save(12, state, {"step": 12})
+    ckpt.wait()
+    restored, _ = ckpt.restore(12, setup.abstract_state)
+    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+    ckpt.close()
+
+
+def test_float16_skips_are_one_decision_for_the_whole_mesh():
+    """ZeRO-3 on 8 devices: each device sees a shard of the gradients, yet every step is skipped
+    or applied everywhere at once (the finiteness check is global), as on one device."""
+    def run(fsdp):
+        cfg = tiny_cfg("decoder", "model.dtype=float16", "train.loss_scale_init=4194304", f"mesh.fsdp={fsdp}",
+                       "sharding.zero_stage=3")
+        setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:fsdp]))
+        with setup.activation_context():
+            state = setup.init(jax.random.key(0))
+            rows = []
+            for i in range(9):
+                state, m = setup.train_step(state, trainer.to_global(random_batch(cfg, seed=i), setup.batch_sharding))
+                rows.append((float(m["loss"]), float(m["loss_scale"]), int(m["skipped_steps"])))
+        return rows
+
+    one, eight = run(1), run(8)
+    assert [r[1:] for r in eight] == [r[1:] for r in one] and one[-1][2] >= 2
+    np.testing.assert_allclose([r[0] for r in eight], [r[0] for r in one], rtol=1e-2)
+
+
+def test_the_loss_scale_keeps_float16_gradients_from_underflowing():
+    """Why the scale: float16 gradients of the mean loss times 2^15 are float32's to float16
+    precision; times 2^-12 (a loss far smaller than its scale) they lose their small values."""
+    from t5x_lite.models import build_model
+
+    base = tiny_cfg("decoder", "mesh.fsdp=1")
+    params = t5x_lite.init_params(base, 0)
+    batch = {k: jax.numpy.asarray(v) for k, v in random_batch(base).items()}
+    n = batch["targets"].size
+
+    def grads(dtype, scale):
+        cfg = tiny_cfg("decoder", f"model.dtype={dtype}", "mesh.fsdp=1")
+        loss_sums = trainer.make_loss_fn(cfg, build_model(cfg))
+        g = jax.grad(lambda p: loss_sums(p, batch, jax.random.key(0))["loss"] * (scale / n))(params)
+        return jax.tree.map(lambda x: x / (scale / n), g)
+
+    ref = grads("float32", 1.0)
+
+    def worst_error(g):
+        return max(float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)))
+
+    scaled, tiny = worst_error(grads("float16", 2.0 ** 15)), worst_error(grads("float16", 2.0 ** -12))
+    assert scaled < 1e-2 and tiny > 10 * scaled
