@@ -519,8 +519,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
         if not warned_input and step > start + 2 and data > 0.5 * dt:
             warned_input = True
             log(f"note: step {step}: making batches took {1000 * data:.0f} ms of a {1000 * dt:.0f} ms step; "
-                "once it takes the whole step the device waits for data (a prepared corpus, `t5x-lite prepare`, "
-                "is read from memory-mapped shards; span corruption and MLM masking run per row on the host)")
+                "once it takes the whole step the device waits for data: data.workers=N makes the coming steps' "
+                "batches in N processes" + (f" (now {cfg.data.workers})" if cfg.data.workers else ""))
         if peak:
             values["mfu"] = flops / dt / peak
         bar.update(1)
