@@ -55,6 +55,8 @@ class ModelConfig:
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
     dropout: float = 0.0
+    # on attention probabilities (BERT's and T5's 0.1); training then runs attention on XLA's path
+    attention_dropout: float = 0.0
     dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
     param_dtype: str = dataclasses.field(default="float32", metadata=_choices("float32", "bfloat16"))
     # minimal: keep weight-matmul and cuDNN attention outputs; dots: weight-matmul outputs only
@@ -235,6 +237,12 @@ class Config:
             errors.append("model.attention=cudnn_packed needs model.max_segments > 0, the most documents a row "
                           "may hold (cuDNN keeps a float32 [batch x max_segments, heads, length] statistic per "
                           "layer): e.g. 16, or 1 for one document per row")
+        if not 0 <= m.dropout < 1 or not 0 <= m.attention_dropout < 1:
+            errors.append(f"model.dropout={m.dropout} and model.attention_dropout={m.attention_dropout} must be in [0, 1)")
+        elif m.attention_dropout > 0 and m.attention in ("cudnn", "cudnn_packed"):
+            errors.append(f"model.attention_dropout={m.attention_dropout} trains attention on XLA's path (jax's cuDNN "
+                          f"call repeats one dropout mask every step), not model.attention={m.attention}; use auto "
+                          "(cuDNN for eval and decoding) or xla")
         if m.fused_mlp and m.mlp not in ("swiglu", "geglu"):
             errors.append(f"model.fused_mlp fuses a gated MLP's gate and up projections; model.mlp={m.mlp!r} "
                           "has one input projection (use swiglu or geglu, or fused_mlp=false)")

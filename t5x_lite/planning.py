@@ -162,9 +162,11 @@ def zero_stage_bytes(state: StateBytes, stage: int, param_shards: int, opt_shard
 
 def uses_flash_attention(cfg: Config, platform: str) -> bool:
     """Whether ``layers.dot_product_attention`` takes the cuDNN path (no score matrix kept; a
-    relative-position or ALiBi bias goes to the kernel too)."""
+    relative-position or ALiBi bias goes to the kernel too). Training with attention dropout
+    attends on XLA's path."""
     m = cfg.model
-    return platform == "gpu" and m.attention in ("cudnn", "auto", "cudnn_packed") and m.dtype in ("bfloat16", "float16")
+    return (platform == "gpu" and m.attention in ("cudnn", "auto", "cudnn_packed")
+            and m.dtype in ("bfloat16", "float16") and m.attention_dropout == 0)
 
 
 def _per_shard(size: int, tensor: int) -> float:

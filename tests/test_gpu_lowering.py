@@ -155,3 +155,14 @@ def test_remat_minimal_keeps_the_attention_kernel_output(hopper, remat, forward_
     calls = _train_step_calls(cfg)
     assert len(_forward(calls)) == forward_kernels and len(calls) == forward_kernels + 1
     assert {c["mask_type"] for c in calls} == {"PADDING_CAUSAL"}
+
+
+def test_attention_dropout_trains_on_xla_and_evaluates_on_cudnn(hopper):
+    """attention=auto with model.attention_dropout: jax's cuDNN call would repeat one mask every
+    step, so training attends on XLA's path; eval and decoding (no dropout) keep cuDNN."""
+    cfg = tiny_cfg("encoder", "model.dtype=bfloat16", "model.attention=auto", "model.max_segments=2",
+                   "model.attention_dropout=0.1", "mesh.fsdp=1")
+    assert _train_step_calls(cfg) == []
+    assert _forward(_grad_calls(cfg))  # the deterministic model (eval): cuDNN's packed kernel
+    assert _forward(_train_step_calls(tiny_cfg("encoder", "model.dtype=bfloat16", "model.attention=auto",
+                                               "model.max_segments=2", "model.dropout=0.1", "mesh.fsdp=1")))

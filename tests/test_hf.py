@@ -68,6 +68,11 @@ SPECS = {
         feed_forward_proj="relu", num_decoder_layers=3))),  # transformers 5 cannot generate with it
     "flan-t5": ("encoder_decoder", _flan_t5),
 }
+# (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
+DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "mistral": (0.0, 0.0),
+           "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
+DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
+                "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
 GENERATIVE = ["llama", "flan-t5"]  # decoder (RoPE, GQA) and encoder-decoder; one decode compile each
 
 
@@ -169,6 +174,11 @@ def test_export_loads_in_transformers_and_import_is_lossless(cases, name, tmp_pa
     cfg2, params2 = hf.load(out)
     assert cfg2 == case.cfg
     chex.assert_trees_all_equal(params2, case.params)
+    # dropout rates (transformers' defaults here) come in for training and go back out
+    rates = (case.cfg.model.dropout, case.cfg.model.attention_dropout)
+    assert rates == pytest.approx(DROPOUT[name])
+    hidden, attention = DROPOUT_KEYS[case.family if name != "gpt2" else "gpt2"]
+    assert (getattr(reloaded.config, hidden, 0.0), getattr(reloaded.config, attention)) == pytest.approx(rates)
 
     # Without the imported config (a model trained here) the architecture follows from ours:
     # BERT, GPT-2 (learned positions) or LLaMA, T5. The numbers are the same.

@@ -154,6 +154,43 @@ def test_gqa_attention_matches_reference(kv_heads):
     np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v, mask, 0.35), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_attention_dropout_drops_probabilities(kv_heads):
+    """With one-hot values the output *is* the probability row: every entry is dropped (0) or
+    kept and scaled by 1 / (1 - rate), about a rate's share dropped, a new mask per key."""
+    b, t, s, n, rate = 4, 16, 16, 4, 0.5
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(b, t, n, s)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, kv_heads, s)), jnp.float32)
+    v = jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (b, s, kv_heads, s))  # value of key j: e_j
+    mask = jnp.asarray(np.tril(np.ones((t, s), bool))[None, None].repeat(b, 0))
+    probs = np.asarray(dot_product_attention(q, k, v, mask, None, 0.25, "xla"))  # [b, t, n, s]
+    dropped = [np.asarray(dot_product_attention(q, k, v, mask, None, 0.25, "xla", dropout=(rate, jax.random.key(i))))
+               for i in (0, 1)]
+    live = probs > 1e-6
+    for out in dropped:
+        kept = np.isclose(out, probs / (1 - rate), rtol=1e-5, atol=1e-7)
+        assert np.all(kept | (out == 0)) and np.all(kept[~live])  # nothing else; masked keys stay 0
+        assert abs((out[live] == 0).mean() - rate) < 0.05
+    assert not np.array_equal(dropped[0] == 0, dropped[1] == 0)
+    np.testing.assert_array_equal(dropped[0], dot_product_attention(q, k, v, mask, None, 0.25, "xla",
+                                                                    dropout=(rate, jax.random.key(0))))
+
+
+def test_attention_dropout_only_while_training():
+    from t5x_lite.models import build_model
+
+    cfg = tiny_cfg("encoder", "model.attention_dropout=0.3")
+    params = t5x_lite.init_params(cfg, 0)
+    x = jnp.asarray(ids((2, 16)))
+    plain = t5x_lite.logits(tiny_cfg("encoder"), params, x)
+    np.testing.assert_array_equal(t5x_lite.logits(cfg, params, x), plain)  # eval, decoding: no dropout
+    train = build_model(cfg.model, deterministic=False).apply({"params": params}, x, rngs={"dropout": jax.random.key(0)})
+    assert np.abs(np.asarray(train) - np.asarray(plain)).max() > 1e-2
+    with pytest.raises(t5x_lite.ConfigError, match="attention_dropout"):
+        tiny_cfg("encoder", "model.attention_dropout=0.1", "model.attention=cudnn")
+
+
 def test_gqa_model_equals_mha_with_repeated_kv_heads():
     gqa = tiny_cfg("decoder", "model.num_kv_heads=2")
     mha = tiny_cfg("decoder", "model.num_kv_heads=4")

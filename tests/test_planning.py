@@ -86,6 +86,8 @@ def test_remat_and_flash_attention_shrink_activations():
     assert planning.uses_flash_attention(tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=auto"),
                                          "gpu")  # T5's relative bias goes to cuDNN too
     assert not planning.uses_flash_attention(tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=xla"), "gpu")
+    assert not planning.uses_flash_attention(tiny_cfg("encoder", "model.dtype=bfloat16", "model.attention=auto",
+                                                      "model.attention_dropout=0.1"), "gpu")  # trains on XLA
     assert planning.activation_bytes_per_row(cfg, flash=True) < planning.activation_bytes_per_row(cfg)
     assert planning.activation_bytes_per_row(cfg, tensor=2) < planning.activation_bytes_per_row(cfg)
 

@@ -181,6 +181,9 @@ class Arch:
 
     model_types: tuple = ()
     prefix = ""  # name prefix of the base model's tensors inside a model-with-head checkpoint
+    # config.json keys of our dropout rates (model.dropout: after embeddings and sublayers;
+    # model.attention_dropout: on attention probabilities); import reads the first, export writes all
+    dropout_keys: dict = {}
     requires: dict = {}  # our model fields that this architecture fixes
 
     def model_fields(self, hf: dict, names: set) -> dict:
@@ -226,6 +229,7 @@ class Bert(Arch):
 
     model_types = ("bert",)
     prefix = "bert."
+    dropout_keys = {"dropout": ("hidden_dropout_prob",), "attention_dropout": ("attention_probs_dropout_prob",)}
     head = "cls.predictions"  # MLM head module
     head_names = ("transform.dense", "transform.LayerNorm", "bias", "decoder.weight")
     class_prefix = "Bert"  # of the transformers class names
@@ -309,6 +313,7 @@ class Gpt2(Arch):
 
     model_types = ("gpt2",)
     prefix = "transformer."
+    dropout_keys = {"dropout": ("resid_pdrop", "embd_pdrop"), "attention_dropout": ("attn_pdrop",)}
     requires = dict(family="decoder", norm="layernorm", norm_position="pre", embed_norm=False,
                     position="learned", use_bias=True, tie_embeddings=True, mlm_head_transform=False)
 
@@ -373,6 +378,7 @@ class Llama(Arch):
 
     model_types = ("llama", "mistral")
     prefix = "model."
+    dropout_keys = {"attention_dropout": ("attention_dropout",)}
     requires = dict(family="decoder", norm="rmsnorm", norm_position="pre", embed_norm=False, position="rope",
                     scale_attention=True, mlm_head_transform=False)
 
@@ -451,6 +457,7 @@ class T5(Arch):
     """T5 v1.0 (ReLU, tied and scaled head) and v1.1 / Flan-T5 (gated GELU, untied head)."""
 
     model_types = ("t5",)
+    dropout_keys = {"attention_dropout": ("dropout_rate",), "dropout": ("dropout_rate",)}  # one rate: dropout's
 
     def __init__(self, head_from: str = "lm_head.weight", head_layout: Layout = LINEAR):
         # Import only: an unscaled head saved tied (transformers 5) reads ``shared.weight``; an
@@ -645,6 +652,8 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
         files.strip_prefix(arch.prefix, keep=HEAD_PREFIXES)
     try:
         fields = arch.model_fields(hf, files.names())
+        # training an imported model drops out as transformers does in train mode
+        fields.update({name: float(hf.get(keys[0]) or 0.0) for name, keys in arch.dropout_keys.items()})
     except KeyError as e:
         raise InteropError(f"config.json lacks {e.args[0]!r}, which a {hf['model_type']} config needs") from None
     arch = _arch_for_import(hf, files.names())
@@ -691,6 +700,7 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     arch.check_exportable(mcfg, model_type)
     base["model_type"] = model_type
     hf = dict(base, **arch.hf_config(mcfg, base), model_type=model_type, dtype=dtype)
+    hf.update({key: getattr(mcfg, name) for name, keys in arch.dropout_keys.items() for key in keys})
     hf.pop("torch_dtype", None)
     flat = flax.traverse_util.flatten_dict(jax.device_get(flax.linen.meta.unbox(params)), sep="/")
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}

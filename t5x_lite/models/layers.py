@@ -363,15 +363,18 @@ def on_gpu() -> bool:
 
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
-                          segments: Optional[tuple] = None, causal: bool = False) -> Array:
+                          segments: Optional[tuple] = None, causal: bool = False,
+                          dropout: Optional[tuple[float, Array]] = None) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
     ``jax.nn.dot_product_attention``: bf16/fp16 on a GPU, mask and bias passed through),
     ``cudnn_packed`` (``cudnn_packed_attention`` when its ``segments`` are given, else as
     ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, the packed layout when
-    ``segments`` are given; else XLA)."""
-    cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    ``segments`` are given; else XLA). ``dropout``: ``(rate, key)`` drops attention
+    probabilities (BERT's ``attention_probs_dropout_prob``), always on the XLA path: jax's cuDNN
+    call takes a dropout rate only with one fixed seed, the same mask every step."""
+    cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
@@ -398,7 +401,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     if bias_1NTS is not None:
         scores_BKGTS = scores_BKGTS + bias_1NTS.reshape(bias_1NTS.shape[0], k, n // k, *bias_1NTS.shape[2:])
     scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    if dropout is not None:
+        rate, key = dropout
+        keep = jax.random.bernoulli(key, 1.0 - rate, probs_BKGTS.shape)
+        probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - rate), 0.0)
+    probs_BKGTS = probs_BKGTS.astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(b, t, n, h)
 
@@ -417,6 +425,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     cross: bool = False
     causal: bool = False  # what the mask says, for kernels that take a mask type instead
+    deterministic: bool = True  # False (training): model.attention_dropout applies
 
     @nn.compact
     def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
@@ -453,8 +462,11 @@ class Attention(nn.Module):
                                       .astype(q_BTNH.dtype) for name in ("k", "v"))
 
         scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
+        dropout = None
+        if cfg.attention_dropout > 0 and not self.deterministic:
+            dropout = (cfg.attention_dropout, self.make_rng("dropout"))
         out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention,
-                                         segments=segments, causal=self.causal)
+                                         segments=segments, causal=self.causal, dropout=dropout)
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
         return constrain(out_BTD, BLD), cache

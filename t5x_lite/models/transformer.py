@@ -87,7 +87,8 @@ class Block(nn.Module):
 
         def attend(name, cross, mask, **kw):
             layer_cache = None if cache is None else cache[name]
-            return lambda h: Attention(cfg, cross=cross, causal=self.causal and not cross, name=f"{name}_attention")(
+            return lambda h: Attention(cfg, cross=cross, causal=self.causal and not cross, deterministic=self.deterministic,
+                                       name=f"{name}_attention")(
                 h, mask_B1TS=mask, cache=layer_cache, layer=layer, cache_index=ctx["cache_index"], **kw)
 
         x_BLD, self_kv = sublayer(x_BLD, "self_attention", attend("self", False, ctx["mask"], bias_1NTS=ctx["bias"],
