@@ -45,7 +45,14 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embedding (BERT)
     position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # linear RoPE scaling (position interpolation): angles at position / rope_scaling
+    rope_scaling: float = 1.0  # RoPE scaling factor (1.0: none); how it applies: rope_scaling_type
+    # linear: every angle at position / rope_scaling (position interpolation); llama3 (Llama 3.1+):
+    # wavelengths beyond rope_original_length / rope_low_freq_factor scaled, those below
+    # rope_original_length / rope_high_freq_factor kept, a blend between
+    rope_scaling_type: str = dataclasses.field(default="linear", metadata=_choices("linear", "llama3"))
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_length: int = 8192
     max_length: int = 2048  # longest sequence: size of learned position tables, decode cache limit
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -250,6 +257,11 @@ class Config:
             errors.append(f"model.scan_unroll={m.scan_unroll} must be >= 1 (layers per scan iteration)")
         if m.rope_scaling <= 0:
             errors.append(f"model.rope_scaling={m.rope_scaling} must be positive (1.0 = no scaling)")
+        if m.rope_scaling_type == "llama3" and not (0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                                    and m.rope_original_length > 0):
+            errors.append(f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor}) < "
+                          f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) and model.rope_original_length "
+                          f"({m.rope_original_length}) > 0")
         if m.position == "rope" and m.dim_per_head % 2:
             errors.append(f"rope needs an even head dim, got {m.dim_per_head}")
         allowed = {"encoder": {"mlm"}, "decoder": {"causal", "prefix"}, "encoder_decoder": {"span"}}[m.family]

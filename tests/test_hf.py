@@ -61,6 +61,10 @@ SPECS = {
     "llama": ("decoder", lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0,
         rope_scaling={"rope_type": "linear", "factor": 2.0}, initializer_range=0.2, **SMALL))),
+    "llama3": ("decoder", lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # Llama 3.1+ RoPE
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, initializer_range=0.2, **SMALL))),
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=32,
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
@@ -69,7 +73,8 @@ SPECS = {
     "flan-t5": ("encoder_decoder", _flan_t5),
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
-DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "mistral": (0.0, 0.0),
+DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
+           "mistral": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}

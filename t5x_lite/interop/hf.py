@@ -360,17 +360,33 @@ class Gpt2(Arch):
         ]
 
 
-def _rope(hf: dict) -> tuple[float, float]:
-    """(theta, linear scaling factor) from transformers 5 ``rope_parameters`` or 4.x keys."""
+_LLAMA3_KEYS = {"rope_low_freq_factor": "low_freq_factor", "rope_high_freq_factor": "high_freq_factor",
+                "rope_original_length": "original_max_position_embeddings"}
+
+
+def _rope(hf: dict) -> dict:
+    """Our RoPE fields from transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` / ``rope_scaling``."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    fields = {"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return theta, 1.0
-    if kind == "linear":
-        return theta, float(scaling["factor"])
-    raise InteropError(f"RoPE scaling {kind!r} is not supported; supported: 'default', 'linear'")
+        return fields
+    if kind in ("linear", "llama3"):
+        fields.update(rope_scaling=float(scaling["factor"]), rope_scaling_type=kind)
+        if kind == "llama3":
+            fields.update({ours: scaling[theirs] for ours, theirs in _LLAMA3_KEYS.items()})
+        return fields
+    raise InteropError(f"RoPE scaling {kind!r} is not supported; supported: 'default', 'linear', 'llama3'")
+
+
+def _hf_rope(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling == 1.0 and cfg.rope_scaling_type == "linear":
+        return {"rope_type": "default"}
+    out = {"rope_type": cfg.rope_scaling_type, "factor": cfg.rope_scaling}
+    if cfg.rope_scaling_type == "llama3":
+        out.update({theirs: getattr(cfg, ours) for ours, theirs in _LLAMA3_KEYS.items()})
+    return out
 
 
 class Llama(Arch):
@@ -390,7 +406,6 @@ class Llama(Arch):
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise InteropError(f"hidden_act={act!r} is not supported; supported: silu, gelu, gelu_pytorch_tanh")
-        theta, scaling = _rope(hf)
         heads = hf["num_attention_heads"]
         max_length = hf.get("max_position_embeddings", 2048)
         if hf.get("sliding_window"):  # exact up to the window: cap the model's length there
@@ -401,18 +416,17 @@ class Llama(Arch):
                     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
                     mlp="swiglu" if act == "silu" else "geglu", gelu_approximate=act != "gelu",
                     norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre", position="rope",
-                    rope_theta=theta, rope_scaling=scaling, max_length=max_length, use_bias=bias,
+                    **_rope(hf), max_length=max_length, use_bias=bias,
                     logits_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False))
 
     def hf_config(self, cfg, base):
         model_type = base.get("model_type", "llama")
-        rope = {"rope_type": "default"} if cfg.rope_scaling == 1.0 else {"rope_type": "linear",
-                                                                         "factor": cfg.rope_scaling}
+        rope = _hf_rope(cfg)
         out = dict(architectures=[f"{model_type.capitalize()}ForCausalLM"], vocab_size=cfg.vocab_size,
                    hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                    num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, intermediate_size=cfg.d_ff,
                    hidden_act=_hf_act(cfg), rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_length,
-                   rope_theta=cfg.rope_theta, rope_scaling=None if cfg.rope_scaling == 1.0 else rope,
+                   rope_theta=cfg.rope_theta, rope_scaling=None if rope["rope_type"] == "default" else rope,
                    rope_parameters=dict(rope, rope_theta=cfg.rope_theta), attention_bias=cfg.use_bias,
                    mlp_bias=cfg.use_bias, tie_word_embeddings=cfg.tie_embeddings)
         if model_type == "mistral":

@@ -187,13 +187,26 @@ class Embed(nn.Module):
 # ------------------------------------------------------------ position encodings
 
 
-def rope(x_BLNH: Array, positions_BL: Array, theta: float, scaling: float = 1.0) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's angular frequencies, float32 ``[H / 2]``: ``theta ** (-2i / H)`` with the config's
+    scaling. linear: all divided by ``rope_scaling``. llama3: a frequency whose wavelength
+    ``2 pi / f`` fits ``rope_original_length`` more than ``rope_high_freq_factor`` times is kept,
+    fewer than ``rope_low_freq_factor`` times is divided by ``rope_scaling``, and in between the
+    two are mixed in proportion to where that count lies between the factors."""
+    h = cfg.dim_per_head
+    freq = 1.0 / cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)
+    if cfg.rope_scaling_type == "linear":
+        return (freq / cfg.rope_scaling).astype(np.float32)
+    fits = cfg.rope_original_length * freq / (2 * np.pi)  # wavelengths in the original context
+    kept = np.clip((fits - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor), 0, 1)
+    return (kept * freq + (1 - kept) * freq / cfg.rope_scaling).astype(np.float32)
+
+
+def rope(x_BLNH: Array, positions_BL: Array, freq_H2: np.ndarray) -> Array:
     """Rotary embedding, "rotate half" layout (the first and second half of the head dim form
-    the pairs, as in LLaMA/GPT-NeoX). Angles in float32, of ``positions / scaling`` (linear
-    scaling, "position interpolation")."""
+    the pairs, as in LLaMA/GPT-NeoX). Angles ``position x freq`` in float32 (``rope_frequencies``)."""
     h = x_BLNH.shape[-1]
-    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)) / scaling
-    angles_BLH2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_H2
+    angles_BLH2 = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(freq_H2)
     sin, cos = jnp.sin(angles_BLH2)[:, :, None, :], jnp.cos(angles_BLH2)[:, :, None, :]
     x = x_BLNH.astype(jnp.float32)
     x1, x2 = x[..., : h // 2], x[..., h // 2 :]
@@ -451,8 +464,8 @@ class Attention(nn.Module):
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
                 k_BSKH, v_BSKH = (constrain(proj(src_BSD), BLKH) for proj in (k_proj, v_proj))
             if cfg.position == "rope" and not self.cross:
-                q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
-                k_BSKH = rope(k_BSKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
+                freq_H2 = rope_frequencies(cfg)
+                q_BTNH, k_BSKH = rope(q_BTNH, positions_BT, freq_H2), rope(k_BSKH, positions_BT, freq_H2)
             if cache is not None:
                 start = (layer, 0, 0 if self.cross else cache_index, 0, 0)
                 cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
