@@ -58,6 +58,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     tie_embeddings: bool = False
     use_bias: bool = False  # biases in attention / MLP projections (BERT, GPT-2)
+    qkv_bias: Optional[bool] = None  # biases on the q / k / v projections; None = use_bias (Qwen2: only these)
     logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)

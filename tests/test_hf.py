@@ -43,6 +43,15 @@ def _t5(**kw):
     return transformers.T5Config(vocab_size=V, d_model=D, d_kv=8, d_ff=F, num_layers=2, num_heads=4, **kw)
 
 
+def _with_random_biases(model):
+    """transformers initialises biases to zero: random ones, so that importing them is tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
 def _flan_t5():
     """T5 v1.1 / Flan-T5: gated GELU and an output layer of its own (no d_model ** -0.5)."""
     model = transformers.T5ForConditionalGeneration(_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
@@ -65,6 +74,9 @@ SPECS = {
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}, initializer_range=0.2, **SMALL))),
+    "qwen2": ("decoder", lambda: _with_random_biases(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, sliding_window=8, use_sliding_window=False,
+        tie_word_embeddings=True, initializer_range=0.2, **SMALL)))),
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=32,
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
@@ -74,7 +86,7 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
@@ -244,7 +256,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gpt2, llama, mistral, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gpt2, llama, mistral, qwen2, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"
@@ -266,6 +278,9 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
                                            "\\(needs 'layernorm'\\).*model.position='rope' \\(needs 'learned'\\)"):
         hf.save(encoder, {}, str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+    qwen_like = t5x_lite.load_config(None, ["model.qkv_bias=true"])  # biases on q / k / v alone: not LLaMA
+    with pytest.raises(InteropError, match="cannot be written as a Hugging Face llama: model.qkv_bias=True"):
+        hf.save(qwen_like, {}, str(tmp_path / "never"), base_config={"model_type": "llama"})
 
     assert cli.main(["import-hf", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "error: model_type 'bloom'" in capsys.readouterr().err

@@ -129,18 +129,21 @@ def _map(hf, ours, layout=SAME, layers=0) -> Map:
     return Map(as_tuple(hf), as_tuple(ours), layout, layers)
 
 
-def _attention_maps(hf: str, ours: str, names: tuple, layers: int, bias: bool) -> list[Map]:
-    """q / k / v / out Linear rows of one attention block; ``names`` are HF's four module names."""
+def _attention_maps(hf: str, ours: str, names: tuple, layers: int, bias: bool,
+                    qkv_bias: Optional[bool] = None) -> list[Map]:
+    """q / k / v / out Linear rows of one attention block; ``names`` are HF's four module names.
+    ``qkv_bias``: biases on q / k / v (default: ``bias``, which also sets the out projection's)."""
     q, k, v, o = names
     rows = [_map(f"{hf}.{q}.weight", f"{ours}/query/kernel", Q, layers),
             _map(f"{hf}.{k}.weight", f"{ours}/key/kernel", KV, layers),
             _map(f"{hf}.{v}.weight", f"{ours}/value/kernel", KV, layers),
             _map(f"{hf}.{o}.weight", f"{ours}/out/kernel", OUT, layers)]
-    if bias:
+    if bias if qkv_bias is None else qkv_bias:
         rows += [_map(f"{hf}.{q}.bias", f"{ours}/query/bias", Q_BIAS, layers),
                  _map(f"{hf}.{k}.bias", f"{ours}/key/bias", KV_BIAS, layers),
-                 _map(f"{hf}.{v}.bias", f"{ours}/value/bias", KV_BIAS, layers),
-                 _map(f"{hf}.{o}.bias", f"{ours}/out/bias", SAME, layers)]
+                 _map(f"{hf}.{v}.bias", f"{ours}/value/bias", KV_BIAS, layers)]
+    if bias:
+        rows.append(_map(f"{hf}.{o}.bias", f"{ours}/out/bias", SAME, layers))
     return rows
 
 
@@ -202,6 +205,9 @@ class Arch:
     def check_exportable(self, cfg: ModelConfig, name: str) -> None:
         wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in self.requires.items()
                  if getattr(cfg, k) != v]
+        if cfg.qkv_bias not in (None, cfg.use_bias) and "qkv_bias" not in self.requires:
+            wrong.append(f"model.qkv_bias={cfg.qkv_bias} with use_bias={cfg.use_bias} (biases on q / k / v alone: "
+                         "Qwen2's layout)")
         wrong += self.extra_problems(cfg)
         if wrong:
             raise InteropError(f"this model cannot be written as a Hugging Face {name}: " + "; ".join(wrong))
@@ -446,7 +452,7 @@ class Llama(Arch):
         rows = [_map("embed_tokens.weight", "token_embed/embedding"),
                 *_norm_maps("layers.{i}.input_layernorm", f"{lay}/self_attention_norm", n, bias=False),
                 *_attention_maps("layers.{i}.self_attn", f"{lay}/self_attention",
-                                 ("q_proj", "k_proj", "v_proj", "o_proj"), n, cfg.use_bias),
+                                 ("q_proj", "k_proj", "v_proj", "o_proj"), n, cfg.use_bias, cfg.qkv_bias),
                 *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/mlp_norm", n, bias=False),
                 *_linear_maps("layers.{i}.mlp.gate_proj", f"{lay}/mlp/wi_0", n, cfg.use_bias),
                 *_linear_maps("layers.{i}.mlp.up_proj", f"{lay}/mlp/wi_1", n, cfg.use_bias),
@@ -455,6 +461,25 @@ class Llama(Arch):
         if not cfg.tie_embeddings:
             rows.append(_map("lm_head.weight", "head/lm_head/kernel", LINEAR))
         return rows
+
+
+class Qwen2(Llama):
+    """Qwen2 / Qwen2.5: LLaMA's layers with biases on q / k / v only."""
+
+    model_types = ("qwen2",)
+    requires = dict(Llama.requires, use_bias=False, qkv_bias=True)
+
+    def model_fields(self, hf, names):
+        # Sliding-window layers only with use_sliding_window (many configs name a window they never use).
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False, sliding_window=window), names)
+        return dict(fields, qkv_bias=True)
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("attention_bias", "mlp_bias"):
+            out.pop(key)
+        return dict(out, use_sliding_window=False)
 
 
 def _t5_scales_head(hf: dict) -> bool:
@@ -545,7 +570,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), T5()) for t in a.model_types}
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), T5()) for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
 
@@ -697,7 +722,9 @@ def _arch_for_export(cfg: ModelConfig, base: dict) -> Arch:
         return ARCHS["bert"]
     if cfg.family == "encoder_decoder":
         return ARCHS["t5"]
-    return ARCHS["gpt2"] if cfg.position == "learned" else ARCHS["llama"]
+    if cfg.position == "learned":
+        return ARCHS["gpt2"]
+    return ARCHS["qwen2"] if cfg.qkv_bias and not cfg.use_bias else ARCHS["llama"]
 
 
 def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str = "float32") -> str:

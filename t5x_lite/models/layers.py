@@ -449,8 +449,10 @@ class Attention(nn.Module):
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
         q_scale = 1.0 if cfg.scale_attention else 1.0 / h
-        q_proj = dense(cfg, (n, h), ("embed", "heads", "kv"), "query", scale=q_scale)
-        k_proj, v_proj = (dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name) for name in ("key", "value"))
+        bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
+        q_proj = dense(cfg, (n, h), ("embed", "heads", "kv"), "query", scale=q_scale, use_bias=bias)
+        k_proj, v_proj = (dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name, use_bias=bias)
+                          for name in ("key", "value"))
 
         if self.cross and kv_BSD is None:  # decoding after the first call: the stored encoder k/v
             q_BTNH = constrain(q_proj(x_BTD), BLNH)
