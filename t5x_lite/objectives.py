@@ -106,11 +106,26 @@ def prefix_lm(tokens, segment_ids, positions, bos_id: int, rng: np.random.Genera
 # ---------------------------------------------------------------------- encoder objective
 
 
+def _special_table(vocab_size: int, special_ids: Iterable[int], max_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_special [max(V, max_token + 1)] bool, the non-special ids below V)``."""
+    is_special = np.zeros(max(vocab_size, max_token + 1), bool)
+    is_special[list(special_ids)] = True
+    return is_special, np.flatnonzero(~is_special[:vocab_size])
+
+
+def _draw(rng, shape: tuple, draw) -> np.ndarray:
+    """``draw(generator, shape)``: one generator for the whole array, or one per row (a sequence
+    of generators, row i drawing ``shape[1:]`` from the i-th: the same values as a call per row)."""
+    if isinstance(rng, np.random.Generator):
+        return draw(rng, shape)
+    return np.stack([draw(r, (1, *shape[1:]))[0] for r in rng])
+
+
 def mlm(
     tokens,
     segment_ids,
     positions,
-    rng: np.random.Generator,
+    rng,
     *,
     mask_id: int,
     vocab_size: int,
@@ -126,25 +141,29 @@ def mlm(
     chosen, a ``mask_frac`` share becomes ``mask_id``, a ``random_frac`` share a random non-special
     id in [0, vocab_size), the rest stays. Returns ``input_ids`` (corrupted), ``targets``
     (= tokens), ``weights`` (1 exactly on chosen tokens), ``segment_ids``, ``positions``, all [B, L].
+    ``rng``: one generator, or one per row (each row then as if corrupted alone with its own).
     """
     if mask_id is None:
         raise ValueError("the mlm objective needs a '<mask>' token, and the tokenizer has none")
     tokens, segment_ids, positions = _as_int32(tokens, segment_ids, positions)
-    is_special = np.zeros(max(vocab_size, int(tokens.max(initial=0)) + 1), bool)
-    is_special[list(special_ids)] = True
+    is_special, candidates = _special_table(vocab_size, special_ids, int(tokens.max(initial=0)))
     maskable = (segment_ids > 0) & ~is_special[tokens]
     count = maskable.sum(axis=-1)
     wanted = np.where(count > 0, np.maximum(np.round(rate * count), 1), 0)
 
-    keys = np.where(maskable, rng.random(tokens.shape), np.inf)
-    rank = np.argsort(np.argsort(keys, axis=-1, kind="stable"), axis=-1, kind="stable")
-    chosen = rank < wanted[..., None]
+    # per row: keys, actions and random ids, drawn in that order
+    draws = _draw(rng, (tokens.shape[0], 3, *tokens.shape[1:]), lambda g, shape: np.stack(
+        [g.random(shape[:1] + shape[2:]), g.random(shape[:1] + shape[2:]),
+         g.integers(0, len(candidates), shape[:1] + shape[2:])], axis=1))
+    keys = np.where(maskable, draws[:, 0], np.inf)
+    order = np.argsort(keys, axis=-1, kind="stable")  # the wanted smallest keys of each row are chosen
+    chosen = np.zeros(tokens.shape, bool)
+    np.put_along_axis(chosen, order, np.arange(tokens.shape[-1]) < wanted[..., None], axis=-1)
 
-    action = rng.random(tokens.shape)
+    action = draws[:, 1]
     to_mask = chosen & (action < mask_frac)
     to_random = chosen & (action >= mask_frac) & (action < mask_frac + random_frac)
-    candidates = np.flatnonzero(~is_special[:vocab_size])
-    random_ids = candidates[rng.integers(0, len(candidates), tokens.shape)]
+    random_ids = candidates[draws[:, 2].astype(np.int64)]
 
     input_ids = np.where(to_mask, mask_id, np.where(to_random, random_ids, tokens))
     return {

@@ -114,6 +114,19 @@ def test_mlm_deterministic_and_at_least_one():
         obj.mlm(big, s, p, np.random.default_rng(3), mask_id=None, vocab_size=100, special_ids=SPECIAL)
 
 
+def test_mlm_with_a_generator_per_row_equals_each_row_alone():
+    """The batch source corrupts a whole batch in one call, row i drawing from its own generator:
+    the same rows as corrupting each alone (what makes a row independent of its batch)."""
+    big, s, p = _mlm_rows(rows=6)
+    gens = lambda: [np.random.default_rng([7, i]) for i in range(6)]
+    together = obj.mlm(big, s, p, gens(), mask_id=MASK, vocab_size=100, special_ids=SPECIAL)
+    alone = [obj.mlm(big[i:i + 1], s[i:i + 1], p[i:i + 1], g, mask_id=MASK, vocab_size=100, special_ids=SPECIAL)
+             for i, g in enumerate(gens())]
+    for k in together:
+        np.testing.assert_array_equal(together[k], np.concatenate([a[k] for a in alone]))
+    assert not np.array_equal(together["weights"][0], together["weights"][1])
+
+
 # ---------------------------------------------------------------------- span corruption
 
 

@@ -414,22 +414,16 @@ class Batches:
         return [np.random.default_rng([self._seed, self._stream, _OBJECTIVE, step, first + i]) for i in range(count)]
 
     def _dense_batch(self, tokens, segment_ids, positions, rngs: list) -> dict[str, np.ndarray]:
-        """prefix / mlm: the objective applied row by row, each row with its own generator."""
+        """prefix / mlm: each row corrupted with its own generator (mlm: the whole batch in one
+        call, each row drawing from its generator as if alone; prefix: row by row)."""
         tok = self._tokenizer
-        if self.objective == "prefix":
-            per_row = [
-                objectives.prefix_lm(tokens[i : i + 1], segment_ids[i : i + 1], positions[i : i + 1], tok.bos_id, rng)
-                for i, rng in enumerate(rngs)
-            ]
-        else:
-            per_row = [
-                objectives.mlm(
-                    tokens[i : i + 1], segment_ids[i : i + 1], positions[i : i + 1], rng,
-                    mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=tok.special_ids,
-                    rate=self._cfg.mlm_rate,
-                )
-                for i, rng in enumerate(rngs)
-            ]
+        if self.objective == "mlm":
+            return objectives.mlm(tokens, segment_ids, positions, rngs, mask_id=tok.mask_id,
+                                  vocab_size=tok.vocab_size, special_ids=tok.special_ids, rate=self._cfg.mlm_rate)
+        per_row = [
+            objectives.prefix_lm(tokens[i : i + 1], segment_ids[i : i + 1], positions[i : i + 1], tok.bos_id, rng)
+            for i, rng in enumerate(rngs)
+        ]
         return {k: np.concatenate([r[k] for r in per_row]) for k in per_row[0]}
 
     def _span_batch(self, flat, lengths, piece_rows, rngs: list) -> dict[str, np.ndarray]:
