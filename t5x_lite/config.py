@@ -168,7 +168,10 @@ class TrainConfig:
 class OptimConfig:
     name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adafactor"))
     learning_rate: float = 3e-4
-    schedule: str = dataclasses.field(default="cosine", metadata=_choices("cosine", "linear", "inverse_sqrt", "constant"))
+    # wsd: warmup, the peak held, then a linear decay over the last decay_fraction of the steps
+    schedule: str = dataclasses.field(default="cosine",
+                                      metadata=_choices("cosine", "linear", "inverse_sqrt", "constant", "wsd"))
+    decay_fraction: float = 0.2  # wsd only
     warmup_steps: int = 100
     end_lr_ratio: float = 0.1  # final learning rate / peak (cosine, linear)
     b1: float = 0.9
@@ -291,6 +294,8 @@ class Config:
         if t.loss_scale_init < 1 or t.loss_scale_period < 1:
             errors.append(f"train.loss_scale_init={t.loss_scale_init} and train.loss_scale_period="
                           f"{t.loss_scale_period} must be >= 1")
+        if not 0 < o.decay_fraction <= 1:
+            errors.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1] (the share of the steps wsd decays over)")
         if d.workers < 0:
             errors.append(f"data.workers={d.workers} must be >= 0 (0: batches made in the training loop)")
         if not 0 <= d.eval_fraction < 1:

@@ -14,7 +14,9 @@ NO_DECAY_LEAVES = ("scale", "bias", "logits_bias")  # norms and biases are never
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine / linear / inverse-sqrt decay or constant."""
+    """Linear warmup to the peak, then cosine / linear / inverse-sqrt decay, constant, or wsd (the
+    peak held, then a linear decay to ``end_lr_ratio`` x peak over the last ``decay_fraction`` of
+    the steps: a run can be continued from before its decay)."""
     o = cfg.optim
     peak, warmup = o.learning_rate, o.warmup_steps
     decay_steps = max(cfg.train.steps - warmup, 1)
@@ -23,9 +25,13 @@ def make_schedule(cfg: Config) -> optax.Schedule:
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.end_lr_ratio)
     elif o.schedule == "linear":
         decay = optax.linear_schedule(peak, end, decay_steps)
+    elif o.schedule == "wsd":  # warmup-stable-decay: the peak until the last decay_fraction of all steps
+        cool = max(min(round(o.decay_fraction * cfg.train.steps), decay_steps), 1)
+        decay = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, cool)],
+                                     [decay_steps - cool])
     elif o.schedule == "inverse_sqrt":
         offset = max(warmup, 1)
-        decay = lambda count: peak * (offset / (count + offset)) ** 0.5
+        decay = lambda count: peak * (offset / (jnp.maximum(count, 0) + offset)) ** 0.5  # count < 0: join's other side
     else:
         decay = optax.constant_schedule(peak)
     if warmup == 0:

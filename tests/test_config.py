@@ -86,3 +86,26 @@ def test_yaml_round_trip():
     cfg = load_config("configs/t5_base.yaml")
     again = config_from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # steps 0, 9 (warmup: 10 steps from peak / 10), 10 (peak), 55, 99, 100 (end); peak 1, end ratio 0.1
+    ("cosine", [0.1, 1.0, 1.0, 0.55, 0.1003, 0.1]),
+    ("linear", [0.1, 1.0, 1.0, 0.55, 0.11, 0.1]),
+    ("constant", [0.1, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("inverse_sqrt", [0.1, 1.0, 1.0, (10 / 55) ** 0.5, (10 / 99) ** 0.5, (10 / 100) ** 0.5]),
+    ("wsd", [0.1, 1.0, 1.0, 1.0, 0.145, 0.1]),  # held to step 80, then linear over the last 20%
+])
+def test_learning_rate_schedules(schedule, expected):
+    from t5x_lite.optim import make_schedule
+
+    cfg = load_config(None, [f"optim.schedule={schedule}", "train.steps=100", "optim.warmup_steps=10",
+                             "optim.learning_rate=1.0", "optim.end_lr_ratio=0.1"])
+    f = make_schedule(cfg)
+    got = [float(f(step)) for step in (0, 9, 10, 55, 99, 100)]
+    expected[1] = 1.0 - 0.9 / 10  # the last warmup step: one step short of the peak
+    assert got == pytest.approx(expected, abs=1e-4)
+    if schedule == "wsd":
+        assert float(f(80)) == pytest.approx(1.0) and float(f(81)) < 1.0
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        load_config(None, ["optim.decay_fraction=0"])
