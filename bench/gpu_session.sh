@@ -8,7 +8,7 @@
 #                                         # fused = q/k/v and gate/up projections as one matmul each
 #   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~2 min)
 #   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~4 min)
-#   bash bench/gpu_session.sh llama_more  # llama_1b: ours, remat dots / full, batch 16, cuBLAS, full logits (~6 min)
+#   bash bench/gpu_session.sh llama_more  # llama_1b: remat dots / full, batch 16, cuBLAS, full logits, autotune 1 (~7 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled  (~3 min)
 #
@@ -58,6 +58,7 @@ case $part in
       --variant b16:train.batch_size=16 \
       --variant cublas:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
       --variant nochunk:train.loss_chunk=0 \
+      --variant autotune1:XLA_FLAGS=--xla_gpu_autotune_level=1 \
       --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
