@@ -58,8 +58,11 @@ class Prefetcher:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._batches, self._log = batches, log
         self.workers, self.depth = workers, depth or 2 * workers
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["t5x_lite.data.pipeline"])
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["t5x_lite.data.pipeline"])
+        else:  # Windows: spawn (also never forks the trainer)
+            ctx = multiprocessing.get_context("spawn")
         self._pool: Optional[cf.ProcessPoolExecutor] = cf.ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init_worker,
             initargs=(pickle.dumps(batches), os.getpid()))
