@@ -17,7 +17,8 @@
 # SMOKE=1 runs the same parts at CPU sizes (what tests/test_bench.py covers piece by piece).
 # On the device machine: `pip install --no-deps -e .` (or PYTHONPATH=.) first; the script sets
 # XLA_PYTHON_CLIENT_PREALLOCATE=false because torch and JAX take turns on the GPU.
-set -euo pipefail
+set -uo pipefail  # not -e: a failing command (an HF baseline that OOMs) must not stop the next ones
+failed=0
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-runs/gpu_session}
@@ -39,18 +40,18 @@ case $part in
     for segments_m in 1:1 1:2 4:4 4:16 4:64; do
       segments=${segments_m%:*} m=${segments_m#*:}
       python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --max-segments "$m" \
-        --json "$OUT/attention_seg${segments}_m$m.json" | tee "$OUT/attention_seg${segments}_m$m.txt"
+        --json "$OUT/attention_seg${segments}_m$m.json" | tee "$OUT/attention_seg${segments}_m$m.txt" || failed=1
     done
     # the SwiGLU MLP of one layer against its bare GEMMs; then with cuBLAS for every GEMM
-    python bench/mlp.py "${SMOKE_FLAG[@]}" --json "$OUT/mlp.json" | tee "$OUT/mlp.txt"
+    python bench/mlp.py "${SMOKE_FLAG[@]}" --json "$OUT/mlp.json" | tee "$OUT/mlp.txt" || failed=1
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python bench/mlp.py "${SMOKE_FLAG[@]}" \
-      --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" ;;
+      --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" || failed=1 ;;
   llama)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
       --variant fused:model.fused_qkv=true,model.fused_mlp=true \
-      --json "$OUT/llama.json" | tee "$OUT/llama.txt" ;;
+      --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
   llama_more)  # ours only: its "ours" row ties these to the llama part's HF rows
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
       --variant remat_dots:model.remat=dots \
@@ -59,29 +60,30 @@ case $part in
       --variant cublas:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
       --variant nochunk:train.loss_chunk=0 \
       --variant autotune1:XLA_FLAGS=--xla_gpu_autotune_level=1 \
-      --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" ;;
+      --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" || failed=1 ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
       --variant fused:model.fused_qkv=true,model.fused_mlp=true \
-      --json "$OUT/t5.json" | tee "$OUT/t5.txt"
+      --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert "${STEPS[@]}" \
       --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
       --variant rbg:train.dropout_rng=rbg \
       --variant fused_qkv:model.fused_qkv=true \
-      --json "$OUT/bert.json" | tee "$OUT/bert.txt" ;;
+      --json "$OUT/bert.json" | tee "$OUT/bert.txt" || failed=1 ;;
   profile)  # where each config's step goes: model parts, forward / backward, costliest instructions
     for config in llama_1b t5_base bert_base; do
       python -m t5x_lite bench --config "configs/$config.yaml" --steps 5 --warmup 2 --profile "$OUT/profile_$config" \
-        "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt"
+        "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt" || failed=1
     done ;;
   decode)
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 --variant xla:model.attention=xla \
-      --json "$OUT/decode.json" | tee "$OUT/decode.txt" ;;
+      --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
   *)
     echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
     exit 2 ;;
 esac
-echo "gpu_session: $part done; results in $OUT" >&2
+echo "gpu_session: $part done; results in $OUT$( ((failed)) && echo ' (a command failed: see its output above)')" >&2
+exit $failed
