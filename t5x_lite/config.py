@@ -125,7 +125,10 @@ class DataConfig:
     # greedy: whole documents, in order, into a row while they fit (long ones cut at seq_len);
     # concat: the token stream cut every seq_len tokens, every row full, a document that crosses
     # a row boundary goes on in the next row as a new segment (not for span corruption).
-    packing: str = dataclasses.field(default="greedy", metadata=_choices("greedy", "concat"))
+    # best_fit: whole documents too, served in the order best-fit decreasing packs them (rows
+    # nearly full; storage order where that packs tighter: tiny documents and a binding
+    # model.max_segments)
+    packing: str = dataclasses.field(default="greedy", metadata=_choices("greedy", "concat", "best_fit"))
     # processes making the coming steps' training batches while the device runs (0: the training
     # loop makes each batch itself); the same batches either way
     workers: int = 0

@@ -8,7 +8,9 @@ the rows of any step cost O(batch) to find and read, whatever the corpus size:
   row is cut into row-sized chunks, and a row closes when the next chunk would not fit. Every row
   is then a contiguous range of the stream, so the whole packing is ``row_starts`` (int64
   [R + 1], 8 bytes per row), computed from the document lengths alone (8 bytes per document,
-  never the tokens) by one vectorised ``searchsorted`` and a walk over the rows.
+  never the tokens) by one vectorised ``searchsorted`` and a walk over the rows. With
+  ``data.packing=best_fit`` the split's documents are first put in the order best-fit decreasing
+  packs them (``best_fit_order``, once per run), and the same next fit then makes nearly full rows.
 * **Shuffling without a table.** Epoch e serves its rows in the order of a keyed Feistel
   permutation of [0, R) (``shuffle_index``): the row at any position is computed directly, with
   no O(R) permutation to build or store. Step s takes global positions [s*B, (s+1)*B) of the
@@ -102,6 +104,85 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
     if not opens_row[continues].all():
         raise AssertionError("packing put a sequence's chunk boundary inside a row")
     return row_starts, float(sizes[:, 0].sum() / (len(first) * capacities[0]))
+
+
+def best_fit_order(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None,
+                   max_pieces: int = 0) -> np.ndarray:
+    """int64 [N]: an order of the sequences for which ``pack_rows`` (next fit, in order) packs tight.
+
+    Best-fit decreasing on what each sequence puts in its last row: a sequence longer than
+    ``chunk_len`` fills rows alone with its full chunks, and its last chunk opens a row; the others
+    go, largest first, into the open row with the least room left that takes them (room on the
+    first capacity; the others and ``max_pieces`` checked), else open one. The order lists each
+    row's sequences, its opener first, so next fit over it closes rows where these rows end or
+    later: never more rows. ``size_table`` / ``capacities`` / ``max_pieces`` as ``pack_rows``.
+    Pure Python over the sequences: ~10 s per million."""
+    lengths = np.asarray(lengths, np.int64)
+    tail = lengths - (np.maximum(lengths, 1) - 1) // chunk_len * chunk_len  # last chunk, in (0, chunk_len]
+    sizes = (tail[:, None] if size_table is None else np.asarray(size_table)[tail]).tolist()  # [N][k]
+    caps = [int(c) for c in capacities]
+    room_cap = caps[0]
+    # Open rows by the room they have left on the first capacity: counts in a Fenwick tree over
+    # room 1..room_cap (the smallest room >= s is a search on prefix sums) and a stack of row
+    # ids per room (the newest row first).
+    tree = [0] * (room_cap + 1)
+    stacks: list[list[int]] = [[] for _ in range(room_cap + 1)]
+    high_bit = 1 << room_cap.bit_length()
+
+    def add(room: int, delta: int) -> None:
+        while room <= room_cap:
+            tree[room] += delta
+            room += room & -room
+
+    def smallest_room_at_least(size: int) -> int:
+        """room_cap + 1 when no open row has that much room."""
+        below, j = 0, size - 1
+        while j > 0:
+            below += tree[j]
+            j -= j & -j
+        i, bit = 0, high_bit
+        while bit:
+            if i + bit <= room_cap and tree[i + bit] <= below:
+                i += bit
+                below -= tree[i]
+            bit >>= 1
+        return i + 1
+
+    used: list[list[int]] = []
+    members: list[list[int]] = []
+
+    def file_row(row: int) -> None:  # back among the open rows, if it can take more
+        room = room_cap - used[row][0]
+        if room > 0 and all(u < c for u, c in zip(used[row], caps)) and (not max_pieces or len(members[row]) < max_pieces):
+            stacks[room].append(row)
+            add(room, 1)
+
+    def open_row(seq: int) -> None:
+        members.append([seq])
+        used.append(list(sizes[seq]))
+        file_row(len(members) - 1)
+
+    opener = lengths > chunk_len
+    for seq in np.flatnonzero(opener).tolist():
+        open_row(seq)
+    rest = np.flatnonzero(~opener & (lengths > 0))
+    for seq in rest[np.argsort(-np.asarray(tail)[rest], kind="stable")].tolist():
+        size = sizes[seq]
+        room = smallest_room_at_least(size[0])
+        while room <= room_cap:
+            row = stacks[room][-1]
+            if all(u + s <= c for u, s, c in zip(used[row], size, caps)):
+                stacks[room].pop()
+                add(room, -1)
+                members[row].append(seq)
+                used[row] = [u + s for u, s in zip(used[row], size)]
+                file_row(row)
+                break
+            room = smallest_room_at_least(room + 1)  # another capacity is short there: more room
+        else:
+            open_row(seq)
+    order = [seq for row in members for seq in row] + np.flatnonzero(lengths == 0).tolist()
+    return np.asarray(order, np.int64)
 
 
 def concat_rows(seq_start: np.ndarray, length: int, max_pieces: int = 0):
@@ -339,15 +420,20 @@ class Batches:
         self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
         self.num_tokens = int(self._seq_start[-1])
         cap = cfg.model.max_segments  # documents per row (cuDNN's packed layout is built for it)
-        if self.objective == "span":
-            self._row_starts, self.packing_efficiency = pack_rows(
-                lengths, self._raw_len, (self.seq_len, self.target_len), self._span_sizes, max_pieces=cap
-            )
-        elif self._cfg.packing == "concat":
+        if self._cfg.packing == "concat":
             self._row_starts, self.packing_efficiency = concat_rows(self._seq_start, self.seq_len, max_pieces=cap)
         else:
-            self._row_starts, self.packing_efficiency = pack_rows(lengths, self.seq_len, (self.seq_len,),
-                                                                  max_pieces=cap)
+            packing = ((self._raw_len, (self.seq_len, self.target_len), self._span_sizes) if self.objective == "span"
+                       else (self.seq_len, (self.seq_len,), None))
+            self._row_starts, self.packing_efficiency = pack_rows(lengths, *packing, max_pieces=cap)
+            if self._cfg.packing == "best_fit":  # serve the documents in an order that next fit packs tight
+                order = best_fit_order(lengths, *packing, max_pieces=cap)
+                row_starts, fill = pack_rows(lengths[order], *packing, max_pieces=cap)
+                # (with many tiny documents and a binding max_segments, storage order can pack tighter)
+                if fill > self.packing_efficiency:
+                    self._doc_ids, lengths = self._doc_ids[order], lengths[order]
+                    self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
+                    self._row_starts, self.packing_efficiency = row_starts, fill
         self.rows_per_epoch = len(self._row_starts) - 1
 
     # ------------------------------------------------------------ setup
