@@ -464,6 +464,22 @@ def test_best_fit_packing_fills_rows(family, objective, docs, tokenizer):
     assert best.rows_per_epoch < greedy.rows_per_epoch
 
 
+def test_best_fit_keeps_storage_order_where_that_packs_tighter(docs, tokenizer, monkeypatch):
+    from t5x_lite.data import pipeline
+
+    # an order that packs badly under a cap of 2 documents a row: the shortest documents together
+    monkeypatch.setattr(pipeline, "best_fit_order", lambda lengths, *a, **k: np.argsort(lengths, kind="stable"))
+    cfg = make_cfg(seq_len=256, packing="best_fit")
+    cfg.model.max_segments = 2
+    kept = Batches(cfg, docs, tokenizer)
+    cfg.data.packing = "greedy"
+    greedy = Batches(cfg, docs, tokenizer)
+    assert kept.packing_efficiency == greedy.packing_efficiency
+    np.testing.assert_array_equal(kept._doc_ids, greedy._doc_ids)
+    sorted_fill = pipeline.pack_rows(np.sort([len(d) + 1 for d in docs]), 256, (256,), max_pieces=2)[1]
+    assert sorted_fill < greedy.packing_efficiency  # (the patched order was worse)
+
+
 def test_best_fit_order_properties():
     """Next fit over the order needs fewer rows than greedy, as many as textbook best-fit
     decreasing on short sequences, honours max_pieces and a second capacity, loses nothing."""
