@@ -110,18 +110,49 @@ def best_fit_order(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int
                    max_pieces: int = 0) -> np.ndarray:
     """int64 [N]: an order of the sequences for which ``pack_rows`` (next fit, in order) packs tight.
 
-    Best-fit decreasing on what each sequence puts in its last row: a sequence longer than
-    ``chunk_len`` fills rows alone with its full chunks, and its last chunk opens a row; the others
-    go, largest first, into the open row with the least room left that takes them (room on the
-    first capacity; the others and ``max_pieces`` checked), else open one. The order lists each
-    row's sequences, its opener first, so next fit over it closes rows where these rows end or
-    later: never more rows. ``size_table`` / ``capacities`` / ``max_pieces`` as ``pack_rows``.
-    Pure Python over the sequences: ~10 s per million."""
+    What matters is what each sequence puts in its last row (a sequence longer than ``chunk_len``
+    fills rows alone with its full chunks, and its last chunk must open a row). Rows: one per such
+    opener, then empty ones up to the lower bound (all last chunks / the first capacity). With
+    ``max_pieces``, the tiny sequences (that would fill a row's pieces before its room) are
+    first spread over the rows in turn, so that no row ends up all tiny; then the rest, largest
+    first, go into the open row with the least room left that takes them (best-fit decreasing:
+    room on the first capacity, the others and ``max_pieces`` checked), else into a new row. The
+    order lists each row's sequences, its opener first, so next fit over it closes rows where
+    these end or later: never more rows. Arguments as ``pack_rows``. ~5 s per million sequences."""
     lengths = np.asarray(lengths, np.int64)
     tail = lengths - (np.maximum(lengths, 1) - 1) // chunk_len * chunk_len  # last chunk, in (0, chunk_len]
-    sizes = (tail[:, None] if size_table is None else np.asarray(size_table)[tail]).tolist()  # [N][k]
+    sizes_np = tail[:, None] if size_table is None else np.asarray(size_table)[tail]  # [N, k]
+    sizes = sizes_np.tolist()
     caps = [int(c) for c in capacities]
     room_cap = caps[0]
+    limit = max_pieces or len(lengths) + 1
+    live, opener = lengths > 0, lengths > chunk_len
+    members: list[list[int]] = [[seq] for seq in np.flatnonzero(opener).tolist()]
+    used: list[list[int]] = [list(sizes[seq]) for row in members for seq in row]
+    bound = -(-int(sizes_np[live, 0].sum()) // room_cap) if live.any() else 0
+    while len(members) < bound:
+        members.append([])
+        used.append([0] * len(caps))
+
+    def fits(row: int, size: list) -> bool:
+        return len(members[row]) < limit and all(u + s <= c for u, s, c in zip(used[row], size, caps))
+
+    def put(row: int, seq: int) -> None:
+        members[row].append(seq)
+        used[row] = [u + s for u, s in zip(used[row], sizes[seq])]
+
+    placed = ~live | opener
+    if max_pieces and members:  # tiny ones spread in turn, each row keeping a piece free for the rest
+        tiny = np.flatnonzero(~placed & (tail * max_pieces < room_cap))
+        turn = 0
+        for seq in tiny[np.argsort(-tail[tiny], kind="stable")].tolist():
+            for k in range(len(members)):
+                row = (turn + k) % len(members)
+                if len(members[row]) < limit - 1 and fits(row, sizes[seq]):
+                    put(row, seq)
+                    placed[seq], turn = True, row + 1
+                    break
+
     # Open rows by the room they have left on the first capacity: counts in a Fenwick tree over
     # room 1..room_cap (the smallest room >= s is a search on prefix sums) and a stack of row
     # ids per room (the newest row first).
@@ -148,40 +179,32 @@ def best_fit_order(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int
             bit >>= 1
         return i + 1
 
-    used: list[list[int]] = []
-    members: list[list[int]] = []
-
-    def file_row(row: int) -> None:  # back among the open rows, if it can take more
+    def file_row(row: int) -> None:  # among the open rows, if it can take more
         room = room_cap - used[row][0]
-        if room > 0 and all(u < c for u, c in zip(used[row], caps)) and (not max_pieces or len(members[row]) < max_pieces):
+        if room > 0 and len(members[row]) < limit and all(u < c for u, c in zip(used[row], caps)):
             stacks[room].append(row)
             add(room, 1)
 
-    def open_row(seq: int) -> None:
-        members.append([seq])
-        used.append(list(sizes[seq]))
-        file_row(len(members) - 1)
-
-    opener = lengths > chunk_len
-    for seq in np.flatnonzero(opener).tolist():
-        open_row(seq)
-    rest = np.flatnonzero(~opener & (lengths > 0))
-    for seq in rest[np.argsort(-np.asarray(tail)[rest], kind="stable")].tolist():
+    for row in range(len(members)):
+        file_row(row)
+    rest = np.flatnonzero(~placed)
+    for seq in rest[np.argsort(-tail[rest], kind="stable")].tolist():
         size = sizes[seq]
         room = smallest_room_at_least(size[0])
         while room <= room_cap:
             row = stacks[room][-1]
-            if all(u + s <= c for u, s, c in zip(used[row], size, caps)):
+            if fits(row, size):
                 stacks[room].pop()
                 add(room, -1)
-                members[row].append(seq)
-                used[row] = [u + s for u, s in zip(used[row], size)]
+                put(row, seq)
                 file_row(row)
                 break
             room = smallest_room_at_least(room + 1)  # another capacity is short there: more room
         else:
-            open_row(seq)
-    order = [seq for row in members for seq in row] + np.flatnonzero(lengths == 0).tolist()
+            members.append([seq])
+            used.append(list(size))
+            file_row(len(members) - 1)
+    order = [seq for row in members for seq in row] + np.flatnonzero(~live).tolist()
     return np.asarray(order, np.int64)
 
 
