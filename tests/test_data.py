@@ -504,6 +504,12 @@ def test_best_fit_order_properties():
     capped = best_fit_order(lengths, 64, (64,), max_pieces=2)
     rows, _ = pack_rows(lengths[capped], 64, (64,), max_pieces=2)  # (pack_rows checks chunks stay whole)
     assert len(rows) - 1 <= len(pack_rows(lengths, 64, (64,), max_pieces=2)[0]) - 1
+    # many tiny sequences under a cap of 16 a row: spread over the rows, not left to rows of their own
+    mixed = np.concatenate([rng.integers(1, 12, 600), rng.integers(40, 200, 150)])
+    rng.shuffle(mixed)
+    greedy_fill = pack_rows(mixed, 256, (256,), max_pieces=16)[1]
+    best_fill = pack_rows(mixed[best_fit_order(mixed, 256, (256,), max_pieces=16)], 256, (256,), max_pieces=16)[1]
+    assert best_fill > 0.93 and best_fill > greedy_fill + 0.1, (best_fill, greedy_fill)
     table = np.stack([np.arange(65), 1 + np.arange(65) // 8], axis=1)  # a second capacity: 1 + n // 8 of 10
     two = best_fit_order(lengths, 64, (64, 10), table)
     rows2, _ = pack_rows(lengths[two], 64, (64, 10), table)
