@@ -5,7 +5,7 @@ no coordination: while the device runs step n, ``workers`` processes make steps 
 and the loop takes step n+1's batch when it needs it. The batches are the ones the loop would
 have made itself, bit for bit (a resume, a jump, another worker count change nothing).
 
-Span corruption and MLM masking run row by row in numpy, one core's worth of Python: one process
+Span corruption runs document by document in numpy, one core's worth of Python: one process
 driving several GPUs makes every local device's rows, and the host can become the limit
 (``bench/pipeline.py``; the training log's ``data_time``). Workers start with ``forkserver``
 (the trainer's threads, JAX's included, are never forked), receive the ``Batches`` pickled once
@@ -33,8 +33,10 @@ def _init_worker(blob: bytes, trainer_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def watch():  # the trainer killed (-9): exit too. (Not the parent: that is the forkserver,
-        while True:  # which itself waits for every worker to close its copy of a pipe.)
+    # The trainer killed (-9): exit too. Watching the parent would not do: that is the forkserver,
+    # which itself waits for every worker to close its copy of a pipe before it exits.
+    def watch():
+        while True:
             time.sleep(1.0)
             try:
                 os.kill(trainer_pid, 0)
