@@ -161,3 +161,34 @@ def test_profile_exclusive_times_and_categories():
     assert category("all-reduce.1", names["all-reduce.1"]) == "collectives"
     assert category("fusion.7", "jit(train_step)/jvp()/exp") == "output layer + loss"
     assert category("fusion.8", "jit(train_step)/div") == "optimizer, clipping, other"
+
+
+def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
+    """bench/gpu_report.py: ratios against the same run's HF rows, the best variant of ours, the
+    first step of the shipped config, decoding by batch; missing results are named missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_report", os.path.join(ROOT, "bench", "gpu_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def row(impl, step_s, first=10.0, workload="llama"):
+        return {"workload": workload, "impl": impl, "tokens_per_step": 16384, "step_s": step_s,
+                "flops_per_step": 1e14, "first_step_s": first}
+
+    (tmp_path / "llama.json").write_text(json.dumps({"date": "d", "machine": {"gpu": "H100"}, "peak_tflops": 989,
+                                                     "results": [row("ours", 0.2, first=25.0), row("hf_compile", 0.22),
+                                                                 {"workload": "llama", "impl": "hf", "error": "oom"}]}))
+    (tmp_path / "llama_more.json").write_text(json.dumps({"results": [row("ours:b16", 0.15, first=40.0)]}))
+    (tmp_path / "decode.json").write_text(json.dumps([
+        {"batch": 1, "tokens_per_s": 700.0, "decode_tokens_per_s": 750.0, "ms_per_step": 1.3, "variant": "default"},
+        {"batch": 32, "tokens_per_s": 9000.0, "decode_tokens_per_s": 9500.0, "ms_per_step": 3.4, "variant": "default"}]))
+    by_workload, decode, meta = report.load(str(tmp_path))
+    got = {t["target"]: (round(t["value"], 3), t["met"]) if "value" in t else None
+           for t in report.targets(by_workload, decode)}
+    assert got == {"llama train >= 1.35x hf_compile": (round(0.22 / 0.15, 3), True),  # ours:b16, the best
+                   "t5 train >= 2.0x hf_compile": None, "bert train >= 1.5x hf": None,
+                   "llama_1b first step <= 30 s": (25.0, True),  # the shipped config's row
+                   "decode batch 1 >= 600 tok/s": (700.0, True), "decode batch 32 >= 10,000 tok/s": (9000.0, False)}
+    text = report.markdown(by_workload, decode, meta)
+    assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:b16: 1e14 / 0.15 s / 989e12

@@ -1,0 +1,134 @@
+"""Issue 8's targets against one GPU session's results, as markdown for docs/PERFORMANCE.md.
+
+    python bench/gpu_report.py runs/gpu_session          # the directory bench/gpu_session.sh wrote
+    python bench/gpu_report.py runs/gpu_session --json runs/gpu_session/report.json
+
+Reads whichever of ``llama.json``, ``llama_more.json``, ``t5.json``, ``bert.json`` (from
+``bench/train_vs_hf.py``) and ``decode.json`` (from ``bench/decode.py``) are there. For each
+training workload the best row of ours (any variant) is set against the Hugging Face baseline
+*of the same run* (llama and t5: ``torch.compile``; bert: eager), tokens/s over tokens/s; the
+first llama_1b step of the shipped config (init and compile included) against 30 s; decoding at
+batch 1 and 32 (end to end, prefill included) against 600 and 10,000 tokens/s. Then every row
+of every workload, best first, with MFU against the peak the bench used. Nothing is measured
+here: a missing file or row is reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# workload -> (the HF row it is compared with, the ratio to reach)
+TRAIN_TARGETS = {"llama": ("hf_compile", 1.35), "t5": ("hf_compile", 2.0), "bert": ("hf", 1.5)}
+FIRST_STEP_S = 30.0
+DECODE_TARGETS = {1: 600.0, 32: 10_000.0}
+TRAIN_FILES = ("llama.json", "llama_more.json", "t5.json", "bert.json")
+
+
+def tokens_per_s(row: dict) -> float:
+    return row["tokens_per_step"] / row["step_s"]
+
+
+def load(directory: str) -> tuple[dict, list, dict]:
+    """``(rows by workload, decode rows, first machine / date / peak seen)``."""
+    by_workload: dict[str, list] = {}
+    meta: dict = {}
+    for name in TRAIN_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for key in ("date", "machine", "peak_tflops"):
+            meta.setdefault(key, data.get(key))
+        for row in data.get("results", []):
+            if "error" not in row:
+                by_workload.setdefault(row["workload"], []).append(dict(row, file=name))
+    decode = []
+    path = os.path.join(directory, "decode.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            decode = json.load(f)
+    return by_workload, decode, meta
+
+
+def targets(by_workload: dict, decode: list) -> list[dict]:
+    out = []
+    for workload, (baseline, goal) in TRAIN_TARGETS.items():
+        rows = by_workload.get(workload, [])
+        ours = [r for r in rows if r["impl"].startswith("ours")]
+        hf = next((r for r in rows if r["impl"] == baseline), None)
+        entry = {"target": f"{workload} train >= {goal}x {baseline}", "goal": goal}
+        if ours and hf:
+            best = max(ours, key=tokens_per_s)
+            ratio = tokens_per_s(best) / tokens_per_s(hf)
+            entry.update(measured=f"{tokens_per_s(best):,.0f} tok/s ({best['impl']}) vs {tokens_per_s(hf):,.0f}",
+                         value=ratio, met=ratio >= goal)
+        out.append(entry)
+    shipped = next((r for r in by_workload.get("llama", []) if r["impl"] == "ours"), None)
+    entry = {"target": f"llama_1b first step <= {FIRST_STEP_S:.0f} s", "goal": FIRST_STEP_S}
+    if shipped and shipped.get("first_step_s") is not None:
+        entry.update(measured=f"{shipped['first_step_s']:.1f} s", value=shipped["first_step_s"],
+                     met=shipped["first_step_s"] <= FIRST_STEP_S)
+    out.append(entry)
+    for batch, goal in DECODE_TARGETS.items():
+        rows = [r for r in decode if r.get("batch") == batch]
+        entry = {"target": f"decode batch {batch} >= {goal:,.0f} tok/s", "goal": goal}
+        if rows:
+            best = max(rows, key=lambda r: r["tokens_per_s"])
+            entry.update(measured=f"{best['tokens_per_s']:,.0f} tok/s ({best.get('variant', 'default')})",
+                         value=best["tokens_per_s"], met=best["tokens_per_s"] >= goal)
+        out.append(entry)
+    return out
+
+
+def markdown(by_workload: dict, decode: list, meta: dict) -> str:
+    lines = [f"Results of {meta.get('date', '?')}; machine: "
+             + ", ".join(f"{k} {v}" for k, v in (meta.get("machine") or {}).items()), "",
+             "| target | measured | ratio / value | met |", "|---|---|---|---|"]
+    for t in targets(by_workload, decode):
+        if "value" not in t:
+            lines.append(f"| {t['target']} | missing | | |")
+        else:
+            value = f"{t['value']:.2f}x" if "train" in t["target"] else f"{t['value']:,.1f}"
+            lines.append(f"| {t['target']} | {t['measured']} | {value} | {'yes' if t['met'] else 'no'} |")
+    peak = meta.get("peak_tflops")
+    for workload, rows in by_workload.items():
+        lines += ["", f"**{workload}** (best first)", "",
+                  "| impl | file | tokens/s | step ms | MFU | first step s | attention |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=tokens_per_s, reverse=True):
+            mfu = f"{100 * r['flops_per_step'] / r['step_s'] / (peak * 1e12):.1f}%" if peak else "n/a"
+            first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else ""
+            lines.append(f"| {r['impl']} | {r['file']} | {tokens_per_s(r):,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
+                         f"{first} | {r.get('attention', '')} |")
+    if decode:
+        first = decode[0]
+        lines += ["", f"**decode** ({first.get('config', '?')}, {first.get('prompt_len', '?')} + "
+                      f"{first.get('new_tokens', '?')} tokens)", "",
+                  "| variant | batch | tokens/s end to end | decode tokens/s | ms / step |", "|---|---|---|---|---|"]
+        for r in decode:
+            lines.append(f"| {r.get('variant', 'default')} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['decode_tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("directory")
+    p.add_argument("--json", default=None, help="also write the targets as JSON")
+    args = p.parse_args(argv)
+    by_workload, decode, meta = load(args.directory)
+    if not by_workload and not decode:
+        print(f"no results under {args.directory} (expected {', '.join(TRAIN_FILES)} or decode.json)", file=sys.stderr)
+        return 2
+    print(markdown(by_workload, decode, meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"targets": targets(by_workload, decode), **meta}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
