@@ -169,7 +169,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adafactor"))
+    # muon: Muon (optax.contrib) on the layers' matrices, AdamW on embeddings, the output layer,
+    # norms and biases; its updates scaled to AdamW's RMS (0.2), so AdamW's learning rates carry over
+    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adafactor", "muon"))
     learning_rate: float = 3e-4
     # wsd: warmup, the peak held, then a linear decay over the last decay_fraction of the steps
     schedule: str = dataclasses.field(default="cosine",

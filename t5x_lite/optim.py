@@ -46,11 +46,55 @@ def decay_mask(params):
         lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY_LEAVES, params)
 
 
+MUON_MOMENTUM = 0.95  # Muon's own momentum (optim.b1 / b2 are AdamW's, for the rest)
+MUON_RMS = 0.2  # Muon's updates scaled to AdamW's typical RMS (Liu et al. 2025): AdamW's learning rates apply
+
+
+def muon_dimensions(cfg: Config) -> dict:
+    """``keystr(path) -> optax.contrib.MuonDimensionNumbers`` for every parameter Muon updates: the
+    layers' projection kernels, read as matrices from their logical axes (the stacked ``layers``
+    axis is a batch axis: one orthogonalisation per layer). A kernel writing the residual stream
+    (last axis ``embed``: attention out, MLP out) reduces over all its other axes; one reading
+    it (q / k / v, MLP in, BERT's head transform) reduces over ``embed`` and outputs the rest.
+    Embeddings, the output layer (``vocab``), relative-position tables, norms and biases: AdamW."""
+    from t5x_lite.models import abstract_params
+
+    out = {}
+    boxed = abstract_params(cfg)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]:
+        names = tuple(leaf.names)
+        if getattr(path[-1], "key", None) != "kernel" or "vocab" in names or "embed" not in names:
+            continue
+        axes = [i for i, n in enumerate(names) if n != "layers"]
+        if names[-1] == "embed":
+            reduction, output = axes[:-1], axes[-1:]
+        else:
+            reduction = [i for i in axes if names[i] == "embed"]
+            output = [i for i in axes if names[i] != "embed"]
+        out[jax.tree_util.keystr(path)] = optax.contrib.MuonDimensionNumbers(tuple(reduction), tuple(output))
+    return out
+
+
+def _muon(cfg: Config, schedule) -> optax.GradientTransformation:
+    o = cfg.optim
+    dims = muon_dimensions(cfg)
+    label = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "muon" if jax.tree_util.keystr(path) in dims else "adamw", params)
+    muon = optax.contrib.muon(
+        schedule, beta=MUON_MOMENTUM, weight_decay=o.weight_decay, consistent_rms=MUON_RMS,
+        muon_weight_dimension_numbers=lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: dims[jax.tree_util.keystr(path)], params))
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+    return optax.multi_transform({"muon": muon, "adamw": adamw}, label)
+
+
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o = cfg.optim
     schedule = make_schedule(cfg)
     if o.name == "adamw":
         opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+    elif o.name == "muon":
+        opt = _muon(cfg, schedule)
     else:
         opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=o.weight_decay or None,
                               weight_decay_mask=decay_mask)

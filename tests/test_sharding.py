@@ -61,18 +61,22 @@ class Case(NamedTuple):
     micro: int = 1
     opt_over_data: bool = False
     fused: bool = False  # model.fused_qkv and fused_mlp (compute only: the reference stays unfused)
+    extra: tuple = ()  # overrides the one-device reference shares (another optimizer)
 
     def config(self):
         data, fsdp, tensor = self.mesh
         fused = ("model.fused_qkv=true", "model.fused_mlp=true") if self.fused else ()
         return tiny_cfg(self.family, *TINY, f"sharding.zero_stage={self.stage}", f"mesh.data={data}",
                         f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"train.micro_batches={self.micro}",
-                        f"sharding.shard_opt_over_data={self.opt_over_data}", *fused)
+                        f"sharding.shard_opt_over_data={self.opt_over_data}", *fused, *self.extra)
+
+    def reference(self) -> "Case":
+        return Case(self.family, extra=self.extra)
 
     def __str__(self):
         return (f"{self.family}-zero{self.stage}-mesh{'x'.join(map(str, self.mesh))}"
                 + (f"-micro{self.micro}" if self.micro > 1 else "") + ("-optoverdata" if self.opt_over_data else "")
-                + ("-fused" if self.fused else ""))
+                + ("-fused" if self.fused else "") + "".join(f"-{x}" for x in self.extra))
 
 
 def abstract_batch(setup) -> dict:
@@ -91,10 +95,10 @@ def compiled_case(case: Case):
 
 
 @functools.lru_cache(maxsize=None)
-def initial_state(family: str):
-    """One initial state per family, on the host: weights N(0, 0.02) (GPT-2's init), norm scales
-    1, Adam's moments 0. Drawn with numpy: nothing to compile."""
-    setup, _ = compiled_case(Case(family))
+def initial_state(family: str, extra: tuple = ()):
+    """One initial state per family (and optimizer), on the host: weights N(0, 0.02) (GPT-2's
+    init), norm scales 1, the optimizer's moments 0. Drawn with numpy: nothing to compile."""
+    setup, _ = compiled_case(Case(family, extra=extra))
     rng = np.random.default_rng(0)
 
     def draw(path, leaf):
@@ -120,7 +124,7 @@ def assert_close(got, want, rtol: float = RTOL):
 def train_three_steps(case: Case):
     """Final state and per-step (loss, grad_norm), all on the host."""
     setup, step = compiled_case(case)
-    state = jax.device_put(initial_state(case.family), setup.state_shardings)
+    state = jax.device_put(initial_state(case.family, case.extra), setup.state_shardings)
     metrics = []
     with setup.activation_context():
         for i in range(STEPS):
@@ -142,12 +146,14 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
     Case("encoder_decoder", 2, (1, 4, 2), 2),
     # fused q/k/v and gate/up projections, heads and MLP split over `tensor`, == unfused on one device
     Case("decoder", 3, (1, 4, 2), fused=True), Case("encoder_decoder", 2, (2, 2, 2), fused=True),
+    # Muon: its orthogonalisation over ZeRO-3-sharded, tensor-split matrices == one device
+    Case("decoder", 3, (1, 4, 2), extra=("optim.name=muon",)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_sharded_training_equals_single_device(case):
-    ref_state, ref_metrics = train_three_steps(Case(case.family))
+    ref_state, ref_metrics = train_three_steps(case.reference())
     state, metrics = train_three_steps(case)
     assert tuple(compiled_case(case)[0].mesh.devices.shape) == case.mesh
     assert_close(metrics, ref_metrics)

@@ -46,12 +46,13 @@ def test_micro_batches_equal_one_big_batch(family):
     chex.assert_trees_all_close(state_micro.params, state_full.params, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family,objective", [
-    ("encoder", "mlm"), ("decoder", "causal"), ("decoder", "prefix"), ("encoder_decoder", "span"),
+@pytest.mark.parametrize("family,objective,optimizer", [
+    ("encoder", "mlm", "adamw"), ("decoder", "causal", "adamw"), ("decoder", "prefix", "adamw"),
+    ("encoder_decoder", "span", "adamw"), ("decoder", "causal", "muon"),
 ])
-def test_tiny_model_overfits_one_batch(family, objective):
+def test_tiny_model_overfits_one_batch(family, objective, optimizer):
     cfg = tiny_cfg(family, f"data.objective={objective}", "optim.learning_rate=3e-3", "optim.schedule=constant",
-                   "optim.weight_decay=0", "train.steps=80", "model.num_layers=1")
+                   "optim.weight_decay=0", "train.steps=80", "model.num_layers=1", f"optim.name={optimizer}")
     batch = random_batch(cfg, seed=1)
     if objective == "mlm":  # predict 15% of positions, as MLM does
         batch["weights"] = (batch["weights"] * (np.random.default_rng(0).random(batch["weights"].shape) < 0.15))
@@ -432,3 +433,41 @@ def test_the_loss_scale_keeps_float16_gradients_from_underflowing():
 
     scaled, tiny = worst_error(grads("float16", 2.0 ** 15)), worst_error(grads("float16", 2.0 ** -12))
     assert scaled < 1e-2 and tiny > 10 * scaled
+
+
+def test_muon_orthogonalises_each_layers_matrices(tmp_path):
+    """optim.name=muon: the projection kernels, read as matrices from their logical axes (one per
+    stacked layer), get Muon's orthogonalised updates at AdamW's RMS; embeddings, the output
+    layer and norms get AdamW's. The state round-trips a checkpoint."""
+    from t5x_lite.checkpoints import Checkpoints
+    from t5x_lite.optim import MUON_RMS, muon_dimensions
+
+    cfg = tiny_cfg("decoder", "optim.name=muon", "mesh.fsdp=1", "model.tie_embeddings=false")
+    dims = muon_dimensions(cfg)
+    layer = "['decoder']['stack']['layers']"
+    assert dims[f"{layer}['self_attention']['query']['kernel']"] == ((1,), (2, 3))  # [L, D, N, H]: D -> N x H
+    assert dims[f"{layer}['self_attention']['out']['kernel']"] == ((1, 2), (3,))  # [L, N, H, D]: N x H -> D
+    assert dims[f"{layer}['mlp']['wo']['kernel']"] == ((1,), (2,))
+    assert not any("embed']" in k or "lm_head" in k or "scale" in k for k in dims)
+
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
+    with setup.activation_context():
+        state = setup.init(jax.random.key(0))
+        before = jax.device_get(state.params)  # (the step donates the state)
+        new, _ = setup.train_step(state, trainer.to_global(random_batch(cfg), setup.batch_sharding))
+    lr = float(setup.schedule(0))
+    update = np.asarray(new.params["decoder"]["stack"]["layers"]["mlp"]["wi_0"]["kernel"]
+                        - before["decoder"]["stack"]["layers"]["mlp"]["wi_0"]["kernel"])  # [L, D, F]
+    for matrix in update:  # each layer's own orthogonalisation: singular values near equal
+        sv = np.linalg.svd(matrix / (lr * MUON_RMS * np.sqrt(max(matrix.shape))), compute_uv=False)
+        assert 0.5 < sv.min() and sv.max() < 1.5, sv
+    head = np.asarray(new.params["head"]["lm_head"]["kernel"] - before["head"]["lm_head"]["kernel"])
+    sv = np.linalg.svd(head / (lr * MUON_RMS * np.sqrt(max(head.shape))), compute_uv=False)
+    assert sv.max() / sv.min() > 3  # AdamW's (sign-like) update: not orthogonal
+
+    ckpt = Checkpoints(str(tmp_path), cfg)
+    ckpt.save(1, new, {"step": 1})
+    ckpt.wait()
+    restored, _ = ckpt.restore(1, setup.abstract_state)
+    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(new.opt_state))
+    ckpt.close()
