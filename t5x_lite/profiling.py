@@ -26,7 +26,7 @@ from typing import Optional
 # (category, pattern on "hlo_op op_name"), first match wins.
 CATEGORIES = (
     ("collectives", re.compile(r"^(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)")),
-    ("attention: projections", re.compile(r"_attention/(query|key|value|out|qkv)/")),
+    ("attention: projections", re.compile(r"_attention/(query|key|value|out|qkv|kv)/")),
     ("attention: scores, softmax, kernel", re.compile(r"_attention/|dot_product_attention|fmha|cudnn")),
     ("mlp", re.compile(r"/mlp/")),
     ("norms", re.compile(r"_norm/|final_norm/")),

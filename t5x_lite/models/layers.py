@@ -461,6 +461,14 @@ class Attention(nn.Module):
         else:
             if cfg.fused_qkv and not self.cross:
                 q_BTNH, k_BSKH, v_BSKH = self._fused_qkv(x_BTD, q_proj, k_proj, v_proj)
+            elif cfg.fused_qkv:  # cross-attention: k and v of the encoder output as one matmul
+                q_BTNH = constrain(q_proj(x_BTD), BLNH)
+                d = kv_BSD.shape[-1]
+                parts = [(w[:, :, None], None if bias is None else bias[:, None])
+                         for w, bias in (proj.weights((d,)) for proj in (k_proj, v_proj))]
+                y_BSK2H = fused_dense(kv_BSD, parts, axis=2, name="kv")
+                y_BSK2H = constrain(y_BSK2H, ("act_batch", "act_length", "act_kv_heads", None, "act_kv"))
+                k_BSKH, v_BSKH = constrain(y_BSK2H[:, :, :, 0], BLKH), constrain(y_BSK2H[:, :, :, 1], BLKH)
             else:
                 src_BSD = kv_BSD if self.cross else x_BTD
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
