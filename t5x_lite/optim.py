@@ -57,12 +57,15 @@ def muon_dimensions(cfg: Config) -> dict:
     (last axis ``embed``: attention out, MLP out) reduces over all its other axes; one reading
     it (q / k / v, MLP in, BERT's head transform) reduces over ``embed`` and outputs the rest.
     Embeddings, the output layer (``vocab``), relative-position tables, norms and biases: AdamW."""
+    import flax.linen as nn
+
     from t5x_lite.models import abstract_params
+    from t5x_lite.partitioning import logical_names
 
     out = {}
     boxed = abstract_params(cfg)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]:
-        names = tuple(leaf.names)
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
+    for (path, _), names in zip(flat, logical_names(boxed)):
         if getattr(path[-1], "key", None) != "kernel" or "vocab" in names or "embed" not in names:
             continue
         axes = [i for i, n in enumerate(names) if n != "layers"]

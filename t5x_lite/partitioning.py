@@ -195,7 +195,7 @@ def logical_sharding(names: Sequence[Optional[str]], shape: Sequence[int], mesh:
     return NamedSharding(mesh, _spread_zero(spec, shape, names, dict(rules).get(ZERO_AXIS), mesh))
 
 
-def _logical_names(abstract_boxed) -> list[tuple]:
+def logical_names(abstract_boxed) -> list[tuple]:
     """The logical axis names of every leaf (``None`` per dimension where there are none)."""
     specs = jax.tree.leaves(nn.get_partition_spec(abstract_boxed), is_leaf=lambda x: isinstance(x, P) or x is None)
     leaves = jax.tree.leaves(nn.meta.unbox(abstract_boxed))
@@ -206,7 +206,7 @@ def shardings_from_logical(abstract_boxed, mesh: Mesh, rules: tuple):
     """NamedShardings for a tree of boxed (logically partitioned) abstract arrays."""
     unboxed = nn.meta.unbox(abstract_boxed)
     leaves, treedef = jax.tree.flatten(unboxed)
-    names = _logical_names(abstract_boxed)
+    names = logical_names(abstract_boxed)
     return treedef.unflatten([logical_sharding(n, leaf.shape, mesh, rules) for n, leaf in zip(names, leaves)])
 
 
@@ -237,7 +237,7 @@ def opt_state_shardings(abstract_opt_state, abstract_params_boxed, mesh: Mesh, r
     """
     flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params_boxed))[0]
     by_path = {_path_key(path): (tuple(leaf.shape), names)
-               for (path, leaf), names in zip(flat, _logical_names(abstract_params_boxed))}
+               for (path, leaf), names in zip(flat, logical_names(abstract_params_boxed))}
 
     def one(path, leaf):
         key = _path_key(path)
