@@ -101,6 +101,13 @@ def fused_dense(x: Array, weights: list[tuple[Array, Optional[Array]]], axis: in
     return y
 
 
+def new_output_axis(weights: tuple[Array, Optional[Array]], axis: int) -> tuple[Array, Optional[Array]]:
+    """``Dense.weights`` with a size-1 axis at the kernel's output axis ``axis`` (the bias's
+    ``axis - 1``): the blocks ``fused_dense`` concatenates along it."""
+    kernel, bias = weights
+    return jnp.expand_dims(kernel, axis), None if bias is None else jnp.expand_dims(bias, axis - 1)
+
+
 def dense(cfg: ModelConfig, features, kernel_axes: tuple, name: str, num_in: int = 1, scale: float = 1.0,
           use_bias: Optional[bool] = None) -> Dense:
     """A projection of the model's dtypes whose kernel axes are ``kernel_axes``."""
@@ -461,14 +468,9 @@ class Attention(nn.Module):
         else:
             if cfg.fused_qkv and not self.cross:
                 q_BTNH, k_BSKH, v_BSKH = self._fused_qkv(x_BTD, q_proj, k_proj, v_proj)
-            elif cfg.fused_qkv:  # cross-attention: k and v of the encoder output as one matmul
+            elif cfg.fused_qkv:  # cross-attention: q from the decoder, k and v of the encoder output fused
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
-                d = kv_BSD.shape[-1]
-                parts = [(w[:, :, None], None if bias is None else bias[:, None])
-                         for w, bias in (proj.weights((d,)) for proj in (k_proj, v_proj))]
-                y_BSK2H = fused_dense(kv_BSD, parts, axis=2, name="kv")
-                y_BSK2H = constrain(y_BSK2H, ("act_batch", "act_length", "act_kv_heads", None, "act_kv"))
-                k_BSKH, v_BSKH = constrain(y_BSK2H[:, :, :, 0], BLKH), constrain(y_BSK2H[:, :, :, 1], BLKH)
+                _, k_BSKH, v_BSKH = self._fused_kv(kv_BSD, [], k_proj, v_proj)
             else:
                 src_BSD = kv_BSD if self.cross else x_BTD
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
@@ -503,14 +505,19 @@ class Attention(nn.Module):
         k, h = cfg.kv_heads, cfg.dim_per_head
         g = cfg.num_heads // k
         wq, bq = q_proj.weights((d,))
-        parts = [(wq.reshape(d, k, g, h), None if bq is None else bq.reshape(k, g, h))]
-        for proj in (k_proj, v_proj):
-            w, bias = proj.weights((d,))
-            parts.append((w[:, :, None], None if bias is None else bias[:, None]))
-        y_BTKCH = fused_dense(x_BTD, parts, axis=2, name="qkv")  # C = G + 2
-        y_BTKCH = constrain(y_BTKCH, ("act_batch", "act_length", "act_kv_heads", None, "act_kv"))
-        q_BTNH = constrain(y_BTKCH[:, :, :, :g].reshape(b, t, k * g, h), BLNH)
-        return q_BTNH, constrain(y_BTKCH[:, :, :, g], BLKH), constrain(y_BTKCH[:, :, :, g + 1], BLKH)
+        q_part = (wq.reshape(d, k, g, h), None if bq is None else bq.reshape(k, g, h))
+        y_BTKCH, k_BSKH, v_BSKH = self._fused_kv(x_BTD, [q_part], k_proj, v_proj)  # C = G + 2
+        return constrain(y_BTKCH[:, :, :, :g].reshape(b, t, k * g, h), BLNH), k_BSKH, v_BSKH
+
+    @staticmethod
+    def _fused_kv(src_BSD: Array, before: list, k_proj: Dense, v_proj: Dense):
+        """``[*before, k, v]`` as one matmul over a ``[D, K, C, H]`` kernel (per kv head: the
+        blocks of ``before``, its key, its value). Returns ``(the result [B, S, K, C, H], k, v)``."""
+        d = src_BSD.shape[-1]
+        parts = [*before, *(new_output_axis(proj.weights((d,)), 2) for proj in (k_proj, v_proj))]
+        y_BSKCH = fused_dense(src_BSD, parts, axis=2, name="qkv" if before else "kv")
+        y_BSKCH = constrain(y_BSKCH, ("act_batch", "act_length", "act_kv_heads", None, "act_kv"))
+        return y_BSKCH, constrain(y_BSKCH[:, :, :, -2], BLKH), constrain(y_BSKCH[:, :, :, -1], BLKH)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -536,9 +543,7 @@ class Mlp(nn.Module):
         if cfg.mlp in ("swiglu", "geglu"):
             gate, up = (dense(cfg, cfg.d_ff, ("embed", "mlp"), name) for name in ("wi_0", "wi_1"))
             if cfg.fused_mlp:  # [D, 2, F]: one matmul; splitting F over ``tensor`` keeps the pairs together
-                d = x_BLD.shape[-1]
-                parts = [(w[:, None], None if bias is None else bias[None])
-                         for w, bias in (proj.weights((d,)) for proj in (gate, up))]
+                parts = [new_output_axis(proj.weights(x_BLD.shape[-1:]), 1) for proj in (gate, up)]
                 y_BL2F = fused_dense(x_BLD, parts, axis=1, name="wi_fused")
                 y_BL2F = constrain(y_BL2F, ("act_batch", "act_length", None, "act_mlp"))
                 gate_BLF, up_BLF = y_BL2F[:, :, 0], y_BL2F[:, :, 1]
