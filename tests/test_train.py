@@ -330,6 +330,19 @@ def test_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ float16 loss scaling
 
 
+def assert_opt_state_round_trips(directory, setup, state):
+    """Saved and restored through the trainer's checkpoints, the optimizer state is unchanged."""
+    from t5x_lite.checkpoints import Checkpoints
+
+    step = int(state.step)
+    ckpt = Checkpoints(str(directory), setup.cfg)
+    ckpt.save(step, state, {"step": step})
+    ckpt.wait()
+    restored, _ = ckpt.restore(step, setup.abstract_state)
+    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+    ckpt.close()
+
+
 def test_dynamic_loss_scale_skips_non_finite_steps_and_adapts():
     import jax.numpy as jnp
     import optax
@@ -357,8 +370,6 @@ def test_float16_training_scales_its_loss(tmp_path):
     """float16 compute (loss_scale auto = dynamic): steps whose scaled backward pass overflows are
     skipped (the same loss again: nothing moved) and halve the scale; then training follows float32.
     The state round-trips a checkpoint."""
-    from t5x_lite.checkpoints import Checkpoints
-
     def run(*sets, steps=12):
         cfg = tiny_cfg("decoder", *sets, "mesh.fsdp=1", "optim.warmup_steps=0", "optim.learning_rate=1e-2")
         setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
@@ -382,12 +393,7 @@ def test_float16_training_scales_its_loss(tmp_path):
     assert applied[-1] < applied[0] - 1.0
     assert fp16[skipped + 3]["loss_scale"] == 2 * fp16[skipped]["loss_scale"]  # period 3: doubled
 
-    ckpt = Checkpoints(str(tmp_path), cfg)
-    ckpt.save(12, state, {"step": 12})
-    ckpt.wait()
-    restored, _ = ckpt.restore(12, setup.abstract_state)
-    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
-    ckpt.close()
+    assert_opt_state_round_trips(tmp_path, setup, state)
 
 
 def test_float16_skips_are_one_decision_for_the_whole_mesh():
@@ -439,7 +445,6 @@ def test_muon_orthogonalises_each_layers_matrices(tmp_path):
     """optim.name=muon: the projection kernels, read as matrices from their logical axes (one per
     stacked layer), get Muon's orthogonalised updates at AdamW's RMS; embeddings, the output
     layer and norms get AdamW's. The state round-trips a checkpoint."""
-    from t5x_lite.checkpoints import Checkpoints
     from t5x_lite.optim import MUON_RMS, muon_dimensions
 
     cfg = tiny_cfg("decoder", "optim.name=muon", "mesh.fsdp=1", "model.tie_embeddings=false")
@@ -465,9 +470,4 @@ def test_muon_orthogonalises_each_layers_matrices(tmp_path):
     sv = np.linalg.svd(head / (lr * MUON_RMS * np.sqrt(max(head.shape))), compute_uv=False)
     assert sv.max() / sv.min() > 3  # AdamW's (sign-like) update: not orthogonal
 
-    ckpt = Checkpoints(str(tmp_path), cfg)
-    ckpt.save(1, new, {"step": 1})
-    ckpt.wait()
-    restored, _ = ckpt.restore(1, setup.abstract_state)
-    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(new.opt_state))
-    ckpt.close()
+    assert_opt_state_round_trips(tmp_path, setup, new)
