@@ -59,6 +59,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     use_bias: bool = False  # biases in attention / MLP projections (BERT, GPT-2)
     qkv_bias: Optional[bool] = None  # biases on the q / k / v projections; None = use_bias (Qwen2: only these)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
     logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)

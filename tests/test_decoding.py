@@ -244,7 +244,7 @@ def test_temperature_to_zero_equals_greedy(dec, single):
 
 
 @pytest.mark.parametrize("overrides", [("model.position=alibi", "data.objective=prefix"),
-                                       ("model.position=learned", "model.num_kv_heads=1")])
+                                       ("model.position=learned", "model.num_kv_heads=1", "model.qk_norm=true")])
 def test_cached_logits_equal_full_forward_positions(overrides, single):
     cfg = tiny_cfg("decoder", *overrides)
     params = random_params(cfg, 1)
@@ -255,7 +255,7 @@ def test_cached_logits_equal_full_forward_positions(overrides, single):
 
 @pytest.fixture(scope="module")
 def encdec():
-    cfg = tiny_cfg("encoder_decoder")  # relative position bias on both sides
+    cfg = tiny_cfg("encoder_decoder", "model.qk_norm=true")  # relative position bias on both sides; q / k norms
     return cfg, random_params(cfg)
 
 

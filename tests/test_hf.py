@@ -1,7 +1,7 @@
 """Hugging Face interop, proven against transformers (CPU torch, float32).
 
 For a tiny randomly initialised model of every supported architecture (BERT, RoBERTa, GPT-2,
-LLaMA, Mistral, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
+LLaMA, Mistral, Qwen2, Qwen3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
 export loads with ``from_pretrained`` and gives the same logits, and import -> export -> import
 is lossless; greedy decoding gives the tokens of ``generate(do_sample=False)`` (LLaMA, Flan-T5).
 Then sharded and bfloat16 checkpoints, bad input, tokenizers, a real pretrained MiniLM shipped on
@@ -43,12 +43,13 @@ def _t5(**kw):
     return transformers.T5Config(vocab_size=V, d_model=D, d_kv=8, d_ff=F, num_layers=2, num_heads=4, **kw)
 
 
-def _with_random_biases(model):
-    """transformers initialises biases to zero: random ones, so that importing them is tested."""
+def _randomised(model, *suffixes, mean=0.0):
+    """transformers initialises biases to zero and norms to one: random ones (parameters named
+    ``*suffix``), so that importing them is tested."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.2)
+            if name.endswith(suffixes):
+                p.normal_(mean, 0.2)
     return model
 
 
@@ -74,9 +75,12 @@ SPECS = {
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}, initializer_range=0.2, **SMALL))),
-    "qwen2": ("decoder", lambda: _with_random_biases(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+    "qwen2": ("decoder", lambda: _randomised(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, sliding_window=8, use_sliding_window=False,
-        tie_word_embeddings=True, initializer_range=0.2, **SMALL)))),
+        tie_word_embeddings=True, initializer_range=0.2, **SMALL)), ".bias")),
+    "qwen3": ("decoder", lambda: _randomised(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(  # q / k norms
+        hidden_size=D, num_key_value_heads=2, head_dim=16, max_position_embeddings=32, tie_word_embeddings=False,
+        initializer_range=0.2, **SMALL)), "q_norm.weight", "k_norm.weight", mean=1.0)),
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=32,
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
@@ -86,7 +90,7 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
@@ -256,7 +260,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gpt2, llama, mistral, qwen2, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"
@@ -281,6 +285,9 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     qwen_like = t5x_lite.load_config(None, ["model.qkv_bias=true"])  # biases on q / k / v alone: not LLaMA
     with pytest.raises(InteropError, match="cannot be written as a Hugging Face llama: model.qkv_bias=True"):
         hf.save(qwen_like, {}, str(tmp_path / "never"), base_config={"model_type": "llama"})
+    qwen3_like = t5x_lite.load_config(None, ["model.qk_norm=true"])  # norms on q / k: not Qwen2
+    with pytest.raises(InteropError, match="cannot be written as a Hugging Face qwen2: .*model.qk_norm=True"):
+        hf.save(qwen3_like, {}, str(tmp_path / "never"), base_config={"model_type": "qwen2"})
 
     assert cli.main(["import-hf", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "error: model_type 'bloom'" in capsys.readouterr().err

@@ -208,6 +208,8 @@ class Arch:
         if cfg.qkv_bias not in (None, cfg.use_bias) and "qkv_bias" not in self.requires:
             wrong.append(f"model.qkv_bias={cfg.qkv_bias} with use_bias={cfg.use_bias} (biases on q / k / v alone: "
                          "Qwen2's layout)")
+        if cfg.qk_norm and "qk_norm" not in self.requires:
+            wrong.append("model.qk_norm=True (a norm on each head's q and k: Qwen3's layout)")
         wrong += self.extra_problems(cfg)
         if wrong:
             raise InteropError(f"this model cannot be written as a Hugging Face {name}: " + "; ".join(wrong))
@@ -463,6 +465,11 @@ class Llama(Arch):
         return rows
 
 
+def _qwen_window(hf: dict) -> Optional[int]:
+    """Qwen's sliding window, only with use_sliding_window (many configs name a window they never use)."""
+    return hf.get("sliding_window") if hf.get("use_sliding_window") else None
+
+
 class Qwen2(Llama):
     """Qwen2 / Qwen2.5: LLaMA's layers with biases on q / k / v only."""
 
@@ -470,16 +477,38 @@ class Qwen2(Llama):
     requires = dict(Llama.requires, use_bias=False, qkv_bias=True)
 
     def model_fields(self, hf, names):
-        # Sliding-window layers only with use_sliding_window (many configs name a window they never use).
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False, sliding_window=window), names)
-        return dict(fields, qkv_bias=True)
+        hf = dict(hf, attention_bias=False, mlp_bias=False, sliding_window=_qwen_window(hf))
+        return dict(super().model_fields(hf, names), qkv_bias=True)
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
         for key in ("attention_bias", "mlp_bias"):
             out.pop(key)
         return dict(out, use_sliding_window=False)
+
+
+class Qwen3(Llama):
+    """Qwen3: LLaMA's layers with an RMSNorm over each head's q and k (``q_norm`` / ``k_norm``)."""
+
+    model_types = ("qwen3",)
+    requires = dict(Llama.requires, use_bias=False, qk_norm=True)
+
+    def model_fields(self, hf, names):
+        if hf.get("attention_bias"):
+            raise InteropError("attention_bias=True is not supported for qwen3 (biases on attention but not the MLP)")
+        hf = dict(hf, mlp_bias=False, sliding_window=_qwen_window(hf))
+        return dict(super().model_fields(hf, names), qk_norm=True)
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        out.pop("mlp_bias")
+        return dict(out, use_sliding_window=False)
+
+    def maps(self, cfg):
+        lay = "decoder/stack/{layer}/self_attention"
+        return super().maps(cfg) + [
+            *_norm_maps("layers.{i}.self_attn.q_norm", f"{lay}/query_norm", cfg.num_layers, bias=False),
+            *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", cfg.num_layers, bias=False)]
 
 
 def _t5_scales_head(hf: dict) -> bool:
@@ -570,7 +599,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), T5()) for t in a.model_types}
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), T5()) for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
 
@@ -724,6 +753,8 @@ def _arch_for_export(cfg: ModelConfig, base: dict) -> Arch:
         return ARCHS["t5"]
     if cfg.position == "learned":
         return ARCHS["gpt2"]
+    if cfg.qk_norm:
+        return ARCHS["qwen3"]
     return ARCHS["qwen2"] if cfg.qkv_bias and not cfg.use_bias else ARCHS["llama"]
 
 

@@ -160,6 +160,14 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     return cls(eps=cfg.norm_eps, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
 
 
+def head_norm(cfg: ModelConfig, x_BLNH: Array, name: str) -> Array:
+    """``model.qk_norm``: RMSNorm over each head's ``head_dim`` features, one scale shared by
+    the heads (Qwen3, Gemma 3); identity without it."""
+    if not cfg.qk_norm:
+        return x_BLNH
+    return RMSNorm(eps=cfg.norm_eps, dtype=x_BLNH.dtype, param_dtype=jnp_dtype(cfg.param_dtype), name=name)(x_BLNH)
+
+
 # ---------------------------------------------------------------------- embeddings
 
 
@@ -462,7 +470,7 @@ class Attention(nn.Module):
                           for name in ("key", "value"))
 
         if self.cross and kv_BSD is None:  # decoding after the first call: the stored encoder k/v
-            q_BTNH = constrain(q_proj(x_BTD), BLNH)
+            q_BTNH = head_norm(cfg, constrain(q_proj(x_BTD), BLNH), "query_norm")
             k_BSKH, v_BSKH = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(q_BTNH.dtype)
                               for name in ("k", "v"))
         else:
@@ -475,6 +483,7 @@ class Attention(nn.Module):
                 src_BSD = kv_BSD if self.cross else x_BTD
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
                 k_BSKH, v_BSKH = (constrain(proj(src_BSD), BLKH) for proj in (k_proj, v_proj))
+            q_BTNH, k_BSKH = head_norm(cfg, q_BTNH, "query_norm"), head_norm(cfg, k_BSKH, "key_norm")
             if cfg.position == "rope" and not self.cross:
                 freq_H2 = rope_frequencies(cfg)
                 q_BTNH, k_BSKH = rope(q_BTNH, positions_BT, freq_H2), rope(k_BSKH, positions_BT, freq_H2)
