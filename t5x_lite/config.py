@@ -54,6 +54,9 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_length: int = 8192
     max_length: int = 2048  # longest sequence: size of learned position tables, decode cache limit
+    # Sliding-window (local) causal self-attention: each token sees itself and the sliding_window - 1
+    # tokens before it (Mistral); 0 = every earlier token. Prefix-LM prefixes still see each other.
+    sliding_window: int = 0
     relative_buckets: int = 32
     relative_max_distance: int = 128
     tie_embeddings: bool = False
@@ -254,6 +257,10 @@ class Config:
             errors.append("model.attention=cudnn_packed needs model.max_segments > 0, the most documents a row "
                           "may hold (cuDNN keeps a float32 [batch x max_segments, heads, length] statistic per "
                           "layer): e.g. 16, or 1 for one document per row")
+        if m.sliding_window < 0:
+            errors.append(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = no window)")
+        elif m.sliding_window and m.family == "encoder":
+            errors.append("model.sliding_window applies to causal self-attention, which the encoder family does not have")
         if not 0 <= m.dropout < 1 or not 0 <= m.attention_dropout < 1:
             errors.append(f"model.dropout={m.dropout} and model.attention_dropout={m.attention_dropout} must be in [0, 1)")
         elif m.attention_dropout > 0 and m.attention in ("cudnn", "cudnn_packed"):

@@ -28,11 +28,19 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     return attn + mlp + (d * n * h * 2 if cross else 0)
 
 
+def causal_keys_seen(length: int, window: int = 0) -> float:
+    """Keys a causal query sees on average: ``length / 2``; with a sliding ``window`` below the
+    length, the mean of ``min(i, window)`` over ``[0, length]`` (``window - window^2 / (2 length)``)."""
+    if not window or window >= length:
+        return length / 2
+    return window - window * window / (2 * length)
+
+
 def train_flops_per_step(cfg: Config) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward), as in PaLM/Chinchilla:
     6 x (matmul weights a token passes through) per token, plus attention scores and values
     (12 x keys seen x heads x head_dim per token and layer; a causal stack sees half its keys on
-    average). Embedding lookups are free; the output layer counts (d_model x vocab, plus BERT's
+    average, fewer with ``model.sliding_window``). Embedding lookups are free; the output layer counts (d_model x vocab, plus BERT's
     d_model x d_model transform). Cross-attention keys and values are projected once per encoder
     position and decoder layer. The same count serves ``plan`` and the training log's MFU."""
     m, b = cfg.model, cfg.train.batch_size
@@ -44,11 +52,11 @@ def train_flops_per_step(cfg: Config) -> float:
         enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width
                        + cross_kv)
         dec = t_dec * (6 * m.decoder_layers * _layer_matmul_params(cfg, True) + head
-                       + 6 * m.decoder_layers * t_dec * attn_width  # causal self-attention
+                       + 12 * m.decoder_layers * causal_keys_seen(t_dec, m.sliding_window) * attn_width
                        + 12 * m.decoder_layers * t_enc * attn_width)  # cross-attention
         return float(b * (enc + dec))
     t = cfg.data.seq_len
-    keys_seen = t / 2 if m.family == "decoder" else t
+    keys_seen = causal_keys_seen(t, m.sliding_window) if m.family == "decoder" else t
     per_token = 6 * m.num_layers * _layer_matmul_params(cfg, False) + head + 12 * m.num_layers * keys_seen * attn_width
     return float(b * t * per_token)
 

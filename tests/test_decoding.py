@@ -243,7 +243,7 @@ def test_temperature_to_zero_equals_greedy(dec, single):
 # --------------------------------------------------------------------------- other configs
 
 
-@pytest.mark.parametrize("overrides", [("model.position=alibi", "data.objective=prefix"),
+@pytest.mark.parametrize("overrides", [("model.position=alibi", "data.objective=prefix", "model.sliding_window=3"),
                                        ("model.position=learned", "model.num_kv_heads=1", "model.qk_norm=true")])
 def test_cached_logits_equal_full_forward_positions(overrides, single):
     cfg = tiny_cfg("decoder", *overrides)

@@ -82,7 +82,7 @@ SPECS = {
         hidden_size=D, num_key_value_heads=2, head_dim=16, max_position_embeddings=32, tie_word_embeddings=False,
         initializer_range=0.2, **SMALL)), "q_norm.weight", "k_norm.weight", mean=1.0)),
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
-        hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=32,
+        hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,  # < the inputs
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
     "t5-v1.0": ("encoder_decoder", lambda: transformers.T5ForConditionalGeneration(_t5(
         feed_forward_proj="relu", num_decoder_layers=3))),  # transformers 5 cannot generate with it
@@ -94,7 +94,8 @@ DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
-GENERATIVE = ["llama", "flan-t5"]  # decoder (RoPE, GQA) and encoder-decoder; one decode compile each
+# decoder (RoPE, GQA), sliding window (prompt 5 + 6 new tokens, window 4) and encoder-decoder; one decode compile each
+GENERATIVE = ["llama", "mistral", "flan-t5"]
 
 
 class Case:
@@ -207,6 +208,23 @@ def test_export_loads_in_transformers_and_import_is_lossless(cases, name, tmp_pa
     hf.save(case.cfg, case.params, plain)
     reloaded = AUTO[case.family].from_pretrained(plain).eval()
     np.testing.assert_allclose(case.reference(reloaded, ids, mask, dec), expected, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_layers_of_qwen_configs():
+    """Qwen's sliding window: every layer windowed -> model.sliding_window; some layers ->
+    exact up to the window (max_length capped); unused (use_sliding_window false) -> none."""
+    base = dict(model_type="qwen2", vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=F, max_position_embeddings=64, sliding_window=8)
+    fields = lambda **kw: hf.ARCHS["qwen2"].model_fields(dict(base, **kw), set())
+    assert (fields(use_sliding_window=True, max_window_layers=0)["sliding_window"],
+            fields(use_sliding_window=True, max_window_layers=1)["sliding_window"],
+            fields(use_sliding_window=True, max_window_layers=1)["max_length"],
+            fields(use_sliding_window=False)["sliding_window"], fields(use_sliding_window=False)["max_length"],
+            fields(use_sliding_window=True, layer_types=["full_attention"] * 2)["max_length"]) == (8, 0, 8, 0, 64, 64)
+    windowed = t5x_lite.load_config(None, ["model.sliding_window=8", "model.qkv_bias=true"]).model
+    assert hf.ARCHS["qwen2"].hf_config(windowed, {})["layer_types"] == ["sliding_attention"] * windowed.num_layers
+    with pytest.raises(InteropError, match="cannot be written as a Hugging Face llama: model.sliding_window=8"):
+        hf.save(t5x_lite.load_config(None, ["model.sliding_window=8"]), {}, "never", {"model_type": "llama"})
 
 
 def test_t5_head_of_its_own_that_still_scales_folds_the_scale(cases, tmp_path):

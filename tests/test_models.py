@@ -80,6 +80,35 @@ def test_prefix_lm_bidirectional_prefix_causal_rest():
     assert not np.allclose(causal[:, :5], base[:, :5])
 
 
+def test_sliding_window_sees_the_last_w_tokens_of_its_document():
+    """model.sliding_window=3 on one layer: a token changes the outputs at its position and the
+    two after it, nothing else; packed documents equal each alone; more layers see further back."""
+    cfg = tiny_cfg("decoder", "model.sliding_window=3", "model.num_layers=1")
+    params = t5x_lite.init_params(cfg, 0)
+    x = ids((2, 12))
+    base = np.asarray(t5x_lite.logits(cfg, params, x))
+    y = x.copy()
+    y[:, 4] += 1
+    out = np.asarray(t5x_lite.logits(cfg, params, y))
+    changed = ~np.isclose(out, base, atol=1e-6, rtol=0).all(axis=(0, 2))
+    np.testing.assert_array_equal(np.flatnonzero(changed), [4, 5, 6])
+    full = tiny_cfg("decoder", "model.num_layers=1")  # the same weights without the window
+    assert not np.allclose(np.asarray(t5x_lite.logits(full, params, x))[:, 3:], base[:, 3:], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(t5x_lite.logits(full, params, x))[:, :3], base[:, :3], atol=1e-6)
+
+    a, b = ids((7,), 1), ids((6,), 2)
+    row, seg, pos = _pack(a, b, 16)
+    packed = np.asarray(apply(cfg, params, input_ids=row, segment_ids=seg, positions=pos))
+    np.testing.assert_allclose(packed[0, :7], np.asarray(apply(cfg, params, input_ids=a[None]))[0], atol=2e-5)
+    np.testing.assert_allclose(packed[0, 7:13], np.asarray(apply(cfg, params, input_ids=b[None]))[0], atol=2e-5)
+
+    deep = tiny_cfg("decoder", "model.sliding_window=3", "model.num_layers=2")
+    deep_params = t5x_lite.init_params(deep, 0)
+    base, out = (np.asarray(t5x_lite.logits(deep, deep_params, z)) for z in (x, y))
+    changed = ~np.isclose(out, base, atol=1e-6, rtol=0).all(axis=(0, 2))
+    np.testing.assert_array_equal(np.flatnonzero(changed), [4, 5, 6, 7, 8])
+
+
 def _pack(a, b, length):
     """Two documents in one row (then padding): ids, segment ids, positions."""
     row = np.zeros(length, np.int32)
@@ -338,20 +367,21 @@ def _emulated_cudnn_packed(seen):
     lengths / starts alone, then XLA attention. Records the mask type and kind of each call."""
     from t5x_lite.models.layers import attention_mask, segments_from_lengths_and_starts
 
-    def attention(q, k, v, bias, segments, scale, causal):
+    def attention(q, k, v, bias, segments, scale, causal, window=0):
         q_lengths, q_starts, kv_lengths, kv_starts = segments
         seen.append(("causal" if causal else "padding", "self" if kv_lengths is q_lengths else "cross"))
         t, s = q.shape[1], k.shape[1]
         q_seg = segments_from_lengths_and_starts(q_lengths, q_starts, t)
         kv_seg = segments_from_lengths_and_starts(kv_lengths, kv_starts, s)
-        mask = attention_mask(q_seg, kv_seg, causal=causal, q_idx_T=jnp.arange(t), k_idx_S=jnp.arange(s))
+        mask = attention_mask(q_seg, kv_seg, causal=causal, q_idx_T=jnp.arange(t), k_idx_S=jnp.arange(s),
+                              window=window)
         return dot_product_attention(q, k, v, mask, bias, scale, "xla")
 
     return attention
 
 
 @pytest.mark.parametrize("family,position", [("decoder", "rope"), ("encoder", "learned"),
-                                             ("encoder_decoder", "relative")])
+                                             ("encoder_decoder", "relative"), ("decoder", "window")])
 def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatch):
     """model.attention=cudnn_packed hands each self-attention the documents of its rows as
     lengths / starts and the right mask type (T5's cross-attention: decoder documents against
@@ -362,11 +392,12 @@ def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatc
 
     seen = []
     monkeypatch.setattr(layers, "cudnn_packed_attention", _emulated_cudnn_packed(seen))
-    cfg = tiny_cfg(family, f"model.position={position}")
+    settings = ["model.sliding_window=3"] if position == "window" else [f"model.position={position}"]  # told the window
+    cfg = tiny_cfg(family, *settings)
     params = t5x_lite.init_params(cfg, 0)
     batch = model_kwargs(family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=4).items()})
     want = apply(cfg, params, **batch)
-    packed_cfg = tiny_cfg(family, f"model.position={position}", "model.attention=cudnn_packed", "model.max_segments=2")
+    packed_cfg = tiny_cfg(family, *settings, "model.attention=cudnn_packed", "model.max_segments=2")
     got = apply(packed_cfg, params, **batch)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
     assert set(seen) == {"decoder": {("causal", "self")}, "encoder": {("padding", "self")},

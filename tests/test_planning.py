@@ -142,6 +142,17 @@ def test_flops_formula_matches_xla_cost_analysis():
     assert 1.0 < xla / train_flops_per_step(cfg) < 1.06
 
 
+@pytest.mark.parametrize("window", [0, 64, 600])
+def test_causal_keys_seen_counts_the_keys_the_mask_lets_through(window):
+    """The attention FLOPs of a causal (sliding-window) stack: keys per query, as the mask has them."""
+    from t5x_lite.metrics import causal_keys_seen
+    from t5x_lite.models.layers import attention_mask
+
+    seg = np.ones((1, 512), np.int32)
+    mask = attention_mask(seg, seg, causal=True, q_idx_T=np.arange(512), k_idx_S=np.arange(512), window=window)
+    assert causal_keys_seen(512, window) == pytest.approx(float(np.asarray(mask).sum()) / 512, rel=0.01)
+
+
 def test_plan_cli_json(memory_check, tmp_path, capsys):
     """``plan --json`` at the local devices carries the formula keys, the sharding keys at the
     same mesh, and the compiled numbers (read from the compilation cache of the fixture)."""

@@ -188,6 +188,7 @@ class Arch:
     # model.attention_dropout: on attention probabilities); import reads the first, export writes all
     dropout_keys: dict = {}
     requires: dict = {}  # our model fields that this architecture fixes
+    window_types: tuple = ()  # model_types that can express model.sliding_window
 
     def model_fields(self, hf: dict, names: set) -> dict:
         raise NotImplementedError
@@ -208,6 +209,9 @@ class Arch:
         if cfg.qkv_bias not in (None, cfg.use_bias) and "qkv_bias" not in self.requires:
             wrong.append(f"model.qkv_bias={cfg.qkv_bias} with use_bias={cfg.use_bias} (biases on q / k / v alone: "
                          "Qwen2's layout)")
+        if cfg.sliding_window and name not in self.window_types:
+            wrong.append(f"model.sliding_window={cfg.sliding_window} (sliding-window attention: "
+                         f"{', '.join(self.window_types) or 'not'} in this family)")
         if cfg.qk_norm and "qk_norm" not in self.requires:
             wrong.append("model.qk_norm=True (a norm on each head's q and k: Qwen3's layout)")
         wrong += self.extra_problems(cfg)
@@ -401,6 +405,7 @@ class Llama(Arch):
     """LLaMA / Mistral: RMSNorm, RoPE ("rotate half"), SwiGLU, GQA, tied or untied head."""
 
     model_types = ("llama", "mistral")
+    window_types = ("mistral",)
     prefix = "model."
     dropout_keys = {"attention_dropout": ("attention_dropout",)}
     requires = dict(family="decoder", norm="rmsnorm", norm_position="pre", embed_norm=False, position="rope",
@@ -416,15 +421,19 @@ class Llama(Arch):
             raise InteropError(f"hidden_act={act!r} is not supported; supported: silu, gelu, gelu_pytorch_tanh")
         heads = hf["num_attention_heads"]
         max_length = hf.get("max_position_embeddings", 2048)
-        if hf.get("sliding_window"):  # exact up to the window: cap the model's length there
-            max_length = min(max_length, hf["sliding_window"])
+        window, kinds = hf.get("sliding_window") or 0, hf.get("layer_types")
+        sliding = [kind == "sliding_attention" for kind in kinds] if kinds else [True]  # Mistral: every layer
+        if window and not all(sliding):
+            if any(sliding):  # some layers windowed, some not: exact up to the window, the model's length
+                max_length = min(max_length, window)
+            window = 0
         return dict(family="decoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                     num_layers=hf["num_hidden_layers"], num_heads=heads,
                     num_kv_heads=hf.get("num_key_value_heads") or heads,
                     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
                     mlp="swiglu" if act == "silu" else "geglu", gelu_approximate=act != "gelu",
                     norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre", position="rope",
-                    **_rope(hf), max_length=max_length, use_bias=bias,
+                    **_rope(hf), max_length=max_length, sliding_window=window, use_bias=bias,
                     logits_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False))
 
     def hf_config(self, cfg, base):
@@ -438,7 +447,7 @@ class Llama(Arch):
                    rope_parameters=dict(rope, rope_theta=cfg.rope_theta), attention_bias=cfg.use_bias,
                    mlp_bias=cfg.use_bias, tie_word_embeddings=cfg.tie_embeddings)
         if model_type == "mistral":
-            out["sliding_window"] = base.get("sliding_window")
+            out["sliding_window"] = cfg.sliding_window or None
         return out
 
     def extra_problems(self, cfg):
@@ -465,44 +474,57 @@ class Llama(Arch):
         return rows
 
 
-def _qwen_window(hf: dict) -> Optional[int]:
-    """Qwen's sliding window, only with use_sliding_window (many configs name a window they never use)."""
-    return hf.get("sliding_window") if hf.get("use_sliding_window") else None
+def _qwen_window(hf: dict) -> dict:
+    """Qwen's sliding window and its layers: only with use_sliding_window (many configs name a
+    window they never use), the layers from max_window_layers on unless layer_types says."""
+    if not hf.get("use_sliding_window"):
+        return dict(hf, sliding_window=None)
+    first = hf.get("max_window_layers", 28)
+    kinds = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                      for i in range(hf["num_hidden_layers"])]
+    return dict(hf, layer_types=kinds)
+
+
+def _hf_qwen_window(cfg: ModelConfig) -> dict:
+    if not cfg.sliding_window:
+        return dict(use_sliding_window=False)
+    return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
+                layer_types=["sliding_attention"] * cfg.num_layers)
 
 
 class Qwen2(Llama):
     """Qwen2 / Qwen2.5: LLaMA's layers with biases on q / k / v only."""
 
-    model_types = ("qwen2",)
+    model_types = window_types = ("qwen2",)
     requires = dict(Llama.requires, use_bias=False, qkv_bias=True)
 
     def model_fields(self, hf, names):
-        hf = dict(hf, attention_bias=False, mlp_bias=False, sliding_window=_qwen_window(hf))
+        hf = dict(_qwen_window(hf), attention_bias=False, mlp_bias=False)
         return dict(super().model_fields(hf, names), qkv_bias=True)
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
         for key in ("attention_bias", "mlp_bias"):
             out.pop(key)
-        return dict(out, use_sliding_window=False)
+        return dict(out, **_hf_qwen_window(cfg))
 
 
 class Qwen3(Llama):
     """Qwen3: LLaMA's layers with an RMSNorm over each head's q and k (``q_norm`` / ``k_norm``)."""
 
-    model_types = ("qwen3",)
+    model_types = window_types = ("qwen3",)
     requires = dict(Llama.requires, use_bias=False, qk_norm=True)
 
     def model_fields(self, hf, names):
         if hf.get("attention_bias"):
             raise InteropError("attention_bias=True is not supported for qwen3 (biases on attention but not the MLP)")
-        hf = dict(hf, mlp_bias=False, sliding_window=_qwen_window(hf))
+        hf = dict(_qwen_window(hf), mlp_bias=False)
         return dict(super().model_fields(hf, names), qk_norm=True)
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
         out.pop("mlp_bias")
-        return dict(out, use_sliding_window=False)
+        return dict(out, **_hf_qwen_window(cfg))
 
     def maps(self, cfg):
         lay = "decoder/stack/{layer}/self_attention"
@@ -744,18 +766,20 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     return cfg, params
 
 
-def _arch_for_export(cfg: ModelConfig, base: dict) -> Arch:
+def _type_for_export(cfg: ModelConfig, base: dict) -> str:
     if base.get("model_type") in ARCHS:
-        return ARCHS[base["model_type"]]
+        return base["model_type"]
     if cfg.family == "encoder":
-        return ARCHS["bert"]
+        return "bert"
     if cfg.family == "encoder_decoder":
-        return ARCHS["t5"]
+        return "t5"
     if cfg.position == "learned":
-        return ARCHS["gpt2"]
+        return "gpt2"
     if cfg.qk_norm:
-        return ARCHS["qwen3"]
-    return ARCHS["qwen2"] if cfg.qkv_bias and not cfg.use_bias else ARCHS["llama"]
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.use_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window else "llama"
 
 
 def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str = "float32") -> str:
@@ -763,12 +787,13 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
 
     ``base_config``: the HF config the model was imported from (keeps model_type such as
     roberta / mistral, token ids and other fields we do not model); without it the
-    architecture follows from the config (encoder: BERT, decoder: GPT-2 with learned positions
-    else LLaMA, encoder_decoder: T5). Returns the architecture written."""
+    architecture follows from the config (encoder: BERT, decoder: GPT-2 with learned positions,
+    Qwen3 with q / k norms, Qwen2 with biases on q / k / v alone, Mistral with a sliding window,
+    else LLaMA; encoder_decoder: T5). Returns the architecture written."""
     mcfg = cfg.model if isinstance(cfg, Config) else cfg
     base = dict(base_config or {})
-    arch = _arch_for_export(mcfg, base)
-    model_type = base.get("model_type", arch.model_types[0])
+    model_type = _type_for_export(mcfg, base)
+    arch = ARCHS[model_type]
     arch.check_exportable(mcfg, model_type)
     base["model_type"] = model_type
     hf = dict(base, **arch.hf_config(mcfg, base), model_type=model_type, dtype=dtype)

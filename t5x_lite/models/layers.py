@@ -302,12 +302,16 @@ class RelativePositionBias(nn.Module):
 
 def attention_mask(q_seg_BT: Array, k_seg_BS: Array, *, causal: bool, q_idx_T: Optional[Array] = None,
                    k_idx_S: Optional[Array] = None, q_prefix_BT: Optional[Array] = None,
-                   k_prefix_BS: Optional[Array] = None) -> Array:
+                   k_prefix_BS: Optional[Array] = None, window: int = 0) -> Array:
     """``[B, 1, T, S]`` bool: a query sees a key of the same segment (document masking; segment 0
-    is padding) and, if causal, not from its future, except that prefix tokens see each other."""
+    is padding) and, if causal, not from its future, except that prefix tokens see each other.
+    ``window`` > 0 (causal): nor keys ``window`` or more slots back (a document's tokens are
+    contiguous, so slots count positions within it)."""
     mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
     if causal:
-        allowed_TS = (q_idx_T[:, None] >= k_idx_S[None, :])[None]
+        back_TS = q_idx_T[:, None] - k_idx_S[None, :]
+        allowed_TS = (back_TS >= 0) & (back_TS < window) if window else back_TS >= 0
+        allowed_TS = allowed_TS[None]
         if q_prefix_BT is not None:
             allowed_TS = allowed_TS | (q_prefix_BT[:, :, None] & k_prefix_BS[:, None, :])
         mask = mask & allowed_TS
@@ -355,11 +359,12 @@ def _jax_version() -> tuple[int, int]:
 
 
 def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NTS: Optional[Array],
-                           segments: tuple, scale: float, causal: bool) -> Array:
+                           segments: tuple, scale: float, causal: bool, window: int = 0) -> Array:
     """jax's cuDNN attention on packed rows: the k-th query segment attends only to the k-th key
     segment, causally when ``causal``, with no ``[B, 1, T, S]`` mask turned into a bias.
     ``segments``: ``(q_lengths [B, M], q_starts [B, M + 1], kv_lengths, kv_starts)`` as
-    ``segment_lengths_and_starts`` makes them, M >= 2 (with M = 1 cuDNN ignores the starts). A
+    ``segment_lengths_and_starts`` makes them, M >= 2 (with M = 1 cuDNN ignores the starts);
+    ``window`` > 0: causal sliding-window attention of that width, within each segment. A
     private jax function (``jax._src.cudnn.fused_attention_stablehlo``);
     GPU only."""
     q_lengths_BM, q_starts_BM1, kv_lengths_BM, kv_starts_BM1 = segments
@@ -374,7 +379,8 @@ def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NT
             k_BSKH, v_BSKH = (jnp.repeat(a, n // k, axis=2) for a in (k_BSKH, v_BSKH))
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_1NTS, q_seqlen=q_lengths_BM, kv_seqlen=kv_lengths_BM,
                                q_offsets=q_starts_BM1, kv_offsets=kv_starts_BM1, scale=scale,
-                               mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING)
+                               mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING,
+                               sliding_window_length=window or None)
     except (ImportError, ValueError, NotImplementedError, RuntimeError) as e:
         raise ConfigError(f"model.attention=cudnn_packed needs jax's cuDNN attention on an NVIDIA GPU with bf16/fp16 "
                          f"compute ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use "
@@ -392,7 +398,7 @@ def on_gpu() -> bool:
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
                           segments: Optional[tuple] = None, causal: bool = False,
-                          dropout: Optional[tuple[float, Array]] = None) -> Array:
+                          dropout: Optional[tuple[float, Array]] = None, window: int = 0) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
@@ -401,14 +407,16 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     ``auto``) or ``auto`` (cuDNN where it applies and accepts the shapes, the packed layout when
     ``segments`` are given; else XLA). ``dropout``: ``(rate, key)`` drops attention
     probabilities (BERT's ``attention_probs_dropout_prob``), always on the XLA path: jax's cuDNN
-    call takes a dropout rate only with one fixed seed, the same mask every step."""
+    call takes a dropout rate only with one fixed seed, the same mask every step. ``window``
+    (``model.sliding_window``) is already in the mask; the packed cuDNN kernel, which has no mask,
+    is told it (and skips the blocks outside it)."""
     cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
     if segments is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
         try:
-            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, cudnn_bias, segments, scale, causal)
+            return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, cudnn_bias, segments, scale, causal, window)
         except ConfigError:
             if implementation == "cudnn_packed":
                 raise
@@ -500,7 +508,8 @@ class Attention(nn.Module):
         if cfg.attention_dropout > 0 and not self.deterministic:
             dropout = (cfg.attention_dropout, self.make_rng("dropout"))
         out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention,
-                                         segments=segments, causal=self.causal, dropout=dropout)
+                                         segments=segments, causal=self.causal, dropout=dropout,
+                                         window=cfg.sliding_window if self.causal else 0)
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
         return constrain(out_BTD, BLD), cache

@@ -201,7 +201,7 @@ class TextStack(nn.Module):
             k_seg_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, cache_index))
             k_prefix_BS = jax.lax.dynamic_update_slice(cache["prefix"], q_prefix_BT, (0, cache_index))
         mask_B1TS = attention_mask(segment_ids_BT, k_seg_BS, causal=self.causal, q_idx_T=q_idx_T, k_idx_S=k_idx_S,
-                                   q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS)
+                                   q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS, window=cfg.sliding_window)
         bias_1NTS = None
         if cfg.position == "relative":
             bias_1NTS = RelativePositionBias(cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
