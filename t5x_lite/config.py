@@ -114,18 +114,24 @@ class ModelConfig:
 class DataConfig:
     path: Optional[str] = None  # None: docstrings of this Python's standard library
     field: str = "text"  # JSONL field holding the text
+    # objective supervised: JSON lines of (input, target) pairs; the loss is on the target only
+    input_field: str = "input"
+    target_field: str = "target"
     tokenizer: Optional[str] = None  # sentencepiece .model; None: train one into the work dir
     seq_len: int = 128  # tokens per row (encoder input length for encoder_decoder)
-    target_len: Optional[int] = None  # encoder_decoder decoder length; None: from span corruption
+    # encoder_decoder decoder length; None: what span corruption makes of seq_len (supervised: seq_len)
+    target_len: Optional[int] = None
+    # None: family default (encoder: mlm, decoder: causal, encoder_decoder: span). supervised
+    # (decoder, encoder_decoder): fine-tuning on (input, target) pairs, the loss on the target
     objective: Optional[str] = dataclasses.field(
-        default=None, metadata=_choices("causal", "prefix", "mlm", "span")
-    )  # None: family default (encoder: mlm, decoder: causal, encoder_decoder: span)
+        default=None, metadata=_choices("causal", "prefix", "mlm", "span", "supervised")
+    )
     mlm_rate: float = 0.15
     noise_density: float = 0.15
     mean_span_length: float = 3.0
     num_sentinels: int = 100
     eval_fraction: float = 0.02  # fraction of documents held out for eval
-    max_docs: Optional[int] = None  # cap on documents read (quick experiments)
+    max_docs: Optional[int] = None  # cap on documents read (supervised: pairs; quick experiments)
     # greedy: whole documents, in order, into a row while they fit (long ones cut at seq_len);
     # concat: the token stream cut every seq_len tokens, every row full, a document that crosses
     # a row boundary goes on in the next row as a new segment (not for span corruption).
@@ -281,7 +287,8 @@ class Config:
                           f"({m.rope_original_length}) > 0")
         if m.position == "rope" and m.dim_per_head % 2:
             errors.append(f"rope needs an even head dim, got {m.dim_per_head}")
-        allowed = {"encoder": {"mlm"}, "decoder": {"causal", "prefix"}, "encoder_decoder": {"span"}}[m.family]
+        allowed = {"encoder": {"mlm"}, "decoder": {"causal", "prefix", "supervised"},
+                   "encoder_decoder": {"span", "supervised"}}[m.family]
         if self.objective not in allowed:
             errors.append(
                 f"data.objective={self.objective} does not fit model.family={m.family}; valid: {sorted(allowed)}"
@@ -295,6 +302,13 @@ class Config:
                 )
         if d.seq_len < 8:
             errors.append(f"data.seq_len={d.seq_len} is too short (at least 8)")
+        if self.objective == "supervised" and d.path is None:
+            errors.append(f"data.objective=supervised reads (input, target) pairs from JSON lines: set data.path "
+                          f"(records with the fields data.input_field={d.input_field!r} and "
+                          f"data.target_field={d.target_field!r})")
+        if d.packing == "concat" and self.objective == "supervised":
+            errors.append("data.packing=concat cuts documents at row boundaries; supervised pairs stay whole: "
+                          "use data.packing=greedy or best_fit")
         if d.packing == "concat" and self.objective == "span":
             errors.append("data.packing=concat cuts documents at row boundaries, but span corruption packs whole "
                           "raw chunks of its own length; use data.packing=greedy for the span objective")

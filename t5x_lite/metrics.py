@@ -64,6 +64,8 @@ def train_flops_per_step(cfg: Config) -> float:
 def target_length(cfg: Config) -> int:
     if cfg.data.target_len:
         return cfg.data.target_len
+    if cfg.objective == "supervised":
+        return cfg.data.seq_len
     from t5x_lite.objectives import span_corruption_raw_length
 
     return span_corruption_raw_length(cfg.data.seq_len, cfg.data.noise_density, cfg.data.mean_span_length)[1]

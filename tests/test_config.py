@@ -70,6 +70,10 @@ def test_bad_values(override, match):
     (["model.d_model=100", "model.num_heads=8"], "not divisible by model.num_heads"),
     (["model.attention=cudnn_packed"], r"cudnn_packed needs model.max_segments > 0.*e.g. 16"),
     (["model.max_segments=200", "data.seq_len=128"], r"max_segments=200 must be in \[0, data.seq_len=128\]"),
+    (["data.objective=supervised"], "supervised reads \\(input, target\\) pairs from JSON lines: set data.path"),
+    (["data.objective=supervised", "data.path=x.jsonl", "data.packing=concat"], "supervised pairs stay whole"),
+    (["model.family=encoder", "data.objective=supervised", "data.path=x.jsonl"], "does not fit model.family=encoder"),
+    (["model.family=encoder", "model.sliding_window=4"], "sliding_window applies to causal self-attention"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -663,6 +663,95 @@ def test_make_datasets_errors(tmp_path, tokenizer, t5_style_tokenizer):
     assert not workdir.exists()
 
 
+# ---------------------------------------------------------------------- supervised (input, target) pairs
+
+
+@pytest.mark.parametrize("family,packing", [("decoder", "greedy"), ("encoder_decoder", "best_fit")])
+def test_supervised_rows_hold_every_pair_once_loss_on_targets(family, packing, docs, tokenizer):
+    """Every pair once per epoch, whole (a row's k-th segment is one pair; encoder_decoder: the
+    k-th segment of both sides); the loss weights exactly the target (and its eos); a pair too
+    long for a row is cut as documented: decoder, the target's end and the input's start;
+    encoder_decoder, each side's end, the input keeping its eos."""
+    eos = tokenizer.eos_id
+    pairs = [(docs[i], docs[i + 1][: 3 + i % 20]) for i in range(0, 160, 2)]  # inputs of all lengths
+    store = TokenStore.from_documents([x for pair in pairs for x in pair], eos)
+    cfg = make_cfg(family, "supervised", seq_len=40, batch_size=4, path="pairs.jsonl", packing=packing,
+                   target_len=16 if family == "encoder_decoder" else None)
+    ds = Batches(cfg, store, tokenizer)
+    expected = []
+    for x, y in pairs:
+        x, y = list(x), list(y) + [eos]
+        if family == "decoder":
+            y = y[:40]
+            expected.append((tuple(x[len(x) - min(len(x), 40 - len(y)):]), tuple(y)))
+        else:
+            expected.append((tuple(x[:39] + [eos]), tuple(y[:16])))
+    assert ds.truncated == sum(e != (tuple(x) + ((eos,) if family != "decoder" else ()), tuple(y) + (eos,))
+                               for e, (x, y) in zip(expected, pairs))
+    assert 0 < ds.truncated < len(pairs)
+    seen = []
+    steps = -(-ds.rows_per_epoch // 4)
+    for step in range(steps):
+        b = ds.batches(step)
+        for r in range(4):
+            if step * 4 + r >= ds.rows_per_epoch:
+                break
+            seg, w = b["segment_ids"][r], b["weights"][r]
+            for k in range(1, seg.max() + 1):
+                tokens = b["targets"][r][seg == k]
+                np.testing.assert_array_equal(b["positions"][r][seg == k], np.arange(len(tokens)))
+                if family == "decoder":  # one causal sequence, weighted on its target part
+                    scored = w[seg == k] > 0
+                    assert scored[-1] and np.all(np.diff(scored.astype(int)) >= 0)  # input, then target
+                    seen.append((tuple(tokens[~scored]), tuple(tokens[scored])))
+                else:
+                    assert np.all(w[seg == k] == 1)
+                    enc = b["encoder_segment_ids"][r]
+                    seen.append((tuple(b["encoder_input_ids"][r][enc == k]), tuple(tokens)))
+    assert sorted(seen) == sorted(expected)
+    again = Batches(cfg, store, tokenizer)  # batches are a pure function of the step
+    assert_same(again.batches(3), ds.batches(3))
+
+
+def test_supervised_pairs_from_json_lines(tmp_path, corpus):
+    """make_datasets on JSON lines of pairs: bad lines counted once each, the split by pair (a
+    pair's input and target on one side), the log in pairs; a prepared corpus is refused."""
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"question": f"q{i:02d} " + corpus[i], "answer": f"a{i:02d} " + corpus[i + 50]}) + "\n")
+        f.write("not json\n" + json.dumps({"question": "no answer"}) + "\n")
+        f.write(json.dumps({"question": "blank", "answer": "  "}) + "\n")
+    cfg = make_cfg("encoder_decoder", "supervised", seq_len=128, batch_size=1, path=str(path), eval_fraction=0.2,
+                   input_field="question", target_field="answer", target_len=128)
+    lines = []
+    tok, train, evaluation = make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+    assert "40 (input, target) pairs" in lines[0]
+    assert "1 lines not JSON" in lines[0] and "without a text field 'answer'" in lines[0] and "blank target" in lines[0]
+    assert any("train /" in line and "eval pairs" in line for line in lines)
+    train_ids, eval_ids = split_documents(40, 0.2, cfg.train.seed)
+    assert (train.num_documents, evaluation.num_documents) == (len(train_ids), len(eval_ids))
+
+    def served(ds):
+        out = {}
+        for i in range(ds.rows_per_epoch):
+            b = ds.batches(i)
+            for k in range(1, b["segment_ids"][0].max() + 1):
+                q = tok.decode(b["encoder_input_ids"][0][b["encoder_segment_ids"][0] == k])
+                a = tok.decode(b["targets"][0][b["segment_ids"][0] == k])
+                out[q[:3]] = a[:3]
+        return out
+
+    assert served(evaluation) == {f"q{i:02d}": f"a{i:02d}" for i in eval_ids}
+    assert served(train) == {f"q{i:02d}": f"a{i:02d}" for i in train_ids}
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="is a prepared corpus of plain documents"):
+        make_datasets(make_cfg("decoder", "supervised", path=str(prepared)), str(tmp_path / "run2"), log=print)
+
+
 # ---------------------------------------------------------------------- worker processes (data.workers)
 
 

@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import warnings
 import zlib
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 from t5x_lite.data import DataError
 
@@ -241,8 +241,9 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _jsonl_record(line: bytes, field: str, where: str, skipped: Skipped) -> Optional[str]:
-    """The text of one JSON line, or None (skipped) when it has none."""
+def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipped,
+                  hint: str = "--field or data.field") -> Optional[list[str]]:
+    """The texts of ``fields`` in one JSON line, or None (skipped, once) when one is missing."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -254,13 +255,19 @@ def _jsonl_record(line: bytes, field: str, where: str, skipped: Skipped) -> Opti
     if not isinstance(record, dict):
         skipped.add("JSON lines not an object", f"{where} (a {type(record).__name__})")
         return None
-    text = record.get(field)
-    if not isinstance(text, str):
-        got = f"fields present: {sorted(record)}" if field not in record else f"it holds a {type(text).__name__}"
-        skipped.add(f"JSON lines without a text field {field!r}", f"{where} ({got}; name the field with "
-                    "--field or data.field)")
-        return None
-    return text
+    for field in fields:
+        text = record.get(field)
+        if not isinstance(text, str):
+            got = f"fields present: {sorted(record)}" if field not in record else f"it holds a {type(text).__name__}"
+            skipped.add(f"JSON lines without a text field {field!r}", f"{where} ({got}; name the field with {hint})")
+            return None
+    return [record[field] for field in fields]
+
+
+def _jsonl_record(line: bytes, field: str, where: str, skipped: Skipped) -> Optional[str]:
+    """The text of one JSON line, or None (skipped) when it has none."""
+    texts = _jsonl_fields(line, (field,), where, skipped)
+    return None if texts is None else texts[0]
 
 
 def _jsonl_lines(seg: Segment, f) -> Iterator[tuple[bytes, str]]:
@@ -340,10 +347,53 @@ def read_documents(
     return docs
 
 
+def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Optional[int] = None,
+               skipped: Optional[Skipped] = None) -> list[str]:
+    """(input, target) pairs from the JSON lines of ``spec``, flattened: ``[input 0, target 0,
+    input 1, ...]``. A pair needs both fields as strings and a non-blank target (an input may be
+    empty); other lines and non-JSON-lines files are counted in ``skipped``."""
+    files = resolve(spec)
+    if not files:
+        raise DataError(f"data.path={spec!r} matches no file (give a file, a directory or a glob)")
+    skipped = skipped if skipped is not None else Skipped()
+    out: list[str] = []
+    for path in files:
+        if not is_jsonl(path):
+            skipped.add("files not JSON lines (supervised pairs)", path)
+            continue
+        try:
+            with _open_binary(path) as f:
+                st = _stat(path)
+                for line, where in _jsonl_lines(Segment(path, 0, st.st_size, st.st_size, st.st_mtime_ns), f):
+                    if not line.strip():
+                        continue
+                    texts = _jsonl_fields(line, (input_field, target_field), where, skipped,
+                                          "data.input_field / data.target_field")
+                    if texts is None:
+                        continue
+                    if not texts[1].strip():
+                        skipped.add("pairs with a blank target", where)
+                        continue
+                    if max_pairs is not None and len(out) >= 2 * max_pairs:
+                        return out
+                    out += texts
+        except (OSError, EOFError, zlib.error) as e:
+            skipped.add("unreadable files", f"{path} ({e})")
+    return out
+
+
 def load_documents(data_cfg, skipped: Optional[Skipped] = None) -> list[str]:
     """The corpus a ``DataConfig`` names: the stdlib docstrings when ``path`` is None, else
-    ``read_documents(path, field, max_docs)``. Raises ``DataError`` if no non-blank document is left."""
+    ``read_documents(path, field, max_docs)`` (objective supervised: ``read_pairs``, inputs and
+    targets alternating). Raises ``DataError`` if no non-blank document is left."""
     skipped = skipped if skipped is not None else Skipped()
+    if data_cfg.objective == "supervised":
+        docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped)
+        if not docs:
+            raise DataError(f"data.path={data_cfg.path!r} holds no (input, target) pair with the fields "
+                            f"{data_cfg.input_field!r} and {data_cfg.target_field!r}" +
+                            (f" (skipped: {skipped})" if skipped else ""))
+        return docs
     if data_cfg.path is None:
         docs = [d for d in stdlib_docstrings() if d.strip()]
         if data_cfg.max_docs is not None:
@@ -367,6 +417,8 @@ def source_key(data_cfg) -> str:
         files, origin = _stdlib_files(), ["stdlib", sys.version]
     else:
         files, origin = resolve(data_cfg.path), ["path", data_cfg.field]
+        if data_cfg.objective == "supervised":
+            origin = ["pairs", data_cfg.input_field, data_cfg.target_field]
         if not files:
             raise DataError(f"data.path={data_cfg.path!r} matches no file (give a file, a directory or a glob)")
     text = json.dumps([origin, data_cfg.max_docs, fingerprint(files)])

@@ -71,6 +71,20 @@ def _orbit(nxt: np.ndarray) -> np.ndarray:
     return out[:r]
 
 
+def next_fit(sizes: np.ndarray, capacities: Sequence[int], max_pieces: int = 0) -> np.ndarray:
+    """int64 [R]: the first item of each row when items of ``sizes`` (int [P, k], what each
+    takes of the k ``capacities``) fill rows in order, a row closing when the next item would
+    overflow a capacity or when it holds ``max_pieces`` items (0 = no cap)."""
+    ends = np.cumsum(sizes, axis=0)
+    starts = ends - sizes
+    # A row opened by item p holds items p .. nxt[p] - 1: all that fit every capacity.
+    nxt = np.min([np.searchsorted(ends[:, j], starts[:, j] + cap, side="right")
+                  for j, cap in enumerate(capacities)], axis=0)
+    if max_pieces:
+        nxt = np.minimum(nxt, np.arange(len(sizes)) + max_pieces)
+    return _orbit(nxt)
+
+
 def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None, max_pieces: int = 0):
     """Greedy in-order packing (next fit) of sequences into rows, as stream ranges.
 
@@ -89,14 +103,7 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
     if len(chunks) == 0:
         return np.zeros(1, np.int64), 0.0
     sizes = chunks[:, None] if size_table is None else np.asarray(size_table)[chunks]  # [P, k]
-    ends = np.cumsum(sizes, axis=0)
-    starts = ends - sizes
-    # A row opened by chunk p holds chunks p .. nxt[p] - 1: all that fit every capacity.
-    nxt = np.min([np.searchsorted(ends[:, j], starts[:, j] + cap, side="right")
-                  for j, cap in enumerate(capacities)], axis=0)
-    if max_pieces:
-        nxt = np.minimum(nxt, np.arange(len(chunks)) + max_pieces)
-    first = _orbit(nxt)
+    first = next_fit(sizes, capacities, max_pieces)
     chunk_start = np.concatenate([[0], np.cumsum(chunks)])
     row_starts = np.append(chunk_start[first], chunk_start[-1])
     opens_row = np.zeros(len(chunks), bool)
@@ -107,7 +114,7 @@ def pack_rows(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], si
 
 
 def best_fit_order(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int], size_table=None,
-                   max_pieces: int = 0) -> np.ndarray:
+                   max_pieces: int = 0, sizes: Optional[np.ndarray] = None) -> np.ndarray:
     """int64 [N]: an order of the sequences for which ``pack_rows`` (next fit, in order) packs tight.
 
     What matters is what each sequence puts in its last row (a sequence longer than ``chunk_len``
@@ -118,10 +125,15 @@ def best_fit_order(lengths: np.ndarray, chunk_len: int, capacities: Sequence[int
     first, go into the open row with the least room left that takes them (best-fit decreasing:
     room on the first capacity, the others and ``max_pieces`` checked), else into a new row. The
     order lists each row's sequences, its opener first, so next fit over it closes rows where
-    these end or later: never more rows. Arguments as ``pack_rows``. ~5 s per million sequences."""
+    these end or later: never more rows. Arguments as ``pack_rows``; ``sizes`` (int [N, k]) gives
+    each sequence's sizes directly (sequences that fit a row: supervised pairs). ~5 s per million
+    sequences."""
     lengths = np.asarray(lengths, np.int64)
     tail = lengths - (np.maximum(lengths, 1) - 1) // chunk_len * chunk_len  # last chunk, in (0, chunk_len]
-    sizes_np = tail[:, None] if size_table is None else np.asarray(size_table)[tail]  # [N, k]
+    if sizes is not None:
+        sizes_np = np.asarray(sizes, np.int64)
+    else:
+        sizes_np = tail[:, None] if size_table is None else np.asarray(size_table)[tail]  # [N, k]
     sizes = sizes_np.tolist()
     caps = [int(c) for c in capacities]
     room_cap = caps[0]
@@ -409,6 +421,9 @@ class Batches:
       span (encoder_decoder): encoder_input_ids, encoder_segment_ids, encoder_positions
       (L = data.seq_len) and decoder input_ids, targets, weights, segment_ids, positions
       (L = target_len).
+      supervised: ``documents`` alternates inputs and targets, ``doc_ids`` are pair ids. Decoder:
+      as causal over input + target (the input's eos dropped), weights only on the target;
+      encoder_decoder: as span, the input read by the encoder, the target predicted.
     """
 
     def __init__(
@@ -435,6 +450,9 @@ class Batches:
         if not isinstance(documents, TokenStore):
             documents = TokenStore.from_documents(documents, tokenizer.eos_id)
         self._corpus = documents
+        if self.objective == "supervised":
+            self._init_pairs(cfg, doc_ids, documents.doc_lengths() if doc_lengths is None else doc_lengths)
+            return
         self._doc_ids = np.arange(documents.num_documents) if doc_ids is None else np.asarray(doc_ids, np.int64)
         if len(self._doc_ids) == 0:
             raise DataError("no documents to batch: the corpus (or this split of it) is empty")
@@ -459,6 +477,63 @@ class Batches:
                     self._row_starts, self.packing_efficiency = row_starts, fill
         self.rows_per_epoch = len(self._row_starts) - 1
 
+    def _init_pairs(self, cfg, pair_ids, doc_lengths: np.ndarray) -> None:
+        """Supervised pairs: what of each is kept, and rows of whole pairs (next fit, or the best-fit
+        order). Too long a pair is cut: decoder, the target's end past the row, then the input's
+        start (the end of a prompt is nearest its answer); encoder_decoder, each side's end (the
+        input keeps its eos)."""
+        if len(doc_lengths) % 2:
+            raise DataError("a supervised corpus alternates inputs and targets: an odd number of documents")
+        pairs = np.arange(len(doc_lengths) // 2) if pair_ids is None else np.asarray(pair_ids, np.int64)
+        if len(pairs) == 0:
+            raise DataError("no (input, target) pairs to batch: the corpus (or this split of it) is empty")
+        in_len, tg_len = doc_lengths[2 * pairs], doc_lengths[2 * pairs + 1]  # eos included
+        self._decoder_only = cfg.model.family == "decoder"
+        if self._decoder_only:
+            keep_tg = np.minimum(tg_len, self.seq_len)
+            keep_in = np.minimum(in_len - 1, self.seq_len - keep_tg)
+            sizes, caps = (keep_in + keep_tg)[:, None], (self.seq_len,)
+        else:
+            keep_in, keep_tg = np.minimum(in_len, self.seq_len), np.minimum(tg_len, self.target_len)
+            sizes, caps = np.stack([keep_in, keep_tg], axis=1), (self.seq_len, self.target_len)
+        self.truncated = int(np.sum((keep_in < in_len - self._decoder_only) | (keep_tg < tg_len)))
+        cap = cfg.model.max_segments
+        first = next_fit(sizes, caps, cap)
+        if self._cfg.packing == "best_fit":
+            order = best_fit_order(sizes[:, 0], self.seq_len, caps, max_pieces=cap, sizes=sizes)
+            tight = next_fit(sizes[order], caps, cap)
+            if len(tight) < len(first):
+                pairs, in_len, keep_in, keep_tg, sizes, first = (
+                    pairs[order], in_len[order], keep_in[order], keep_tg[order], sizes[order], tight)
+        self._doc_ids, self._in_len, self._keep_in, self._keep_tg = pairs, in_len, keep_in, keep_tg
+        self._row_first = np.append(first, len(pairs))
+        self.num_documents, self.num_tokens = len(pairs), int(sizes.sum())
+        self.rows_per_epoch = len(first)
+        self.packing_efficiency = float(sizes[:, 0].sum() / (len(first) * caps[0]))
+
+    def _pairs_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of packed rows ``rows`` of supervised pairs."""
+        a, b = self._row_first[rows], self._row_first[rows + 1]
+        counts = b - a
+        piece_rows = np.repeat(np.arange(len(rows)), counts)
+        at = np.repeat(a, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        pair, keep_in, keep_tg = self._doc_ids[at], self._keep_in[at], self._keep_tg[at]
+        tok, n, zeros = self._tokenizer, len(rows), np.zeros(len(at), np.int64)
+        if not self._decoder_only:
+            inputs = self._corpus.read(2 * pair, zeros, keep_in)
+            inputs[np.cumsum(keep_in) - 1] = tok.eos_id  # a cut input still ends with eos
+            return self._encoder_decoder_batch(inputs, keep_in, self._corpus.read(2 * pair + 1, zeros, keep_tg),
+                                               keep_tg, piece_rows, n)
+        in_lo = self._in_len[at] - 1 - keep_in  # the input's last keep_in tokens, its eos dropped
+        lo, hi = np.stack([in_lo, zeros], 1).ravel(), np.stack([in_lo + keep_in, keep_tg], 1).ravel()
+        flat = self._corpus.read(np.stack([2 * pair, 2 * pair + 1], 1).ravel(), lo, hi)
+        is_target = np.repeat(np.tile(np.array([0, 1], np.int32), len(at)), hi - lo)
+        tokens, segment_ids, positions = _scatter(flat, keep_in + keep_tg, piece_rows, n, self.seq_len)
+        scored, _, _ = _scatter(is_target, keep_in + keep_tg, piece_rows, n, self.seq_len)
+        out = objectives.causal_lm(tokens, segment_ids, positions, tok.bos_id)
+        out["weights"] = (scored > 0).astype(np.float32)
+        return out
+
     # ------------------------------------------------------------ setup
 
     def _setup_objective(self) -> None:
@@ -467,6 +542,8 @@ class Batches:
         tok, d = self._tokenizer, self._cfg
         check_objective(self.objective, d, tok.mask_id is not None, len(tok.sentinel_ids))
         self.target_len = self.seq_len
+        if self.objective == "supervised":
+            self.target_len = d.target_len or self.seq_len
         if self.objective == "span":
             self._raw_len, self.target_len = span_lengths_of(d)
             self._span_sizes = np.array(
@@ -507,6 +584,8 @@ class Batches:
         per_process = self.batch_size // process_count
         first = process_index * per_process
         rows = self._row_ids(step * self.batch_size + first, per_process)
+        if self.objective == "supervised":
+            return self._pairs_batch(rows)
         flat, lengths, piece_rows = self._read(rows)
         if self.objective == "span":
             rngs = self._rngs(step, first, per_process)
@@ -546,11 +625,15 @@ class Batches:
             )
             inputs.append(x)
             targets.append(y)
-        n = len(rngs)
-        enc = _scatter(np.concatenate(inputs), [len(x) for x in inputs], piece_rows, n, self.seq_len)
-        dec_targets, dec_segments, dec_positions = _scatter(
-            np.concatenate(targets), [len(y) for y in targets], piece_rows, n, self.target_len
-        )
+        return self._encoder_decoder_batch(np.concatenate(inputs), [len(x) for x in inputs], np.concatenate(targets),
+                                           [len(y) for y in targets], piece_rows, len(rngs))
+
+    def _encoder_decoder_batch(self, inputs, input_lengths, targets, target_lengths, piece_rows, n: int):
+        """Pieces' inputs packed into encoder rows, their targets into decoder rows (the k-th
+        segment of each side one piece), the decoder reading its targets shifted right."""
+        tok = self._tokenizer
+        enc = _scatter(inputs, input_lengths, piece_rows, n, self.seq_len)
+        dec_targets, dec_segments, dec_positions = _scatter(targets, target_lengths, piece_rows, n, self.target_len)
         return {
             "encoder_input_ids": enc[0],
             "encoder_segment_ids": enc[1],
@@ -645,7 +728,8 @@ def _read_corpus(cfg, log: Callable) -> list[str]:
     skipped = Skipped()
     docs = load_documents(cfg.data, skipped)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    log(f"data: corpus {cfg.data.path or 'stdlib docstrings'}: {len(docs)} docs, {megabytes:.1f} MB, "
+    count = f"{len(docs) // 2} (input, target) pairs" if cfg.objective == "supervised" else f"{len(docs)} docs"
+    log(f"data: corpus {cfg.data.path or 'stdlib docstrings'}: {count}, {megabytes:.1f} MB, "
         f"read in {time.perf_counter() - t0:.1f}s" + (f"; skipped {skipped}" if skipped else ""))
     return docs
 
@@ -664,7 +748,11 @@ def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optiona
         check_objective(cfg.objective, cfg.data, True, cfg.data.num_sentinels)
         docs = _read_corpus(cfg, log)
         t0 = time.perf_counter()
-        train_idx, _ = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
+        if cfg.objective == "supervised":  # split by pair, as training does: both texts of a pair
+            pairs, _ = split_documents(len(docs) // 2, cfg.data.eval_fraction, cfg.train.seed)
+            train_idx = np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
+        else:
+            train_idx, _ = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
         tok = Tokenizer.train(
             [docs[i] for i in train_idx], path, cfg.model.vocab_size, cfg.data.num_sentinels, seed=cfg.train.seed
         )
@@ -709,10 +797,15 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     no document is held out. Bad input raises before anything is written to the work dir.
     """
     prepared = _is_prepared_path(cfg.data.path)
+    pairs = cfg.objective == "supervised"
+    if prepared and pairs:
+        raise DataError(f"data.objective=supervised reads (input, target) pairs from JSON lines; data.path="
+                        f"{cfg.data.path!r} is a prepared corpus of plain documents")
     store, tok = (_open_prepared if prepared else _open_cached)(cfg, workdir, log)
 
     t0 = time.perf_counter()
-    n = store.num_documents if cfg.data.max_docs is None else min(store.num_documents, cfg.data.max_docs)
+    n = store.num_documents // 2 if pairs else store.num_documents  # (read_pairs applied max_docs to pairs)
+    n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
     train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed)
     lengths = store.doc_lengths()
     train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
@@ -721,9 +814,14 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
         evaluation = Batches(cfg, store, tok, doc_ids=eval_idx, stream=_EVAL_STREAM,
                              num_batches=cfg.train.eval_batches, doc_lengths=lengths)
     eval_rows = evaluation.rows_per_epoch if evaluation else 0
-    log(f"data: {len(train_idx)} train / {len(eval_idx)} eval docs; {train.rows_per_epoch} train rows of "
+    unit = "pairs" if pairs else "docs"
+    log(f"data: {len(train_idx)} train / {len(eval_idx)} eval {unit}; {train.rows_per_epoch} train rows of "
         f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
         f"indexed in {time.perf_counter() - t0:.2f}s")
+    cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
+    if cut:
+        log(f"data: {cut} of {n} pairs are longer than a row and were cut (decoder: the target's end, then the "
+            "input's start; encoder_decoder: each side's end); raise data.seq_len / data.target_len to keep them")
     if prepared and not os.path.exists(os.path.join(workdir, fmt.TOKENIZER)):
         tok.save(os.path.join(workdir, fmt.TOKENIZER))
     return tok, train, evaluation
