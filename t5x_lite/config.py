@@ -43,6 +43,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post"))
     embed_norm: bool = False  # a norm right after the embedding (BERT)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # RoPE scaling factor (1.0: none); how it applies: rope_scaling_type

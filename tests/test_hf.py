@@ -1,7 +1,7 @@
 """Hugging Face interop, proven against transformers (CPU torch, float32).
 
 For a tiny randomly initialised model of every supported architecture (BERT, RoBERTa, GPT-2,
-LLaMA, Mistral, Qwen2, Qwen3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
+LLaMA, Mistral, Qwen2, Qwen3, Gemma, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
 export loads with ``from_pretrained`` and gives the same logits, and import -> export -> import
 is lossless; greedy decoding gives the tokens of ``generate(do_sample=False)`` (LLaMA, Flan-T5).
 Then sharded and bfloat16 checkpoints, bad input, tokenizers, a real pretrained MiniLM shipped on
@@ -84,13 +84,16 @@ SPECS = {
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,  # < the inputs
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
+    "gemma": ("decoder", lambda: _randomised(transformers.GemmaForCausalLM(transformers.GemmaConfig(  # 1 + w norms
+        hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
+        **SMALL)), "norm.weight")),
     "t5-v1.0": ("encoder_decoder", lambda: transformers.T5ForConditionalGeneration(_t5(
         feed_forward_proj="relu", num_decoder_layers=3))),  # transformers 5 cannot generate with it
     "flan-t5": ("encoder_decoder", _flan_t5),
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
@@ -278,7 +281,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

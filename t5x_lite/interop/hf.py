@@ -109,6 +109,7 @@ CONV_OUT = _one(lambda x, c: x.reshape(c.cfg.num_heads, c.cfg.dim_per_head, x.sh
                 lambda x, c: x.reshape(-1, x.shape[-1]))
 CONV_QKV = Layout(_fused_qkv, lambda xs, c: (jnp.concatenate([x.reshape(*x.shape[:-2], -1) for x in xs], -1),))
 BERT_POSITIONS = Layout(_bert_positions_to_ours, _bert_positions_to_hf)
+ONE_PLUS = _one(lambda x, c: x + 1.0, lambda x, c: x - 1.0)  # Gemma's norms scale by 1 + weight
 SCALED_HEAD = _one(lambda x, c: x.T * c.cfg.d_model ** -0.5, lambda x, c: x.T / c.cfg.d_model ** -0.5)
 
 
@@ -152,8 +153,8 @@ def _linear_maps(hf: str, ours: str, layers: int, bias: bool, layout: Layout = L
     return rows + [_map(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else rows
 
 
-def _norm_maps(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Map]:
-    rows = [_map(f"{hf}.weight", f"{ours}/scale", SAME, layers)]
+def _norm_maps(hf: str, ours: str, layers: int = 0, bias: bool = True, layout: Layout = SAME) -> list[Map]:
+    rows = [_map(f"{hf}.weight", f"{ours}/scale", layout, layers)]
     return rows + [_map(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else rows
 
 
@@ -212,8 +213,10 @@ class Arch:
         if cfg.sliding_window and name not in self.window_types:
             wrong.append(f"model.sliding_window={cfg.sliding_window} (sliding-window attention: "
                          f"{', '.join(self.window_types) or 'not'} in this family)")
-        if cfg.qk_norm and "qk_norm" not in self.requires:
-            wrong.append("model.qk_norm=True (a norm on each head's q and k: Qwen3's layout)")
+        for flag, what in (("qk_norm", "a norm on each head's q and k: Qwen3's layout"),
+                           ("embed_scale", "embeddings times sqrt(d_model): Gemma's")):
+            if getattr(cfg, flag) and flag not in self.requires:
+                wrong.append(f"model.{flag}=True ({what})")
         wrong += self.extra_problems(cfg)
         if wrong:
             raise InteropError(f"this model cannot be written as a Hugging Face {name}: " + "; ".join(wrong))
@@ -458,17 +461,19 @@ class Llama(Arch):
             out.append("a logits bias (set model.logits_bias=false)")
         return out
 
+    norm_layout = SAME
+
     def maps(self, cfg):
-        n, lay = cfg.num_layers, "decoder/stack/{layer}"
+        n, lay, norm = cfg.num_layers, "decoder/stack/{layer}", self.norm_layout
         rows = [_map("embed_tokens.weight", "token_embed/embedding"),
-                *_norm_maps("layers.{i}.input_layernorm", f"{lay}/self_attention_norm", n, bias=False),
+                *_norm_maps("layers.{i}.input_layernorm", f"{lay}/self_attention_norm", n, bias=False, layout=norm),
                 *_attention_maps("layers.{i}.self_attn", f"{lay}/self_attention",
                                  ("q_proj", "k_proj", "v_proj", "o_proj"), n, cfg.use_bias, cfg.qkv_bias),
-                *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/mlp_norm", n, bias=False),
+                *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/mlp_norm", n, bias=False, layout=norm),
                 *_linear_maps("layers.{i}.mlp.gate_proj", f"{lay}/mlp/wi_0", n, cfg.use_bias),
                 *_linear_maps("layers.{i}.mlp.up_proj", f"{lay}/mlp/wi_1", n, cfg.use_bias),
                 *_linear_maps("layers.{i}.mlp.down_proj", f"{lay}/mlp/wo", n, cfg.use_bias),
-                *_norm_maps("norm", "decoder/final_norm", bias=False)]
+                *_norm_maps("norm", "decoder/final_norm", bias=False, layout=norm)]
         if not cfg.tie_embeddings:
             rows.append(_map("lm_head.weight", "head/lm_head/kernel", LINEAR))
         return rows
@@ -531,6 +536,29 @@ class Qwen3(Llama):
         return super().maps(cfg) + [
             *_norm_maps("layers.{i}.self_attn.q_norm", f"{lay}/query_norm", cfg.num_layers, bias=False),
             *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", cfg.num_layers, bias=False)]
+
+
+class Gemma(Llama):
+    """Gemma (1): LLaMA's tensors with a tanh-GELU gated MLP, embeddings times sqrt(d_model) and
+    norms that scale by 1 + weight (our scale = 1 + their weight), the output layer tied."""
+
+    model_types = ("gemma",)
+    window_types = ()
+    requires = dict(Llama.requires, use_bias=False, embed_scale=True, mlp="geglu", gelu_approximate=True)
+    norm_layout = ONE_PLUS
+
+    def model_fields(self, hf, names):
+        if hf.get("attention_bias"):
+            raise InteropError("attention_bias=True is not supported for gemma")
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        hf = dict(hf, hidden_act="gelu_pytorch_tanh" if act == "gelu" else act, mlp_bias=False,  # as transformers
+                  tie_word_embeddings=hf.get("tie_word_embeddings", True))
+        return dict(super().model_fields(hf, names), embed_scale=True)
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        out.pop("mlp_bias")
+        return dict(out, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
 
 
 def _t5_scales_head(hf: dict) -> bool:
@@ -621,7 +649,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), T5()) for t in a.model_types}
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), T5()) for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
 
@@ -777,6 +805,8 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
         return "gpt2"
     if cfg.qk_norm:
         return "qwen3"
+    if cfg.embed_scale:
+        return "gemma"
     if cfg.qkv_bias and not cfg.use_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"
@@ -788,7 +818,7 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     ``base_config``: the HF config the model was imported from (keeps model_type such as
     roberta / mistral, token ids and other fields we do not model); without it the
     architecture follows from the config (encoder: BERT, decoder: GPT-2 with learned positions,
-    Qwen3 with q / k norms, Qwen2 with biases on q / k / v alone, Mistral with a sliding window,
+    Qwen3 with q / k norms, Gemma with scaled embeddings, Qwen2 with biases on q / k / v alone, Mistral with a sliding window,
     else LLaMA; encoder_decoder: T5). Returns the architecture written."""
     mcfg = cfg.model if isinstance(cfg, Config) else cfg
     base = dict(base_config or {})

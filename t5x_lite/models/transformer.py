@@ -175,6 +175,8 @@ class TextStack(nn.Module):
 
         # Token (+ learned position) embeddings.
         x_BTD = self.embed(input_ids_BT)
+        if cfg.embed_scale:  # Gemma: the scale rounded to the compute dtype, as transformers does
+            x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, x_BTD.dtype)
         if cfg.position == "learned":
             if cache is None and t > cfg.max_length:
                 raise ValueError(f"sequence length {t} exceeds model.max_length={cfg.max_length} "
