@@ -54,6 +54,7 @@ def cudnn_calls(fn, *args) -> list[dict]:
     for kernel, config, operands, results in _CALL.findall(text):
         config = json.loads(config.replace("\\22", '"'))["cudnn_fmha_backend_config"]
         calls.append({"kernel": kernel, "mask_type": config["mask_type"], "segments": config["max_seg_per_batch"],
+                      "window": config.get("sliding_window_length"),
                       "operands": _shapes(operands), "operand_dtypes": _dtypes(operands), "results": _shapes(results)})
     return calls
 
@@ -91,6 +92,15 @@ def test_cudnn_packed_decoder_runs_causal_segments_without_a_bias(hopper):
     # jax < 0.11 scales packed kv offsets by the query heads, so it is given N key/value heads
     assert k == v == (B, T, 2 if jax.__version_info__ >= (0, 11) else N, 8)
     assert fwd["results"][1] == (B * 2, N, T)  # float32 softmax statistic kept for the backward pass
+
+
+def test_sliding_window_reaches_the_packed_kernel(hopper):
+    """model.sliding_window with the packed layout (no mask): cuDNN is told the window, forward
+    and backward; without one it is told none."""
+    settings = ("model.dtype=bfloat16", "model.attention=cudnn_packed", "model.max_segments=2")
+    calls = _grad_calls(tiny_cfg("decoder", *settings, "model.sliding_window=3"))
+    assert len(calls) == 2 and {c["window"] for c in calls} == {3}
+    assert {c["window"] for c in _grad_calls(tiny_cfg("decoder", *settings))} <= {0, None}
 
 
 @pytest.mark.parametrize("max_segments,kernel,slots", [(0, "fmhaScaleBiasSoftmax", 1), (1, "fmhaSoftmax", 2),
