@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="generate from the latest checkpoint (or an exported model)")
     p.add_argument("--workdir", required=True, help="training work dir or `t5x-lite export` output")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--prompt", action="append", help="repeatable (or --input)")
+    p.add_argument("--input", help="prompts from JSON lines (their --field), decoded --batch-size at a time")
+    p.add_argument("--field", default="input", help="the prompt field of --input's records (default: input)")
+    p.add_argument("--output", help="write JSON lines: each --input record with its 'output' (default: print)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded at once (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0,

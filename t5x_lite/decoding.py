@@ -28,8 +28,10 @@ The encoder family does not generate: ``fill_mask`` gives the top-k tokens at ea
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import math
+import os
 import sys
 import time
 from typing import Any, NamedTuple, Optional, Sequence
@@ -653,45 +655,101 @@ def _cli_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def _prompt_records(args) -> list[dict]:
+    """The prompts of ``--prompt`` (records ``{"input": text}``) or of ``--input``'s JSON lines."""
+    if bool(args.prompt) == bool(args.input):
+        raise ConfigError("give the prompts with --prompt (repeatable) or --input FILE.jsonl, one of the two")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.prompt:
+        return [{args.field: p} for p in args.prompt]
+    records = []
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{args.input}:{lineno} is not JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(args.field), str):
+                    raise ConfigError(f"{args.input}:{lineno} has no text field {args.field!r} (name it with --field)")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --input {args.input}: {e}") from None
+    if not records:
+        raise ConfigError(f"--input {args.input} holds no prompt")
+    return records
+
+
+def _fill_candidates(tokenizer, fills) -> list[dict]:
+    return [{"position": int(f.position), "candidates": [{"token": tokenizer.decode([t]), "prob": float(p)}
+                                                         for t, p in zip(f.token_ids, f.probs)]} for f in fills]
+
+
 def run_decode_cli(args) -> int:
-    """``t5x-lite decode``: one completion per ``--prompt`` from the latest checkpoint (encoder
-    family: the candidates for every ``<mask>``). Same arguments and seed, same output."""
+    """``t5x-lite decode``: one completion per prompt (``--prompt`` or ``--input`` JSON lines) from
+    the latest checkpoint (encoder family: the candidates for every ``<mask>``), printed or
+    written to ``--output``. Prompts are decoded ``--batch-size`` at a time, similar lengths
+    together (chunk k samples with seed + k). Same arguments and seed, same output."""
     from t5x_lite.checkpoints import load_for_inference
 
     check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, cli=True)
+    records = _prompt_records(args)
+    texts = [r[args.field] for r in records]
     t0 = time.time()
     cfg, params, tokenizer = load_for_inference(args.workdir)
     family = cfg.model.family
     if family == "encoder" and args.num_beams > 1:
         raise ConfigError(f"--num-beams={args.num_beams}: the encoder family fills masks, it does not search "
                           "beams; drop --num-beams (use --top-k for the number of candidates)")
-    rows = [_cli_prompt_ids(cfg, tokenizer, p) for p in args.prompt]
+    rows = [_cli_prompt_ids(cfg, tokenizer, p) for p in texts]
     if family == "encoder":
         if tokenizer.mask_id is None:
             raise ConfigError(f"the tokenizer of {args.workdir} has no {MASK_TOKEN} token to fill")
-        missing = [p for p, r in zip(args.prompt, rows) if tokenizer.mask_id not in r]
+        missing = [p for p, r in zip(texts, rows) if tokenizer.mask_id not in r]
         if missing:
-            raise ConfigError(f"an encoder model fills {MASK_TOKEN} tokens, and these prompts hold none: {missing}")
+            raise ConfigError(f"an encoder model fills {MASK_TOKEN} tokens, and these prompts hold none: {missing[:5]}")
     else:
         _check_rows(cfg, [np.asarray(r) for r in rows], args.max_new_tokens, cli=True)
     print(f"decoding {len(rows)} prompt(s) with the {family} model of {args.workdir} "
           f"(loaded in {time.time() - t0:.1f}s)", file=sys.stderr)
     t0 = time.time()
-    if family == "encoder":
-        fills = fill_mask(cfg, params, rows, args.top_k or 5, mask_id=tokenizer.mask_id)
-        for prompt, row in zip(args.prompt, fills):
-            print(f">>> {prompt}")
-            for j, f in enumerate(row):
-                cands = "  ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for t, p in zip(f.token_ids, f.probs))
-                print(f"{MASK_TOKEN} {j + 1} (token {f.position}): {cands}")
+    order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a chunk (and its padding)
+    outputs: list = [None] * len(rows)
+    for k, start in enumerate(range(0, len(rows), args.batch_size)):
+        chunk = order[start:start + args.batch_size].tolist()
+        if family == "encoder":
+            fills = fill_mask(cfg, params, [rows[i] for i in chunk], args.top_k or 5, mask_id=tokenizer.mask_id)
+            for i, row in zip(chunk, fills):
+                outputs[i] = _fill_candidates(tokenizer, row)
+        else:
+            tokens = generate(cfg, params, [rows[i] for i in chunk], args.max_new_tokens, args.temperature,
+                              args.top_k, args.top_p, args.num_beams, args.seed + k,
+                              length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, start_id=tokenizer.bos_id)
+            for i, row in zip(chunk, tokens):
+                outputs[i] = tokenizer.decode(row)
+        if len(rows) > args.batch_size:
+            done = min(start + args.batch_size, len(rows))
+            print(f"decoded {done}/{len(rows)} prompts ({done / (time.time() - t0):.1f}/s, compiles included)",
+                  file=sys.stderr)
+    print(f"decoded {len(rows)} prompt(s) in {time.time() - t0:.1f}s (compile included)", file=sys.stderr)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record, out in zip(records, outputs):
+                f.write(json.dumps(dict(record, output=out), ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
+        print(f"wrote {len(records)} records to {args.output}", file=sys.stderr)
         return 0
-    tokens = generate(cfg, params, rows, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.num_beams, args.seed, length_penalty=args.length_penalty, eos_id=tokenizer.eos_id,
-                      start_id=tokenizer.bos_id)
-    print(f"generated {tokens.shape[1]} steps x {len(rows)} prompt(s) in {time.time() - t0:.1f}s "
-          "(compile included)", file=sys.stderr)
-    for prompt, row in zip(args.prompt, tokens):
-        print(f">>> {prompt}")
-        print(tokenizer.decode(row))
+    for text, out in zip(texts, outputs):
+        print(f">>> {text}")
+        if family != "encoder":
+            print(out)
+            continue
+        for j, fill in enumerate(out):
+            cands = "  ".join(f"{c['token']!r} {c['prob']:.3f}" for c in fill["candidates"])
+            print(f"{MASK_TOKEN} {j + 1} (token {fill['position']}): {cands}")
     return 0

@@ -6,6 +6,7 @@ reuse programs compiled by an earlier test (the decoding module keeps them per s
 compile with XLA's optimizations mostly off (``quick_compiles``)."""
 
 import dataclasses
+import json
 import os
 import types
 
@@ -406,6 +407,29 @@ def test_cli_decodes_reproducibly_and_matches_single_device_python(workdir, caps
     tokens = generate(cfg, params, ids, 6, temperature=0.9, top_k=20, seed=5)
     expect = "".join(f">>> {p}\n{tok.decode(t)}\n" for p, t in zip(prompts, tokens))
     assert out == expect
+
+
+def test_cli_decodes_a_file_of_prompts_in_batches(workdir, capsys, tmp_path):
+    """--input JSON lines -> --output JSON lines: every record kept (other fields too) with its
+    output, in input order, decoded --batch-size at a time (shortest first) as greedy decoding
+    of each prompt alone on the command line would."""
+    path, _ = workdir
+    prompts = ["kato rimo ba zi lu pe sa ne", "ka", "ri mo ne", "sa lu pe di fo"]
+    src, dst = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"question": p, "id": i}) + "\n" for i, p in enumerate(prompts)) + "\n")
+    code, _, err = run_cli(capsys, "--workdir", path, "--input", str(src), "--field", "question", "--output", str(dst),
+                           "--batch-size", "3", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "decoded 3/4 prompts" in err and f"wrote 4 records to {dst}" in err
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [(r["question"], r["id"]) for r in records] == [(p, i) for i, p in enumerate(prompts)]
+    for r in records:
+        code, out, _ = run_cli(capsys, "--workdir", path, "--prompt", r["question"], "--max-new-tokens", "5")
+        assert out == f">>> {r['question']}\n{r['output']}\n"
+    code, _, err = run_cli(capsys, "--workdir", path, "--input", str(src), "--prompt", "ka")
+    assert code == 2 and "one of the two" in err
+    code, _, err = run_cli(capsys, "--workdir", path, "--input", str(src))
+    assert code == 2 and "prompts.jsonl:1 has no text field 'input'" in err
 
 
 def test_cli_errors(workdir, capsys, tmp_path):
