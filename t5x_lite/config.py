@@ -41,7 +41,8 @@ class ModelConfig:
     gelu_approximate: bool = True  # tanh GELU (GPT-2, T5 v1.1); False = exact erf GELU (BERT)
     norm: str = dataclasses.field(default="rmsnorm", metadata=_choices("rmsnorm", "layernorm"))
     norm_eps: float = 1e-6
-    norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post"))
+    # pre: x + f(norm(x)); post: norm(x + f(x)) (BERT); sandwich: x + norm'(f(norm(x))) (Gemma 2 / 3)
+    norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post", "sandwich"))
     embed_norm: bool = False  # a norm right after the embedding (BERT)
     embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
@@ -58,6 +59,10 @@ class ModelConfig:
     # Sliding-window (local) causal self-attention: each token sees itself and the sliding_window - 1
     # tokens before it (Mistral); 0 = every earlier token. Prefix-LM prefixes still see each other.
     sliding_window: int = 0
+    # P >= 2: local and global layers alternate, every P-th layer (P - 1, 2P - 1, ...) attending
+    # to all earlier tokens (Gemma 2: 2, Gemma 3: 6); 0: every layer has the window
+    sliding_window_pattern: int = 0
+    rope_local_theta: Optional[float] = None  # RoPE base of the windowed layers, unscaled (Gemma 3); None: rope_theta
     relative_buckets: int = 32
     relative_max_distance: int = 128
     tie_embeddings: bool = False
@@ -67,6 +72,7 @@ class ModelConfig:
     logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
+    attention_scale_dim: Optional[float] = None  # scores times 1/sqrt(this), not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)
     dropout: float = 0.0
     # on attention probabilities (BERT's and T5's 0.1); training then runs attention on XLA's path
     attention_dropout: float = 0.0
@@ -268,6 +274,12 @@ class Config:
             errors.append(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = no window)")
         elif m.sliding_window and m.family == "encoder":
             errors.append("model.sliding_window applies to causal self-attention, which the encoder family does not have")
+        if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:
+            errors.append(f"model.sliding_window_pattern={m.sliding_window_pattern} must be 0 (every layer windowed) "
+                          "or >= 2 (every P-th layer global)")
+        elif (m.sliding_window_pattern or m.rope_local_theta) and not m.sliding_window:
+            errors.append("model.sliding_window_pattern / rope_local_theta describe windowed layers: set "
+                          "model.sliding_window")
         if not 0 <= m.dropout < 1 or not 0 <= m.attention_dropout < 1:
             errors.append(f"model.dropout={m.dropout} and model.attention_dropout={m.attention_dropout} must be in [0, 1)")
         elif m.attention_dropout > 0 and m.attention in ("cudnn", "cudnn_packed"):

@@ -28,12 +28,14 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     return attn + mlp + (d * n * h * 2 if cross else 0)
 
 
-def causal_keys_seen(length: int, window: int = 0) -> float:
+def causal_keys_seen(length: int, window: int = 0, pattern: int = 0) -> float:
     """Keys a causal query sees on average: ``length / 2``; with a sliding ``window`` below the
-    length, the mean of ``min(i, window)`` over ``[0, length]`` (``window - window^2 / (2 length)``)."""
+    length, the mean of ``min(i, window)`` over ``[0, length]`` (``window - window^2 / (2 length)``);
+    with a ``pattern`` P (``model.sliding_window_pattern``), over P - 1 windowed layers and a global one."""
     if not window or window >= length:
         return length / 2
-    return window - window * window / (2 * length)
+    local = window - window * window / (2 * length)
+    return ((pattern - 1) * local + length / 2) / pattern if pattern else local
 
 
 def train_flops_per_step(cfg: Config) -> float:
@@ -52,11 +54,12 @@ def train_flops_per_step(cfg: Config) -> float:
         enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width
                        + cross_kv)
         dec = t_dec * (6 * m.decoder_layers * _layer_matmul_params(cfg, True) + head
-                       + 12 * m.decoder_layers * causal_keys_seen(t_dec, m.sliding_window) * attn_width
+                       + 12 * m.decoder_layers * attn_width
+                       * causal_keys_seen(t_dec, m.sliding_window, m.sliding_window_pattern)
                        + 12 * m.decoder_layers * t_enc * attn_width)  # cross-attention
         return float(b * (enc + dec))
     t = cfg.data.seq_len
-    keys_seen = causal_keys_seen(t, m.sliding_window) if m.family == "decoder" else t
+    keys_seen = causal_keys_seen(t, m.sliding_window, m.sliding_window_pattern) if m.family == "decoder" else t
     per_token = 6 * m.num_layers * _layer_matmul_params(cfg, False) + head + 12 * m.num_layers * keys_seen * attn_width
     return float(b * t * per_token)
 

@@ -87,18 +87,23 @@ SPECS = {
     "gemma": ("decoder", lambda: _randomised(transformers.GemmaForCausalLM(transformers.GemmaConfig(  # 1 + w norms
         hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
         **SMALL)), "norm.weight")),
+    "gemma3": ("decoder", lambda: _randomised(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
+        sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=24,  # layer 0 windowed, layer 1 global
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}, **SMALL)), "norm.weight")),
     "t5-v1.0": ("encoder_decoder", lambda: transformers.T5ForConditionalGeneration(_t5(
         feed_forward_proj="relu", num_decoder_layers=3))),  # transformers 5 cannot generate with it
     "flan-t5": ("encoder_decoder", _flan_t5),
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
 # decoder (RoPE, GQA), sliding window (prompt 5 + 6 new tokens, window 4) and encoder-decoder; one decode compile each
-GENERATIVE = ["llama", "mistral", "flan-t5"]
+GENERATIVE = ["llama", "mistral", "gemma3", "flan-t5"]
 
 
 class Case:
@@ -281,7 +286,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma3_text, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

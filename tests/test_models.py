@@ -261,11 +261,11 @@ def _stack_layers(params):
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])  # the latter covers the encoder stack
-def test_scan_equals_unrolled(family):
+def test_scan_equals_unrolled(family, extra=()):
     from helpers import random_batch
 
-    unrolled = tiny_cfg(family, "model.scan_layers=false")
-    scanned = tiny_cfg(family, "model.scan_layers=true")
+    unrolled = tiny_cfg(family, "model.scan_layers=false", *extra)
+    scanned = tiny_cfg(family, "model.scan_layers=true", *extra)
     params_u = t5x_lite.init_params(unrolled, 0)
     params_s = _stack_layers(params_u)
     chex.assert_trees_all_equal_shapes(params_s, t5x_lite.init_params(scanned, 0))
@@ -275,9 +275,15 @@ def test_scan_equals_unrolled(family):
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     chex.assert_trees_all_close(grads_s, _stack_layers(grads_u), atol=1e-5, rtol=1e-4)
     # model.scan_unroll: the same scan, its 2 layers as one straight iteration
-    loss_r, grads_r = _loss_and_grads(tiny_cfg(family, "model.scan_unroll=2"), params_s, batch)
+    loss_r, grads_r = _loss_and_grads(tiny_cfg(family, "model.scan_unroll=2", *extra), params_s, batch)
     np.testing.assert_allclose(loss_r, loss_s, rtol=1e-6)
     chex.assert_trees_all_close(grads_r, grads_s, atol=1e-6, rtol=1e-5)
+
+
+def test_scan_equals_unrolled_with_local_and_global_layers():
+    """model.sliding_window_pattern: a traced layer index picks each layer's kind in the scan."""
+    test_scan_equals_unrolled("decoder", ("model.sliding_window=3", "model.sliding_window_pattern=2",
+                                          "model.rope_local_theta=100"))
 
 
 @pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("dots", "true"), ("full", "false")])
@@ -381,7 +387,8 @@ def _emulated_cudnn_packed(seen):
 
 
 @pytest.mark.parametrize("family,position", [("decoder", "rope"), ("encoder", "learned"),
-                                             ("encoder_decoder", "relative"), ("decoder", "window")])
+                                             ("encoder_decoder", "relative"), ("decoder", "window"),
+                                             ("decoder", "pattern")])
 def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatch):
     """model.attention=cudnn_packed hands each self-attention the documents of its rows as
     lengths / starts and the right mask type (T5's cross-attention: decoder documents against
@@ -392,7 +399,9 @@ def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatc
 
     seen = []
     monkeypatch.setattr(layers, "cudnn_packed_attention", _emulated_cudnn_packed(seen))
-    settings = ["model.sliding_window=3"] if position == "window" else [f"model.position={position}"]  # told the window
+    settings = {"window": ["model.sliding_window=3"],  # told the window; pattern: in the local layers only
+                "pattern": ["model.sliding_window=3", "model.sliding_window_pattern=2"]}.get(
+                    position, [f"model.position={position}"])
     cfg = tiny_cfg(family, *settings)
     params = t5x_lite.init_params(cfg, 0)
     batch = model_kwargs(family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=4).items()})

@@ -180,6 +180,17 @@ def _hf_act(cfg: ModelConfig) -> str:
     return "gelu_new" if cfg.gelu_approximate else "gelu"
 
 
+# model features most architectures cannot express: name -> (used by a config, what to say)
+_EXTRAS = {
+    "qk_norm": (lambda m: m.qk_norm, "model.qk_norm=True (a norm on each head's q and k: Qwen3's, Gemma 3's)"),
+    "embed_scale": (lambda m: m.embed_scale, "model.embed_scale=True (embeddings times sqrt(d_model): Gemma's)"),
+    "window_pattern": (lambda m: bool(m.sliding_window_pattern or m.rope_local_theta),
+                       "model.sliding_window_pattern / rope_local_theta (local and global layers: Gemma 2 / 3)"),
+    "attention_scale_dim": (lambda m: m.attention_scale_dim not in (None, m.dim_per_head),
+                            "model.attention_scale_dim (scores scaled by other than 1 / sqrt(head_dim): Gemma's)"),
+}
+
+
 class Arch:
     """One HF architecture: its config translation both ways and its tensor table."""
 
@@ -190,6 +201,7 @@ class Arch:
     dropout_keys: dict = {}
     requires: dict = {}  # our model fields that this architecture fixes
     window_types: tuple = ()  # model_types that can express model.sliding_window
+    extras: frozenset = frozenset()  # the optional _EXTRAS this architecture expresses
 
     def model_fields(self, hf: dict, names: set) -> dict:
         raise NotImplementedError
@@ -213,10 +225,9 @@ class Arch:
         if cfg.sliding_window and name not in self.window_types:
             wrong.append(f"model.sliding_window={cfg.sliding_window} (sliding-window attention: "
                          f"{', '.join(self.window_types) or 'not'} in this family)")
-        for flag, what in (("qk_norm", "a norm on each head's q and k: Qwen3's layout"),
-                           ("embed_scale", "embeddings times sqrt(d_model): Gemma's")):
-            if getattr(cfg, flag) and flag not in self.requires:
-                wrong.append(f"model.{flag}=True ({what})")
+        for flag, (used, what) in _EXTRAS.items():
+            if used(cfg) and flag not in self.requires and flag not in self.extras:
+                wrong.append(what)
         wrong += self.extra_problems(cfg)
         if wrong:
             raise InteropError(f"this model cannot be written as a Hugging Face {name}: " + "; ".join(wrong))
@@ -463,13 +474,18 @@ class Llama(Arch):
 
     norm_layout = SAME
 
+    def post_attention_norm(self) -> str:
+        """Our norm that HF's ``post_attention_layernorm`` is: the MLP's input norm (LLaMA)."""
+        return "mlp_norm"
+
     def maps(self, cfg):
         n, lay, norm = cfg.num_layers, "decoder/stack/{layer}", self.norm_layout
         rows = [_map("embed_tokens.weight", "token_embed/embedding"),
                 *_norm_maps("layers.{i}.input_layernorm", f"{lay}/self_attention_norm", n, bias=False, layout=norm),
                 *_attention_maps("layers.{i}.self_attn", f"{lay}/self_attention",
                                  ("q_proj", "k_proj", "v_proj", "o_proj"), n, cfg.use_bias, cfg.qkv_bias),
-                *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/mlp_norm", n, bias=False, layout=norm),
+                *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/{self.post_attention_norm()}", n, bias=False,
+                            layout=norm),
                 *_linear_maps("layers.{i}.mlp.gate_proj", f"{lay}/mlp/wi_0", n, cfg.use_bias),
                 *_linear_maps("layers.{i}.mlp.up_proj", f"{lay}/mlp/wi_1", n, cfg.use_bias),
                 *_linear_maps("layers.{i}.mlp.down_proj", f"{lay}/mlp/wo", n, cfg.use_bias),
@@ -561,6 +577,72 @@ class Gemma(Llama):
         return dict(out, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
 
 
+class Gemma3(Gemma):
+    """Gemma 3 (text): Gemma's tensors with norms before and after each sublayer (sandwich),
+    norms on each head's q and k, windowed layers with every ``sliding_window_pattern``-th one
+    global (its own RoPE base), scores scaled by ``query_pre_attn_scalar``."""
+
+    model_types = window_types = ("gemma3_text",)
+    requires = dict(Gemma.requires, qk_norm=True, norm_position="sandwich")
+    extras = frozenset({"window_pattern", "attention_scale_dim"})
+
+    def model_fields(self, hf, names):
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if hf.get(key):
+                raise InteropError(f"{key}={hf[key]} is not supported (Gemma 2's soft-capping)")
+        if hf.get("use_bidirectional_attention"):
+            raise InteropError("use_bidirectional_attention=True is not supported")
+        rope = hf.get("rope_parameters") or {}
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise InteropError(f"RoPE scaling {local['rope_type']!r} on the sliding-window layers is not supported")
+        kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6)
+                                          else "full_attention" for i in range(hf["num_hidden_layers"])]
+        pattern = _window_pattern(kinds)
+        fields = super().model_fields(dict(hf, rope_parameters=full or None, layer_types=None), names)
+        return dict(fields, qk_norm=True, norm_position="sandwich", sliding_window=hf.get("sliding_window") or 0,
+                    sliding_window_pattern=pattern,
+                    rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
+                    attention_scale_dim=float(hf.get("query_pre_attn_scalar", fields["head_dim"])))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("rope_scaling", "rope_theta"):
+            out.pop(key)
+        p = cfg.sliding_window_pattern
+        kinds = ["sliding_attention" if not p or (i + 1) % p else "full_attention" for i in range(cfg.num_layers)]
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        return dict(out, architectures=["Gemma3ForCausalLM"], layer_types=kinds, sliding_window=cfg.sliding_window,
+                    query_pre_attn_scalar=_int_if_whole(cfg.attention_scale_dim or cfg.dim_per_head),
+                    rope_parameters={"full_attention": out["rope_parameters"], "sliding_attention": local})
+
+    def maps(self, cfg):
+        lay, n, norm = "decoder/stack/{layer}", cfg.num_layers, self.norm_layout
+        return super().maps(cfg) + [
+            *_norm_maps("layers.{i}.pre_feedforward_layernorm", f"{lay}/mlp_norm", n, bias=False, layout=norm),
+            *_norm_maps("layers.{i}.post_feedforward_layernorm", f"{lay}/mlp_post_norm", n, bias=False, layout=norm),
+            *_norm_maps("layers.{i}.self_attn.q_norm", f"{lay}/self_attention/query_norm", n, bias=False, layout=norm),
+            *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/self_attention/key_norm", n, bias=False, layout=norm)]
+
+    def post_attention_norm(self) -> str:
+        return "self_attention_post_norm"
+
+
+def _int_if_whole(x: float):
+    return int(x) if float(x).is_integer() else x
+
+
+def _window_pattern(kinds: list) -> int:
+    """``model.sliding_window_pattern`` of HF ``layer_types``: 0 if all windowed, P if every P-th is global."""
+    glob = [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
+    if not glob:
+        return 0
+    p = glob[0] + 1
+    if p < 2 or glob != list(range(p - 1, len(kinds), p)):
+        raise InteropError(f"layer_types {kinds} are not every P-th layer global, the rest windowed")
+    return p
+
+
 def _t5_scales_head(hf: dict) -> bool:
     """T5 v1.0 scales the decoder output by d_model ** -0.5 before its (tied) head; v1.1 does not.
     transformers 5 says so in ``scale_decoder_outputs``, 4.x in ``tie_word_embeddings``."""
@@ -649,7 +731,8 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), T5()) for t in a.model_types}
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), Gemma3(), T5())
+         for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
 
@@ -803,10 +886,10 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
         return "t5"
     if cfg.position == "learned":
         return "gpt2"
+    if cfg.embed_scale:
+        return "gemma3_text" if cfg.norm_position == "sandwich" else "gemma"
     if cfg.qk_norm:
         return "qwen3"
-    if cfg.embed_scale:
-        return "gemma"
     if cfg.qkv_bias and not cfg.use_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"

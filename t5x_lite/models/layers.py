@@ -10,6 +10,7 @@ maps them onto the mesh); large activations are constrained with the ``act_*`` n
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -202,13 +203,16 @@ class Embed(nn.Module):
 # ------------------------------------------------------------ position encodings
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
     """RoPE's angular frequencies, float32 ``[H / 2]``: ``theta ** (-2i / H)`` with the config's
     scaling. linear: all divided by ``rope_scaling``. llama3: a frequency whose wavelength
     ``2 pi / f`` fits ``rope_original_length`` more than ``rope_high_freq_factor`` times is kept,
     fewer than ``rope_low_freq_factor`` times is divided by ``rope_scaling``, and in between the
-    two are mixed in proportion to where that count lies between the factors."""
+    two are mixed in proportion to where that count lies between the factors. ``local``: the
+    windowed layers' with ``model.rope_local_theta`` (unscaled)."""
     h = cfg.dim_per_head
+    if local and cfg.rope_local_theta:
+        return (1.0 / cfg.rope_local_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)).astype(np.float32)
     freq = 1.0 / cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)
     if cfg.rope_scaling_type == "linear":
         return (freq / cfg.rope_scaling).astype(np.float32)
@@ -447,6 +451,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     return out_BTKGH.reshape(b, t, n, h)
 
 
+def is_local_layer(cfg: ModelConfig, layer):
+    """Whether ``layer`` (an int or a traced index) is windowed under ``model.sliding_window_pattern``
+    P: all but every P-th layer (those at P - 1, 2P - 1, ...)."""
+    return (layer + 1) % cfg.sliding_window_pattern != 0
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with GQA/MQA, optional RoPE, additive bias, KV cache.
 
@@ -467,7 +477,10 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
                  positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
                  cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None,
-                 segments: Optional[tuple] = None):
+                 segments: Optional[tuple] = None, local_mask_B1TS: Optional[Array] = None):
+        """``local_mask_B1TS``: with ``model.sliding_window_pattern``, the windowed layers' mask
+        (``mask_B1TS`` then being the global layers'); ``layer`` (an int, or the scan's traced
+        index) says which this layer is."""
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         # Without 1/sqrt(H) in the scores (T5), the same scale moves into the query init.
@@ -494,6 +507,8 @@ class Attention(nn.Module):
             q_BTNH, k_BSKH = head_norm(cfg, q_BTNH, "query_norm"), head_norm(cfg, k_BSKH, "key_norm")
             if cfg.position == "rope" and not self.cross:
                 freq_H2 = rope_frequencies(cfg)
+                if local_mask_B1TS is not None and cfg.rope_local_theta:
+                    freq_H2 = jnp.where(is_local_layer(cfg, layer), rope_frequencies(cfg, local=True), freq_H2)
                 q_BTNH, k_BSKH = rope(q_BTNH, positions_BT, freq_H2), rope(k_BSKH, positions_BT, freq_H2)
             if cache is not None:
                 start = (layer, 0, 0 if self.cross else cache_index, 0, 0)
@@ -503,13 +518,19 @@ class Attention(nn.Module):
                     k_BSKH, v_BSKH = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
                                       .astype(q_BTNH.dtype) for name in ("k", "v"))
 
-        scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
+        scale = 1.0 / math.sqrt(cfg.attention_scale_dim or h) if cfg.scale_attention else 1.0
         dropout = None
         if cfg.attention_dropout > 0 and not self.deterministic:
             dropout = (cfg.attention_dropout, self.make_rng("dropout"))
-        out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_1NTS, scale, cfg.attention,
-                                         segments=segments, causal=self.causal, dropout=dropout,
-                                         window=cfg.sliding_window if self.causal else 0)
+        attend = functools.partial(dot_product_attention, q_BTNH, k_BSKH, v_BSKH, bias_1NTS=bias_1NTS, scale=scale,
+                                   implementation=cfg.attention, segments=segments, causal=self.causal,
+                                   dropout=dropout)
+        if local_mask_B1TS is None:
+            out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
+        else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)
+            local, glob = (lambda: attend(local_mask_B1TS, window=cfg.sliding_window)), (lambda: attend(mask_B1TS, window=0))
+            kind = is_local_layer(cfg, layer)
+            out_BTNH = (local if kind else glob)() if isinstance(kind, bool) else jax.lax.cond(kind, local, glob)
         out_BTNH = constrain(out_BTNH, BLNH)
         out_BTD = dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", num_in=2)(out_BTNH)
         return constrain(out_BTD, BLD), cache

@@ -74,13 +74,15 @@ class Block(nn.Module):
     def __call__(self, carry: tuple, ctx: dict, layer):
         x_BLD, cache = carry
         cfg = self.cfg
-        pre = cfg.norm_position == "pre"
+        pre, sandwich = cfg.norm_position in ("pre", "sandwich"), cfg.norm_position == "sandwich"
         drop = lambda y: nn.Dropout(cfg.dropout, broadcast_dims=())(y, deterministic=self.deterministic)
 
         def sublayer(x, name, fn):
             norm = make_norm(cfg, f"{name}_norm")
             if pre:
                 y, extra = fn(norm(x))
+                if sandwich:  # the sublayer's output normed too, before the residual add
+                    y = make_norm(cfg, f"{name}_post_norm")(y)
                 return x + drop(y), extra
             y, extra = fn(x)
             return norm(x + drop(y)), extra
@@ -93,7 +95,8 @@ class Block(nn.Module):
 
         x_BLD, self_kv = sublayer(x_BLD, "self_attention", attend("self", False, ctx["mask"], bias_1NTS=ctx["bias"],
                                                                    positions_BT=ctx["positions"],
-                                                                   segments=ctx.get("segments")))
+                                                                   segments=ctx.get("segments"),
+                                                                   local_mask_B1TS=ctx.get("local_mask")))
         new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
             x_BLD, cross_kv = sublayer(x_BLD, "cross_attention",
@@ -202,8 +205,15 @@ class TextStack(nn.Module):
             q_prefix_BT = prefix_mask_BT if prefix_mask_BT is not None else jnp.zeros_like(segment_ids_BT, bool)
             k_seg_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, cache_index))
             k_prefix_BS = jax.lax.dynamic_update_slice(cache["prefix"], q_prefix_BT, (0, cache_index))
+        pattern = self.causal and cfg.sliding_window and cfg.sliding_window_pattern
         mask_B1TS = attention_mask(segment_ids_BT, k_seg_BS, causal=self.causal, q_idx_T=q_idx_T, k_idx_S=k_idx_S,
-                                   q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS, window=cfg.sliding_window)
+                                   q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS,
+                                   window=0 if pattern else cfg.sliding_window)
+        local_mask_B1TS = None
+        if pattern:  # local and global layers: both masks, each layer picks its own
+            local_mask_B1TS = attention_mask(segment_ids_BT, k_seg_BS, causal=True, q_idx_T=q_idx_T, k_idx_S=k_idx_S,
+                                             q_prefix_BT=q_prefix_BT, k_prefix_BS=k_prefix_BS,
+                                             window=cfg.sliding_window)
         bias_1NTS = None
         if cfg.position == "relative":
             bias_1NTS = RelativePositionBias(cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
@@ -211,7 +221,7 @@ class TextStack(nn.Module):
                                              name="relpos")(q_idx_T, k_idx_S)
         elif cfg.position == "alibi":
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
-        ctx = {"mask": mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
+        ctx = {"mask": mask_B1TS, "local_mask": local_mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None}
         slots = cfg.packed_slots if cache is None and prefix_mask_BT is None else 0
         if slots:
@@ -229,7 +239,7 @@ class TextStack(nn.Module):
 
         stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
-        if cfg.norm_position == "pre":
+        if cfg.norm_position in ("pre", "sandwich"):
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=self.deterministic)
         if cache is None:
