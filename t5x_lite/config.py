@@ -72,6 +72,10 @@ class ModelConfig:
     logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
+    # cap * tanh(x / cap) on attention scores (on XLA's path: cuDNN has no such kernel) and on the
+    # output logits (Gemma 2: 50 and 30); 0 = none
+    attn_logit_softcap: float = 0.0
+    final_logit_softcap: float = 0.0
     attention_scale_dim: Optional[float] = None  # scores times 1/sqrt(this), not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)
     dropout: float = 0.0
     # on attention probabilities (BERT's and T5's 0.1); training then runs attention on XLA's path
@@ -274,6 +278,11 @@ class Config:
             errors.append(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = no window)")
         elif m.sliding_window and m.family == "encoder":
             errors.append("model.sliding_window applies to causal self-attention, which the encoder family does not have")
+        if m.attn_logit_softcap < 0 or m.final_logit_softcap < 0:
+            errors.append("model.attn_logit_softcap and model.final_logit_softcap must be >= 0 (0 = none)")
+        elif m.attn_logit_softcap and m.attention in ("cudnn", "cudnn_packed"):
+            errors.append(f"model.attn_logit_softcap={m.attn_logit_softcap} runs attention on XLA's path (cuDNN's "
+                          f"kernels do not cap scores), not model.attention={m.attention}; use auto or xla")
         if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:
             errors.append(f"model.sliding_window_pattern={m.sliding_window_pattern} must be 0 (every layer windowed) "
                           "or >= 2 (every P-th layer global)")

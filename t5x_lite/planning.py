@@ -166,7 +166,7 @@ def uses_flash_attention(cfg: Config, platform: str) -> bool:
     attends on XLA's path."""
     m = cfg.model
     return (platform == "gpu" and m.attention in ("cudnn", "auto", "cudnn_packed")
-            and m.dtype in ("bfloat16", "float16") and m.attention_dropout == 0)
+            and m.dtype in ("bfloat16", "float16") and m.attention_dropout == 0 and not m.attn_logit_softcap)
 
 
 def _per_shard(size: int, tensor: int) -> float:

@@ -74,6 +74,8 @@ def test_bad_values(override, match):
     (["data.objective=supervised", "data.path=x.jsonl", "data.packing=concat"], "supervised pairs stay whole"),
     (["model.family=encoder", "data.objective=supervised", "data.path=x.jsonl"], "does not fit model.family=encoder"),
     (["model.family=encoder", "model.sliding_window=4"], "sliding_window applies to causal self-attention"),
+    (["model.attn_logit_softcap=50", "model.attention=cudnn"], "cuDNN's kernels do not cap scores"),
+    (["model.sliding_window_pattern=2"], "describe windowed layers: set model.sliding_window"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -94,6 +94,13 @@ def test_cudnn_packed_decoder_runs_causal_segments_without_a_bias(hopper):
     assert fwd["results"][1] == (B * 2, N, T)  # float32 softmax statistic kept for the backward pass
 
 
+def test_soft_capped_scores_attend_on_xla(hopper):
+    """model.attn_logit_softcap (Gemma 2): attention=auto keeps it off cuDNN, which cannot cap."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", "model.max_segments=2",
+                   "model.attn_logit_softcap=50")
+    assert _grad_calls(cfg) == []
+
+
 def test_sliding_window_reaches_the_packed_kernel(hopper):
     """model.sliding_window with the packed layout (no mask): cuDNN is told the window, forward
     and backward; without one it is told none."""

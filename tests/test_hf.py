@@ -1,7 +1,7 @@
 """Hugging Face interop, proven against transformers (CPU torch, float32).
 
 For a tiny randomly initialised model of every supported architecture (BERT, RoBERTa, GPT-2,
-LLaMA, Mistral, Qwen2, Qwen3, Gemma, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
+LLaMA, Mistral, Qwen2, Qwen3, Gemma 1 / 2 / 3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
 export loads with ``from_pretrained`` and gives the same logits, and import -> export -> import
 is lossless; greedy decoding gives the tokens of ``generate(do_sample=False)`` (LLaMA, Flan-T5).
 Then sharded and bfloat16 checkpoints, bad input, tokenizers, a real pretrained MiniLM shipped on
@@ -87,6 +87,10 @@ SPECS = {
     "gemma": ("decoder", lambda: _randomised(transformers.GemmaForCausalLM(transformers.GemmaConfig(  # 1 + w norms
         hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
         **SMALL)), "norm.weight")),
+    "gemma2": ("decoder", lambda: _randomised(transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=D, num_key_value_heads=2, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
+        sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        **SMALL)), "norm.weight")),  # soft caps that bind
     "gemma3": ("decoder", lambda: _randomised(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
         sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=24,  # layer 0 windowed, layer 1 global
@@ -98,7 +102,7 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0), "gemma3": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0), "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
@@ -286,7 +290,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma3_text, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

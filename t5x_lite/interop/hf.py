@@ -188,6 +188,8 @@ _EXTRAS = {
                        "model.sliding_window_pattern / rope_local_theta (local and global layers: Gemma 2 / 3)"),
     "attention_scale_dim": (lambda m: m.attention_scale_dim not in (None, m.dim_per_head),
                             "model.attention_scale_dim (scores scaled by other than 1 / sqrt(head_dim): Gemma's)"),
+    "softcap": (lambda m: bool(m.attn_logit_softcap or m.final_logit_softcap),
+                "model.attn_logit_softcap / final_logit_softcap (soft-capped scores and logits: Gemma 2's)"),
 }
 
 
@@ -577,55 +579,84 @@ class Gemma(Llama):
         return dict(out, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
 
 
-class Gemma3(Gemma):
-    """Gemma 3 (text): Gemma's tensors with norms before and after each sublayer (sandwich),
-    norms on each head's q and k, windowed layers with every ``sliding_window_pattern``-th one
-    global (its own RoPE base), scores scaled by ``query_pre_attn_scalar``."""
+class Gemma2(Gemma):
+    """Gemma 2: Gemma's tensors with norms before and after each sublayer (sandwich), windowed
+    layers with every ``sliding_window_pattern``-th one global, scores scaled by
+    ``query_pre_attn_scalar``, attention scores and output logits soft-capped."""
 
-    model_types = window_types = ("gemma3_text",)
-    requires = dict(Gemma.requires, qk_norm=True, norm_position="sandwich")
-    extras = frozenset({"window_pattern", "attention_scale_dim"})
+    model_types = window_types = ("gemma2",)
+    requires = dict(Gemma.requires, norm_position="sandwich")
+    extras = frozenset({"window_pattern", "attention_scale_dim", "softcap"})
 
     def model_fields(self, hf, names):
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if hf.get(key):
-                raise InteropError(f"{key}={hf[key]} is not supported (Gemma 2's soft-capping)")
         if hf.get("use_bidirectional_attention"):
             raise InteropError("use_bidirectional_attention=True is not supported")
-        rope = hf.get("rope_parameters") or {}
-        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-        if local.get("rope_type", "default") != "default":
-            raise InteropError(f"RoPE scaling {local['rope_type']!r} on the sliding-window layers is not supported")
-        kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6)
+        kinds = hf.get("layer_types") or ["sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 2)
                                           else "full_attention" for i in range(hf["num_hidden_layers"])]
-        pattern = _window_pattern(kinds)
-        fields = super().model_fields(dict(hf, rope_parameters=full or None, layer_types=None), names)
-        return dict(fields, qk_norm=True, norm_position="sandwich", sliding_window=hf.get("sliding_window") or 0,
-                    sliding_window_pattern=pattern,
-                    rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
-                    attention_scale_dim=float(hf.get("query_pre_attn_scalar", fields["head_dim"])))
+        fields = super().model_fields(dict(hf, layer_types=None), names)
+        return dict(fields, norm_position="sandwich", sliding_window=hf.get("sliding_window") or 0,
+                    sliding_window_pattern=_window_pattern(kinds),
+                    attention_scale_dim=float(hf.get("query_pre_attn_scalar", fields["head_dim"])),
+                    attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                    final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
-        for key in ("rope_scaling", "rope_theta"):
-            out.pop(key)
         p = cfg.sliding_window_pattern
         kinds = ["sliding_attention" if not p or (i + 1) % p else "full_attention" for i in range(cfg.num_layers)]
-        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
-        return dict(out, architectures=["Gemma3ForCausalLM"], layer_types=kinds, sliding_window=cfg.sliding_window,
+        return dict(out, architectures=[f"{type(self).__name__}ForCausalLM"], layer_types=kinds,
+                    sliding_window=cfg.sliding_window or None,
                     query_pre_attn_scalar=_int_if_whole(cfg.attention_scale_dim or cfg.dim_per_head),
-                    rope_parameters={"full_attention": out["rope_parameters"], "sliding_attention": local})
+                    attn_logit_softcapping=cfg.attn_logit_softcap or None,
+                    final_logit_softcapping=cfg.final_logit_softcap or None)
+
+    def extra_problems(self, cfg):
+        out = super().extra_problems(cfg)
+        if cfg.rope_local_theta not in (None, cfg.rope_theta):
+            out.append(f"model.rope_local_theta={cfg.rope_local_theta} (one RoPE base for every layer)")
+        return out
 
     def maps(self, cfg):
         lay, n, norm = "decoder/stack/{layer}", cfg.num_layers, self.norm_layout
         return super().maps(cfg) + [
             *_norm_maps("layers.{i}.pre_feedforward_layernorm", f"{lay}/mlp_norm", n, bias=False, layout=norm),
-            *_norm_maps("layers.{i}.post_feedforward_layernorm", f"{lay}/mlp_post_norm", n, bias=False, layout=norm),
-            *_norm_maps("layers.{i}.self_attn.q_norm", f"{lay}/self_attention/query_norm", n, bias=False, layout=norm),
-            *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/self_attention/key_norm", n, bias=False, layout=norm)]
+            *_norm_maps("layers.{i}.post_feedforward_layernorm", f"{lay}/mlp_post_norm", n, bias=False, layout=norm)]
 
     def post_attention_norm(self) -> str:
         return "self_attention_post_norm"
+
+
+class Gemma3(Gemma2):
+    """Gemma 3 (text, ``Gemma3ForCausalLM``): Gemma 2's layers with norms on each head's q and k
+    and a RoPE base of their own for the windowed layers."""
+
+    model_types = window_types = ("gemma3_text",)
+    requires = dict(Gemma2.requires, qk_norm=True)
+
+    def model_fields(self, hf, names):
+        rope = hf.get("rope_parameters") or {}
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise InteropError(f"RoPE scaling {local['rope_type']!r} on the sliding-window layers is not supported")
+        hf = dict(hf, rope_parameters=full or None, sliding_window_pattern=hf.get("sliding_window_pattern", 6))
+        return dict(super().model_fields(hf, names), qk_norm=True,
+                    rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("rope_scaling", "rope_theta"):
+            out.pop(key)
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        return dict(out, rope_parameters={"full_attention": out["rope_parameters"], "sliding_attention": local})
+
+    def extra_problems(self, cfg):
+        return Gemma.extra_problems(self, cfg)
+
+    def maps(self, cfg):
+        lay, n, norm = "decoder/stack/{layer}/self_attention", cfg.num_layers, self.norm_layout
+        return super().maps(cfg) + [
+            *_norm_maps("layers.{i}.self_attn.q_norm", f"{lay}/query_norm", n, bias=False, layout=norm),
+            *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", n, bias=False, layout=norm)]
 
 
 def _int_if_whole(x: float):
@@ -731,7 +762,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), Gemma3(), T5())
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
@@ -887,7 +918,9 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
     if cfg.position == "learned":
         return "gpt2"
     if cfg.embed_scale:
-        return "gemma3_text" if cfg.norm_position == "sandwich" else "gemma"
+        if cfg.norm_position != "sandwich":
+            return "gemma"
+        return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.use_bias:

@@ -402,7 +402,8 @@ def on_gpu() -> bool:
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
                           segments: Optional[tuple] = None, causal: bool = False,
-                          dropout: Optional[tuple[float, Array]] = None, window: int = 0) -> Array:
+                          dropout: Optional[tuple[float, Array]] = None, window: int = 0,
+                          softcap: float = 0.0) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
@@ -413,8 +414,9 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     probabilities (BERT's ``attention_probs_dropout_prob``), always on the XLA path: jax's cuDNN
     call takes a dropout rate only with one fixed seed, the same mask every step. ``window``
     (``model.sliding_window``) is already in the mask; the packed cuDNN kernel, which has no mask,
-    is told it (and skips the blocks outside it)."""
-    cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None
+    is told it (and skips the blocks outside it). ``softcap`` > 0: scores become
+    ``softcap * tanh(scores / softcap)`` (Gemma 2), on the XLA path."""
+    cudnn_fits = on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None and not softcap
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
@@ -438,6 +440,8 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     k = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
     if bias_1NTS is not None:
         scores_BKGTS = scores_BKGTS + bias_1NTS.reshape(bias_1NTS.shape[0], k, n // k, *bias_1NTS.shape[2:])
     scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
@@ -524,7 +528,7 @@ class Attention(nn.Module):
             dropout = (cfg.attention_dropout, self.make_rng("dropout"))
         attend = functools.partial(dot_product_attention, q_BTNH, k_BSKH, v_BSKH, bias_1NTS=bias_1NTS, scale=scale,
                                    implementation=cfg.attention, segments=segments, causal=self.causal,
-                                   dropout=dropout)
+                                   dropout=dropout, softcap=cfg.attn_logit_softcap)
         if local_mask_B1TS is None:
             out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
         else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)

@@ -271,6 +271,9 @@ class LMHead(nn.Module):
             bias = self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                               (cfg.vocab_size,), jnp_dtype(cfg.param_dtype))
             logits_BLV = logits_BLV + bias.astype(logits_BLV.dtype)
+        if cfg.final_logit_softcap:  # Gemma 2
+            cap = cfg.final_logit_softcap
+            logits_BLV = (cap * jnp.tanh(logits_BLV.astype(jnp.float32) / cap)).astype(logits_BLV.dtype)
         return constrain(logits_BLV, BLV)
 
 
