@@ -1,7 +1,7 @@
 """Hugging Face interop, proven against transformers (CPU torch, float32).
 
 For a tiny randomly initialised model of every supported architecture (BERT, RoBERTa, GPT-2,
-LLaMA, Mistral, Qwen2, Qwen3, Gemma 1 / 2 / 3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
+LLaMA, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
 export loads with ``from_pretrained`` and gives the same logits, and import -> export -> import
 is lossless; greedy decoding gives the tokens of ``generate(do_sample=False)`` (LLaMA, Flan-T5).
 Then sharded and bfloat16 checkpoints, bad input, tokenizers, a real pretrained MiniLM shipped on
@@ -84,6 +84,9 @@ SPECS = {
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,  # < the inputs
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
+    "phi3": ("decoder", lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # fused qkv / gate_up tensors
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, resid_pdrop=0.1, initializer_range=0.2, **SMALL))),
     "gemma": ("decoder", lambda: _randomised(transformers.GemmaForCausalLM(transformers.GemmaConfig(  # 1 + w norms
         hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
         **SMALL)), "norm.weight")),
@@ -102,9 +105,10 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "gemma": (0.0, 0.0), "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0), "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
+                "phi3": ("resid_pdrop", "attention_dropout"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
 # decoder (RoPE, GQA), sliding window (prompt 5 + 6 new tokens, window 4) and encoder-decoder; one decode compile each
 GENERATIVE = ["llama", "mistral", "gemma3", "flan-t5"]
@@ -211,7 +215,7 @@ def test_export_loads_in_transformers_and_import_is_lossless(cases, name, tmp_pa
     # dropout rates (transformers' defaults here) come in for training and go back out
     rates = (case.cfg.model.dropout, case.cfg.model.attention_dropout)
     assert rates == pytest.approx(DROPOUT[name])
-    hidden, attention = DROPOUT_KEYS[case.family if name != "gpt2" else "gpt2"]
+    hidden, attention = DROPOUT_KEYS.get(name, DROPOUT_KEYS[case.family])
     assert (getattr(reloaded.config, hidden, 0.0), getattr(reloaded.config, attention)) == pytest.approx(rates)
 
     # Without the imported config (a model trained here) the architecture follows from ours:
@@ -290,7 +294,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, qwen3, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

@@ -82,6 +82,22 @@ def _fused_qkv(xs, c):
                  for i in range(3))
 
 
+def _split_rows(sizes: Callable[[ModelConfig], list], shapes: Callable[[ModelConfig], list]) -> Layout:
+    """One HF Linear ``[sum(sizes), D]`` (Phi-3's fused ``qkv_proj`` / ``gate_up_proj``) <-> our
+    kernels ``[D, *shape]``, one per block of rows."""
+    def to_ours(xs, c):
+        cuts = np.cumsum(sizes(c.cfg))[:-1]
+        return tuple(part.T.reshape(part.shape[1], *shape)
+                     for part, shape in zip(jnp.split(xs[0], cuts, axis=0), shapes(c.cfg)))
+
+    return Layout(to_ours, lambda xs, c: (jnp.concatenate([x.reshape(x.shape[0], -1).T for x in xs], axis=0),))
+
+
+PHI_QKV = _split_rows(lambda m: [m.num_heads * m.dim_per_head] + [m.kv_heads * m.dim_per_head] * 2,
+                      lambda m: [(m.num_heads, m.dim_per_head)] + [(m.kv_heads, m.dim_per_head)] * 2)
+PHI_GATE_UP = _split_rows(lambda m: [m.d_ff, m.d_ff], lambda m: [(m.d_ff,), (m.d_ff,)])
+
+
 def _position_offset(c: Ctx) -> int:
     """RoBERTa numbers positions from ``padding_idx + 1``; BERT from 0."""
     return c.hf.get("pad_token_id", 1) + 1 if c.hf.get("model_type") == "roberta" else 0
@@ -556,6 +572,38 @@ class Qwen3(Llama):
             *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", cfg.num_layers, bias=False)]
 
 
+class Phi3(Llama):
+    """Phi-3 / Phi-4: LLaMA's layers with q / k / v in one tensor (``qkv_proj``) and gate / up in
+    another (``gate_up_proj``)."""
+
+    model_types = window_types = ("phi3",)
+    dropout_keys = {"dropout": ("resid_pdrop", "embd_pdrop"), "attention_dropout": ("attention_dropout",)}
+    requires = dict(Llama.requires, use_bias=False, mlp="swiglu")
+
+    def model_fields(self, hf, names):
+        factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if factor != 1.0:
+            raise InteropError(f"partial_rotary_factor={factor} is not supported (RoPE on part of each head)")
+        return super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("attention_bias", "mlp_bias"):
+            out.pop(key)
+        return dict(out, sliding_window=cfg.sliding_window or None)
+
+    def maps(self, cfg):
+        n, lay = cfg.num_layers, "decoder/stack/{layer}"
+        fused = {f"{lay}/self_attention/{name}/kernel" for name in ("query", "key", "value")} | {
+            f"{lay}/mlp/{name}/kernel" for name in ("wi_0", "wi_1")}
+        rows = [m for m in super().maps(cfg) if not set(m.ours) & fused]
+        return rows + [
+            _map("layers.{i}.self_attn.qkv_proj.weight",
+                 [f"{lay}/self_attention/{name}/kernel" for name in ("query", "key", "value")], PHI_QKV, n),
+            _map("layers.{i}.mlp.gate_up_proj.weight", [f"{lay}/mlp/wi_0/kernel", f"{lay}/mlp/wi_1/kernel"],
+                 PHI_GATE_UP, n)]
+
+
 class Gemma(Llama):
     """Gemma (1): LLaMA's tensors with a tanh-GELU gated MLP, embeddings times sqrt(d_model) and
     norms that scale by 1 + weight (our scale = 1 + their weight), the output layer tied."""
@@ -762,7 +810,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(), T5())
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Phi3(), Gemma(), Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 
