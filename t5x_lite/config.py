@@ -90,6 +90,12 @@ class ModelConfig:
     # ([D, K, G + 2, H]), a gated MLP's gate and up ([D, 2, F]).
     fused_qkv: bool = False
     fused_mlp: bool = False
+    # LoRA fine-tuning: rank > 0 adds a trainable x A B (alpha / rank) to each projection named in
+    # lora_targets (query, key, value, out, wi_0, wi_1, wi, wo; cross-attention's too) and freezes
+    # every other parameter (no gradient, no optimizer state); B starts at zero
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,key,value,out"
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
@@ -109,6 +115,10 @@ class ModelConfig:
         return max(self.max_segments, 2)
 
     @property
+    def lora_names(self) -> tuple:
+        return tuple(n.strip() for n in self.lora_targets.split(",") if n.strip()) if self.lora_rank else ()
+
+    @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
@@ -119,6 +129,9 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+
+LORA_TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")  # projections LoRA may adapt
 
 
 @dataclasses.dataclass
@@ -283,6 +296,16 @@ class Config:
         elif m.attn_logit_softcap and m.attention in ("cudnn", "cudnn_packed"):
             errors.append(f"model.attn_logit_softcap={m.attn_logit_softcap} runs attention on XLA's path (cuDNN's "
                           f"kernels do not cap scores), not model.attention={m.attention}; use auto or xla")
+        if m.lora_rank < 0:
+            errors.append(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = no LoRA)")
+        elif m.lora_rank:
+            unknown = sorted(set(m.lora_names) - set(LORA_TARGETS))
+            if unknown or not m.lora_names:
+                errors.append(f"model.lora_targets={m.lora_targets!r}: unknown {unknown or 'empty'}; valid: "
+                              f"{', '.join(LORA_TARGETS)} (comma-separated)")
+            if m.fused_qkv or m.fused_mlp:
+                errors.append("model.lora_rank with model.fused_qkv / fused_mlp: LoRA adapts the separate "
+                              "projections; set fused_qkv=false and fused_mlp=false")
         if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:
             errors.append(f"model.sliding_window_pattern={m.sliding_window_pattern} must be 0 (every layer windowed) "
                           "or >= 2 (every P-th layer global)")

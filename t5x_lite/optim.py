@@ -101,6 +101,10 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
     else:
         opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=o.weight_decay or None,
                               weight_decay_mask=decay_mask)
+    if cfg.model.lora_rank:
+        from t5x_lite import lora
+
+        opt = lora.only_adapters(opt)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     tx = optax.chain(*parts, opt)
     if cfg.train.loss_scaling(cfg.model.dtype):

@@ -148,6 +148,7 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
         ("kv", None),
         ("norm", None),
         ("layers", None),
+        ("lora", None),
         ("relpos_buckets", None),
         ("abspos", None),
     )

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t5x_lite import partitioning
+from t5x_lite import lora, partitioning
 from t5x_lite.checkpoints import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -135,6 +135,8 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     masked_lm = cfg.objective == "mlm"
 
     def loss_sums(params, batch, rng):
+        if cfg.model.lora_rank:  # only the adapters are differentiated
+            params = lora.freeze(params)
         variables = {"params": cast(params)}
         inputs = model_kwargs(family, batch)
         if not chunk and not masked_lm:
@@ -459,7 +461,9 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     log(f"processes={jax.process_count()} devices={jax.device_count()} "
         f"({jax.local_device_count()} per process, {jax.devices()[0].platform})")
     log(f"mesh {partitioning.describe_mesh(mesh)}  zero_stage={cfg.sharding.zero_stage}  "
-        f"family={cfg.model.family}  params={_num_params(setup):,}")
+        f"family={cfg.model.family}  params={_num_params(setup):,}" + (
+            f" (LoRA rank {cfg.model.lora_rank}: {_num_params(setup, lora.is_lora):,} trainable)"
+            if cfg.model.lora_rank else ""))
     log(f"per device: params {human_bytes(sizes['params'])}  grads {human_bytes(sizes['grads'])}  "
         f"optimizer state {human_bytes(sizes['opt_state'])}")
 
@@ -661,5 +665,6 @@ def run_eval_cli(args) -> int:
     return 0
 
 
-def _num_params(setup: TrainSetup) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+def _num_params(setup: TrainSetup, which: Callable = lambda path: True) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(setup.abstract_state.params)
+    return sum(math.prod(x.shape) for path, x in leaves if which(path))

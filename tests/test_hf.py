@@ -243,6 +243,26 @@ def test_sliding_window_layers_of_qwen_configs():
         hf.save(t5x_lite.load_config(None, ["model.sliding_window=8"]), {}, "never", {"model_type": "llama"})
 
 
+def test_lora_on_an_import_starts_as_the_import_and_exports_merged(cases, tmp_path):
+    """model.lora_rank on an import: fresh adapters (B = 0) leave transformers' logits; after B
+    moves, export-hf folds the adapters into the kernels and transformers computes ours."""
+    case = cases("llama")
+    cfg, params = hf.load(case.path, ["model.lora_rank=2", "model.lora_targets=query,value,wi_1,wo"])
+    ids, mask, _ = _inputs()
+    valid = mask.astype(bool)
+    ours = case.ours(params, ids, mask)
+    np.testing.assert_allclose(ours[valid], case.reference(case.model, ids, mask)[valid], atol=1e-4, rtol=0)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: rng.normal(0, 0.3, x.shape).astype(x.dtype) if path[-1].key == "lora_b" else x, params)
+    tuned = np.asarray(t5x_lite.logits(cfg, params, ids, attention_mask=mask))
+    assert not np.allclose(tuned[valid], ours[valid], atol=1e-2)
+    out = str(tmp_path / "merged")
+    hf.save(cfg, params, out, base_config=case.hf_config)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(case.reference(reloaded, ids, mask)[valid], tuned[valid], atol=1e-4, rtol=0)
+
+
 def test_t5_head_of_its_own_that_still_scales_folds_the_scale(cases, tmp_path):
     """A T5 checkpoint with its own lm_head whose config scales the decoder output by
     d_model ** -0.5 (v1.0-style): the scale is folded into our head kernel."""

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import lora
 from t5x_lite.config import Config, ModelConfig, config_from_dict, parse_override
 from t5x_lite.interop.tensors import InteropError, TensorFiles, _some, write
 
@@ -950,9 +951,16 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     ours_shapes = _abstract_shapes(mcfg)
     _check_tensors(maps, files, ctx, ours_shapes, mcfg.scan_layers)
     params = _import_params(maps, files, ctx, mcfg.scan_layers, jnp.dtype(mcfg.param_dtype))
-    got = set(flax.traverse_util.flatten_dict(params, sep="/"))
-    if got != set(ours_shapes):  # the table must cover the model exactly
-        raise AssertionError(f"{type(arch).__name__} table mismatch: {sorted(got ^ set(ours_shapes))}")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    adapters = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES}
+    if set(flat) != set(ours_shapes) - adapters:  # the table must cover the model exactly
+        raise AssertionError(f"{type(arch).__name__} table mismatch: {sorted(set(flat) ^ (set(ours_shapes) - adapters))}")
+    if adapters:  # model.lora_rank: fresh adapters (B = 0: the imported model's outputs) from train.seed
+        from t5x_lite.models import init_params
+
+        fresh = flax.traverse_util.flatten_dict(init_params(cfg, cfg.train.seed), sep="/")
+        flat.update({k: np.asarray(fresh[k]) for k in adapters})
+        params = flax.traverse_util.unflatten_dict(flat, sep="/")
     return cfg, params
 
 
@@ -982,9 +990,14 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     ``base_config``: the HF config the model was imported from (keeps model_type such as
     roberta / mistral, token ids and other fields we do not model); without it the
     architecture follows from the config (encoder: BERT, decoder: GPT-2 with learned positions,
-    Qwen3 with q / k norms, Gemma with scaled embeddings, Qwen2 with biases on q / k / v alone, Mistral with a sliding window,
-    else LLaMA; encoder_decoder: T5). Returns the architecture written."""
+    Gemma with scaled embeddings, Qwen3 with q / k norms, Qwen2 with biases on q / k / v alone,
+    Mistral with a sliding window, else LLaMA; encoder_decoder: T5). LoRA adapters are merged
+    into their kernels. Returns the architecture written."""
     mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    params = jax.device_get(flax.linen.meta.unbox(params))
+    if mcfg.lora_rank:  # the adapters folded into their kernels: a plain model
+        params = lora.merge(params, mcfg.lora_alpha / mcfg.lora_rank)
+        mcfg = dataclasses.replace(mcfg, lora_rank=0)
     base = dict(base_config or {})
     model_type = _type_for_export(mcfg, base)
     arch = ARCHS[model_type]
@@ -993,7 +1006,7 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     hf = dict(base, **arch.hf_config(mcfg, base), model_type=model_type, dtype=dtype)
     hf.update({key: getattr(mcfg, name) for name, keys in arch.dropout_keys.items() for key in keys})
     hf.pop("torch_dtype", None)
-    flat = flax.traverse_util.flatten_dict(jax.device_get(flax.linen.meta.unbox(params)), sep="/")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     tensors = _export_tensors(arch.maps(mcfg), flat, Ctx(mcfg, base), mcfg.scan_layers, _np_dtype(dtype))
     if arch.has_prefix(mcfg):

@@ -60,10 +60,13 @@ class Dense(nn.Module):
     scale: float = 1.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_rank: int = 0  # > 0: + x A B * lora_scale (LoRA; A [*in, r], B [r, *features] from zero)
+    lora_scale: float = 1.0
 
     @nn.compact
-    def weights(self, in_shape: tuple) -> tuple[Array, Optional[Array]]:
-        """``(kernel [*in_shape, *features], bias [*features] or None)`` in the compute dtype."""
+    def weights(self, in_shape: tuple, with_lora: bool = False) -> tuple:
+        """``(kernel [*in_shape, *features], bias [*features] or None)`` in the compute dtype;
+        ``with_lora``: also LoRA's ``(A, B)`` (None without LoRA)."""
         n_in, n_out = self.num_in, len(self.features)
         init = nn.initializers.variance_scaling(self.scale, "fan_in", "truncated_normal",
                                                 in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
@@ -73,11 +76,27 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.kernel_axes[n_in:]), tuple(self.features),
                               self.param_dtype).astype(self.dtype)
-        return kernel.astype(self.dtype), bias
+        if not with_lora:
+            return kernel.astype(self.dtype), bias
+        lora = None
+        if self.lora_rank:
+            r = self.lora_rank
+            init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)),
+                                                      out_axis=n_in)
+            a = self.param("lora_a", nn.with_logical_partitioning(init_a, self.kernel_axes[:n_in] + ("lora",)),
+                           tuple(in_shape) + (r,), self.param_dtype)
+            b = self.param("lora_b", zeros_init(("lora",) + self.kernel_axes[n_in:]), (r,) + tuple(self.features),
+                           self.param_dtype)
+            lora = (a.astype(self.dtype), b.astype(self.dtype))
+        return kernel.astype(self.dtype), bias, lora
 
     def __call__(self, x: Array) -> Array:
-        kernel, bias = self.weights(tuple(x.shape[-self.num_in:]))
-        y = contract(x.astype(self.dtype), kernel, self.num_in)
+        x = x.astype(self.dtype)
+        kernel, bias, lora = self.weights(tuple(x.shape[-self.num_in:]), with_lora=True)
+        y = contract(x, kernel, self.num_in)
+        if lora is not None:
+            with jax.named_scope("lora"):
+                y = y + contract(contract(x, lora[0], self.num_in), lora[1], 1) * self.lora_scale
         return y if bias is None else y + bias
 
 
@@ -113,8 +132,10 @@ def dense(cfg: ModelConfig, features, kernel_axes: tuple, name: str, num_in: int
           use_bias: Optional[bool] = None) -> Dense:
     """A projection of the model's dtypes whose kernel axes are ``kernel_axes``."""
     features = features if isinstance(features, tuple) else (features,)
+    lora = cfg.lora_rank if name in cfg.lora_names else 0
     return Dense(features, kernel_axes, num_in=num_in, use_bias=cfg.use_bias if use_bias is None else use_bias,
-                 scale=scale, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
+                 scale=scale, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name,
+                 lora_rank=lora, lora_scale=cfg.lora_alpha / max(cfg.lora_rank, 1))
 
 
 # --------------------------------------------------------------------------- norms
