@@ -30,6 +30,7 @@ our config only (HF keeps the base config), so every variant sits beside the sam
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -254,6 +255,8 @@ def main() -> int:
                         "an upper-case key is an environment variable of that run, e.g. "
                         "nogemm:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="measurements run at once (only for --smoke on CPU: timings on a GPU need it alone)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -270,15 +273,21 @@ def main() -> int:
     impls = [(i, ()) for i in args.impls.split(",")] + [(f"ours:{name}", tuple(o)) for name, o in variants]
     if args.smoke:
         impls = [(i, o) for i, o in impls if i != "hf_compile"]  # torch.compile on CPU takes minutes
-    results = []
-    for workload in args.workloads.split(","):
-        for impl, extra in impls:
-            r = measure(workload, impl, args, extra)
-            if extra:
-                r["overrides"] = list(extra)
-            results.append(r)
-            print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
-                                                   else "ERROR\n" + r["error"]), flush=True)
+    if args.jobs > 1 and not args.smoke:
+        raise SystemExit("--jobs > 1 only with --smoke: measurements that share the machine time each other")
+    runs = [(workload, impl, extra) for workload in args.workloads.split(",") for impl, extra in impls]
+
+    def run(item):
+        workload, impl, extra = item
+        r = measure(workload, impl, args, extra)
+        if extra:
+            r["overrides"] = list(extra)
+        print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
+                                               else "ERROR\n" + r["error"]), flush=True)
+        return r
+
+    with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:  # each run is a subprocess
+        results = list(pool.map(run, runs))
     device = next((r.get("device") for r in results if r.get("device") and r["impl"].startswith("ours")), "cpu")
     peak = peak_tflops(device or "", args.peak_tflops)
     print()

@@ -29,7 +29,7 @@ def _run_json(args, out):
 
 def test_train_vs_hf_smoke_all_workloads(tmp_path):
     proc, data = _run_json(["bench/train_vs_hf.py", "--smoke", "--impls", "ours,hf", "--steps", "1", "--warmup", "1",
-                            "--variant", "remat:model.remat=full"], tmp_path / "bench.json")
+                            "--variant", "remat:model.remat=full", "--jobs", "2"], tmp_path / "bench.json")
     rows = {(r["workload"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {(w, i) for w in ("llama", "t5", "bert") for i in ("ours", "hf", "ours:remat")}
     assert rows[("llama", "ours:remat")]["overrides"] == ["model.remat=full"]
