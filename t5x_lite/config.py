@@ -347,10 +347,6 @@ class Config:
                 )
         if d.seq_len < 8:
             errors.append(f"data.seq_len={d.seq_len} is too short (at least 8)")
-        if self.objective == "supervised" and d.path is None:
-            errors.append(f"data.objective=supervised reads (input, target) pairs from JSON lines: set data.path "
-                          f"(records with the fields data.input_field={d.input_field!r} and "
-                          f"data.target_field={d.target_field!r})")
         if d.packing == "concat" and self.objective == "supervised":
             errors.append("data.packing=concat cuts documents at row boundaries; supervised pairs stay whole: "
                           "use data.packing=greedy or best_fit")

@@ -713,6 +713,21 @@ def test_supervised_rows_hold_every_pair_once_loss_on_targets(family, packing, d
     assert_same(again.batches(3), ds.batches(3))
 
 
+def test_default_pairs_are_signatures_and_docstring_summaries(monkeypatch):
+    import json as json_module
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    monkeypatch.setattr(corpus_module, "_stdlib_files", lambda: [json_module.__file__, os.path.join(root, "bisect.py")])
+    pairs = corpus_module.stdlib_pairs()
+    table = dict(zip(pairs[::2], pairs[1::2]))
+    assert len(pairs) % 2 == 0 and len(table) == len(pairs) // 2
+    dumps = next(k for k in table if k.startswith("json: def dumps(obj, *, skipkeys=False"))
+    assert table[dumps] == "Serialize ``obj`` to a JSON formatted ``str``."
+    assert any(k.startswith("bisect: def insort_right(a, x, lo=0, hi=None, *, key=None)") for k in table)
+    assert all(len(v) >= 40 and "\n\n" not in v for v in table.values())
+
+
 def test_supervised_pairs_from_json_lines(tmp_path, corpus):
     """make_datasets on JSON lines of pairs: bad lines counted once each, the split by pair (a
     pair's input and target on one side), the log in pairs; a prepared corpus is refused."""

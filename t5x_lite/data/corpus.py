@@ -91,6 +91,44 @@ def stdlib_docstrings() -> list[str]:
     return docs
 
 
+def _signature(node) -> str:
+    if isinstance(node, ast.ClassDef):
+        bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
+        return f"class {node.name}({bases})" if bases else f"class {node.name}"
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"
+
+
+def stdlib_pairs() -> list[str]:
+    """The default corpus of ``data.objective=supervised``: (signature, summary) pairs of the
+    running Python's standard library, flattened as ``read_pairs`` returns them. The input is a
+    function's or class's module and signature (``json.decoder: def raw_decode(self, s, idx=0)``),
+    the target its docstring's first paragraph (at least 40 characters). Deterministic for a
+    given Python build; repeats dropped."""
+    out: list[str] = []
+    seen: set[tuple] = set()
+    root = sysconfig.get_paths()["stdlib"]
+    for path in _stdlib_files():
+        module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        try:
+            with open(path, "rb") as f, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tree = ast.parse(f.read())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            summary = doc.strip().split("\n\n")[0].strip() if doc else ""
+            pair = (f"{module}: {_signature(node)}", summary)
+            if len(summary) >= _MIN_DOCSTRING_CHARS and pair not in seen:
+                seen.add(pair)
+                out += pair
+    return out
+
+
 # ------------------------------------------------------------------ files and units
 
 
@@ -387,6 +425,9 @@ def load_documents(data_cfg, skipped: Optional[Skipped] = None) -> list[str]:
     ``read_documents(path, field, max_docs)`` (objective supervised: ``read_pairs``, inputs and
     targets alternating). Raises ``DataError`` if no non-blank document is left."""
     skipped = skipped if skipped is not None else Skipped()
+    if data_cfg.objective == "supervised" and data_cfg.path is None:
+        docs = stdlib_pairs()
+        return docs[: 2 * data_cfg.max_docs] if data_cfg.max_docs is not None else docs
     if data_cfg.objective == "supervised":
         docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped)
         if not docs:
@@ -414,7 +455,7 @@ def source_key(data_cfg) -> str:
     and ``max_docs``. Costs a ``stat`` per file, no reading. Raises ``DataError`` if ``path``
     matches no file."""
     if data_cfg.path is None:
-        files, origin = _stdlib_files(), ["stdlib", sys.version]
+        files, origin = _stdlib_files(), ["stdlib", sys.version, data_cfg.objective == "supervised"]
     else:
         files, origin = resolve(data_cfg.path), ["path", data_cfg.field]
         if data_cfg.objective == "supervised":

@@ -729,7 +729,8 @@ def _read_corpus(cfg, log: Callable) -> list[str]:
     docs = load_documents(cfg.data, skipped)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     count = f"{len(docs) // 2} (input, target) pairs" if cfg.objective == "supervised" else f"{len(docs)} docs"
-    log(f"data: corpus {cfg.data.path or 'stdlib docstrings'}: {count}, {megabytes:.1f} MB, "
+    default = "stdlib signatures -> docstring summaries" if cfg.objective == "supervised" else "stdlib docstrings"
+    log(f"data: corpus {cfg.data.path or default}: {count}, {megabytes:.1f} MB, "
         f"read in {time.perf_counter() - t0:.1f}s" + (f"; skipped {skipped}" if skipped else ""))
     return docs
 
