@@ -76,7 +76,8 @@ class ModelConfig:
     # output logits (Gemma 2: 50 and 30); 0 = none
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
-    attention_scale_dim: Optional[float] = None  # scores times 1/sqrt(this), not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)
+    # scores times 1/sqrt(this), not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)
+    attention_scale_dim: Optional[float] = None
     dropout: float = 0.0
     # on attention probabilities (BERT's and T5's 0.1); training then runs attention on XLA's path
     attention_dropout: float = 0.0
@@ -290,7 +291,8 @@ class Config:
         if m.sliding_window < 0:
             errors.append(f"model.sliding_window={m.sliding_window} must be >= 0 (0 = no window)")
         elif m.sliding_window and m.family == "encoder":
-            errors.append("model.sliding_window applies to causal self-attention, which the encoder family does not have")
+            errors.append("model.sliding_window applies to causal self-attention, which the encoder family "
+                          "does not have")
         if m.attn_logit_softcap < 0 or m.final_logit_softcap < 0:
             errors.append("model.attn_logit_softcap and model.final_logit_softcap must be >= 0 (0 = none)")
         elif m.attn_logit_softcap and m.attention in ("cudnn", "cudnn_packed"):

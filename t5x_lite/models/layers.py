@@ -553,7 +553,8 @@ class Attention(nn.Module):
         if local_mask_B1TS is None:
             out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
         else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)
-            local, glob = (lambda: attend(local_mask_B1TS, window=cfg.sliding_window)), (lambda: attend(mask_B1TS, window=0))
+            local = lambda: attend(local_mask_B1TS, window=cfg.sliding_window)
+            glob = lambda: attend(mask_B1TS, window=0)
             kind = is_local_layer(cfg, layer)
             out_BTNH = (local if kind else glob)() if isinstance(kind, bool) else jax.lax.cond(kind, local, glob)
         out_BTNH = constrain(out_BTNH, BLNH)

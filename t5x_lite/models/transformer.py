@@ -221,7 +221,8 @@ class TextStack(nn.Module):
                                              name="relpos")(q_idx_T, k_idx_S)
         elif cfg.position == "alibi":
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
-        ctx = {"mask": mask_B1TS, "local_mask": local_mask_B1TS, "bias": bias_1NTS, "positions": positions_BT, "cache_index": cache_index,
+        ctx = {"mask": mask_B1TS, "local_mask": local_mask_B1TS, "bias": bias_1NTS, "positions": positions_BT,
+               "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None}
         slots = cfg.packed_slots if cache is None and prefix_mask_BT is None else 0
         if slots:
