@@ -2,15 +2,16 @@
 
 With LoRA every projection named in ``model.lora_targets`` adds ``x A B * alpha / rank`` to its
 output (``layers.Dense``); ``A`` and ``B`` are the only parameters that train. The train step
-differentiates a copy of the parameters in which every other leaf is behind ``stop_gradient``
-(no weight gradient is computed for them) and the optimizer sets their updates to zero, keeping
-no state for them. ``merge`` folds the adapters into the kernels (Hugging Face export).
+differentiates the loss with respect to the adapters alone (the other parameters are constants
+to it: no weight gradient is computed or accumulated for them) and the optimizer sets their
+updates to zero, keeping no state for them. ``merge`` folds the adapters into the kernels (Hugging Face export).
 """
 
 from __future__ import annotations
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -26,9 +27,20 @@ def labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: "lora" if is_lora(path) else "frozen", params)
 
 
-def freeze(params):
-    """``params`` with every leaf but the adapters behind ``stop_gradient``."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: x if is_lora(path) else jax.lax.stop_gradient(x), params)
+def adapters(tree):
+    """``tree`` (params, or anything shaped like them) with None in place of every non-adapter leaf."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: x if is_lora(path) else None, tree)
+
+
+def with_frozen(adapter_tree, params):
+    """The full parameters: ``adapter_tree``'s leaves where it has them, ``params``' elsewhere."""
+    return jax.tree.map(lambda a, p: p if a is None else a, adapter_tree, params, is_leaf=lambda x: x is None)
+
+
+def zeros_for_frozen(adapter_grads, params):
+    """Gradients of the full parameters: the adapters', zeros for the rest (the optimizer ignores them)."""
+    return jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g, adapter_grads, params,
+                        is_leaf=lambda x: x is None)
 
 
 def only_adapters(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -129,17 +129,19 @@ class StateBytes:
 
     @classmethod
     def of_config(cls, cfg: Config) -> "StateBytes":
-        """What this trainer allocates: params and grads in ``param_dtype``, the optimizer's
-        real state (``eval_shape`` of its init)."""
+        """What this trainer allocates: params and grads in ``param_dtype`` (with LoRA, grads of
+        the adapters alone), the optimizer's real state (``eval_shape`` of its init)."""
         import flax.linen as nn
 
+        from t5x_lite import lora
         from t5x_lite.models import abstract_params
         from t5x_lite.optim import make_optimizer
 
         params = nn.meta.unbox(abstract_params(cfg))
         opt_state = jax.eval_shape(make_optimizer(cfg)[0].init, params)
         p = _tree_bytes(params)
-        return cls(float(p), float(p), float(_tree_bytes(opt_state)))
+        g = _tree_bytes(lora.adapters(params)) if cfg.model.lora_rank else p
+        return cls(float(p), float(g), float(_tree_bytes(opt_state)))
 
 
 def _tree_bytes(tree) -> int:

@@ -135,8 +135,6 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     masked_lm = cfg.objective == "mlm"
 
     def loss_sums(params, batch, rng):
-        if cfg.model.lora_rank:  # only the adapters are differentiated
-            params = lora.freeze(params)
         variables = {"params": cast(params)}
         inputs = model_kwargs(family, batch)
         if not chunk and not masked_lm:
@@ -159,12 +157,17 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
     loss_positions = math.prod(batch_shapes(cfg)["targets"].shape)
     micro_sharding = NamedSharding(mesh, P(None, partitioning.BATCH_AXES))
 
+    with_lora = bool(cfg.model.lora_rank)
+    # LoRA: gradients of the adapters alone (None elsewhere), filled with zeros for the optimizer at the end
+    acc_shardings = lora.adapters(grad_shardings) if with_lora else grad_shardings
+
     def grad_sums(params, batch, rng, scale):
         def loss_of(p):
+            p = lora.with_frozen(p, params) if with_lora else p
             sums = loss_sums(p, batch, rng)
             return sums["loss"] * scale, sums  # float16: the backward pass runs scaled
 
-        grads, sums = jax.grad(loss_of, has_aux=True)(params)
+        grads, sums = jax.grad(loss_of, has_aux=True)(lora.adapters(params) if with_lora else params)
         return grads, sums
 
     def train_step(state: TrainState, batch: dict):
@@ -186,13 +189,15 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 index, mb = xs
                 grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index), scale)
                 acc_grads = jax.tree.map(jnp.add, carry[0], grads)
-                acc_grads = jax.lax.with_sharding_constraint(acc_grads, grad_shardings)
+                acc_grads = jax.lax.with_sharding_constraint(acc_grads, acc_shardings)
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
 
-            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            zero_grads = jax.tree.map(jnp.zeros_like, lora.adapters(state.params) if with_lora else state.params)
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
+        if with_lora:
+            grads = lora.zeros_for_frozen(grads, state.params)
         grads = jax.tree.map(lambda g: g / (denom * scale), grads)
         # ZeRO-2/3: each device keeps only its shard of the gradient (reduce-scatter).
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)

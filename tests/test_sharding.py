@@ -148,8 +148,10 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
     Case("decoder", 3, (1, 4, 2), fused=True), Case("encoder_decoder", 2, (2, 2, 2), fused=True),
     # Muon: its orthogonalisation over ZeRO-3-sharded, tensor-split matrices == one device
     Case("decoder", 3, (1, 4, 2), extra=("optim.name=muon",)),
-    # LoRA: adapters on ZeRO-3-sharded, tensor-split projections; the rest frozen
-    Case("decoder", 3, (1, 4, 2), extra=("model.lora_rank=4", "model.lora_targets=query,key,value,out,wi_0,wi_1,wo")),
+    # LoRA: adapters on ZeRO-3-sharded, tensor-split projections, gradients of the adapters alone
+    # accumulated over 2 micro-batches; the rest frozen
+    Case("decoder", 3, (1, 4, 2), micro=2,
+         extra=("model.lora_rank=4", "model.lora_targets=query,key,value,out,wi_0,wi_1,wo")),
     # Gemma 3's layer: q / k norms, sandwich norms, scaled embeddings, local and global layers
     Case("decoder", 3, (1, 4, 2), extra=("model.qk_norm=true", "model.norm_position=sandwich", "model.embed_scale=true",
                                          "model.sliding_window=5", "model.sliding_window_pattern=2",
