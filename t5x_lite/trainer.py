@@ -98,9 +98,10 @@ class TrainSetup:
 
     def bytes_per_device(self) -> dict:
         s = self.abstract_state
+        trained = (lambda tree: lora.adapters(tree)) if self.cfg.model.lora_rank else (lambda tree: tree)
         return {
             "params": partitioning.bytes_per_device(s.params, self.state_shardings.params),
-            "grads": partitioning.bytes_per_device(s.params, self.grad_shardings),
+            "grads": partitioning.bytes_per_device(trained(s.params), trained(self.grad_shardings)),  # LoRA: adapters
             "opt_state": partitioning.bytes_per_device(s.opt_state, self.state_shardings.opt_state),
         }
 

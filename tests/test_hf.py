@@ -99,7 +99,7 @@ SPECS = {
     "gemma3": ("decoder", lambda: _randomised(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         hidden_size=D, num_key_value_heads=1, head_dim=16, max_position_embeddings=32, initializer_range=0.2,
         sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=24,  # layer 0 windowed, layer 1 global
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},  # 4B+
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}, **SMALL)), "norm.weight")),
     "t5-v1.0": ("encoder_decoder", lambda: transformers.T5ForConditionalGeneration(_t5(
         feed_forward_proj="relu", num_decoder_layers=3))),  # transformers 5 cannot generate with it
