@@ -108,6 +108,10 @@ def test_sliding_window_reaches_the_packed_kernel(hopper):
     calls = _grad_calls(tiny_cfg("decoder", *settings, "model.sliding_window=3"))
     assert len(calls) == 2 and {c["window"] for c in calls} == {3}
     assert {c["window"] for c in _grad_calls(tiny_cfg("decoder", *settings))} <= {0, None}
+    # local and global layers (Gemma 2 / 3): both kernels in the scanned layer, one per branch of a cond
+    calls = _grad_calls(tiny_cfg("decoder", *settings, "model.sliding_window=3", "model.sliding_window_pattern=2"))
+    windows = sorted((c["kernel"], c["window"] or 0) for c in calls)
+    assert windows == [("fmhaSoftmax", 0), ("fmhaSoftmax", 3), ("fmhaSoftmaxBackward", 0), ("fmhaSoftmaxBackward", 3)]
 
 
 @pytest.mark.parametrize("max_segments,kernel,slots", [(0, "fmhaScaleBiasSoftmax", 1), (1, "fmhaSoftmax", 2),
