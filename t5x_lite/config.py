@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Optional
@@ -541,9 +542,11 @@ COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll",
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME:key=value,key=value`` (a named set of overrides, as the benches take) -> (NAME, overrides)."""
+    """``NAME:key=value,key=value`` (a named set of overrides, as the benches take) -> (NAME, overrides).
+    A comma starts a new override only before ``key=``: values may hold commas
+    (``lora:model.lora_rank=8,model.lora_targets=query,value``)."""
     name, sep, rest = text.partition(":")
-    overrides = [x.strip() for x in rest.split(",") if x.strip()]
+    overrides = [x.strip() for x in re.split(r",(?=\s*[\w.]+=)", rest) if x.strip()]
     if not sep or not name or not overrides or any("=" not in x for x in overrides):
         raise ConfigError(f"variant {text!r}: expected NAME:key=value[,key=value...], e.g. remat_full:model.remat=full")
     return name, overrides

@@ -114,3 +114,14 @@ def test_learning_rate_schedules(schedule, expected):
         assert float(f(80)) == pytest.approx(1.0) and float(f(81)) < 1.0
     with pytest.raises(ConfigError, match="decay_fraction"):
         load_config(None, ["optim.decay_fraction=0"])
+
+
+def test_variant_values_may_hold_commas():
+    from t5x_lite.config import parse_variant
+
+    assert parse_variant("lora:model.lora_rank=8,model.lora_targets=query,value,wo") == (
+        "lora", ["model.lora_rank=8", "model.lora_targets=query,value,wo"])
+    assert parse_variant("b16:train.batch_size=16, train.micro_batches=2")[1] == ["train.batch_size=16",
+                                                                                 "train.micro_batches=2"]
+    with pytest.raises(ConfigError, match="expected NAME:key=value"):
+        parse_variant("remat_full")
