@@ -28,6 +28,23 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     return attn + mlp + (d * n * h * 2 if cross else 0)
 
 
+def _lora_params(cfg: Config, names: tuple) -> int:
+    """Adapter weights (A and B) one token passes through in the projections ``names`` of a layer."""
+    m = cfg.model
+    d, f = m.d_model, m.d_ff
+    q, kv = m.num_heads * m.dim_per_head, m.kv_heads * m.dim_per_head
+    sizes = {"query": d + q, "key": d + kv, "value": d + kv, "out": q + d, "wo": f + d,
+             "wi_0": d + f if m.mlp in ("swiglu", "geglu") else 0, "wi_1": d + f if m.mlp in ("swiglu", "geglu") else 0,
+             "wi": 0 if m.mlp in ("swiglu", "geglu") else d + f}
+    return m.lora_rank * sum(sizes[n] for n in names if n in m.lora_names)
+
+
+def _matmul_flops(cfg: Config, frozen: float, adapters: float = 0.0) -> float:
+    """Training FLOPs per token of matmul weights: 6 per weight (forward, input and weight
+    gradients); a frozen one under LoRA needs no weight gradient: 4."""
+    return (4 if cfg.model.lora_rank else 6) * frozen + 6 * adapters
+
+
 def causal_keys_seen(length: int, window: int = 0, pattern: int = 0) -> float:
     """Keys a causal query sees on average: ``length / 2``; with a sliding ``window`` below the
     length, the mean of ``min(i, window)`` over ``[0, length]`` (``window - window^2 / (2 length)``);
@@ -45,23 +62,29 @@ def train_flops_per_step(cfg: Config) -> float:
     average, fewer with ``model.sliding_window``). Embedding lookups are free; the output layer
     counts (d_model x vocab, plus BERT's d_model x d_model transform). Cross-attention keys and
     values are projected once per encoder position and decoder layer. The same count serves
-    ``plan`` and the training log's MFU."""
+    ``plan`` and the training log's MFU. With LoRA (``model.lora_rank``) the frozen weights
+    count 4 (no weight gradient) and the adapters 6, less the input gradient of each stack's
+    first q / k / v (it would only reach the frozen embeddings)."""
     m, b = cfg.model, cfg.train.batch_size
     attn_width = m.num_heads * m.dim_per_head
-    head = 6 * m.d_model * m.vocab_size + (6 * m.d_model * m.d_model if m.mlm_head_transform else 0)
+    self_names, cross_q = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo"), ("query", "out")
+    layer = _matmul_flops(cfg, _layer_matmul_params(cfg, False), _lora_params(cfg, self_names))
+    head = _matmul_flops(cfg, m.d_model * m.vocab_size + (m.d_model * m.d_model if m.mlm_head_transform else 0))
+    first_qkv = 2 * m.d_model * (attn_width + 2 * m.kv_heads * m.dim_per_head) if m.lora_rank else 0
     if m.family == "encoder_decoder":
         t_enc, t_dec = cfg.data.seq_len, target_length(cfg)
-        cross_kv = 6 * m.decoder_layers * 2 * m.d_model * m.kv_heads * m.dim_per_head
-        enc = t_enc * (6 * m.num_layers * _layer_matmul_params(cfg, False) + 12 * m.num_layers * t_enc * attn_width
-                       + cross_kv)
-        dec = t_dec * (6 * m.decoder_layers * _layer_matmul_params(cfg, True) + head
+        cross_kv = m.decoder_layers * _matmul_flops(cfg, 2 * m.d_model * m.kv_heads * m.dim_per_head,
+                                                    _lora_params(cfg, ("key", "value")))
+        enc = t_enc * (m.num_layers * layer + 12 * m.num_layers * t_enc * attn_width + cross_kv - first_qkv)
+        dec_layer = layer + _matmul_flops(cfg, 2 * m.d_model * attn_width, _lora_params(cfg, cross_q))
+        dec = t_dec * (m.decoder_layers * dec_layer + head - first_qkv
                        + 12 * m.decoder_layers * attn_width
                        * causal_keys_seen(t_dec, m.sliding_window, m.sliding_window_pattern)
                        + 12 * m.decoder_layers * t_enc * attn_width)  # cross-attention
         return float(b * (enc + dec))
     t = cfg.data.seq_len
     keys_seen = causal_keys_seen(t, m.sliding_window, m.sliding_window_pattern) if m.family == "decoder" else t
-    per_token = 6 * m.num_layers * _layer_matmul_params(cfg, False) + head + 12 * m.num_layers * keys_seen * attn_width
+    per_token = m.num_layers * layer + head + 12 * m.num_layers * keys_seen * attn_width - first_qkv
     return float(b * t * per_token)
 
 
