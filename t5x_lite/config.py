@@ -143,6 +143,10 @@ class DataConfig:
     # objective supervised: JSON lines of (input, target) pairs; the loss is on the target only
     input_field: str = "input"
     target_field: str = "target"
+    # records with a messages field (a conversation ending with the assistant's turn) are rendered
+    # by this chat template file (import-hf writes the model's and sets this)
+    messages_field: str = "messages"
+    chat_template: Optional[str] = None
     tokenizer: Optional[str] = None  # sentencepiece .model; None: train one into the work dir
     seq_len: int = 128  # tokens per row (encoder input length for encoder_decoder)
     # encoder_decoder decoder length; None: what span corruption makes of seq_len (supervised: seq_len)

@@ -767,6 +767,50 @@ def test_supervised_pairs_from_json_lines(tmp_path, corpus):
         make_datasets(make_cfg("decoder", "supervised", path=str(prepared)), str(tmp_path / "run2"), log=print)
 
 
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_chat_templates_render_as_transformers_and_split_into_pairs(tmp_path):
+    """Conversations rendered by a model's chat template as transformers renders them; the last
+    assistant turn is the target (the template's EOS left to the pipeline, as a leading BOS)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from t5x_lite.data import chat
+
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}]
+    prompts = {CHATML: "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                       "<|im_start|>assistant\n",
+               LLAMA3: "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+                       "<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"}
+    for template, bos, eos in [(CHATML, "", "<|im_end|>"), (LLAMA3, "<|begin_of_text|>", "<|eot_id|>")]:
+        spec = {"template": template, "bos_token": bos, "eos_token": eos}
+        for generation, messages in [(True, talk[:-1]), (False, talk)]:
+            (want,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=generation,
+                                               bos_token=bos, eos_token=eos)
+            assert chat.render(spec, messages, generation) == want
+        assert chat.as_pair(spec, talk) == (prompts[template], "Hello!")  # Llama 3's BOS left to the pipeline
+    assert chat.as_pair({"template": CHATML}, talk)[1] == "Hello!<|im_end|>"  # no EOS named: the marker stays
+
+    (tmp_path / "chat.json").write_text(json.dumps({"template": CHATML, "bos_token": "", "eos_token": "<|im_end|>"}))
+    path = tmp_path / "talk.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": talk}, {"input": "plain", "target": "pair"}, {"messages": talk[:-1]},
+        {"messages": "not a list"}]) + "\n")
+    skipped = corpus_module.Skipped()
+    pairs = corpus_module.read_pairs(str(path), "input", "target", skipped=skipped,
+                                     chat=chat.load(str(tmp_path / "chat.json")))
+    assert pairs[1::2] == ["Hello!", "pair"] and pairs[2] == "plain"
+    assert "ending with an assistant turn" in str(skipped) and "messages not a list" in str(skipped)
+    skipped = corpus_module.Skipped()
+    assert corpus_module.read_pairs(str(path), "input", "target", skipped=skipped) == ["plain", "pair"]
+    assert "without data.chat_template" in str(skipped)
+
+
 # ---------------------------------------------------------------------- worker processes (data.workers)
 
 

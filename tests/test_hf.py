@@ -477,6 +477,9 @@ def test_cli_import_train_decode_export(tmp_path, capsys):
     from t5x_lite.partitioning import make_mesh
 
     path, corpus = _tiny_llama_with_tokenizer(tmp_path)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:  # kept for conversations in supervised data
+        f.write(template)
     wd, out = str(tmp_path / "run"), str(tmp_path / "exported")
     lr = 1e-4
     settings = [f"data.path={corpus}", "data.seq_len=32", "train.steps=1", "train.batch_size=8",
@@ -487,6 +490,8 @@ def test_cli_import_train_decode_export(tmp_path, capsys):
 
     assert cli.main(["train", "--config", os.path.join(wd, "config.yaml"), "--workdir", wd]) == 0
     cfg = read_config(wd)
+    with open(cfg.data.chat_template) as f:
+        assert json.load(f)["template"] == template
     ckpt = Checkpoints(wd, cfg, read_only=True)
     assert ckpt.all_steps() == [0, 1]
     target = abstract_param_tree(cfg, make_mesh(cfg))

@@ -279,9 +279,8 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipped,
-                  hint: str = "--field or data.field") -> Optional[list[str]]:
-    """The texts of ``fields`` in one JSON line, or None (skipped, once) when one is missing."""
+def _json_object(line: bytes, where: str, skipped: Skipped) -> Optional[dict]:
+    """One JSON line's object, or None (skipped)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -292,6 +291,16 @@ def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipp
         return None
     if not isinstance(record, dict):
         skipped.add("JSON lines not an object", f"{where} (a {type(record).__name__})")
+        return None
+    return record
+
+
+def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipped,
+                  hint: str = "--field or data.field", record: Optional[dict] = None) -> Optional[list[str]]:
+    """The texts of ``fields`` in one JSON line (or its parsed ``record``), or None (skipped,
+    once) when one is missing."""
+    record = _json_object(line, where, skipped) if record is None else record
+    if record is None:
         return None
     for field in fields:
         text = record.get(field)
@@ -386,10 +395,14 @@ def read_documents(
 
 
 def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Optional[int] = None,
-               skipped: Optional[Skipped] = None) -> list[str]:
+               skipped: Optional[Skipped] = None, messages_field: str = "messages",
+               chat: Optional[dict] = None) -> list[str]:
     """(input, target) pairs from the JSON lines of ``spec``, flattened: ``[input 0, target 0,
     input 1, ...]``. A pair needs both fields as strings and a non-blank target (an input may be
-    empty); other lines and non-JSON-lines files are counted in ``skipped``."""
+    empty), or a conversation in ``messages_field`` that the ``chat`` template renders
+    (``data.chat.as_pair``); other lines and non-JSON-lines files are counted in ``skipped``."""
+    from t5x_lite.data import chat as chat_module
+
     files = resolve(spec)
     if not files:
         raise DataError(f"data.path={spec!r} matches no file (give a file, a directory or a glob)")
@@ -405,10 +418,23 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
                 for line, where in _jsonl_lines(Segment(path, 0, st.st_size, st.st_size, st.st_mtime_ns), f):
                     if not line.strip():
                         continue
-                    texts = _jsonl_fields(line, (input_field, target_field), where, skipped,
-                                          "data.input_field / data.target_field")
-                    if texts is None:
+                    record = _json_object(line, where, skipped)
+                    if record is None:
                         continue
+                    if messages_field in record:
+                        if chat is None:
+                            skipped.add(f"conversations ({messages_field!r}) without data.chat_template", where)
+                            continue
+                        try:
+                            texts = list(chat_module.as_pair(chat, record[messages_field]))
+                        except ValueError as e:
+                            skipped.add(str(e), where)
+                            continue
+                    else:
+                        texts = _jsonl_fields(line, (input_field, target_field), where, skipped,
+                                              "data.input_field / data.target_field", record=record)
+                        if texts is None:
+                            continue
                     if not texts[1].strip():
                         skipped.add("pairs with a blank target", where)
                         continue
@@ -429,7 +455,11 @@ def load_documents(data_cfg, skipped: Optional[Skipped] = None) -> list[str]:
         docs = stdlib_pairs()
         return docs[: 2 * data_cfg.max_docs] if data_cfg.max_docs is not None else docs
     if data_cfg.objective == "supervised":
-        docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped)
+        from t5x_lite.data import chat
+
+        template = chat.load(data_cfg.chat_template) if data_cfg.chat_template else None
+        docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped,
+                          data_cfg.messages_field, template)
         if not docs:
             raise DataError(f"data.path={data_cfg.path!r} holds no (input, target) pair with the fields "
                             f"{data_cfg.input_field!r} and {data_cfg.target_field!r}" +
@@ -458,8 +488,11 @@ def source_key(data_cfg) -> str:
         files, origin = _stdlib_files(), ["stdlib", sys.version, data_cfg.objective == "supervised"]
     else:
         files, origin = resolve(data_cfg.path), ["path", data_cfg.field]
+        if data_cfg.chat_template and not os.path.isfile(data_cfg.chat_template):
+            raise DataError(f"data.chat_template={data_cfg.chat_template!r} does not exist")
         if data_cfg.objective == "supervised":
-            origin = ["pairs", data_cfg.input_field, data_cfg.target_field]
+            origin = ["pairs", data_cfg.input_field, data_cfg.target_field, data_cfg.messages_field,
+                      fingerprint([data_cfg.chat_template]) if data_cfg.chat_template else None]
         if not files:
             raise DataError(f"data.path={data_cfg.path!r} matches no file (give a file, a directory or a glob)")
     text = json.dumps([origin, data_cfg.max_docs, fingerprint(files)])

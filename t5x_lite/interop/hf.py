@@ -1142,6 +1142,15 @@ def import_to_workdir(path: str, workdir: str, overrides: Sequence[str] = (), lo
             "tokenizer.json: "
             "set data.tokenizer in the work dir's config.yaml before train or decode")
     log(f"tokenizer: {tok!r}" if tok is not None else "tokenizer: none")
+    from t5x_lite.data import chat
+
+    template = chat.from_hf(path)
+    if template is not None:  # conversations (data.messages_field) in supervised data are rendered with it
+        chat_path = os.path.abspath(os.path.join(workdir, chat.CHAT_FILE))
+        with open(chat_path, "w", encoding="utf-8") as f:
+            json.dump(template, f, indent=1)
+        cfg.data.chat_template = chat_path
+        log(f"chat template: {chat_path} (data.chat_template)")
     log("writing the step-0 checkpoint")
     _save_step0(cfg, params, workdir)
     write_workdir_config(cfg, workdir)
