@@ -60,7 +60,10 @@ def load(path: str) -> dict:
 
 
 def _environment():
-    import jinja2
+    try:
+        import jinja2
+    except ImportError:
+        raise DataError("chat templates need jinja2: pip install -e '.[hf]'") from None
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # templates from the Hub are untrusted code
 
     def raise_exception(message):
