@@ -107,7 +107,7 @@ def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlp = {r["variant"]: r for r in json.loads((tmp_path / "mlp_cublas.json").read_text())}
     assert set(mlp) == {"module", "fused", "gemms"} and mlp["fused"]["max_dx_err"] < 1e-4  # fused == module
-    for name in ("seg1_m1", "seg1_m2", "seg4_m4", "seg4_m16", "seg4_m64"):
+    for name in ("seg1_m2", "seg4_m16"):  # SMOKE=1 runs two of the five shapes
         rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_{name}.json").read_text())}
         assert rows["xla_packed"]["max_out_err"] < 1e-5
 
