@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,8 @@ Array = jax.Array
 
 # The fixed special ids of this project's tokenizers (see data/tokenizer.py).
 PAD_ID, EOS_ID, BOS_ID, MASK_ID = 0, 1, 3, 4
+MAX_STOP_IDS = 4  # eos_id may name up to this many stop tokens (chat models end turns with their own)
+StopIds = Optional[Union[int, Sequence[int]]]  # None: never stop early; an id; up to MAX_STOP_IDS ids
 MASK_TOKEN = "<mask>"
 
 _BATCH_LENGTH = ("act_batch", "act_length")
@@ -111,6 +113,15 @@ def next_token(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
 
 def _dashed(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def stop_ids(eos_id) -> list:
+    """``eos_id`` as a list of token ids: None -> [], an id -> [id], a sequence as is (at most
+    ``MAX_STOP_IDS``, non-negative)."""
+    ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
+    if len(ids) > MAX_STOP_IDS or any(not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
+        raise ConfigError(f"eos_id={eos_id!r}: None, a token id or up to {MAX_STOP_IDS} of them")
+    return [int(i) for i in ids]
 
 
 def check_generation_args(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_beams: int,
@@ -346,7 +357,7 @@ class _Decoder:
     # ------------------------------------------------------------------ sampling loop
 
     def sample(self, params, state: dict, seed: int, max_new_tokens: int, sampling: Sampling,
-               eos_id: Optional[int], output_logits: bool):
+               eos_id: StopIds, output_logits: bool):
         """Run the sampling loop on a prefill ``state`` (donated). Returns device arrays
         ``(tokens [B, K], logprobs [B, K], logits [B, K, V] or None, steps)``. The seed, the
         sampling settings and ``eos_id`` are arguments of the compiled loop, not constants: one
@@ -359,9 +370,11 @@ class _Decoder:
             out, _final_state = fn(params, state, key, sampling.on_device(self.replicated), self._eos(eos_id))
         return out
 
-    def _eos(self, eos_id: Optional[int]) -> Array:
-        """``eos_id`` as a device scalar; -1 (no token) when None: never stop early."""
-        return jax.device_put(jnp.int32(-1 if eos_id is None else eos_id), self.replicated)
+    def _eos(self, eos_id) -> Array:
+        """``eos_id`` (None, a token id or up to ``MAX_STOP_IDS`` of them) as a device vector of
+        ``MAX_STOP_IDS`` ids, -1 (no token) for the unused: None never stops early."""
+        ids = stop_ids(eos_id)
+        return jax.device_put(jnp.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), jnp.int32), self.replicated)
 
     def _build_sample(self, state, max_new_tokens: int, output_logits: bool, greedy: bool):
         k = max_new_tokens
@@ -385,7 +398,7 @@ class _Decoder:
                 out["logprobs"] = c["logprobs"].at[:, step].set(jnp.where(c["done"], 0.0, logp_B))
                 if output_logits:
                     out["logits"] = c["logits"].at[:, step].set(logits_BV)
-                out["done"] = c["done"] | (tok_B == eos_id)
+                out["done"] = c["done"] | jnp.any(tok_B[:, None] == eos_id, axis=-1)
                 return out
 
             c = jax.lax.while_loop(lambda c: (c["step"] < k) & ~jnp.all(c["done"]), body, carry)
@@ -402,7 +415,7 @@ class _Decoder:
     # ------------------------------------------------------------------ beam search
 
     def beams(self, params, state: dict, num_beams: int, max_new_tokens: int, length_penalty: float,
-              eos_id: Optional[int]):
+              eos_id: StopIds):
         """Beam search on a prefill ``state`` (donated) whose rows hold every prompt ``num_beams``
         times. Returns device arrays ``(sequences [B, W, K], scores [B, W], steps)``, best first."""
         jkey = ("beams", _shapes(state), num_beams, max_new_tokens, _dtypes(params))
@@ -434,7 +447,7 @@ class _Decoder:
                 parent_bC, tok_bC = top_idx_bC // v, (top_idx_bC % v).astype(jnp.int32)
                 seqs_bCK = jnp.take_along_axis(c["alive"], parent_bC[..., None], axis=1)
                 seqs_bCK = jnp.where(jnp.arange(k) == step, tok_bC[..., None], seqs_bCK)
-                is_eos_bC = tok_bC == eos_id
+                is_eos_bC = jnp.any(tok_bC[..., None] == eos_id, axis=-1)
                 # Extensions ending in EOS compete with the finished hypotheses for W places.
                 ended_bC = jnp.where(is_eos_bC & ~c["done"][:, None], top_logp_bC / penalty(step + 1), -jnp.inf)
                 scores_bW, pick = jax.lax.top_k(jnp.concatenate([c["scores"], ended_bC], 1), w)
@@ -554,17 +567,18 @@ class Beams(NamedTuple):
 
 def generate_details(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, attention_mask=None,
-                     eos_id: Optional[int] = EOS_ID, start_id: int = BOS_ID, output_logits: bool = False,
+                     eos_id: StopIds = EOS_ID, start_id: int = BOS_ID, output_logits: bool = False,
                      mesh: Optional[Mesh] = None) -> Generation:
     """Greedy decoding or sampling, with the per-token log-probabilities (and logits if asked).
 
     ``input_ids``: a list of token lists (any lengths) or a ``[B, L]`` array with an optional
     ``attention_mask``. decoder: the prompts to continue (the CLI starts them with BOS);
-    encoder_decoder: the encoder inputs, the decoder starting from ``start_id``. ``eos_id=None``
-    never stops early. ``mesh``: default the parameters' mesh, else the config's training mesh."""
+    encoder_decoder: the encoder inputs, the decoder starting from ``start_id``. ``eos_id``: the
+    token that ends a row, or several (any of them ends it); None never stops early. ``mesh``: default the parameters' mesh, else the config's training mesh."""
     _check_family(cfg, "generate")
     check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           num_beams=1)
+    stop_ids(eos_id)
     prompts, dec, params = _setup(cfg, params, prompt_rows(input_ids, attention_mask), mesh, max_new_tokens)
     state = dec.prefill(params, prompts, max_new_tokens, start_id)
     tokens, logprobs, logits, steps = dec.sample(params, state, seed, max_new_tokens,
@@ -575,7 +589,7 @@ def generate_details(cfg: Config, params, input_ids, max_new_tokens: int = 32, t
 
 
 def beam_search(cfg: Config, params, input_ids, max_new_tokens: int = 32, num_beams: int = 4,
-                length_penalty: float = 1.0, *, attention_mask=None, eos_id: Optional[int] = EOS_ID,
+                length_penalty: float = 1.0, *, attention_mask=None, eos_id: StopIds = EOS_ID,
                 start_id: int = BOS_ID, mesh: Optional[Mesh] = None) -> Beams:
     """Beam search (decoder and encoder_decoder): the ``num_beams`` best sequences of every prompt.
 
@@ -584,6 +598,7 @@ def beam_search(cfg: Config, params, input_ids, max_new_tokens: int = 32, num_be
     score is its log-probability / length ** ``length_penalty`` (0: plain log-probability; > 0
     favours longer outputs). A row stops when no live beam can beat its finished ones."""
     _check_family(cfg, "beam search")
+    stop_ids(eos_id)
     check_generation_args(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, num_beams=num_beams,
                           length_penalty=length_penalty, vocab_size=cfg.model.vocab_size)
     prompts, dec, params = _setup(cfg, params, prompt_rows(input_ids, attention_mask), mesh, max_new_tokens,
@@ -595,7 +610,7 @@ def beam_search(cfg: Config, params, input_ids, max_new_tokens: int = 32, num_be
 
 def generate(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, num_beams: int = 1, seed: int = 0, *, attention_mask=None,
-             length_penalty: float = 1.0, eos_id: Optional[int] = EOS_ID, start_id: int = BOS_ID,
+             length_penalty: float = 1.0, eos_id: StopIds = EOS_ID, start_id: int = BOS_ID,
              mesh: Optional[Mesh] = None) -> np.ndarray:
     """New token ids, int32 ``[batch, new_length]``, EOS included and padded with 0 after it.
 
@@ -642,6 +657,21 @@ def fill_mask(cfg: Config, params, input_ids, top_k: int = 5, *, mask_id: int = 
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def cli_stop_ids(workdir: str, tokenizer) -> list:
+    """The tokenizer's EOS and, for an imported model, the ``eos_token_id``s of its
+    ``generation_config.json`` (chat models end a turn with their own token: Llama 3's
+    ``<|eot_id|>``, Gemma's ``<end_of_turn>``), at most ``MAX_STOP_IDS``."""
+    ids = [tokenizer.eos_id]
+    path = os.path.join(workdir, "hf_files", "generation_config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            extra = json.load(f).get("eos_token_id")
+        for i in extra if isinstance(extra, list) else [extra]:
+            if isinstance(i, int) and i >= 0 and i not in ids:
+                ids.append(i)
+    return ids[:MAX_STOP_IDS]
 
 
 def _cli_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
@@ -706,6 +736,7 @@ def run_decode_cli(args) -> int:
         raise ConfigError(f"--num-beams={args.num_beams}: the encoder family fills masks, it does not search "
                           "beams; drop --num-beams (use --top-k for the number of candidates)")
     rows = [_cli_prompt_ids(cfg, tokenizer, p) for p in texts]
+    stops = cli_stop_ids(args.workdir, tokenizer)
     if family == "encoder":
         if tokenizer.mask_id is None:
             raise ConfigError(f"the tokenizer of {args.workdir} has no {MASK_TOKEN} token to fill")
@@ -728,7 +759,7 @@ def run_decode_cli(args) -> int:
         else:
             tokens = generate(cfg, params, [rows[i] for i in chunk], args.max_new_tokens, args.temperature,
                               args.top_k, args.top_p, args.num_beams, args.seed + k,
-                              length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, start_id=tokenizer.bos_id)
+                              length_penalty=args.length_penalty, eos_id=stops, start_id=tokenizer.bos_id)
             for i, row in zip(chunk, tokens):
                 outputs[i] = tokenizer.decode(row)
         if len(rows) > args.batch_size:

@@ -197,6 +197,29 @@ def test_beams_sorted_consistent_and_no_worse_than_greedy(dec, single, stop):
 # --------------------------------------------------------------------------- sampling
 
 
+def test_any_of_several_stop_ids_ends_a_row(dec, single):
+    """eos_id as several tokens (a chat model's EOS and end of turn): each row ends at the first
+    of them it emits, as the full greedy run cut there; beams take them too."""
+    cfg, params = dec
+    full = generate(cfg, params, PROMPTS, K, eos_id=None, mesh=single)
+    row = full[0].tolist()
+    p = next(i for i in range(1, K) if row[i] not in row[:i])  # a token row 0 first emits at step p
+    absent = next(t for t in range(5, cfg.model.vocab_size) if t not in full)
+    stops = [absent, row[p]]
+    got = generate(cfg, params, PROMPTS, K, eos_id=stops, mesh=single)
+    for r, g in zip(full, got):
+        hits = [i for i, t in enumerate(r) if t in stops]
+        end = hits[0] + 1 if hits else K
+        np.testing.assert_array_equal(g[:end], r[:end])
+        assert not g[end:].any()  # padding after the stop
+    assert got.shape[1] <= K and not got[0, p + 1:].any()
+    one = beam_search(cfg, params, PROMPTS[:1], K, num_beams=2, eos_id=row[p], mesh=single)
+    two = beam_search(cfg, params, PROMPTS[:1], K, num_beams=2, eos_id=[absent, row[p]], mesh=single)
+    np.testing.assert_array_equal(two.sequences, one.sequences)
+    with pytest.raises(ConfigError, match="up to 4 of them"):
+        generate(cfg, params, PROMPTS, K, eos_id=[1, 2, 3, 4, 5], mesh=single)
+
+
 def test_filter_logits_keeps_exactly_top_k_and_nucleus():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
