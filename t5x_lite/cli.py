@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="input", help="the prompt field of --input's records (default: input)")
     p.add_argument("--output", help="write JSON lines: each --input record with its 'output' (default: print)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded at once (default 32)")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn (an --input record's 'messages', the conversation so far), "
+                        "rendered by the work dir's chat template (data.chat_template)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0,

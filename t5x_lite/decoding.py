@@ -693,6 +693,7 @@ def _prompt_records(args) -> list[dict]:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
     if args.prompt:
         return [{args.field: p} for p in args.prompt]
+    need = "'messages' or " if getattr(args, "chat", False) else ""
     records = []
     try:
         with open(args.input, encoding="utf-8") as f:
@@ -703,8 +704,11 @@ def _prompt_records(args) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{args.input}:{lineno} is not JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(args.field), str):
-                    raise ConfigError(f"{args.input}:{lineno} has no text field {args.field!r} (name it with --field)")
+                usable = isinstance(record, dict) and (isinstance(record.get(args.field), str)
+                                                       or (need and isinstance(record.get("messages"), list)))
+                if not usable:
+                    raise ConfigError(f"{args.input}:{lineno} has no {need}text field {args.field!r} "
+                                      "(name it with --field)")
                 records.append(record)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read --input {args.input}: {e}") from None
@@ -728,9 +732,18 @@ def run_decode_cli(args) -> int:
     check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, cli=True)
     records = _prompt_records(args)
-    texts = [r[args.field] for r in records]
+    texts = shown = [r.get(args.field, "") for r in records]
     t0 = time.time()
     cfg, params, tokenizer = load_for_inference(args.workdir)
+    if args.chat:  # the model's own conversation format, its turn to speak
+        from t5x_lite.data import chat
+
+        if not cfg.data.chat_template:
+            raise ConfigError(f"--chat needs a chat template: {args.workdir}'s data.chat_template is unset "
+                              "(import-hf keeps a model's; or set it to a chat_template.json)")
+        template = chat.load(cfg.data.chat_template)
+        texts = [chat.prompt_text(template, r.get("messages") or [{"role": "user", "content": r[args.field]}])
+                 for r in records]
     family = cfg.model.family
     if family == "encoder" and args.num_beams > 1:
         raise ConfigError(f"--num-beams={args.num_beams}: the encoder family fills masks, it does not search "
@@ -740,7 +753,7 @@ def run_decode_cli(args) -> int:
     if family == "encoder":
         if tokenizer.mask_id is None:
             raise ConfigError(f"the tokenizer of {args.workdir} has no {MASK_TOKEN} token to fill")
-        missing = [p for p, r in zip(texts, rows) if tokenizer.mask_id not in r]
+        missing = [p for p, r in zip(shown, rows) if tokenizer.mask_id not in r]
         if missing:
             raise ConfigError(f"an encoder model fills {MASK_TOKEN} tokens, and these prompts hold none: {missing[:5]}")
     else:
@@ -775,7 +788,7 @@ def run_decode_cli(args) -> int:
         os.replace(tmp, args.output)
         print(f"wrote {len(records)} records to {args.output}", file=sys.stderr)
         return 0
-    for text, out in zip(texts, outputs):
+    for text, out in zip(shown, outputs):
         print(f">>> {text}")
         if family != "encoder":
             print(out)

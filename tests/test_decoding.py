@@ -455,6 +455,36 @@ def test_cli_decodes_a_file_of_prompts_in_batches(workdir, capsys, tmp_path):
     assert code == 2 and "prompts.jsonl:1 has no text field 'input'" in err
 
 
+def test_cli_chat_renders_each_prompt_as_a_user_turn(workdir, capsys, tmp_path):
+    """--chat: a prompt is the user's turn of a conversation in the work dir's chat template
+    (an --input record may give the conversation so far); the same tokens as the rendered text."""
+    import shutil
+
+    from t5x_lite.checkpoints import read_config
+    from t5x_lite.trainer import write_workdir_config
+
+    path, _ = workdir
+    code, _, err = run_cli(capsys, "--workdir", path, "--prompt", "ka", "--chat")
+    assert code == 2 and "--chat needs a chat template" in err
+    chatty = str(tmp_path / "chatty")
+    shutil.copytree(path, chatty)
+    (tmp_path / "chat.json").write_text(json.dumps({
+        "template": "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                    "{% if add_generation_prompt %}<assistant>{% endif %}", "bos_token": "", "eos_token": ""}))
+    cfg = read_config(chatty)
+    cfg.data.chat_template = str(tmp_path / "chat.json")
+    write_workdir_config(cfg, chatty)
+    args = ("--workdir", chatty, "--max-new-tokens", "4")
+    _, out, _ = run_cli(capsys, *args, "--chat", "--prompt", "ka ri")
+    _, rendered, _ = run_cli(capsys, *args, "--prompt", "<user> ka ri <assistant>")
+    body = lambda printed: printed.split("\n", 1)[1][:-1]  # the completion, after the ">>> prompt" line
+    assert body(out) == body(rendered) and out.startswith(">>> ka ri\n")
+    src, dst = tmp_path / "talk.jsonl", tmp_path / "answers.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "ka ri"}]}) + "\n")
+    assert run_cli(capsys, *args, "--chat", "--input", str(src), "--output", str(dst))[0] == 0
+    assert json.loads(dst.read_text())["output"] == body(rendered)
+
+
 def test_cli_errors(workdir, capsys, tmp_path):
     from t5x_lite.trainer import write_workdir_config
 

@@ -84,6 +84,14 @@ def render(chat: dict, messages: list, add_generation_prompt: bool) -> str:
                            bos_token=chat.get("bos_token", ""), eos_token=chat.get("eos_token", ""))
 
 
+def prompt_text(chat: dict, messages: list) -> str:
+    """A conversation rendered with the generation prompt (the assistant's turn to speak), less
+    a leading BOS (the pipeline and the decoder add it)."""
+    prompt = render(chat, messages, add_generation_prompt=True)
+    bos = chat.get("bos_token", "")
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
 def as_pair(chat: dict, messages) -> tuple[str, str]:
     """(input, target) of a conversation whose last turn is the assistant's. Raises ValueError
     (the reason a record is skipped) otherwise, or when the template does not render the
@@ -98,9 +106,7 @@ def as_pair(chat: dict, messages) -> tuple[str, str]:
     if not full.startswith(prompt):
         raise ValueError("conversations whose rendering does not start with their prompt")
     target = full[len(prompt):].rstrip()
-    bos, eos = chat.get("bos_token", ""), chat.get("eos_token", "")
+    eos = chat.get("eos_token", "")
     if eos and target.endswith(eos):
         target = target[: -len(eos)]
-    if bos and prompt.startswith(bos):
-        prompt = prompt[len(bos):]
-    return prompt, target
+    return prompt_text(chat, messages[:-1]), target
