@@ -266,6 +266,36 @@ def test_lora_on_an_import_starts_as_the_import_and_exports_merged(cases, tmp_pa
     np.testing.assert_allclose(case.reference(reloaded, ids, mask)[valid], tuned[valid], atol=1e-4, rtol=0)
 
 
+def test_gemma3_multimodal_checkpoint_imports_its_text_model(tmp_path):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the language model is imported alone
+    (the vision tower unread), its logits equal transformers' on text, and export-hf writes it as
+    a Gemma3ForCausalLM with the same logits."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(
+        text_config=dict(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=16, intermediate_size=F, max_position_embeddings=32, sliding_window=4,
+                         sliding_window_pattern=2, initializer_range=0.2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = _randomised(transformers.Gemma3ForConditionalGeneration(config), "norm.weight").eval()
+    path = str(tmp_path / "gemma3mm")
+    model.save_pretrained(path)
+    cfg, params = hf.load(path)
+    assert cfg.model.sliding_window_pattern == 2 and cfg.model.qk_norm
+    ids, mask, _ = _inputs()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(t5x_lite.logits(cfg, params, ids)), want, atol=1e-4, rtol=0)
+    with open(os.path.join(path, "config.json")) as f:
+        base = hf.text_model_config(json.load(f))
+    base.pop("_text_of")
+    out = str(tmp_path / "text")
+    assert hf.save(cfg, params, out, base_config=base) == "Gemma3ForCausalLM"
+    reloaded = transformers.Gemma3ForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(input_ids=torch.tensor(ids)).logits.numpy(), want, atol=1e-4, rtol=0)
+
+
 def test_t5_head_of_its_own_that_still_scales_folds_the_scale(cases, tmp_path):
     """A T5 checkpoint with its own lm_head whose config scales the decoder output by
     d_model ** -0.5 (v1.0-style): the scale is folded into our head kernel."""

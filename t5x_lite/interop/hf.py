@@ -814,6 +814,18 @@ class T5(Arch):
 ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Phi3(), Gemma(), Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
+# multimodal checkpoints whose text model is imported alone: model_type -> its language model's tensor prefix
+TEXT_OF_MULTIMODAL = {"gemma3": "language_model.model."}
+
+
+def text_model_config(hf: dict) -> dict:
+    """A multimodal config (Gemma 3 4B+: ``Gemma3ForConditionalGeneration``) as its text model's
+    (``gemma3_text``, marked with where its tensors are); any other config as it is."""
+    if hf.get("model_type") not in TEXT_OF_MULTIMODAL or not isinstance(hf.get("text_config"), dict):
+        return hf
+    text = dict(hf["text_config"], model_type="gemma3_text", _text_of=hf["model_type"])
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+    return text
 
 
 # ------------------------------------------------------------------ tensor tables
@@ -904,6 +916,7 @@ def read_hf_config(path: str) -> dict:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise InteropError(f"{config_path} is not valid JSON: {e}") from None
+    hf = text_model_config(hf)
     if hf.get("model_type") not in ARCHS:
         raise InteropError(f"model_type {hf.get('model_type')!r} in {config_path} is not supported; "
                            f"supported: {', '.join(SUPPORTED)}")
@@ -929,8 +942,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     hf = read_hf_config(path)
     files = TensorFiles(path)
     arch = ARCHS[hf["model_type"]]
-    if arch.prefix:
-        files.strip_prefix(arch.prefix, keep=HEAD_PREFIXES)
+    prefix = TEXT_OF_MULTIMODAL.get(hf.get("_text_of"), arch.prefix)  # (the vision tower's tensors go unread)
+    if prefix:
+        files.strip_prefix(prefix, keep=HEAD_PREFIXES)
     try:
         fields = arch.model_fields(hf, files.names())
         # training an imported model drops out as transformers does in train mode
@@ -1183,7 +1197,8 @@ def export_from_workdir(workdir: str, output: str, dtype: str = "float32", log: 
         raise InteropError(f"--output {output} exists and is not empty; give a new path (export never overwrites)")
     _np_dtype(dtype)
     cfg, params = _workdir_params(workdir)
-    base = _read_json(os.path.join(workdir, HF_CONFIG_FILE))
+    base = text_model_config(_read_json(os.path.join(workdir, HF_CONFIG_FILE)))  # a multimodal import: its text model
+    base.pop("_text_of", None)
     arch = save(cfg, params, output, base, dtype)
     files = os.path.join(workdir, HF_FILES_DIR)
     copied = sorted(os.listdir(files)) if os.path.isdir(files) else []
