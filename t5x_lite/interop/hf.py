@@ -201,8 +201,10 @@ def _hf_act(cfg: ModelConfig) -> str:
 _EXTRAS = {
     "qk_norm": (lambda m: m.qk_norm, "model.qk_norm=True (a norm on each head's q and k: Qwen3's, Gemma 3's)"),
     "embed_scale": (lambda m: m.embed_scale, "model.embed_scale=True (embeddings times sqrt(d_model): Gemma's)"),
-    "window_pattern": (lambda m: bool(m.sliding_window_pattern or m.rope_local_theta),
-                       "model.sliding_window_pattern / rope_local_theta (local and global layers: Gemma 2 / 3)"),
+    "window_pattern": (lambda m: bool(m.sliding_window_pattern),
+                       "model.sliding_window_pattern (local and global layers: Gemma 2 / 3)"),
+    "local_rope": (lambda m: m.rope_local_theta not in (None, m.rope_theta),
+                   "model.rope_local_theta (a RoPE base of the windowed layers' own: Gemma 3)"),
     "attention_scale_dim": (lambda m: m.attention_scale_dim not in (None, m.dim_per_head),
                             "model.attention_scale_dim (scores scaled by other than 1 / sqrt(head_dim): Gemma's)"),
     "softcap": (lambda m: bool(m.attn_logit_softcap or m.final_logit_softcap),
@@ -659,12 +661,6 @@ class Gemma2(Gemma):
                     attn_logit_softcapping=cfg.attn_logit_softcap or None,
                     final_logit_softcapping=cfg.final_logit_softcap or None)
 
-    def extra_problems(self, cfg):
-        out = super().extra_problems(cfg)
-        if cfg.rope_local_theta not in (None, cfg.rope_theta):
-            out.append(f"model.rope_local_theta={cfg.rope_local_theta} (one RoPE base for every layer)")
-        return out
-
     def maps(self, cfg):
         lay, n, norm = "decoder/stack/{layer}", cfg.num_layers, self.norm_layout
         return super().maps(cfg) + [
@@ -681,6 +677,7 @@ class Gemma3(Gemma2):
 
     model_types = window_types = ("gemma3_text",)
     requires = dict(Gemma2.requires, qk_norm=True)
+    extras = Gemma2.extras | {"local_rope"}
 
     def model_fields(self, hf, names):
         rope = hf.get("rope_parameters") or {}
@@ -697,9 +694,6 @@ class Gemma3(Gemma2):
             out.pop(key)
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         return dict(out, rope_parameters={"full_attention": out["rope_parameters"], "sliding_attention": local})
-
-    def extra_problems(self, cfg):
-        return Gemma.extra_problems(self, cfg)
 
     def maps(self, cfg):
         lay, n, norm = "decoder/stack/{layer}/self_attention", cfg.num_layers, self.norm_layout
