@@ -663,8 +663,10 @@ def cli_stop_ids(workdir: str, tokenizer) -> list:
     """The tokenizer's EOS and, for an imported model, the ``eos_token_id``s of its
     ``generation_config.json`` (chat models end a turn with their own token: Llama 3's
     ``<|eot_id|>``, Gemma's ``<end_of_turn>``), at most ``MAX_STOP_IDS``."""
+    from t5x_lite.interop.hf import HF_FILES_DIR
+
     ids = [tokenizer.eos_id]
-    path = os.path.join(workdir, "hf_files", "generation_config.json")
+    path = os.path.join(workdir, HF_FILES_DIR, "generation_config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             extra = json.load(f).get("eos_token_id")
@@ -693,7 +695,6 @@ def _prompt_records(args) -> list[dict]:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
     if args.prompt:
         return [{args.field: p} for p in args.prompt]
-    need = "'messages' or " if getattr(args, "chat", False) else ""
     records = []
     try:
         with open(args.input, encoding="utf-8") as f:
@@ -704,11 +705,9 @@ def _prompt_records(args) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{args.input}:{lineno} is not JSON ({e.msg})") from None
-                usable = isinstance(record, dict) and (isinstance(record.get(args.field), str)
-                                                       or (need and isinstance(record.get("messages"), list)))
-                if not usable:
-                    raise ConfigError(f"{args.input}:{lineno} has no {need}text field {args.field!r} "
-                                      "(name it with --field)")
+                # (--chat: a conversation field may stand in, checked against the work dir's config)
+                if not isinstance(record, dict) or not (args.chat or isinstance(record.get(args.field), str)):
+                    raise ConfigError(f"{args.input}:{lineno} has no text field {args.field!r} (name it with --field)")
                 records.append(record)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read --input {args.input}: {e}") from None
@@ -741,8 +740,11 @@ def run_decode_cli(args) -> int:
         if not cfg.data.chat_template:
             raise ConfigError(f"--chat needs a chat template: {args.workdir}'s data.chat_template is unset "
                               "(import-hf keeps a model's; or set it to a chat_template.json)")
-        template = chat.load(cfg.data.chat_template)
-        texts = [chat.prompt_text(template, r.get("messages") or [{"role": "user", "content": r[args.field]}])
+        template, talk = chat.load(cfg.data.chat_template), cfg.data.messages_field
+        for i, r in enumerate(records):
+            if not isinstance(r.get(talk), list) and not isinstance(r.get(args.field), str):
+                raise ConfigError(f"prompt {i + 1} has neither a conversation {talk!r} nor a text field {args.field!r}")
+        texts = [chat.prompt_text(template, r.get(talk) or [{"role": "user", "content": r[args.field]}])
                  for r in records]
     family = cfg.model.family
     if family == "encoder" and args.num_beams > 1:

@@ -32,6 +32,11 @@ def adapters(tree):
     return jax.tree_util.tree_map_with_path(lambda path, x: x if is_lora(path) else None, tree)
 
 
+def trained(cfg, tree):
+    """What of ``tree`` (params, or shaped like them) trains: the adapters under LoRA, else all of it."""
+    return adapters(tree) if cfg.model.lora_rank else tree
+
+
 def with_frozen(adapter_tree, params):
     """The full parameters: ``adapter_tree``'s leaves where it has them, ``params``' elsewhere."""
     return jax.tree.map(lambda a, p: p if a is None else a, adapter_tree, params, is_leaf=lambda x: x is None)

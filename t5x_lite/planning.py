@@ -140,7 +140,7 @@ class StateBytes:
         params = nn.meta.unbox(abstract_params(cfg))
         opt_state = jax.eval_shape(make_optimizer(cfg)[0].init, params)
         p = _tree_bytes(params)
-        g = _tree_bytes(lora.adapters(params)) if cfg.model.lora_rank else p
+        g = _tree_bytes(lora.trained(cfg, params))
         return cls(float(p), float(g), float(_tree_bytes(opt_state)))
 
 

@@ -98,10 +98,10 @@ class TrainSetup:
 
     def bytes_per_device(self) -> dict:
         s = self.abstract_state
-        trained = (lambda tree: lora.adapters(tree)) if self.cfg.model.lora_rank else (lambda tree: tree)
+        trained = lambda tree: lora.trained(self.cfg, tree)  # LoRA: the adapters' gradients alone
         return {
             "params": partitioning.bytes_per_device(s.params, self.state_shardings.params),
-            "grads": partitioning.bytes_per_device(trained(s.params), trained(self.grad_shardings)),  # LoRA: adapters
+            "grads": partitioning.bytes_per_device(trained(s.params), trained(self.grad_shardings)),
             "opt_state": partitioning.bytes_per_device(s.opt_state, self.state_shardings.opt_state),
         }
 
@@ -160,7 +160,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
     with_lora = bool(cfg.model.lora_rank)
     # LoRA: gradients of the adapters alone (None elsewhere), filled with zeros for the optimizer at the end
-    acc_shardings = lora.adapters(grad_shardings) if with_lora else grad_shardings
+    acc_shardings = lora.trained(cfg, grad_shardings)
 
     def grad_sums(params, batch, rng, scale):
         def loss_of(p):
@@ -168,7 +168,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             sums = loss_sums(p, batch, rng)
             return sums["loss"] * scale, sums  # float16: the backward pass runs scaled
 
-        grads, sums = jax.grad(loss_of, has_aux=True)(lora.adapters(params) if with_lora else params)
+        grads, sums = jax.grad(loss_of, has_aux=True)(lora.trained(cfg, params))
         return grads, sums
 
     def train_step(state: TrainState, batch: dict):
@@ -193,7 +193,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 acc_grads = jax.lax.with_sharding_constraint(acc_grads, acc_shardings)
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
 
-            zero_grads = jax.tree.map(jnp.zeros_like, lora.adapters(state.params) if with_lora else state.params)
+            zero_grads = jax.tree.map(jnp.zeros_like, lora.trained(cfg, state.params))
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)

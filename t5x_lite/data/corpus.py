@@ -295,13 +295,9 @@ def _json_object(line: bytes, where: str, skipped: Skipped) -> Optional[dict]:
     return record
 
 
-def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipped,
-                  hint: str = "--field or data.field", record: Optional[dict] = None) -> Optional[list[str]]:
-    """The texts of ``fields`` in one JSON line (or its parsed ``record``), or None (skipped,
-    once) when one is missing."""
-    record = _json_object(line, where, skipped) if record is None else record
-    if record is None:
-        return None
+def _record_fields(record: dict, fields: Sequence[str], where: str, skipped: Skipped,
+                   hint: str = "--field or data.field") -> Optional[list[str]]:
+    """The texts of ``fields`` in one JSON record, or None (skipped, once) when one is missing."""
     for field in fields:
         text = record.get(field)
         if not isinstance(text, str):
@@ -313,7 +309,8 @@ def _jsonl_fields(line: bytes, fields: Sequence[str], where: str, skipped: Skipp
 
 def _jsonl_record(line: bytes, field: str, where: str, skipped: Skipped) -> Optional[str]:
     """The text of one JSON line, or None (skipped) when it has none."""
-    texts = _jsonl_fields(line, (field,), where, skipped)
+    record = _json_object(line, where, skipped)
+    texts = None if record is None else _record_fields(record, (field,), where, skipped)
     return None if texts is None else texts[0]
 
 
@@ -431,8 +428,8 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
                             skipped.add(str(e), where)
                             continue
                     else:
-                        texts = _jsonl_fields(line, (input_field, target_field), where, skipped,
-                                              "data.input_field / data.target_field", record=record)
+                        texts = _record_fields(record, (input_field, target_field), where, skipped,
+                                               "data.input_field / data.target_field")
                         if texts is None:
                             continue
                     if not texts[1].strip():
