@@ -240,6 +240,12 @@ def concat_rows(seq_start: np.ndarray, length: int, max_pieces: int = 0):
     return row_starts, float(num_tokens / (rows * length)) if rows else 0.0
 
 
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int64: ``starts[i] + [0, counts[i])`` for every i, back to back."""
+    counts = np.asarray(counts, np.int64)
+    return np.repeat(starts, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def _pieces(row_starts: np.ndarray, seq_start: np.ndarray, rows: np.ndarray):
     """The parts of sequences inside packed rows.
 
@@ -251,7 +257,7 @@ def _pieces(row_starts: np.ndarray, seq_start: np.ndarray, rows: np.ndarray):
     first = np.searchsorted(seq_start, a, side="right") - 1
     counts = np.searchsorted(seq_start, b, side="left") - first
     piece_row = np.repeat(np.arange(len(rows)), counts)
-    seq = np.repeat(first, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    seq = _ranges(first, counts)
     lo = np.maximum(a[piece_row], seq_start[seq]) - seq_start[seq]
     hi = np.minimum(b[piece_row], seq_start[seq + 1]) - seq_start[seq]
     keep = hi > lo  # empty sequences make no piece
@@ -516,7 +522,7 @@ class Batches:
         a, b = self._row_first[rows], self._row_first[rows + 1]
         counts = b - a
         piece_rows = np.repeat(np.arange(len(rows)), counts)
-        at = np.repeat(a, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = _ranges(a, counts)  # the pairs of the rows, in served order
         pair, keep_in, keep_tg = self._doc_ids[at], self._keep_in[at], self._keep_tg[at]
         tok, n, zeros = self._tokenizer, len(rows), np.zeros(len(at), np.int64)
         if not self._decoder_only:
