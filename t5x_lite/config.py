@@ -98,6 +98,21 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "query,key,value,out"
+    # Mixture of experts (Mixtral, Qwen3-MoE): > 0 makes every layer's MLP num_experts MLPs of
+    # width expert_d_ff (None: d_ff) behind a router that sends each token to experts_per_token
+    # of them, their outputs weighted by its softmax probabilities (renormalised over the chosen
+    # ones with router_renormalize). expert_capacity_factor: 0 = dropless (exact; every expert
+    # has room for every token of a group, E / k times the experts' FLOPs); > 0: each expert
+    # takes ceil(k * group * factor / E) tokens of a group, the rest of its choices dropped.
+    # expert_group_size: tokens routed together (0 or not dividing the row: the row).
+    # router_aux_loss: weight of the load-balancing loss added to the training loss (Mixtral 0.02)
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_d_ff: Optional[int] = None
+    expert_capacity_factor: float = 0.0
+    expert_group_size: int = 0
+    router_renormalize: bool = True
+    router_aux_loss: float = 0.0
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
@@ -119,6 +134,10 @@ class ModelConfig:
     @property
     def lora_names(self) -> tuple:
         return tuple(n.strip() for n in self.lora_targets.split(",") if n.strip()) if self.lora_rank else ()
+
+    @property
+    def expert_width(self) -> int:
+        return self.expert_d_ff or self.d_ff
 
     @property
     def kv_heads(self) -> int:
@@ -313,6 +332,20 @@ class Config:
             if m.fused_qkv or m.fused_mlp:
                 errors.append("model.lora_rank with model.fused_qkv / fused_mlp: LoRA adapts the separate "
                               "projections; set fused_qkv=false and fused_mlp=false")
+        if m.num_experts < 0:
+            errors.append(f"model.num_experts={m.num_experts} must be >= 0 (0 = a dense MLP)")
+        elif m.num_experts:
+            if not 1 <= m.experts_per_token <= m.num_experts:
+                errors.append(f"model.experts_per_token={m.experts_per_token} must be in [1, model.num_experts="
+                              f"{m.num_experts}]")
+            if m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0:
+                errors.append("model.expert_capacity_factor, expert_group_size and router_aux_loss must be >= 0")
+            if m.fused_mlp:
+                errors.append("model.fused_mlp applies to a dense MLP, not to experts (model.num_experts > 0)")
+            adapted = sorted(set(m.lora_names) & {"wi_0", "wi_1", "wi", "wo"})
+            if adapted:
+                errors.append(f"model.lora_targets names {adapted}: with model.num_experts the MLP is experts, "
+                              "which LoRA does not adapt; target query, key, value, out")
         if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:
             errors.append(f"model.sliding_window_pattern={m.sliding_window_pattern} must be 0 (every layer windowed) "
                           "or >= 2 (every P-th layer global)")

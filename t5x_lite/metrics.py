@@ -25,6 +25,8 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     d, n, k, h, f = m.d_model, m.num_heads, m.kv_heads, m.dim_per_head, m.d_ff
     attn = d * n * h * 2 + d * k * h * 2  # q, out; k, v
     mlp = d * f * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    if m.num_experts:  # the router, and the experts a token is sent to (not the dispatch einsums)
+        mlp = d * m.num_experts + m.experts_per_token * mlp // f * m.expert_width
     return attn + mlp + (d * n * h * 2 if cross else 0)
 
 
@@ -61,7 +63,9 @@ def train_flops_per_step(cfg: Config) -> float:
     (12 x keys seen x heads x head_dim per token and layer; a causal stack sees half its keys on
     average, fewer with ``model.sliding_window``). Embedding lookups are free; the output layer
     counts (d_model x vocab, plus BERT's d_model x d_model transform). Cross-attention keys and
-    values are projected once per encoder position and decoder layer. The same count serves
+    values are projected once per encoder position and decoder layer. A mixture of experts
+    counts its router and the ``k`` experts each token goes to: the model's FLOPs, not the
+    extra a capacity above one (``model.expert_capacity_factor``) or the dispatch costs. The same count serves
     ``plan`` and the training log's MFU. With LoRA (``model.lora_rank``) the frozen weights
     count 4 (no weight gradient) and the adapters 6, less the input gradient of each stack's
     first q / k / v (it would only reach the frozen embeddings)."""

@@ -53,10 +53,11 @@ MUON_RMS = 0.2  # Muon's updates scaled to AdamW's typical RMS (Liu et al. 2025)
 def muon_dimensions(cfg: Config) -> dict:
     """``keystr(path) -> optax.contrib.MuonDimensionNumbers`` for every parameter Muon updates: the
     layers' projection kernels, read as matrices from their logical axes (the stacked ``layers``
-    axis is a batch axis: one orthogonalisation per layer). A kernel writing the residual stream
-    (last axis ``embed``: attention out, MLP out) reduces over all its other axes; one reading
-    it (q / k / v, MLP in, BERT's head transform) reduces over ``embed`` and outputs the rest.
-    Embeddings, the output layer (``vocab``), relative-position tables, norms and biases: AdamW."""
+    axis is a batch axis: one orthogonalisation per layer; ``experts`` too: one per expert). A
+    kernel writing the residual stream (last axis ``embed``: attention out, MLP out) reduces
+    over all its other axes; one reading it (q / k / v, MLP in, BERT's head transform) reduces
+    over ``embed`` and outputs the rest. Embeddings, the output layer (``vocab``), MoE routers,
+    relative-position tables, norms and biases: AdamW."""
     import flax.linen as nn
 
     from t5x_lite.models import abstract_params
@@ -66,9 +67,10 @@ def muon_dimensions(cfg: Config) -> dict:
     boxed = abstract_params(cfg)
     flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
     for (path, _), names in zip(flat, logical_names(boxed)):
-        if getattr(path[-1], "key", None) != "kernel" or "vocab" in names or "embed" not in names:
+        if (getattr(path[-1], "key", None) != "kernel" or "vocab" in names or "embed" not in names
+                or names[-1] == "experts"):  # a MoE router: AdamW
             continue
-        axes = [i for i, n in enumerate(names) if n != "layers"]
+        axes = [i for i, n in enumerate(names) if n not in ("layers", "experts")]  # one matrix per expert
         if names[-1] == "embed":
             reduction, output = axes[:-1], axes[-1:]
         else:

@@ -139,6 +139,7 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
         ("act_kv", None),
         ("act_mlp", tp(m.d_ff)),
         ("act_vocab", tp(m.vocab_size)),
+        ("act_experts", None),
         # parameters
         (ZERO_AXIS, zero_axes if zero else None),
         ("vocab", tp(m.vocab_size)),
@@ -149,6 +150,7 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
         ("norm", None),
         ("layers", None),
         ("lora", None),
+        ("experts", None),
         ("relpos_buckets", None),
         ("abspos", None),
     )

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5x_lite import lora, partitioning
+from t5x_lite.models import moe
 from t5x_lite.checkpoints import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -135,20 +136,64 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     loss_kwargs = dict(z_loss=cfg.train.z_loss, label_smoothing=cfg.train.label_smoothing)
     masked_lm = cfg.objective == "mlm"
 
+    experts = bool(cfg.model.num_experts)
+
+    def forward(variables, inputs, rng, method=None):
+        """The model's output, and (mixture of experts) its router statistics: sums over the
+        layers' routing groups of the load-balancing loss, of the choices made and dropped."""
+        if not experts:
+            return model.apply(variables, **inputs, rngs={"dropout": rng}, method=method), {}
+        out, state = model.apply(variables, **inputs, rngs={"dropout": rng}, method=method, mutable=["intermediates"])
+        inter = state.get("intermediates", {})
+        return out, {key: moe.sown_total(inter, key) for key in ROUTER_SUMS}
+
     def loss_sums(params, batch, rng):
         variables = {"params": cast(params)}
         inputs = model_kwargs(family, batch)
         if not chunk and not masked_lm:
-            logits = model.apply(variables, **inputs, rngs={"dropout": rng})
-            return cross_entropy_sums(logits, batch["targets"], batch["weights"], **loss_kwargs)
-        hidden = model.apply(variables, **inputs, rngs={"dropout": rng}, method="hidden")
-        head = lambda h: model.apply(variables, h, method="logits_from_hidden")
-        if masked_lm:  # the vocabulary head only where the objective scores (~15% of positions)
-            return masked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], cfg.data.mlm_rate,
-                                             chunk, **loss_kwargs)
-        return chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], chunk, **loss_kwargs)
+            logits, router = forward(variables, inputs, rng)
+            sums = cross_entropy_sums(logits, batch["targets"], batch["weights"], **loss_kwargs)
+        else:
+            hidden, router = forward(variables, inputs, rng, method="hidden")
+            head = lambda h: model.apply(variables, h, method="logits_from_hidden")
+            if masked_lm:  # the vocabulary head only where the objective scores (~15% of positions)
+                sums = masked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], cfg.data.mlm_rate,
+                                                 chunk, **loss_kwargs)
+            else:
+                sums = chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["weights"], chunk,
+                                                  **loss_kwargs)
+        return dict(sums, **router)  # router statistics: sums too, so micro-batches add up
 
     return loss_sums
+
+
+ROUTER_SUMS = (moe.AUX_LOSS, moe.CHOICES, moe.DROPPED)
+
+
+def sum_keys(cfg: Config) -> tuple:
+    """The keys of ``make_loss_fn``'s sums."""
+    return ("loss", "z_loss", "weight", "correct") + (ROUTER_SUMS if cfg.model.num_experts else ())
+
+
+def router_metrics(cfg: Config, sums: dict) -> dict:
+    """Mixture of experts: the load-balancing loss (mean over routing groups and layers) and
+    the share of router choices dropped for capacity, from a step's sums."""
+    if not cfg.model.num_experts:
+        return {}
+    return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / moe.num_groups(cfg.model, batch_shapes(cfg)),
+            moe.DROPPED: sums[moe.DROPPED] / jnp.maximum(sums[moe.CHOICES], 1.0)}
+
+
+def training_objective(cfg: Config, sums: dict, weight: jax.Array) -> jax.Array:
+    """What the train step differentiates: the loss sum, plus (mixture of experts) the router's
+    load-balancing sum times ``model.router_aux_loss`` x the batch's loss ``weight`` / its
+    routing groups, so that after the division by ``weight`` the balance term is the mean over
+    groups, whatever the micro-batches."""
+    m = cfg.model
+    if not (m.num_experts and m.router_aux_loss):
+        return sums["loss"]
+    groups = moe.num_groups(m, batch_shapes(cfg))
+    return sums["loss"] + m.router_aux_loss * sums[moe.AUX_LOSS] * (weight / groups)
 
 
 def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation, schedule, grad_shardings,
@@ -162,11 +207,11 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
     # LoRA: gradients of the adapters alone (None elsewhere), filled with zeros for the optimizer at the end
     acc_shardings = lora.trained(cfg, grad_shardings)
 
-    def grad_sums(params, batch, rng, scale):
+    def grad_sums(params, batch, rng, scale, weight):
         def loss_of(p):
             p = lora.with_frozen(p, params) if with_lora else p
             sums = loss_sums(p, batch, rng)
-            return sums["loss"] * scale, sums  # float16: the backward pass runs scaled
+            return training_objective(cfg, sums, weight) * scale, sums  # float16: the backward pass runs scaled
 
         grads, sums = jax.grad(loss_of, has_aux=True)(lora.trained(cfg, params))
         return grads, sums
@@ -180,21 +225,22 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         scale = jnp.float32(1.0)
         if scaling is not None or cfg.model.dtype == "float16":
             scale = (jnp.float32(1.0) if scaling is None else scaling.scale) / loss_positions
+        weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)  # the denominator below
         if num_micro == 1:
-            grads, sums = grad_sums(state.params, batch, rng, scale)
+            grads, sums = grad_sums(state.params, batch, rng, scale, weight)
         else:
             micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
                 split_micro_batches(x, num_micro), micro_sharding), batch)
 
             def accumulate(carry, xs):
                 index, mb = xs
-                grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index), scale)
+                grads, sums = grad_sums(state.params, mb, jax.random.fold_in(rng, index), scale, weight)
                 acc_grads = jax.tree.map(jnp.add, carry[0], grads)
                 acc_grads = jax.lax.with_sharding_constraint(acc_grads, acc_shardings)
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
 
             zero_grads = jax.tree.map(jnp.zeros_like, lora.trained(cfg, state.params))
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys(cfg)}
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
         if with_lora:
@@ -211,6 +257,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "target_tokens": sums["weight"],
+            **router_metrics(cfg, sums),
         }
         if scaling is not None:  # the scale this step ran with; steps skipped so far (overflow)
             metrics.update(loss_scale=scaling.scale, skipped_steps=loss_scale_of(opt_state).inner.total_notfinite)
@@ -544,7 +591,9 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
                     f"{1000 * dt:.0f} ms/step (data {1000 * data:.0f} ms)"
                     + (f"  MFU {100 * values['mfu']:.1f}%" if peak else "")
                     + (f"  loss scale {values['loss_scale']:g} ({values['skipped_steps']:.0f} steps skipped)"
-                       if "loss_scale" in values else ""))
+                       if "loss_scale" in values else "")
+                    + (f"  router balance {values[moe.AUX_LOSS]:.3f} (even: {cfg.model.experts_per_token}), "
+                       f"{100 * values[moe.DROPPED]:.1f}% of choices dropped" if moe.AUX_LOSS in values else ""))
         last = dict(values, step=step)
 
     def run_eval(params, step: int) -> dict:

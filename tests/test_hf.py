@@ -86,6 +86,13 @@ SPECS = {
     "mistral": ("decoder", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=D, num_key_value_heads=1, max_position_embeddings=32, sliding_window=4,  # < the inputs
         tie_word_embeddings=True, initializer_range=0.2, **SMALL))),
+    "mixtral": ("decoder", lambda: _randomised(transformers.MixtralForCausalLM(transformers.MixtralConfig(  # experts
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2,
+        initializer_range=0.2, **SMALL)), "gate.weight")),
+    "qwen3_moe": ("decoder", lambda: _randomised(transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        hidden_size=D, num_key_value_heads=2, head_dim=16, max_position_embeddings=32, num_experts=4,
+        num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, output_router_logits=True,
+        router_aux_loss_coef=0.01, initializer_range=0.2, **SMALL)), "gate.weight", "norm.weight", mean=0.5)),
     "phi3": ("decoder", lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # fused qkv / gate_up tensors
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, resid_pdrop=0.1, initializer_range=0.2, **SMALL))),
@@ -107,14 +114,15 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "mixtral": (0.0, 0.0), "qwen3_moe": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0),
            "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
                 "phi3": ("resid_pdrop", "attention_dropout"),
                 "decoder": ("hidden_dropout", "attention_dropout"), "encoder_decoder": ("dropout_rate", "dropout_rate")}
-# decoder (RoPE, GQA), sliding window (prompt 5 + 6 new tokens, window 4) and encoder-decoder; one decode compile each
-GENERATIVE = ["llama", "mistral", "gemma3", "flan-t5"]
+# decoder (RoPE, GQA), sliding window (prompt 5 + 6 new tokens, window 4), experts and encoder-decoder; one decode
+# compile each
+GENERATIVE = ["llama", "mistral", "gemma3", "mixtral", "flan-t5"]
 
 
 class Case:

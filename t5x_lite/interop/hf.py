@@ -209,6 +209,7 @@ _EXTRAS = {
                             "model.attention_scale_dim (scores scaled by other than 1 / sqrt(head_dim): Gemma's)"),
     "softcap": (lambda m: bool(m.attn_logit_softcap or m.final_logit_softcap),
                 "model.attn_logit_softcap / final_logit_softcap (soft-capped scores and logits: Gemma 2's)"),
+    "experts": (lambda m: m.num_experts > 0, "model.num_experts (a mixture of experts: Mixtral's, Qwen3-MoE's)"),
 }
 
 
@@ -575,6 +576,40 @@ class Qwen3(Llama):
             *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", cfg.num_layers, bias=False)]
 
 
+class Qwen3Moe(Qwen3):
+    """Qwen3-MoE: Qwen3's attention, every MLP a mixture of SwiGLU experts (``mlp.gate`` the
+    router, ``mlp.experts.{e}`` gate / up / down) of width ``moe_intermediate_size``, the top-k
+    weights renormalised when ``norm_topk_prob``. Dense layers among them (``mlp_only_layers``,
+    ``decoder_sparse_step`` > 1) are refused."""
+
+    model_types = window_types = ("qwen3_moe",)
+    extras = frozenset({"experts"})
+
+    def model_fields(self, hf, names):
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
+                               f"{hf.get('decoder_sparse_step')}: dense layers among the experts' are not supported")
+        return dict(super().model_fields(hf, names),
+                    **_moe_fields(hf, "num_experts", "moe_intermediate_size", bool(hf.get("norm_topk_prob"))))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        return dict(out, architectures=["Qwen3MoeForCausalLM"], num_experts=cfg.num_experts,
+                    moe_intermediate_size=cfg.expert_width,
+                    norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
+                    **_hf_moe(cfg, base))
+
+    def extra_problems(self, cfg):
+        return super().extra_problems(cfg) + ([] if cfg.num_experts else ["model.num_experts=0 (Qwen3-MoE's MLPs are "
+                                                                           "experts: set it, or export as qwen3)"])
+
+    def maps(self, cfg):
+        lay = "decoder/stack/{layer}"
+        rows = [m for m in super().maps(cfg) if "/mlp/" not in m.ours[0]]
+        return rows + _expert_maps(cfg, lay, "layers.{i}.mlp.gate", "layers.{{i}}.mlp.experts.{e}",
+                                   ("gate_proj", "up_proj", "down_proj"))
+
+
 class Phi3(Llama):
     """Phi-3 / Phi-4: LLaMA's layers with q / k / v in one tensor (``qkv_proj``) and gate / up in
     another (``gate_up_proj``)."""
@@ -605,6 +640,69 @@ class Phi3(Llama):
                  [f"{lay}/self_attention/{name}/kernel" for name in ("query", "key", "value")], PHI_QKV, n),
             _map("layers.{i}.mlp.gate_up_proj.weight", [f"{lay}/mlp/wi_0/kernel", f"{lay}/mlp/wi_1/kernel"],
                  PHI_GATE_UP, n)]
+
+
+# Every expert's HF Linear ``[out, in]`` <-> our stacked ``[E, in, out]`` (router: a plain Linear)
+EXPERTS = Layout(lambda xs, c: (np.stack([x.T for x in xs]),),
+                 lambda xs, c: tuple(xs[0][e].T for e in range(xs[0].shape[0])))
+
+
+def _expert_maps(cfg: ModelConfig, lay: str, router: str, expert: str, names: tuple) -> list[Map]:
+    """The router and the experts' gate / up / down projections of a MoE layer: ``expert`` the
+    HF name of expert ``e``'s module with ``{e}``, ``names`` HF's names of gate, up and down."""
+    n = cfg.num_layers
+    rows = [_map(f"{router}.weight", f"{lay}/mlp/router/kernel", LINEAR, n)]
+    for hf_name, ours in zip(names, ("wi_0", "wi_1", "wo")):
+        tensors = [f"{expert.format(e=e)}.{hf_name}.weight" for e in range(cfg.num_experts)]
+        rows.append(_map(tensors, f"{lay}/mlp/{ours}/kernel", EXPERTS, n))
+    return rows
+
+
+def _moe_fields(hf: dict, experts: str, width: str, renormalize: bool) -> dict:
+    """Our mixture-of-experts fields from a HF MoE config; the load-balancing loss's weight
+    only where the config trains with it (``output_router_logits``)."""
+    count = hf.get(experts, hf.get("num_local_experts"))  # transformers 5 writes Qwen3-MoE's num_experts so
+    if count is None:
+        raise KeyError(experts)
+    return dict(num_experts=count, experts_per_token=hf["num_experts_per_tok"], expert_d_ff=hf[width],
+                router_renormalize=renormalize,
+                router_aux_loss=float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0)
+
+
+def _hf_moe(cfg: ModelConfig, base: dict) -> dict:
+    return dict(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss),
+                router_aux_loss_coef=cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001))
+
+
+class Mixtral(Llama):
+    """Mixtral: Mistral's attention, every MLP a mixture of SwiGLU experts (``block_sparse_moe``:
+    a router ``gate``, experts' ``w1`` gate, ``w3`` up, ``w2`` down), the top-k weights
+    renormalised. ``router_jitter_noise`` (training-time noise on the router) is not modelled."""
+
+    model_types = window_types = ("mixtral",)
+    requires = dict(Llama.requires, use_bias=False, mlp="swiglu", router_renormalize=True)
+    extras = frozenset({"experts"})
+
+    def model_fields(self, hf, names):
+        fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
+        return dict(fields, **_moe_fields(hf, "num_local_experts", "intermediate_size", True))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("attention_bias", "mlp_bias"):
+            out.pop(key)
+        return dict(out, intermediate_size=cfg.expert_width, num_local_experts=cfg.num_experts,
+                    sliding_window=cfg.sliding_window or None, **_hf_moe(cfg, base))
+
+    def extra_problems(self, cfg):
+        return super().extra_problems(cfg) + ([] if cfg.num_experts else ["model.num_experts=0 (Mixtral's MLPs are "
+                                                                           "experts: set it, or export as llama)"])
+
+    def maps(self, cfg):
+        lay = "decoder/stack/{layer}"
+        rows = [m for m in super().maps(cfg) if "/mlp/" not in m.ours[0]]
+        return rows + _expert_maps(cfg, lay, "layers.{i}.block_sparse_moe.gate",
+                                   "layers.{{i}}.block_sparse_moe.experts.{e}", ("w1", "w3", "w2"))
 
 
 class Gemma(Llama):
@@ -805,7 +903,8 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Phi3(), Gemma(), Gemma2(), Gemma3(), T5())
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Qwen3Moe(), Mixtral(), Phi3(), Gemma(),
+                        Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
 # multimodal checkpoints whose text model is imported alone: model_type -> its language model's tensor prefix
@@ -986,6 +1085,8 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
         if cfg.norm_position != "sandwich":
             return "gemma"
         return "gemma3_text" if cfg.qk_norm else "gemma2"
+    if cfg.num_experts:
+        return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.use_bias:

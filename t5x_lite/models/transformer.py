@@ -36,6 +36,7 @@ from t5x_lite.models.layers import (
     segment_lengths_and_starts,
     activation,
 )
+from t5x_lite.models.moe import MoeMlp
 
 Array = jax.Array
 
@@ -104,7 +105,10 @@ class Block(nn.Module):
                                               segments=ctx.get("cross_segments")))
             if cache is not None:
                 new_cache["cross"] = cross_kv
-        x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
+        if cfg.num_experts:
+            x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (MoeMlp(cfg, name="mlp")(h, ctx["valid"]), None))
+        else:
+            x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
         return (constrain(x_BLD, BLD), new_cache), None
 
 
@@ -129,7 +133,7 @@ class Stack(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},  # intermediates: MoE's router statistics
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, 0),
                 length=self.num_layers,
@@ -223,7 +227,7 @@ class TextStack(nn.Module):
             bias_1NTS = alibi_bias(cfg.num_heads, q_idx_T, k_idx_S)
         ctx = {"mask": mask_B1TS, "local_mask": local_mask_B1TS, "bias": bias_1NTS, "positions": positions_BT,
                "cache_index": cache_index,
-               "encoded": encoded_BSD, "cross_mask": None}
+               "encoded": encoded_BSD, "cross_mask": None, "valid": segment_ids_BT > 0}
         slots = cfg.packed_slots if cache is None and prefix_mask_BT is None else 0
         if slots:
             # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding

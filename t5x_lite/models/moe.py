@@ -1,0 +1,173 @@
+"""Mixture-of-experts feed-forward block (Mixtral, Qwen3-MoE): a router picks ``k`` of ``E``
+experts per token, the block's output is their outputs weighted by the router.
+
+Dispatch is by einsum over one-hot tensors (GShard's formulation): tokens are routed in
+groups (a row, or ``model.expert_group_size`` tokens), each expert takes at most ``C`` tokens
+of a group, and
+
+    expert inputs  [E, G, C, D] = einsum(tokens [G, S, D], dispatch [G, S, E, C])
+    expert outputs [E, G, C, D] = each expert's MLP (batched matmuls over E)
+    block output   [G, S, D]    = einsum(expert outputs, combine [G, S, E, C])
+
+so every shape is static and the SPMD partitioner shards it like any matmul (the groups keep
+the batch sharding, the experts' hidden width splits over ``tensor``, ZeRO-3 gathers expert
+weights per layer as it gathers the others). ``model.expert_capacity_factor`` sets
+``C = ceil(k * S * factor / E)``: tokens past an expert's capacity lose that expert (first
+choices of the whole group go before second choices; within a rank, earlier tokens first).
+Factor 0 (the default) is dropless: ``C = S``, every choice kept, the exact model a Hugging
+Face checkpoint defines, at ``E / k`` times the experts' FLOPs; 1.25-2 is the usual trade for
+training speed. One token per group (decoding) never drops at any factor.
+
+The router's load-balancing loss (Switch Transformer's, with transformers' scale:
+``E * sum_e (fraction of choices to e) * (mean router probability of e)``, ``k`` when
+balanced) is taken per routing group over its real tokens, and summed with the choices made
+and dropped into the ``intermediates`` collection, one value per layer. The trainer adds
+``model.router_aux_loss`` times its mean over groups and layers to the loss. Per group (not
+over the whole batch, as transformers does) makes it a sum: micro-batches and devices give
+the batch's value exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.config import ModelConfig
+from t5x_lite.models.layers import BLD, activation, constrain, dense, jnp_dtype
+
+Array = jax.Array
+
+# names of the sown per-layer sums: groups' balance losses, choices made, choices dropped
+AUX_LOSS, CHOICES, DROPPED = "router_balance", "router_choices", "router_dropped"
+
+
+class ExpertKernel(nn.Module):
+    """One projection of every expert: ``kernel [E, *in, *out]`` (fan-in init per expert)."""
+
+    shape: tuple
+    axes: tuple
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self) -> Array:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2,
+                                                batch_axis=(0,))
+        return self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
+                          self.param_dtype).astype(self.dtype)
+
+
+def expert_capacity(cfg: ModelConfig, group: int) -> int:
+    """Slots per expert in a group of ``group`` tokens (``group``: dropless)."""
+    if not cfg.expert_capacity_factor:
+        return group
+    return max(1, min(group, math.ceil(cfg.experts_per_token * group * cfg.expert_capacity_factor
+                                       / cfg.num_experts)))
+
+
+def group_size(cfg: ModelConfig, length: int) -> int:
+    """Tokens routed together: ``model.expert_group_size`` where it divides the row, else the row."""
+    size = cfg.expert_group_size
+    return size if size and length % size == 0 else length
+
+
+def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int) -> dict:
+    """Top-k routing of each group's tokens under a capacity: ``dispatch [G, S, E, C]`` (1 where
+    token s sits in slot c of expert e), ``combine`` (the same, times the router weight), the
+    router probabilities and choices. Padding (``valid`` false) is routed nowhere."""
+    e, k = cfg.num_experts, cfg.experts_per_token
+    probs_GSE = jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
+    weight_GSK, expert_GSK = jax.lax.top_k(probs_GSE, k)
+    if cfg.router_renormalize:
+        weight_GSK = weight_GSK / jnp.sum(weight_GSK, axis=-1, keepdims=True)
+    g, s = valid_GS.shape
+    # Choices ranked first by k (every first choice before any second one), then by position.
+    chosen_GKSE = jax.nn.one_hot(jnp.swapaxes(expert_GSK, 1, 2), e, dtype=jnp.int32) * valid_GS[:, None, :, None]
+    slot_GKSE = (jnp.cumsum(chosen_GKSE.reshape(g, k * s, e), axis=1) - 1).reshape(g, k, s, e)
+    kept_GKSE = chosen_GKSE * (slot_GKSE < capacity)
+    # A token picks k distinct experts: at most one rank holds each (token, expert).
+    in_GSE = jnp.sum(kept_GKSE, axis=1)
+    slot_GSE = jnp.sum(slot_GKSE * kept_GKSE, axis=1)
+    gate_GSE = jnp.sum(jnp.swapaxes(weight_GSK, 1, 2)[..., None] * kept_GKSE, axis=1)
+    dispatch_GSEC = jax.nn.one_hot(slot_GSE, capacity, dtype=jnp.float32) * in_GSE[..., None]
+    return {"dispatch": dispatch_GSEC, "combine": dispatch_GSEC * gate_GSE[..., None], "probs": probs_GSE,
+            "chosen": jnp.sum(chosen_GKSE, axis=1), "kept": in_GSE}
+
+
+def balance_loss(cfg: ModelConfig, probs_GSE: Array, chosen_GSE: Array, valid_GS: Array) -> Array:
+    """Each group's ``E * sum_e f_e * p_e`` over its real tokens (``[G]``; 0 for a group of
+    padding): ``f_e`` the choices per token that went to expert e (summing to k), ``p_e`` its
+    mean router probability."""
+    valid = valid_GS.astype(jnp.float32)[..., None]
+    tokens_G1 = jnp.maximum(jnp.sum(valid, axis=1), 1.0)
+    frac_GE = jnp.sum(chosen_GSE * valid, axis=1) / tokens_G1
+    prob_GE = jnp.sum(probs_GSE * valid, axis=1) / tokens_G1
+    return cfg.num_experts * jnp.sum(frac_GE * prob_GE, axis=-1)
+
+
+def num_groups(cfg: ModelConfig, shapes: dict) -> int:
+    """Routing groups of a batch summed over the MoE layers (what the balance sums divide by),
+    from the batch's shapes (``trainer.batch_shapes``)."""
+    def stack(key: str, layers: int) -> int:
+        b, length = shapes[key].shape
+        return layers * b * length // group_size(cfg, length)
+
+    if cfg.family == "encoder_decoder":
+        return stack("encoder_input_ids", cfg.num_layers) + stack("input_ids", cfg.decoder_layers)
+    return stack("input_ids", cfg.num_layers)
+
+
+class MoeMlp(nn.Module):
+    """``model.num_experts`` gated (or plain) MLPs of width ``model.expert_d_ff`` behind a router."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: Array, valid_BL: Optional[Array] = None) -> Array:
+        cfg = self.cfg
+        b, length, d = x_BLD.shape
+        e, f = cfg.num_experts, cfg.expert_width
+        dtype, param_dtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
+        s = group_size(cfg, length)
+        capacity = expert_capacity(cfg, s)
+        x_GSD = x_BLD.astype(dtype).reshape(b * length // s, s, d)
+        valid_GS = (jnp.ones((b, length), bool) if valid_BL is None else valid_BL).reshape(-1, s)
+
+        logits_GSE = dense(cfg, e, ("embed", "experts"), "router", use_bias=False)(x_GSD)
+        r = route(cfg, logits_GSE, valid_GS, capacity)
+        # Sums (over the groups; choices), so micro-batches add up to the batch's.
+        self.sow("intermediates", AUX_LOSS, jnp.sum(balance_loss(cfg, r["probs"], r["chosen"], valid_GS)))
+        self.sow("intermediates", CHOICES, jnp.sum(r["chosen"]).astype(jnp.float32))
+        self.sow("intermediates", DROPPED, jnp.sum(r["chosen"] - r["kept"]).astype(jnp.float32))
+
+        expert = lambda name, shape, axes: ExpertKernel((e,) + shape, ("experts",) + axes, dtype, param_dtype,
+                                                        name=name)()
+        dispatch_GSEC = r["dispatch"].astype(dtype)
+        x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, dispatch_GSEC)
+        x_EGCD = constrain(x_EGCD, (None, "act_batch", None, "act_embed"))
+        act = activation(cfg)
+        hidden = ("act_experts", "act_batch", None, "act_mlp")
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_0", (d, f), ("embed", "mlp")))
+            up_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_1", (d, f), ("embed", "mlp")))
+            h_EGCF = act(constrain(gate_EGCF, hidden)) * constrain(up_EGCF, hidden)
+        else:
+            h_EGCF = act(constrain(jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi", (d, f), ("embed", "mlp"))),
+                                   hidden))
+        y_EGCD = jnp.einsum("egcf,efd->egcd", h_EGCF, expert("wo", (f, d), ("mlp", "embed")))
+        y_GSD = jnp.einsum("egcd,gsec->gsd", y_EGCD, r["combine"].astype(dtype))
+        return constrain(y_GSD.reshape(b, length, d), BLD)
+
+
+def sown_total(intermediates: dict, name: str) -> Array:
+    """The sum of every value sown under ``name`` (each layer's, of every stack) in the
+    ``intermediates`` collection of an apply; 0 when there are none."""
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+        if any(getattr(p, "key", None) == name for p in path):
+            total = total + jnp.sum(leaf.astype(jnp.float32))
+    return total

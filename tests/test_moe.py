@@ -1,0 +1,154 @@
+"""Mixture of experts (model.num_experts): the block against a per-token reference, with and
+without a capacity; one expert == the dense MLP; packed == unpacked; the load-balancing loss
+against transformers' and in the gradient; the FLOP count. (Sharded == one device:
+test_sharding; cached decoding == full forward: test_decoding; Mixtral and Qwen3-MoE against
+transformers: test_hf.)"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import t5x_lite
+from helpers import random_batch, tiny_cfg
+from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.metrics import train_flops_per_step
+from t5x_lite.models import moe
+from test_models import _pack, apply, ids
+from test_train import run_steps
+
+
+def block(cfg: ModelConfig, x, valid=None, seed=1):
+    module = moe.MoeMlp(cfg)
+    params = nn.meta.unbox(module.init(jax.random.key(seed), x, valid))["params"]
+    out, state = module.apply({"params": params}, x, valid, mutable=["intermediates"])
+    return np.asarray(out), params, state["intermediates"]
+
+
+def reference(cfg: ModelConfig, params, x, valid, group: int, capacity: int) -> np.ndarray:
+    """Token by token, in numpy: the top-k experts' outputs weighted by the router, each expert
+    taking a group's choices by rank (all first choices, then all second ones, ...) and then by
+    position until ``capacity`` of them."""
+    x = np.asarray(x, np.float64)
+    p = {k: np.asarray(v["kernel"], np.float64) for k, v in params.items()}
+    b, length, _ = x.shape
+    out = np.zeros_like(x)
+    for row in range(b):
+        for start in range(0, length, group):
+            choices = []  # (rank, position, expert, weight)
+            for t in range(start, start + group):
+                if not valid[row, t]:
+                    continue
+                logits = x[row, t] @ p["router"]
+                probs = np.exp(logits - logits.max())
+                probs /= probs.sum()
+                top = np.argsort(-probs, kind="stable")[: cfg.experts_per_token]
+                weights = probs[top] / (probs[top].sum() if cfg.router_renormalize else 1.0)
+                choices += [(rank, t, e, w) for rank, (e, w) in enumerate(zip(top, weights))]
+            taken = {e: 0 for e in range(cfg.num_experts)}
+            for rank, t, e, w in sorted(choices):
+                if taken[e] == capacity:
+                    continue
+                taken[e] += 1
+                h = x[row, t] @ p["wi_0"][e]
+                h = h / (1 + np.exp(-h)) * (x[row, t] @ p["wi_1"][e])
+                out[row, t] += w * (h @ p["wo"][e])
+    return out
+
+
+@pytest.mark.parametrize("capacity_factor,group,renormalize", [(0.0, 0, True), (1.0, 4, True), (0.7, 0, False)])
+def test_block_equals_per_token_reference(capacity_factor, group, renormalize):
+    cfg = ModelConfig(d_model=16, d_ff=24, num_experts=4, experts_per_token=2, expert_capacity_factor=capacity_factor,
+                      expert_group_size=group, router_renormalize=renormalize)
+    x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+    valid = np.ones((2, 12), bool)
+    valid[1, 9:] = False  # padding: routed nowhere, takes no expert's room
+    out, params, inter = block(cfg, x, valid)
+    size = moe.group_size(cfg, 12)
+    capacity = moe.expert_capacity(cfg, size)
+    assert (size, capacity) == {0.0: (12, 12), 1.0: (4, 2), 0.7: (12, 5)}[capacity_factor]
+    np.testing.assert_allclose(out[valid], reference(cfg, params, x, valid, size, capacity)[valid], atol=1e-5)
+    np.testing.assert_array_equal(out[~valid], 0.0)
+    dropped = float(moe.sown_total(inter, moe.DROPPED))
+    assert float(moe.sown_total(inter, moe.CHOICES)) == 2 * valid.sum()
+    assert (dropped > 0) == (capacity_factor > 0)  # these capacities bind; dropless drops nothing
+
+
+def test_one_expert_is_the_dense_mlp():
+    dense = tiny_cfg("decoder")
+    experts = tiny_cfg("decoder", "model.num_experts=1", "model.experts_per_token=1")
+    params = t5x_lite.init_params(dense, 0)
+    moe_params = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    for key in [k for k in moe_params if "/mlp/w" in k]:
+        moe_params[key] = moe_params[key][:, None]  # [layers, 1 expert, in, out]
+    n = dense.model.num_layers
+    moe_params["decoder/stack/layers/mlp/router/kernel"] = np.zeros((n, dense.model.d_model, 1), np.float32)
+    moe_params = flax.traverse_util.unflatten_dict(moe_params, sep="/")
+    chex_shapes = jax.tree.map(np.shape, nn.meta.unbox(t5x_lite.models.abstract_params(experts)))
+    assert jax.tree.map(np.shape, moe_params) == chex_shapes
+    tokens = ids((2, 10), 3)
+    np.testing.assert_allclose(apply(experts, moe_params, input_ids=tokens), apply(dense, params, input_ids=tokens),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_packed_equals_unpacked_with_experts():
+    cfg = tiny_cfg("decoder", "model.num_experts=4", "model.experts_per_token=2", "model.expert_d_ff=24")
+    params = t5x_lite.init_params(cfg, 0)
+    a, b = ids((7,), 1), ids((6,), 2)
+    row, seg, pos = _pack(a, b, 16)
+    packed = np.asarray(apply(cfg, params, input_ids=row, segment_ids=seg, positions=pos))
+    np.testing.assert_allclose(packed[0, :7], np.asarray(apply(cfg, params, input_ids=a[None]))[0], atol=2e-5)
+    np.testing.assert_allclose(packed[0, 7:13], np.asarray(apply(cfg, params, input_ids=b[None]))[0], atol=2e-5)
+
+
+def test_balance_loss_equals_transformers():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    cfg = ModelConfig(num_experts=8, experts_per_token=2)
+    logits = jax.random.normal(jax.random.key(0), (1, 24, 8)) * 2
+    r = moe.route(cfg, logits, jnp.ones((1, 24), bool), capacity=24)
+    ours = moe.balance_loss(cfg, r["probs"], r["chosen"], jnp.ones((1, 24), bool))
+    theirs = load_balancing_loss_func((torch.tensor(np.asarray(logits[0])),), 8, 2)
+    np.testing.assert_allclose(float(ours[0]), float(theirs), rtol=1e-5)
+    even = moe.balance_loss(cfg, jnp.full((1, 8, 8), 1 / 8), jax.nn.one_hot(
+        jnp.arange(16).reshape(1, 8, 2) % 8, 8).sum(2), jnp.ones((1, 8), bool))
+    np.testing.assert_allclose(float(even[0]), 2.0, rtol=1e-6)  # balanced: k
+
+
+def test_router_aux_loss_balances_the_experts():
+    opts = ("model.num_experts=4", "model.num_layers=1", "optim.schedule=constant", "optim.learning_rate=3e-2")
+    batch = random_batch(tiny_cfg("decoder", *opts), seed=4)
+    runs = {}
+    for coef in (0.0, 1.0):
+        cfg = tiny_cfg("decoder", *opts, f"model.router_aux_loss={coef}")
+        _, history = run_steps(cfg, batch, steps=15)
+        runs[coef] = history
+    # the cross-entropy itself is the same number at step 1; the objective and so the update differ
+    np.testing.assert_allclose(runs[0.0][0]["loss"], runs[1.0][0]["loss"], rtol=1e-6)
+    assert runs[0.0][0]["grad_norm"] != runs[1.0][0]["grad_norm"]
+    balance = {coef: float(h[-1][moe.AUX_LOSS]) for coef, h in runs.items()}
+    assert 2.0 <= balance[1.0] < balance[0.0]  # k = 2 is perfect balance
+    assert balance[1.0] < 2.1
+
+
+def test_flops_count_the_experts_a_token_visits():
+    base = ("model.d_model=64", "model.d_ff=256", "model.num_layers=2")
+    dense = train_flops_per_step(tiny_cfg("decoder", *base))
+    k2 = train_flops_per_step(tiny_cfg("decoder", *base, "model.num_experts=8", "model.experts_per_token=2",
+                                       "model.expert_d_ff=128"))
+    tokens = 8 * 16
+    # two experts of half the width: the dense MLP's FLOPs, plus the router's 6 x d x E per token per layer
+    assert k2 - dense == pytest.approx(tokens * 2 * 6 * 64 * 8)
+
+
+def test_moe_config_errors():
+    for overrides, needle in [(("model.num_experts=2", "model.experts_per_token=3"), "experts_per_token"),
+                              (("model.num_experts=4", "model.fused_mlp=true"), "fused_mlp"),
+                              (("model.num_experts=4", "model.lora_rank=4", "model.lora_targets=query,wo"),
+                               "LoRA does not adapt"),
+                              (("model.num_experts=4", "model.expert_capacity_factor=-1"), "capacity")]:
+        with pytest.raises(ConfigError, match=needle):
+            tiny_cfg("decoder", *overrides)
