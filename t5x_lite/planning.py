@@ -191,13 +191,33 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
 
     kernel_kept = flash and m.remat == "minimal"  # cuDNN's output and statistic are kept too
 
-    everything = (2 * a + 16) * d + a * (2 * q + 2 * kv + 6 * f) + probs(keys)
-    dots = a * (2 * d + q + 2 * kv + (2 if m.mlp in ("swiglu", "geglu") else 1) * f)
+    mlp_everything, mlp_dots = a * 6 * f, a * (2 if m.mlp in ("swiglu", "geglu") else 1) * f
+    if m.num_experts:
+        mlp_everything, mlp_dots = _moe_bytes(cfg, keys, tensor)
+    everything = (2 * a + 16) * d + a * (2 * q + 2 * kv) + mlp_everything + probs(keys)
+    dots = a * (2 * d + q + 2 * kv) + mlp_dots
     dots += (a * q + probs(keys)) if kernel_kept else 0
     if cross_keys:
         everything += (a + 8) * d + 2 * a * q + probs(cross_keys)
         dots += a * (d + q) + ((a * q + probs(cross_keys)) if kernel_kept else 0)
     return everything, dots
+
+
+def _moe_bytes(cfg: Config, length: int, tensor: int) -> tuple[float, float]:
+    """A mixture-of-experts MLP's bytes per token (as ``_layer_bytes``): ``r = E x C / S``
+    expert slots per token (``k x capacity factor``; ``E`` dropless) of hidden activations and
+    expert inputs / outputs, the ``[S, E, C]`` dispatch and combine tensors (one float32 copy
+    and two in the compute dtype) and the router's top-k bookkeeping. Only the router's matmul has no batch
+    dimension: the remat policies keep its output and recompute the experts'."""
+    from t5x_lite.models.moe import expert_capacity, group_size
+
+    m = cfg.model
+    a, e = _dtype_bytes(m.dtype), m.num_experts
+    slots = e * expert_capacity(m, group_size(m, length))
+    r = slots / group_size(m, length)
+    f = _per_shard(m.expert_width, tensor)
+    everything = r * a * (6 * f + 2 * m.d_model) + slots * (4 + 2 * a) + e * 4 * (6 * m.experts_per_token + 2)
+    return everything, a * e
 
 
 def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) -> float:
