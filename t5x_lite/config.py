@@ -166,6 +166,9 @@ class DataConfig:
     # by this chat template file (import-hf writes the model's and sets this)
     messages_field: str = "messages"
     chat_template: Optional[str] = None
+    # all: a pair per assistant turn, its input the conversation before it (a conversation's pairs
+    # stay on one side of the train / eval split); last: the final (assistant) turn only
+    chat_turns: str = dataclasses.field(default="all", metadata=_choices("all", "last"))
     tokenizer: Optional[str] = None  # sentencepiece .model; None: train one into the work dir
     seq_len: int = 128  # tokens per row (encoder input length for encoder_decoder)
     # encoder_decoder decoder length; None: what span corruption makes of seq_len (supervised: seq_len)

@@ -803,12 +803,66 @@ def test_chat_templates_render_as_transformers_and_split_into_pairs(tmp_path):
         {"messages": "not a list"}]) + "\n")
     skipped = corpus_module.Skipped()
     pairs = corpus_module.read_pairs(str(path), "input", "target", skipped=skipped,
-                                     chat=chat.load(str(tmp_path / "chat.json")))
+                                     chat=chat.load(str(tmp_path / "chat.json")), turns="last")
     assert pairs[1::2] == ["Hello!", "pair"] and pairs[2] == "plain"
     assert "ending with an assistant turn" in str(skipped) and "messages not a list" in str(skipped)
     skipped = corpus_module.Skipped()
     assert corpus_module.read_pairs(str(path), "input", "target", skipped=skipped) == ["plain", "pair"]
     assert "without data.chat_template" in str(skipped)
+
+
+def test_conversations_give_a_pair_per_assistant_turn_and_split_together(tmp_path, corpus):
+    """data.chat_turns=all: every assistant turn is a target, its input the conversation before
+    it; a conversation's pairs all train or all evaluate (its later inputs hold its earlier
+    targets); with last, the final turn alone, as before."""
+    from t5x_lite.data import chat
+
+    spec = {"template": CHATML, "bos_token": "", "eos_token": "<|im_end|>"}
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."}, {"role": "user", "content": "?"}]
+    assert chat.as_pairs(spec, talk) == [chat.as_pair(spec, talk[:3]), chat.as_pair(spec, talk[:5])]
+    assert chat.as_pairs(spec, talk)[1][0].endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="ending with an assistant turn"):
+        chat.as_pairs(spec, talk, "last")
+
+    (tmp_path / "chat.json").write_text(json.dumps({k: spec[k] for k in ("template", "bos_token", "eos_token")}))
+    path = tmp_path / "talks.jsonl"
+    with open(path, "w") as f:  # conversation i: 1 + i % 3 assistant turns, each answer tagged with i
+        for i in range(30):
+            turns = [{"role": "user", "content": "hello"}]
+            for t in range(1 + i % 3):
+                turns += [{"role": "assistant", "content": f"a{i:02d} " + corpus[i + t][:60]},
+                          {"role": "user", "content": "more"}]
+            f.write(json.dumps({"messages": turns[:-1]}) + "\n")
+    cfg = make_cfg("decoder", "supervised", seq_len=512, batch_size=1, path=str(path), eval_fraction=0.3,
+                   chat_template=str(tmp_path / "chat.json"))
+    lines = []
+    tok, train, evaluation = make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+    assert "60 (input, target) pairs of 30 records" in lines[0]
+
+    def served(ds):  # conversation -> [(assistant turns in the input, the target's tag)]
+        out = {}
+        for i in range(ds.rows_per_epoch):
+            b = ds.batches(i)
+            for k in range(1, b["segment_ids"][0].max() + 1):
+                at = b["segment_ids"][0] == k
+                scored = b["weights"][0][at] > 0
+                context, target = tok.decode(b["targets"][0][at][~scored]), tok.decode(b["targets"][0][at][scored])
+                out.setdefault(target[:3], []).append(context.count("<|im_start|>assistant"))
+        return out
+
+    train_talks, eval_talks = served(train), served(evaluation)
+    assert not set(train_talks) & set(eval_talks) and eval_talks
+    assert len(train_talks) + len(eval_talks) == 30
+    for name, contexts in {**train_talks, **eval_talks}.items():
+        assert sorted(contexts) == list(range(1, 2 + int(name[1:]) % 3)), name  # each turn once, whole history
+
+    last = make_cfg("decoder", "supervised", seq_len=512, batch_size=1, path=str(path), eval_fraction=0.3,
+                    chat_template=str(tmp_path / "chat.json"), chat_turns="last")
+    lines = []
+    _, train, evaluation = make_datasets(last, str(tmp_path / "run-last"), log=lines.append)
+    assert "30 (input, target) pairs" in lines[0] and train.num_documents + evaluation.num_documents == 30
 
 
 # ---------------------------------------------------------------------- worker processes (data.workers)

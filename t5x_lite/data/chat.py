@@ -1,8 +1,8 @@
 """Chat templates: conversations (``messages`` records) as supervised (input, target) pairs.
 
-A conversation ``[{"role": ..., "content": ...}, ...]`` ending with an assistant turn becomes the
-pair (everything before that turn, rendered with the generation prompt; the turn itself), each
-rendered by the model's own Jinja chat template (``import-hf`` keeps it as ``chat_template.json``
+Each assistant turn of a conversation ``[{"role": ..., "content": ...}, ...]`` becomes a pair
+(everything before that turn, rendered with the generation prompt; the turn itself), or only the
+last one (``data.chat_turns=last``), each rendered by the model's own Jinja chat template (``import-hf`` keeps it as ``chat_template.json``
 in the work dir and sets ``data.chat_template``). The pipeline adds BOS before an input and EOS
 after a target, so a leading BOS and a trailing EOS of the template's text are left to it.
 """
@@ -92,21 +92,45 @@ def prompt_text(chat: dict, messages: list) -> str:
     return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
 
 
-def as_pair(chat: dict, messages) -> tuple[str, str]:
-    """(input, target) of a conversation whose last turn is the assistant's. Raises ValueError
-    (the reason a record is skipped) otherwise, or when the template does not render the
-    conversation's start as the prompt of its last turn."""
+def _check_messages(messages) -> None:
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
         raise ValueError("messages not a list of {role, content}")
-    if messages[-1].get("role") != "assistant":
-        raise ValueError("conversations not ending with an assistant turn")
-    prompt = render(chat, messages[:-1], add_generation_prompt=True)
-    full = render(chat, messages, add_generation_prompt=False)
+
+
+def _turn_pair(chat: dict, messages: list, turn: int) -> tuple[str, str]:
+    """(input, target) of assistant turn ``turn``: the conversation before it, rendered with the
+    generation prompt; the turn as the template renders it after that prompt."""
+    prompt = render(chat, messages[:turn], add_generation_prompt=True)
+    full = render(chat, messages[:turn + 1], add_generation_prompt=False)
     if not full.startswith(prompt):
         raise ValueError("conversations whose rendering does not start with their prompt")
     target = full[len(prompt):].rstrip()
     eos = chat.get("eos_token", "")
     if eos and target.endswith(eos):
         target = target[: -len(eos)]
-    return prompt_text(chat, messages[:-1]), target
+    return prompt_text(chat, messages[:turn]), target
+
+
+def as_pair(chat: dict, messages) -> tuple[str, str]:
+    """(input, target) of a conversation whose last turn is the assistant's. Raises ValueError
+    (the reason a record is skipped) otherwise, or when the template does not render the
+    conversation's start as the prompt of its last turn."""
+    return as_pairs(chat, messages, "last")[0]
+
+
+def as_pairs(chat: dict, messages, turns: str = "all") -> list[tuple[str, str]]:
+    """The (input, target) pairs of a conversation: ``turns="all"``, one per assistant turn, its
+    input the whole conversation before that turn (each rendered as if the turn were the last:
+    templates that render earlier turns differently, such as Qwen3's dropping of past
+    reasoning, get what they would see when generating it); ``"last"``, its final turn alone,
+    which must be the assistant's. Raises ValueError (the reason a record is skipped)."""
+    _check_messages(messages)
+    if turns == "last":
+        if messages[-1].get("role") != "assistant":
+            raise ValueError("conversations not ending with an assistant turn")
+        return [_turn_pair(chat, messages, len(messages) - 1)]
+    at = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not at:
+        raise ValueError("conversations without an assistant turn")
+    return [_turn_pair(chat, messages, i) for i in at]

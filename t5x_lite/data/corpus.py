@@ -393,11 +393,13 @@ def read_documents(
 
 def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Optional[int] = None,
                skipped: Optional[Skipped] = None, messages_field: str = "messages",
-               chat: Optional[dict] = None) -> list[str]:
+               chat: Optional[dict] = None, turns: str = "all", groups: Optional[list] = None) -> list[str]:
     """(input, target) pairs from the JSON lines of ``spec``, flattened: ``[input 0, target 0,
     input 1, ...]``. A pair needs both fields as strings and a non-blank target (an input may be
-    empty), or a conversation in ``messages_field`` that the ``chat`` template renders
-    (``data.chat.as_pair``); other lines and non-JSON-lines files are counted in ``skipped``."""
+    empty), or a conversation in ``messages_field`` that the ``chat`` template renders: a pair
+    per assistant turn (``turns="last"``: the last; ``data.chat.as_pairs``); other lines and
+    non-JSON-lines files are counted in ``skipped``. ``groups``, if given, gets each pair's
+    record number (a conversation's pairs share one)."""
     from t5x_lite.data import chat as chat_module
 
     files = resolve(spec)
@@ -405,6 +407,7 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
         raise DataError(f"data.path={spec!r} matches no file (give a file, a directory or a glob)")
     skipped = skipped if skipped is not None else Skipped()
     out: list[str] = []
+    record_number = 0
     for path in files:
         if not is_jsonl(path):
             skipped.add("files not JSON lines (supervised pairs)", path)
@@ -423,7 +426,7 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
                             skipped.add(f"conversations ({messages_field!r}) without data.chat_template", where)
                             continue
                         try:
-                            texts = list(chat_module.as_pair(chat, record[messages_field]))
+                            pairs = chat_module.as_pairs(chat, record[messages_field], turns)
                         except ValueError as e:
                             skipped.add(str(e), where)
                             continue
@@ -432,31 +435,42 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
                                                "data.input_field / data.target_field")
                         if texts is None:
                             continue
-                    if not texts[1].strip():
-                        skipped.add("pairs with a blank target", where)
-                        continue
-                    if max_pairs is not None and len(out) >= 2 * max_pairs:
-                        return out
-                    out += texts
+                        pairs = [texts]
+                    kept = False
+                    for texts in pairs:
+                        if not texts[1].strip():
+                            skipped.add("pairs with a blank target", where)
+                            continue
+                        if max_pairs is not None and len(out) >= 2 * max_pairs:
+                            return out
+                        out += texts
+                        kept = True
+                        if groups is not None:
+                            groups.append(record_number)
+                    record_number += kept
         except (OSError, EOFError, zlib.error) as e:
             skipped.add("unreadable files", f"{path} ({e})")
     return out
 
 
-def load_documents(data_cfg, skipped: Optional[Skipped] = None) -> list[str]:
+def load_documents(data_cfg, skipped: Optional[Skipped] = None, groups: Optional[list] = None) -> list[str]:
     """The corpus a ``DataConfig`` names: the stdlib docstrings when ``path`` is None, else
     ``read_documents(path, field, max_docs)`` (objective supervised: ``read_pairs``, inputs and
-    targets alternating). Raises ``DataError`` if no non-blank document is left."""
+    targets alternating; ``groups`` then gets each pair's record, as ``read_pairs``). Raises
+    ``DataError`` if no non-blank document is left."""
     skipped = skipped if skipped is not None else Skipped()
     if data_cfg.objective == "supervised" and data_cfg.path is None:
         docs = stdlib_pairs()
-        return docs[: 2 * data_cfg.max_docs] if data_cfg.max_docs is not None else docs
+        docs = docs[: 2 * data_cfg.max_docs] if data_cfg.max_docs is not None else docs
+        if groups is not None:
+            groups.extend(range(len(docs) // 2))
+        return docs
     if data_cfg.objective == "supervised":
         from t5x_lite.data import chat
 
         template = chat.load(data_cfg.chat_template) if data_cfg.chat_template else None
         docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped,
-                          data_cfg.messages_field, template)
+                          data_cfg.messages_field, template, data_cfg.chat_turns, groups)
         if not docs:
             raise DataError(f"data.path={data_cfg.path!r} holds no (input, target) pair with the fields "
                             f"{data_cfg.input_field!r} and {data_cfg.target_field!r}" +
@@ -490,6 +504,8 @@ def source_key(data_cfg) -> str:
         if data_cfg.objective == "supervised":
             origin = ["pairs", data_cfg.input_field, data_cfg.target_field, data_cfg.messages_field,
                       fingerprint([data_cfg.chat_template]) if data_cfg.chat_template else None]
+            if data_cfg.chat_template and data_cfg.chat_turns != "last":  # (keys of earlier caches unchanged)
+                origin.append(data_cfg.chat_turns)
         if not files:
             raise DataError(f"data.path={data_cfg.path!r} matches no file (give a file, a directory or a glob)")
     text = json.dumps([origin, data_cfg.max_docs, fingerprint(files)])

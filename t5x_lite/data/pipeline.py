@@ -45,6 +45,7 @@ _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 _EPOCH, _OBJECTIVE = 1, 2  # rng namespaces
 _FEISTEL_ROUNDS = 4
 _CACHE_VERSION = "2"
+PAIR_GROUPS = "pair_groups.npy"  # supervised caches: each pair's record (a conversation's pairs share one)
 
 
 # ---------------------------------------------------------------------- packing
@@ -673,12 +674,20 @@ def _split_unit(n: int, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def split_documents(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(n: int, eval_fraction: float, seed: int,
+                    groups: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_indices, eval_indices) of n documents: disjoint, covering, sorted.
 
     A document is held out when its hash is below ``eval_fraction``. With a fraction > 0 and
-    n >= 2 there is at least one eval and one train document.
+    n >= 2 there is at least one eval and one train document. ``groups`` (a group number per
+    document, from 0: the pairs of one conversation) splits the groups so, each document going
+    with its group; groups ``0..n-1`` split as the documents would.
     """
+    if groups is not None:
+        groups = np.asarray(groups, np.int64)[:n]
+        _, held = split_documents(int(groups.max()) + 1 if n else 0, eval_fraction, seed)
+        out = np.isin(groups, held)
+        return np.flatnonzero(~out), np.flatnonzero(out)
     u = _split_unit(n, seed)
     held_out = u < eval_fraction
     if eval_fraction > 0 and n >= 2:
@@ -729,23 +738,28 @@ def _open_prepared(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokeni
     return store, tok
 
 
-def _read_corpus(cfg, log: Callable) -> list[str]:
+def _read_corpus(cfg, log: Callable, groups: Optional[list] = None) -> list[str]:
     t0 = time.perf_counter()
     skipped = Skipped()
-    docs = load_documents(cfg.data, skipped)
+    groups = [] if groups is None else groups
+    docs = load_documents(cfg.data, skipped, groups)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    count = f"{len(docs) // 2} (input, target) pairs" if cfg.objective == "supervised" else f"{len(docs)} docs"
+    count = f"{len(docs)} docs"
+    if cfg.objective == "supervised":
+        records = groups[-1] + 1 if groups else 0
+        count = f"{len(docs) // 2} (input, target) pairs" + (f" of {records} records (a pair per assistant turn)"
+                                                               if records < len(docs) // 2 else "")
     default = "stdlib signatures -> docstring summaries" if cfg.objective == "supervised" else "stdlib docstrings"
     log(f"data: corpus {cfg.data.path or default}: {count}, {megabytes:.1f} MB, "
         f"read in {time.perf_counter() - t0:.1f}s" + (f"; skipped {skipped}" if skipped else ""))
     return docs
 
 
-def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optional[list[str]]]:
+def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optional[list[str]], list]:
     """``data.tokenizer`` if set, else ``workdir/tokenizer.model`` if present, else a new one
-    trained on the training documents (read now) and saved there. Returns the tokenizer and the
-    documents (None when they were not read)."""
-    docs = None
+    trained on the training documents (read now) and saved there. Returns the tokenizer, the
+    documents (None when they were not read) and (supervised) their pairs' records."""
+    docs, groups = None, []
     path = cfg.data.tokenizer or os.path.join(workdir, fmt.TOKENIZER)
     if cfg.data.tokenizer or os.path.exists(path):
         t0 = time.perf_counter()
@@ -753,10 +767,10 @@ def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optiona
         how = f"loaded {path}"
     else:
         check_objective(cfg.objective, cfg.data, True, cfg.data.num_sentinels)
-        docs = _read_corpus(cfg, log)
+        docs = _read_corpus(cfg, log, groups)
         t0 = time.perf_counter()
         if cfg.objective == "supervised":  # split by pair, as training does: both texts of a pair
-            pairs, _ = split_documents(len(docs) // 2, cfg.data.eval_fraction, cfg.train.seed)
+            pairs, _ = split_documents(len(docs) // 2, cfg.data.eval_fraction, cfg.train.seed, groups)
             train_idx = np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
         else:
             train_idx, _ = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
@@ -767,7 +781,7 @@ def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optiona
     _check_tokenizer(tok, cfg, path)
     log(f"data: tokenizer {how} (vocab {tok.vocab_size}, {len(tok.sentinel_ids)} sentinels) "
         f"in {time.perf_counter() - t0:.1f}s")
-    return tok, docs
+    return tok, docs, groups
 
 
 def _open_cached(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenizer]:
@@ -775,14 +789,17 @@ def _open_cached(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenize
     prepared format). The key covers the files' sizes and times, the field, ``max_docs`` and the
     tokenizer, so a rerun finds it with a ``stat`` per file and reads no text."""
     source = source_key(cfg.data)
-    tok, docs = _get_tokenizer(cfg, workdir, log)
+    tok, docs, groups = _get_tokenizer(cfg, workdir, log)
     key = hashlib.sha256("|".join([_CACHE_VERSION, source, tok.sha256]).encode()).hexdigest()[:24]
     cache = os.path.join(workdir, "data_cache", key)
     if not fmt.is_prepared(cache):
-        docs = docs if docs is not None else _read_corpus(cfg, log)
+        if docs is None:
+            docs = _read_corpus(cfg, log, groups)
         t0 = time.perf_counter()
         tokens, offsets = fmt.join_documents(tok.encode_batch(docs), tok.eos_id, fmt.token_dtype(tok.vocab_size))
         os.makedirs(cache, exist_ok=True)
+        if cfg.objective == "supervised":  # which pairs are one conversation's (they split together)
+            np.save(os.path.join(cache, PAIR_GROUPS), np.asarray(groups, np.int64))
         record = fmt.write_shard(cache, fmt.SHARD_PREFIX + "0", tokens, offsets,
                                  {"bytes": sum(len(d.encode("utf-8")) for d in docs)})
         tok.save(os.path.join(cache, fmt.TOKENIZER))
@@ -813,7 +830,9 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     t0 = time.perf_counter()
     n = store.num_documents // 2 if pairs else store.num_documents  # (read_pairs applied max_docs to pairs)
     n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
-    train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed)
+    groups_file = os.path.join(store.directory or "", PAIR_GROUPS)
+    groups = np.load(groups_file) if pairs and os.path.exists(groups_file) else None
+    train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed, groups)
     lengths = store.doc_lengths()
     train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
     evaluation = None
