@@ -259,6 +259,9 @@ class MeshConfig:
 class ShardingConfig:
     zero_stage: int = 3
     shard_opt_over_data: bool = False  # stages 1-3: also shard optimizer state over `data`
+    # mixture of experts: each fsdp shard holds num_experts / fsdp whole experts (params, grads,
+    # optimizer state; never gathered) and the tokens travel to them (all-to-all) and back
+    expert_parallel: bool = False
 
 
 @dataclasses.dataclass
@@ -349,6 +352,8 @@ class Config:
             if adapted:
                 errors.append(f"model.lora_targets names {adapted}: with model.num_experts the MLP is experts, "
                               "which LoRA does not adapt; target query, key, value, out")
+        if self.sharding.expert_parallel and not m.num_experts:
+            errors.append("sharding.expert_parallel splits a mixture of experts by expert: set model.num_experts")
         if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:
             errors.append(f"model.sliding_window_pattern={m.sliding_window_pattern} must be 0 (every layer windowed) "
                           "or >= 2 (every P-th layer global)")

@@ -93,6 +93,9 @@ def validate_for_mesh(cfg: Config, mesh_shape: Sequence[int]) -> None:
     if m.d_ff % tensor:
         errors.append(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={tensor}; "
                       f"mesh.tensor sizes that fit: {tensor_fits}")
+    if cfg.sharding.expert_parallel and m.num_experts % fsdp:
+        errors.append(f"sharding.expert_parallel splits model.num_experts={m.num_experts} over mesh.fsdp={fsdp}, "
+                      f"which does not divide it; mesh.fsdp sizes that fit: {_divisors(m.num_experts)}")
     if errors:
         raise ConfigError("config does not fit the mesh:\n  - " + "\n  - ".join(errors))
 
@@ -129,9 +132,17 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
     def tp(size: int):  # tensor-parallel only along dimensions it divides
         return "tensor" if size % tensor == 0 else None
 
+    # Expert parallelism: the experts axis takes fsdp first (rules are matched in order, a mesh axis
+    # used once per array), so expert weights are split by expert, not by ZeRO over embed, and the
+    # experts' inputs [E, groups, C, D] by expert, their groups over data alone (the second
+    # act_batch rule): going from token groups to experts and back is an all-to-all over fsdp.
+    experts = "fsdp" if cfg.sharding.expert_parallel else None
     return (
+        ("experts", experts),
+        ("act_experts", experts),
         # activations
         ("act_batch", BATCH_AXES),
+        ("act_batch", "data"),
         ("act_length", None),
         ("act_embed", None),
         ("act_heads", tp(m.num_heads)),
@@ -139,7 +150,6 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
         ("act_kv", None),
         ("act_mlp", tp(m.d_ff)),
         ("act_vocab", tp(m.vocab_size)),
-        ("act_experts", None),
         # parameters
         (ZERO_AXIS, zero_axes if zero else None),
         ("vocab", tp(m.vocab_size)),
@@ -150,7 +160,6 @@ def logical_rules(cfg: Config, mesh: Optional[Mesh] = None, *, optimizer: bool =
         ("norm", None),
         ("layers", None),
         ("lora", None),
-        ("experts", None),
         ("relpos_buckets", None),
         ("abspos", None),
     )

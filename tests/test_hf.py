@@ -355,7 +355,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

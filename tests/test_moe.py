@@ -152,3 +152,38 @@ def test_moe_config_errors():
                               (("model.num_experts=4", "model.expert_capacity_factor=-1"), "capacity")]:
         with pytest.raises(ConfigError, match=needle):
             tiny_cfg("decoder", *overrides)
+
+
+def _gathered_shapes(cfg) -> set:
+    """Shapes of every all-gather's output in the compiled train step of ``cfg`` on 8 devices."""
+    import re
+
+    from t5x_lite import partitioning
+    from t5x_lite.trainer import make_setup
+    from test_sharding import FAST_COMPILE, abstract_batch
+
+    setup = make_setup(cfg, partitioning.make_mesh(cfg))
+    with setup.activation_context():
+        hlo = setup.train_step.lower(setup.abstract_state, abstract_batch(setup)).compile(FAST_COMPILE).as_text()
+    return {tuple(int(d) for d in m.group(1).split(",")) for m in re.finditer(r"= f32\[([\d,]+)\]\S* all-gather\(", hlo)}
+
+
+def test_expert_parallel_keeps_experts_whole_and_never_gathers_them():
+    """ZeRO-3 splits every expert's weights over fsdp and gathers them per layer; expert
+    parallelism gives each fsdp shard whole experts of its own (E / fsdp), which stay put while
+    the tokens move. (Same numbers as one device: test_sharding.)"""
+    opts = ("model.num_experts=4", "model.expert_capacity_factor=1.5", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1")
+    expert = {(4, 32, 64), (4, 64, 32)}  # one layer's [E, D, F] and [E, F, D]
+    assert expert & _gathered_shapes(tiny_cfg("decoder", *opts))
+    ep = tiny_cfg("decoder", *opts, "sharding.expert_parallel=true")
+    assert not expert & _gathered_shapes(ep)
+    from t5x_lite import partitioning
+    from t5x_lite.trainer import make_setup
+
+    setup = make_setup(ep, partitioning.make_mesh(ep))
+    mlp = setup.state_shardings.params["decoder"]["stack"]["layers"]["mlp"]
+    for name in ("wi_0", "wi_1", "wo"):  # [layers, experts over fsdp, in, out (mlp over tensor)]
+        assert tuple(mlp[name]["kernel"].spec)[:2] == (None, "fsdp"), name
+    with pytest.raises(ConfigError, match="does not divide"):
+        partitioning.make_mesh(tiny_cfg("decoder", *opts[:-3], "mesh.fsdp=8", "sharding.expert_parallel=true",
+                                        "model.num_experts=4"))

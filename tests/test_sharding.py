@@ -160,6 +160,9 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
     # load-balancing loss in the gradient, experts' weights ZeRO-3-sharded and tensor-split
     Case("decoder", 3, (1, 4, 2), micro=2, extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
                                                    "model.expert_group_size=8", "model.router_aux_loss=0.1")),
+    # expert parallelism: each fsdp shard holds one of the 4 experts whole, the tokens travel
+    Case("decoder", 3, (2, 4, 1), extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
+                                         "model.router_aux_loss=0.1", "sharding.expert_parallel=true")),
 ]
 
 

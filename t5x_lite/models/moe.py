@@ -148,7 +148,8 @@ class MoeMlp(nn.Module):
                                                         name=name)()
         dispatch_GSEC = r["dispatch"].astype(dtype)
         x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, dispatch_GSEC)
-        x_EGCD = constrain(x_EGCD, (None, "act_batch", None, "act_embed"))
+        expert_in = ("act_experts", "act_batch", None, "act_embed")  # sharding.expert_parallel: E over fsdp
+        x_EGCD = constrain(x_EGCD, expert_in)
         act = activation(cfg)
         hidden = ("act_experts", "act_batch", None, "act_mlp")
         if cfg.mlp in ("swiglu", "geglu"):
@@ -158,7 +159,7 @@ class MoeMlp(nn.Module):
         else:
             h_EGCF = act(constrain(jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi", (d, f), ("embed", "mlp"))),
                                    hidden))
-        y_EGCD = jnp.einsum("egcf,efd->egcd", h_EGCF, expert("wo", (f, d), ("mlp", "embed")))
+        y_EGCD = constrain(jnp.einsum("egcf,efd->egcd", h_EGCF, expert("wo", (f, d), ("mlp", "embed"))), expert_in)
         y_GSD = jnp.einsum("egcd,gsec->gsd", y_EGCD, r["combine"].astype(dtype))
         return constrain(y_GSD.reshape(b, length, d), BLD)
 
