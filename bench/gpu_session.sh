@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat dots / full, batch 16, cuBLAS, full logits, autotune 1 (~7 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled  (~3 min)
+#   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups (~6 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
 # In that order of value when device time is short.
@@ -84,10 +85,17 @@ case $part in
   decode)
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 --variant xla:model.attention=xla \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
+  moe)  # beyond issue 8's targets: a mixture of experts against transformers' Mixtral (dropless)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads moe "${STEPS[@]}" \
+      --variant dropless:model.expert_capacity_factor=0 \
+      --variant cf2:model.expert_capacity_factor=2 \
+      --variant g512:model.expert_group_size=512 \
+      --variant g128:model.expert_group_size=128 \
+      --json "$OUT/moe.json" | tee "$OUT/moe.txt" || failed=1 ;;
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode|report   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
+    echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode|moe|report   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
     exit 2 ;;
 esac
 echo "gpu_session: $part done; results in $OUT$( ((failed)) && echo ' (a command failed: see its output above)')" >&2

@@ -2,7 +2,7 @@
 
 For each workload the same architecture is built twice — our config from ``configs/`` and the
 matching ``transformers`` model (LlamaForCausalLM, T5ForConditionalGeneration,
-BertForMaskedLM) with random weights — and trained on random tokens: warm-up steps, then timed
+BertForMaskedLM; MixtralForCausalLM for ``--workloads moe``) with random weights — and trained on random tokens: warm-up steps, then timed
 steps. Each measurement runs in its own subprocess so that JAX and PyTorch never share a GPU's
 memory and peak memory is each one's own.
 
@@ -12,7 +12,8 @@ fused AdamW; ours: ``model.dtype=bfloat16``, ``param_dtype=float32``). Counting 
     tokens/step = batch x (input length [+ target length for T5])
     FLOPs/step  = t5x_lite.metrics.train_flops_per_step(cfg)   (6 x matmul weights per token,
                   the output layer included, + 12 x keys seen x heads x head_dim per token and
-                  layer; causal stacks see half their keys) -- the count the training log uses
+                  layer; causal stacks see half their keys; experts: the k a token visits and
+                  the router) -- the count the training log uses
     MFU         = FLOPs/step / step time / peak (989 TFLOP/s dense bf16 on H100/H200)
 
 Usage::
@@ -38,11 +39,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = {"llama": "configs/llama_1b.yaml", "t5": "configs/t5_base.yaml", "bert": "configs/bert_base.yaml"}
+WORKLOADS = {"llama": "configs/llama_1b.yaml", "t5": "configs/t5_base.yaml", "bert": "configs/bert_base.yaml",
+             "moe": "configs/moe_1b.yaml"}
 SMOKE = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.d_ff=128", "model.vocab_size=512",
          "model.max_length=64", "data.seq_len=64", "train.batch_size=4", "model.dtype=float32"]
 SMOKE_EXTRA = {"llama": ["model.num_kv_heads=2"], "t5": ["model.num_decoder_layers=2", "model.head_dim=16"],
-               "bert": ["model.dropout=0.0"]}
+               "bert": ["model.dropout=0.0"], "moe": ["model.num_kv_heads=2", "model.num_experts=4",
+                                                      "model.expert_d_ff=64", "model.expert_group_size=32"]}
 
 
 # ------------------------------------------------------------------------- shared
@@ -73,6 +76,14 @@ def hf_model(cfg):
     import transformers as tf
 
     m = cfg.model
+    if m.family == "decoder" and m.num_experts:  # Mixtral: the same attention, experts in every layer
+        conf = tf.MixtralConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.expert_width,
+                                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                                num_key_value_heads=m.kv_heads, max_position_embeddings=m.max_length,
+                                rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+                                num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                                output_router_logits=bool(m.router_aux_loss), router_aux_loss_coef=m.router_aux_loss)
+        return tf.MixtralForCausalLM(conf)
     if m.family == "decoder":
         conf = tf.LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                               num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,

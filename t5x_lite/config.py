@@ -104,13 +104,14 @@ class ModelConfig:
     # ones with router_renormalize). expert_capacity_factor: 0 = dropless (exact; every expert
     # has room for every token of a group, E / k times the experts' FLOPs); > 0: each expert
     # takes ceil(k * group * factor / E) tokens of a group, the rest of its choices dropped.
-    # expert_group_size: tokens routed together (0 or not dividing the row: the row).
+    # expert_group_size: tokens routed together (0 or not dividing the row: the row); the dispatch
+    # and combine einsums cost ~4 x group x k x factor x d_model FLOPs per token, so not too many
     # router_aux_loss: weight of the load-balancing loss added to the training loss (Mixtral 0.02)
     num_experts: int = 0
     experts_per_token: int = 2
     expert_d_ff: Optional[int] = None
     expert_capacity_factor: float = 0.0
-    expert_group_size: int = 0
+    expert_group_size: int = 256
     router_renormalize: bool = True
     router_aux_loss: float = 0.0
     scan_layers: bool = True

@@ -20,7 +20,8 @@ array the table leaves whole on those axes (a norm scale, a bias, Adafactor's fa
 statistics, a width they don't divide) takes them on its widest other dimension; never on the
 stacked ``layers`` dimension, which the layer scan slices. Tensor parallelism (``tensor`` > 1)
 always splits ``heads``, ``kv_heads``, ``mlp`` and ``vocab`` (Megatron-style) where it divides
-them. The batch is split over ``data`` x ``fsdp``: both are data-parallel axes; ``fsdp`` is the one ZeRO shards state over,
+them. With ``sharding.expert_parallel`` a mixture of experts' ``experts`` axis takes ``fsdp``
+before ``embed`` can (expert parallelism: whole experts per shard, tokens moved to them). The batch is split over ``data`` x ``fsdp``: both are data-parallel axes; ``fsdp`` is the one ZeRO shards state over,
 and ``data`` x ``fsdp`` is the FSDP paper's hybrid sharding factor. Under stage 3, XLA gathers
 each layer's weights inside the layer scan, just before use, and frees them afterwards.
 """

@@ -100,6 +100,16 @@ def param_counts(cfg: Config) -> dict:
     return dict(_COUNTS[key])
 
 
+def active_params(cfg: Config, total: int) -> Optional[int]:
+    """A mixture of experts' parameters one token uses: all but the experts it is not routed
+    to (None for a dense model)."""
+    m = cfg.model
+    if not m.num_experts:
+        return None
+    per_expert = m.d_model * m.expert_width * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    return total - m.num_layers * (m.num_experts - m.experts_per_token) * per_expert
+
+
 def _count_params(cfg: Config) -> dict:
     import flax.linen as nn
 
@@ -370,7 +380,9 @@ def formula_plan(cfg: Config, gpus: int, gpu_memory_gb: float = 80.0, peak_tflop
         "num_params": counts["total"],
         "embedding_params": counts["embedding"],
         "non_embedding_params": counts["non_embedding"],
-        "flops_per_token_6n": 6.0 * counts["non_embedding"],
+        "active_params": active_params(cfg, counts["total"]),
+        "flops_per_token_6n": 6.0 * (counts["non_embedding"] if not cfg.model.num_experts
+                                     else active_params(cfg, counts["total"]) - counts["embedding"]),
         "model_flops_per_step": train_flops_per_step(cfg),
         "params_bytes_per_device": sizes["params"],
         "grads_bytes_per_device": sizes["grads"],
@@ -491,11 +503,15 @@ def format_plan(plan: dict) -> str:
         "",
         "model",
         f"  parameters      {plan['num_params']:,} (embedding {plan['embedding_params']:,}, "
-        f"non-embedding {plan['non_embedding_params']:,})",
+        f"non-embedding {plan['non_embedding_params']:,})"
+        + (f"; {plan['active_params']:,} active per token (the experts it is routed to)"
+           if plan.get("active_params") is not None else ""),
         f"  FLOPs / token   {plan['flops_per_token']:.4g} " + (
             "(per encoder or decoder position; each passes through one of the two stacks)"
             if plan["family"] == "encoder_decoder" else
-            f"(6N = {plan['flops_per_token_6n']:.4g} for the non-embedding N; the rest is attention and the output layer)"),
+            f"(6N = {plan['flops_per_token_6n']:.4g} for the non-embedding N"
+            + (" active per token" if plan.get("active_params") is not None else "")
+            + "; the rest is attention and the output layer)"),
         f"  tokens / step   {plan['tokens_per_step']:,}",
         "",
         f"memory per device ({plan['precision']} precision, remat {plan['remat']}, {plan['rows_per_device']} "

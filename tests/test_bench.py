@@ -192,3 +192,27 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
                    "decode batch 1 >= 600 tok/s": (700.0, True), "decode batch 32 >= 10,000 tok/s": (9000.0, False)}
     text = report.markdown(by_workload, decode, meta)
     assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:b16: 1e14 / 0.15 s / 989e12
+
+
+def test_moe_workload_is_the_same_model_as_transformers_mixtral():
+    """bench/train_vs_hf.py --workloads moe: HF's Mixtral built from moe_1b.yaml (on torch's meta
+    device: no memory) has exactly our parameters, tensor by tensor through the import table."""
+    import torch
+    import jax
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import train_vs_hf
+
+    from t5x_lite.interop import hf
+    from t5x_lite.models import abstract_params
+
+    cfg = train_vs_hf.load_cfg("moe", False, [])
+    with torch.device("meta"):
+        model = train_vs_hf.hf_model(cfg)
+    theirs = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    ours = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+    assert sum(map(math.prod, theirs.values())) == ours
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_experts_per_tok == 2
+    assert model.config.output_router_logits and model.config.router_aux_loss_coef == cfg.model.router_aux_loss
+    assert theirs["model.layers.0.mlp.experts.gate_up_proj"] == (8, 2 * 1408, 2048)
+    assert hf.ARCHS["mixtral"].hf_config(cfg.model, {})["intermediate_size"] == model.config.intermediate_size

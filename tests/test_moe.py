@@ -187,3 +187,15 @@ def test_expert_parallel_keeps_experts_whole_and_never_gathers_them():
     with pytest.raises(ConfigError, match="does not divide"):
         partitioning.make_mesh(tiny_cfg("decoder", *opts[:-3], "mesh.fsdp=8", "sharding.expert_parallel=true",
                                         "model.num_experts=4"))
+
+
+def test_active_parameters_leave_out_the_experts_a_token_skips():
+    from t5x_lite import planning
+    from t5x_lite.config import load_config
+
+    cfg = load_config("configs/moe_1b.yaml")
+    plan = planning.formula_plan(cfg, gpus=1)
+    assert plan["num_params"] - plan["active_params"] == 16 * (8 - 2) * 3 * 2048 * 1408
+    every = load_config("configs/moe_1b.yaml", ["model.experts_per_token=8"])
+    assert planning.active_params(every, plan["num_params"]) == plan["num_params"]
+    assert planning.formula_plan(load_config("configs/llama_1b.yaml"), gpus=1)["active_params"] is None

@@ -2,7 +2,7 @@
 experts per token, the block's output is their outputs weighted by the router.
 
 Dispatch is by einsum over one-hot tensors (GShard's formulation): tokens are routed in
-groups (a row, or ``model.expert_group_size`` tokens), each expert takes at most ``C`` tokens
+groups (``model.expert_group_size`` tokens, or the row), each expert takes at most ``C`` tokens
 of a group, and
 
     expert inputs  [E, G, C, D] = einsum(tokens [G, S, D], dispatch [G, S, E, C])
