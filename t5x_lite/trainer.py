@@ -519,6 +519,12 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
             if cfg.model.lora_rank else ""))
     log(f"per device: params {human_bytes(sizes['params'])}  grads {human_bytes(sizes['grads'])}  "
         f"optimizer state {human_bytes(sizes['opt_state'])}")
+    m = cfg.model
+    if m.num_experts and not m.expert_capacity_factor and m.num_experts >= 2 * m.experts_per_token:
+        log(f"note: dropless routing (model.expert_capacity_factor=0, as imported) runs all {m.num_experts} experts "
+            f"on every token of a routing group, {m.num_experts / m.experts_per_token:g}x the experts' FLOPs of "
+            f"{m.experts_per_token} per token; a capacity factor of 1.25-2 costs 1.25-2x and drops the few choices "
+            "over it (the log shows the share)")
 
     t0 = time.time()
     check_batch(cfg, train_batches(0, jax.process_index(), jax.process_count()))

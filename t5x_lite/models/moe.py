@@ -80,10 +80,7 @@ def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int) -
     token s sits in slot c of expert e), ``combine`` (the same, times the router weight), the
     router probabilities and choices. Padding (``valid`` false) is routed nowhere."""
     e, k = cfg.num_experts, cfg.experts_per_token
-    probs_GSE = jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
-    weight_GSK, expert_GSK = jax.lax.top_k(probs_GSE, k)
-    if cfg.router_renormalize:
-        weight_GSK = weight_GSK / jnp.sum(weight_GSK, axis=-1, keepdims=True)
+    probs_GSE, weight_GSK, expert_GSK = top_k(cfg, logits_GSE)
     g, s = valid_GS.shape
     # Choices ranked first by k (every first choice before any second one), then by position.
     chosen_GKSE = jax.nn.one_hot(jnp.swapaxes(expert_GSK, 1, 2), e, dtype=jnp.int32) * valid_GS[:, None, :, None]
@@ -95,7 +92,25 @@ def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int) -
     gate_GSE = jnp.sum(jnp.swapaxes(weight_GSK, 1, 2)[..., None] * kept_GKSE, axis=1)
     dispatch_GSEC = jax.nn.one_hot(slot_GSE, capacity, dtype=jnp.float32) * in_GSE[..., None]
     return {"dispatch": dispatch_GSEC, "combine": dispatch_GSEC * gate_GSE[..., None], "probs": probs_GSE,
-            "chosen": jnp.sum(chosen_GKSE, axis=1), "kept": in_GSE}
+            "chosen": jnp.sum(chosen_GKSE, axis=1), "kept": in_GSE, "weights": weight_GSK, "experts": expert_GSK}
+
+
+def top_k(cfg: ModelConfig, logits: Array) -> tuple[Array, Array, Array]:
+    """(router probabilities, the top-k weights, their experts), the weights renormalised to
+    sum 1 with ``model.router_renormalize``."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weight, expert = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.router_renormalize:
+        weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    return probs, weight, expert
+
+
+def gathers_experts(cfg: ModelConfig, tokens: int, group: int, capacity: int) -> bool:
+    """Whether a call of ``tokens`` tokens runs each token's own k experts, gathered (a decoding
+    step of a small batch: fewer choices than experts, so gathering reads fewer expert weights
+    than running every expert), rather than the dispatch einsums. Only where no choice can be
+    dropped (capacity = group), so both give the same numbers."""
+    return tokens * cfg.experts_per_token < cfg.num_experts and capacity == group
 
 
 def balance_loss(cfg: ModelConfig, probs_GSE: Array, chosen_GSE: Array, valid_GS: Array) -> Array:
@@ -146,13 +161,26 @@ class MoeMlp(nn.Module):
 
         expert = lambda name, shape, axes: ExpertKernel((e,) + shape, ("experts",) + axes, dtype, param_dtype,
                                                         name=name)()
+        act = activation(cfg)
+        gated = cfg.mlp in ("swiglu", "geglu")
+        if gathers_experts(cfg, b * length, s, capacity):
+            # Each token's k experts' weights gathered ([N, k, ...]): a decoding step reads those alone.
+            ids_NK, x_ND = r["experts"].reshape(b * length, -1), x_GSD.reshape(b * length, d)
+            weight_NK = (r["weights"].reshape(b * length, -1) * valid_GS.reshape(-1, 1)).astype(dtype)
+            mats = {"wi_0": (d, f), "wi_1": (d, f)} if gated else {"wi": (d, f)}
+            into = {name: jnp.einsum("nd,nkdf->nkf", x_ND, jnp.take(expert(name, shape, ("embed", "mlp")), ids_NK,
+                                                                         axis=0))
+                    for name, shape in mats.items()}
+            h_NKF = act(into["wi_0"]) * into["wi_1"] if gated else act(into["wi"])
+            out_NKD = jnp.einsum("nkf,nkfd->nkd", h_NKF, jnp.take(expert("wo", (f, d), ("mlp", "embed")), ids_NK,
+                                                                   axis=0))
+            return constrain(jnp.einsum("nkd,nk->nd", out_NKD, weight_NK).reshape(b, length, d), BLD)
         dispatch_GSEC = r["dispatch"].astype(dtype)
         x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, dispatch_GSEC)
         expert_in = ("act_experts", "act_batch", None, "act_embed")  # sharding.expert_parallel: E over fsdp
         x_EGCD = constrain(x_EGCD, expert_in)
-        act = activation(cfg)
         hidden = ("act_experts", "act_batch", None, "act_mlp")
-        if cfg.mlp in ("swiglu", "geglu"):
+        if gated:
             gate_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_0", (d, f), ("embed", "mlp")))
             up_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_1", (d, f), ("embed", "mlp")))
             h_EGCF = act(constrain(gate_EGCF, hidden)) * constrain(up_EGCF, hidden)
