@@ -187,3 +187,13 @@ def test_attention_dropout_trains_on_xla_and_evaluates_on_cudnn(hopper):
     assert _forward(_grad_calls(cfg))  # the deterministic model (eval): cuDNN's packed kernel
     assert _forward(_train_step_calls(tiny_cfg("encoder", "model.dtype=bfloat16", "model.attention=auto",
                                                "model.max_segments=2", "model.dropout=0.1", "mesh.fsdp=1")))
+
+
+def test_mixture_of_experts_train_step_lowers_for_a_gpu(hopper):
+    """moe_1b's recipe (experts under a capacity, the load-balancing loss, remat=minimal) lowers
+    for CUDA with cuDNN's packed attention, its forward kernel kept as with a dense MLP."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", "model.max_segments=2",
+                   "model.remat=minimal", "train.loss_chunk=8", "mesh.fsdp=1", "model.num_experts=4",
+                   "model.expert_capacity_factor=1.25", "model.expert_group_size=8", "model.router_aux_loss=0.02")
+    calls = _train_step_calls(cfg)
+    assert len(_forward(calls)) == 1 and len(calls) == 2
