@@ -576,7 +576,54 @@ class Qwen3(Llama):
             *_norm_maps("layers.{i}.self_attn.k_norm", f"{lay}/key_norm", cfg.num_layers, bias=False)]
 
 
-class Qwen3Moe(Qwen3):
+# Every expert's HF Linear ``[out, in]`` <-> our stacked ``[E, in, out]`` (router: a plain Linear)
+EXPERTS = Layout(lambda xs, c: (np.stack([x.T for x in xs]),),
+                 lambda xs, c: tuple(xs[0][e].T for e in range(xs[0].shape[0])))
+
+
+class Experts:
+    """A mixture-of-experts variant of a dense architecture (listed first among the bases): its
+    MLP rows replaced by the router (``router``, a Linear) and the experts' gate / up / down
+    projections (``expert``: HF's name of expert ``e``'s module, with ``{e}``; ``names``: its
+    three Linears), each stacked over experts. A model without experts is refused by name."""
+
+    router: str = ""
+    expert: str = ""
+    names: tuple = ()
+    dense: str = ""  # the architecture a model without experts exports as
+
+    def extra_problems(self, cfg):
+        missing = [] if cfg.num_experts else [f"model.num_experts=0 (its MLPs are experts: set it, or export as "
+                                              f"{self.dense})"]
+        return super().extra_problems(cfg) + missing
+
+    def maps(self, cfg):
+        n, lay = cfg.num_layers, "decoder/stack/{layer}/mlp"
+        rows = [m for m in super().maps(cfg) if "/mlp/" not in m.ours[0]]
+        rows.append(_map(f"layers.{{i}}.{self.router}.weight", f"{lay}/router/kernel", LINEAR, n))
+        for hf_name, ours in zip(self.names, ("wi_0", "wi_1", "wo")):
+            tensors = [f"layers.{{i}}.{self.expert.format(e=e)}.{hf_name}.weight" for e in range(cfg.num_experts)]
+            rows.append(_map(tensors, f"{lay}/{ours}/kernel", EXPERTS, n))
+        return rows
+
+
+def _moe_fields(hf: dict, experts: str, width: str, renormalize: bool) -> dict:
+    """Our mixture-of-experts fields from a HF MoE config; the load-balancing loss's weight
+    only where the config trains with it (``output_router_logits``)."""
+    count = hf.get(experts, hf.get("num_local_experts"))  # transformers 5 writes Qwen3-MoE's num_experts so
+    if count is None:
+        raise KeyError(experts)
+    return dict(num_experts=count, experts_per_token=hf["num_experts_per_tok"], expert_d_ff=hf[width],
+                router_renormalize=renormalize,
+                router_aux_loss=float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0)
+
+
+def _hf_moe(cfg: ModelConfig, base: dict) -> dict:
+    return dict(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss),
+                router_aux_loss_coef=cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001))
+
+
+class Qwen3Moe(Experts, Qwen3):
     """Qwen3-MoE: Qwen3's attention, every MLP a mixture of SwiGLU experts (``mlp.gate`` the
     router, ``mlp.experts.{e}`` gate / up / down) of width ``moe_intermediate_size``, the top-k
     weights renormalised when ``norm_topk_prob``. Dense layers among them (``mlp_only_layers``,
@@ -584,6 +631,7 @@ class Qwen3Moe(Qwen3):
 
     model_types = window_types = ("qwen3_moe",)
     extras = frozenset({"experts"})
+    router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "qwen3"
 
     def model_fields(self, hf, names):
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
@@ -599,15 +647,6 @@ class Qwen3Moe(Qwen3):
                     norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
                     **_hf_moe(cfg, base))
 
-    def extra_problems(self, cfg):
-        return super().extra_problems(cfg) + ([] if cfg.num_experts else ["model.num_experts=0 (Qwen3-MoE's MLPs are "
-                                                                           "experts: set it, or export as qwen3)"])
-
-    def maps(self, cfg):
-        lay = "decoder/stack/{layer}"
-        rows = [m for m in super().maps(cfg) if "/mlp/" not in m.ours[0]]
-        return rows + _expert_maps(cfg, lay, "layers.{i}.mlp.gate", "layers.{{i}}.mlp.experts.{e}",
-                                   ("gate_proj", "up_proj", "down_proj"))
 
 
 class Phi3(Llama):
@@ -642,39 +681,7 @@ class Phi3(Llama):
                  PHI_GATE_UP, n)]
 
 
-# Every expert's HF Linear ``[out, in]`` <-> our stacked ``[E, in, out]`` (router: a plain Linear)
-EXPERTS = Layout(lambda xs, c: (np.stack([x.T for x in xs]),),
-                 lambda xs, c: tuple(xs[0][e].T for e in range(xs[0].shape[0])))
-
-
-def _expert_maps(cfg: ModelConfig, lay: str, router: str, expert: str, names: tuple) -> list[Map]:
-    """The router and the experts' gate / up / down projections of a MoE layer: ``expert`` the
-    HF name of expert ``e``'s module with ``{e}``, ``names`` HF's names of gate, up and down."""
-    n = cfg.num_layers
-    rows = [_map(f"{router}.weight", f"{lay}/mlp/router/kernel", LINEAR, n)]
-    for hf_name, ours in zip(names, ("wi_0", "wi_1", "wo")):
-        tensors = [f"{expert.format(e=e)}.{hf_name}.weight" for e in range(cfg.num_experts)]
-        rows.append(_map(tensors, f"{lay}/mlp/{ours}/kernel", EXPERTS, n))
-    return rows
-
-
-def _moe_fields(hf: dict, experts: str, width: str, renormalize: bool) -> dict:
-    """Our mixture-of-experts fields from a HF MoE config; the load-balancing loss's weight
-    only where the config trains with it (``output_router_logits``)."""
-    count = hf.get(experts, hf.get("num_local_experts"))  # transformers 5 writes Qwen3-MoE's num_experts so
-    if count is None:
-        raise KeyError(experts)
-    return dict(num_experts=count, experts_per_token=hf["num_experts_per_tok"], expert_d_ff=hf[width],
-                router_renormalize=renormalize,
-                router_aux_loss=float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0)
-
-
-def _hf_moe(cfg: ModelConfig, base: dict) -> dict:
-    return dict(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss),
-                router_aux_loss_coef=cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001))
-
-
-class Mixtral(Llama):
+class Mixtral(Experts, Llama):
     """Mixtral: Mistral's attention, every MLP a mixture of SwiGLU experts (``block_sparse_moe``:
     a router ``gate``, experts' ``w1`` gate, ``w3`` up, ``w2`` down), the top-k weights
     renormalised. ``router_jitter_noise`` (training-time noise on the router) is not modelled."""
@@ -682,6 +689,7 @@ class Mixtral(Llama):
     model_types = window_types = ("mixtral",)
     requires = dict(Llama.requires, use_bias=False, mlp="swiglu", router_renormalize=True)
     extras = frozenset({"experts"})
+    router, expert, names, dense = "block_sparse_moe.gate", "block_sparse_moe.experts.{e}", ("w1", "w3", "w2"), "llama"
 
     def model_fields(self, hf, names):
         fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
@@ -694,15 +702,6 @@ class Mixtral(Llama):
         return dict(out, intermediate_size=cfg.expert_width, num_local_experts=cfg.num_experts,
                     sliding_window=cfg.sliding_window or None, **_hf_moe(cfg, base))
 
-    def extra_problems(self, cfg):
-        return super().extra_problems(cfg) + ([] if cfg.num_experts else ["model.num_experts=0 (Mixtral's MLPs are "
-                                                                           "experts: set it, or export as llama)"])
-
-    def maps(self, cfg):
-        lay = "decoder/stack/{layer}"
-        rows = [m for m in super().maps(cfg) if "/mlp/" not in m.ours[0]]
-        return rows + _expert_maps(cfg, lay, "layers.{i}.block_sparse_moe.gate",
-                                   "layers.{{i}}.block_sparse_moe.experts.{e}", ("w1", "w3", "w2"))
 
 
 class Gemma(Llama):
