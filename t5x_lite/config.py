@@ -114,6 +114,10 @@ class ModelConfig:
     expert_group_size: int = 256
     router_renormalize: bool = True
     router_aux_loss: float = 0.0
+    # an always-on expert of this width beside the routed ones (0: none), its output times a
+    # per-token sigmoid gate with shared_expert_gate (Qwen2-MoE)
+    shared_expert_d_ff: int = 0
+    shared_expert_gate: bool = False
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the layer scan (lax.scan unroll; >= num_layers: straight code)
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
@@ -345,14 +349,21 @@ class Config:
             if not 1 <= m.experts_per_token <= m.num_experts:
                 errors.append(f"model.experts_per_token={m.experts_per_token} must be in [1, model.num_experts="
                               f"{m.num_experts}]")
-            if m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0:
-                errors.append("model.expert_capacity_factor, expert_group_size and router_aux_loss must be >= 0")
+            if (m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0
+                    or m.shared_expert_d_ff < 0):
+                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss and "
+                              "shared_expert_d_ff must be >= 0")
             if m.fused_mlp:
                 errors.append("model.fused_mlp applies to a dense MLP, not to experts (model.num_experts > 0)")
             adapted = sorted(set(m.lora_names) & {"wi_0", "wi_1", "wi", "wo"})
             if adapted:
                 errors.append(f"model.lora_targets names {adapted}: with model.num_experts the MLP is experts, "
                               "which LoRA does not adapt; target query, key, value, out")
+        if (m.shared_expert_d_ff or m.shared_expert_gate) and not m.num_experts:
+            errors.append("model.shared_expert_d_ff / shared_expert_gate belong to a mixture of experts: set "
+                          "model.num_experts")
+        elif m.shared_expert_gate and not m.shared_expert_d_ff:
+            errors.append("model.shared_expert_gate gates the shared expert: set model.shared_expert_d_ff")
         if self.sharding.expert_parallel and not m.num_experts:
             errors.append("sharding.expert_parallel splits a mixture of experts by expert: set model.num_experts")
         if m.sliding_window_pattern == 1 or m.sliding_window_pattern < 0:

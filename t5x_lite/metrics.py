@@ -25,8 +25,10 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     d, n, k, h, f = m.d_model, m.num_heads, m.kv_heads, m.dim_per_head, m.d_ff
     attn = d * n * h * 2 + d * k * h * 2  # q, out; k, v
     mlp = d * f * (3 if m.mlp in ("swiglu", "geglu") else 2)
-    if m.num_experts:  # the router, and the experts a token is sent to (not the dispatch einsums)
-        mlp = d * m.num_experts + m.experts_per_token * mlp // f * m.expert_width
+    if m.num_experts:  # the router, the experts a token is sent to (not the dispatch einsums), a shared one
+        per_width = mlp // f
+        mlp = (d * m.num_experts + m.experts_per_token * per_width * m.expert_width
+               + per_width * m.shared_expert_d_ff + (d if m.shared_expert_gate else 0))
     return attn + mlp + (d * n * h * 2 if cross else 0)
 
 

@@ -91,9 +91,13 @@ def validate_for_mesh(cfg: Config, mesh_shape: Sequence[int]) -> None:
     if m.num_heads % tensor:
         errors.append(f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}; "
                       f"mesh.tensor sizes that fit: {tensor_fits}")
-    if m.d_ff % tensor:
-        errors.append(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={tensor}; "
-                      f"mesh.tensor sizes that fit: {tensor_fits}")
+    widths = [("d_ff", m.d_ff)] + ([("expert_d_ff", m.expert_width)] if m.num_experts else []) + (
+        [("shared_expert_d_ff", m.shared_expert_d_ff)] if m.num_experts and m.shared_expert_d_ff else [])
+    for name, width in widths:
+        if width % tensor:
+            fits = [k for k in tensor_fits if width % k == 0]
+            errors.append(f"model.{name}={width} is not divisible by mesh.tensor={tensor}; "
+                          f"mesh.tensor sizes that fit: {fits}")
     if cfg.sharding.expert_parallel and m.num_experts % fsdp:
         errors.append(f"sharding.expert_parallel splits model.num_experts={m.num_experts} over mesh.fsdp={fsdp}, "
                       f"which does not divide it; mesh.fsdp sizes that fit: {_divisors(m.num_experts)}")

@@ -227,7 +227,9 @@ def _moe_bytes(cfg: Config, length: int, tensor: int) -> tuple[float, float]:
     r = slots / group_size(m, length)
     f = _per_shard(m.expert_width, tensor)
     everything = r * a * (6 * f + 2 * m.d_model) + slots * (4 + 2 * a) + e * 4 * (6 * m.experts_per_token + 2)
-    return everything, a * e
+    shared = _per_shard(m.shared_expert_d_ff, tensor)  # an always-on expert: a dense MLP's activations
+    gated = 2 if m.mlp in ("swiglu", "geglu") else 1
+    return everything + a * 6 * shared, a * (e + gated * shared)
 
 
 def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) -> float:

@@ -157,9 +157,10 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
                                          "model.sliding_window=5", "model.sliding_window_pattern=2",
                                          "model.rope_local_theta=100")),
     # Mixture of experts: routed under a capacity (choices dropped) in groups of half a row, the
-    # load-balancing loss in the gradient, experts' weights ZeRO-3-sharded and tensor-split
+    # load-balancing loss in the gradient, experts' weights ZeRO-3-sharded and tensor-split, a gated shared expert
     Case("decoder", 3, (1, 4, 2), micro=2, extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
-                                                   "model.expert_group_size=8", "model.router_aux_loss=0.1")),
+                                                   "model.expert_group_size=8", "model.router_aux_loss=0.1",
+                                                   "model.shared_expert_d_ff=32", "model.shared_expert_gate=true")),
     # expert parallelism: each fsdp shard holds one of the 4 experts whole, the tokens travel
     Case("decoder", 3, (2, 4, 1), extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
                                          "model.router_aux_loss=0.1", "sharding.expert_parallel=true")),

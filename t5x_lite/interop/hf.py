@@ -210,6 +210,8 @@ _EXTRAS = {
     "softcap": (lambda m: bool(m.attn_logit_softcap or m.final_logit_softcap),
                 "model.attn_logit_softcap / final_logit_softcap (soft-capped scores and logits: Gemma 2's)"),
     "experts": (lambda m: m.num_experts > 0, "model.num_experts (a mixture of experts: Mixtral's, Qwen3-MoE's)"),
+    "shared_expert": (lambda m: bool(m.shared_expert_d_ff),
+                      "model.shared_expert_d_ff (an always-on expert beside the routed ones: Qwen2-MoE's)"),
 }
 
 
@@ -623,6 +625,49 @@ def _hf_moe(cfg: ModelConfig, base: dict) -> dict:
                 router_aux_loss_coef=cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001))
 
 
+class Qwen2Moe(Experts, Qwen2):
+    """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (biases on q / k / v), every
+    MLP a mixture of SwiGLU experts plus a shared expert (``mlp.shared_expert``) gated per token
+    by a sigmoid (``mlp.shared_expert_gate``). Dense layers among them are refused."""
+
+    model_types = window_types = ("qwen2_moe",)
+    requires = dict(Qwen2.requires, shared_expert_gate=True)
+    extras = frozenset({"experts", "shared_expert"})
+    router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "qwen2"
+
+    def model_fields(self, hf, names):
+        _refuse_dense_layers(hf)
+        if not hf.get("qkv_bias", True):
+            raise InteropError("qkv_bias=False is not supported for qwen2_moe (Qwen2's attention has them)")
+        return dict(super().model_fields(hf, names),
+                    **_moe_fields(hf, "num_experts", "moe_intermediate_size", bool(hf.get("norm_topk_prob"))),
+                    shared_expert_d_ff=hf["shared_expert_intermediate_size"], shared_expert_gate=True)
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        return dict(out, architectures=["Qwen2MoeForCausalLM"], num_experts=cfg.num_experts,
+                    moe_intermediate_size=cfg.expert_width, shared_expert_intermediate_size=cfg.shared_expert_d_ff,
+                    norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
+                    **_hf_moe(cfg, base))
+
+    def extra_problems(self, cfg):
+        return super().extra_problems(cfg) + ([] if cfg.shared_expert_d_ff else [
+            "model.shared_expert_d_ff=0 (Qwen2-MoE has a shared expert)"])
+
+    def maps(self, cfg):
+        n, lay = cfg.num_layers, "decoder/stack/{layer}/mlp"
+        return super().maps(cfg) + [
+            *[_map(f"layers.{{i}}.mlp.shared_expert.{hf_name}.weight", f"{lay}/shared_expert/{ours}/kernel", LINEAR, n)
+              for hf_name, ours in zip(self.names, ("wi_0", "wi_1", "wo"))],
+            _map("layers.{i}.mlp.shared_expert_gate.weight", f"{lay}/shared_expert_gate/kernel", LINEAR, n)]
+
+
+def _refuse_dense_layers(hf: dict) -> None:
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
+                           f"{hf.get('decoder_sparse_step')}: dense layers among the experts' are not supported")
+
+
 class Qwen3Moe(Experts, Qwen3):
     """Qwen3-MoE: Qwen3's attention, every MLP a mixture of SwiGLU experts (``mlp.gate`` the
     router, ``mlp.experts.{e}`` gate / up / down) of width ``moe_intermediate_size``, the top-k
@@ -634,9 +679,7 @@ class Qwen3Moe(Experts, Qwen3):
     router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "qwen3"
 
     def model_fields(self, hf, names):
-        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-            raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
-                               f"{hf.get('decoder_sparse_step')}: dense layers among the experts' are not supported")
+        _refuse_dense_layers(hf)
         return dict(super().model_fields(hf, names),
                     **_moe_fields(hf, "num_experts", "moe_intermediate_size", bool(hf.get("norm_topk_prob"))))
 
@@ -902,7 +945,7 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen3(), Qwen3Moe(), Mixtral(), Phi3(), Gemma(),
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen2Moe(), Qwen3(), Qwen3Moe(), Mixtral(), Phi3(), Gemma(),
                         Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
@@ -1085,7 +1128,7 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
             return "gemma"
         return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.num_experts:
-        return "qwen3_moe" if cfg.qk_norm else "mixtral"
+        return "qwen2_moe" if cfg.shared_expert_d_ff else "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.use_bias:

@@ -29,6 +29,7 @@ the batch's value exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.models.layers import BLD, activation, constrain, dense, jnp_dtype
+from t5x_lite.models.layers import BLD, Mlp, activation, constrain, dense, jnp_dtype
 
 Array = jax.Array
 
@@ -137,12 +138,26 @@ def num_groups(cfg: ModelConfig, shapes: dict) -> int:
 
 
 class MoeMlp(nn.Module):
-    """``model.num_experts`` gated (or plain) MLPs of width ``model.expert_d_ff`` behind a router."""
+    """``model.num_experts`` gated (or plain) MLPs of width ``model.expert_d_ff`` behind a router;
+    with ``model.shared_expert_d_ff``, plus an MLP every token goes through (sigmoid-gated per
+    token with ``model.shared_expert_gate``)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLD: Array, valid_BL: Optional[Array] = None) -> Array:
+        routed = self.routed(x_BLD, valid_BL)
+        cfg = self.cfg
+        if not cfg.shared_expert_d_ff:
+            return routed
+        shared_cfg = dataclasses.replace(cfg, d_ff=cfg.shared_expert_d_ff, num_experts=0, fused_mlp=False)
+        shared = Mlp(shared_cfg, name="shared_expert")(x_BLD)
+        if cfg.shared_expert_gate:
+            gate = dense(cfg, 1, ("embed", None), "shared_expert_gate", use_bias=False)(x_BLD)
+            shared = shared * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(shared.dtype)
+        return constrain(routed + shared, BLD)
+
+    def routed(self, x_BLD: Array, valid_BL: Optional[Array]) -> Array:
         cfg = self.cfg
         b, length, d = x_BLD.shape
         e, f = cfg.num_experts, cfg.expert_width
