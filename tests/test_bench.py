@@ -74,7 +74,9 @@ def test_pipeline_bench_smoke(tmp_path):
     assert [(r["objective"], r["workers"]) for r in rows] == [(o, w) for o in ("causal", "mlm", "span") for w in (0, 1)]
     for r in rows:  # the figures agree with each other
         assert 0 < r["batch_ms"] <= r["batch_ms_max"] and 0 < r["packing"] <= 1
-        assert math.isclose(r["host_tokens_per_s"], r["tokens_per_batch"] / (r["batch_ms"] / 1000), rel_tol=0.01)
+        # (batch_ms is rounded to 0.01 ms: at a fraction of a millisecond that alone moves the ratio by ~1%)
+        assert math.isclose(r["host_tokens_per_s"] * r["batch_ms"] / 1000, r["tokens_per_batch"],
+                            rel_tol=0.01 + 0.005 / r["batch_ms"])
 
 
 def test_attention_bench_segments_describe_the_documents(tmp_path):
