@@ -1,5 +1,6 @@
-"""Mixture-of-experts feed-forward block (Mixtral, Qwen3-MoE): a router picks ``k`` of ``E``
-experts per token, the block's output is their outputs weighted by the router.
+"""Mixture-of-experts feed-forward block (Mixtral, Qwen3-MoE; Qwen2-MoE with its shared
+expert): a router picks ``k`` of ``E`` experts per token, the block's output is their outputs
+weighted by the router (plus, with ``model.shared_expert_d_ff``, an MLP every token takes).
 
 Dispatch is by einsum over one-hot tensors (GShard's formulation): tokens are routed in
 groups (``model.expert_group_size`` tokens, or the row), each expert takes at most ``C`` tokens
@@ -16,7 +17,11 @@ weights per layer as it gathers the others). ``model.expert_capacity_factor`` se
 choices of the whole group go before second choices; within a rank, earlier tokens first).
 Factor 0 (the default) is dropless: ``C = S``, every choice kept, the exact model a Hugging
 Face checkpoint defines, at ``E / k`` times the experts' FLOPs; 1.25-2 is the usual trade for
-training speed. One token per group (decoding) never drops at any factor.
+training speed. One token per group (decoding) never drops at any factor. A call with fewer
+choices than experts (a decoding step of a small batch) instead gathers each token's own k
+experts' weights: the same numbers, k experts read instead of E. With
+``sharding.expert_parallel`` the experts' axis is split over ``fsdp`` (whole experts per
+shard) and the partitioner moves the routed tokens to them and back.
 
 The router's load-balancing loss (Switch Transformer's, with transformers' scale:
 ``E * sum_e (fraction of choices to e) * (mean router probability of e)``, ``k`` when
