@@ -11,7 +11,7 @@
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat dots / full, batch 16, cuBLAS, full logits, autotune 1 (~7 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled  (~3 min)
-#   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups (~6 min)
+#   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
 # In that order of value when device time is short.
@@ -91,7 +91,11 @@ case $part in
       --variant cf2:model.expert_capacity_factor=2 \
       --variant g512:model.expert_group_size=512 \
       --variant g128:model.expert_group_size=128 \
-      --json "$OUT/moe.json" | tee "$OUT/moe.txt" || failed=1 ;;
+      --json "$OUT/moe.json" | tee "$OUT/moe.txt" || failed=1
+    if [[ ${SMOKE:-0} != 1 ]]; then  # decoding: batch 1 gathers each token's 2 experts, batch 32 runs all 8
+      python bench/decode.py --config configs/moe_1b.yaml --json "$OUT/decode_moe.json" \
+        | tee "$OUT/decode_moe.txt" || failed=1
+    fi ;;
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
