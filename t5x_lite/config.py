@@ -114,6 +114,7 @@ class ModelConfig:
     expert_group_size: int = 256
     router_renormalize: bool = True
     router_aux_loss: float = 0.0
+    router_z_loss: float = 0.0  # weight of the router's z-loss, mean logsumexp(router logits)^2 (ST-MoE: 1e-3)
     # an always-on expert of this width beside the routed ones (0: none), its output times a
     # per-token sigmoid gate with shared_expert_gate (Qwen2-MoE)
     shared_expert_d_ff: int = 0
@@ -350,8 +351,8 @@ class Config:
                 errors.append(f"model.experts_per_token={m.experts_per_token} must be in [1, model.num_experts="
                               f"{m.num_experts}]")
             if (m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0
-                    or m.shared_expert_d_ff < 0):
-                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss and "
+                    or m.router_z_loss < 0 or m.shared_expert_d_ff < 0):
+                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss, router_z_loss and "
                               "shared_expert_d_ff must be >= 0")
             if m.fused_mlp:
                 errors.append("model.fused_mlp applies to a dense MLP, not to experts (model.num_experts > 0)")

@@ -167,7 +167,7 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     return loss_sums
 
 
-ROUTER_SUMS = (moe.AUX_LOSS, moe.CHOICES, moe.DROPPED)
+ROUTER_SUMS = (moe.AUX_LOSS, moe.Z_LOSS, moe.CHOICES, moe.DROPPED)
 
 
 def sum_keys(cfg: Config) -> tuple:
@@ -180,20 +180,21 @@ def router_metrics(cfg: Config, sums: dict) -> dict:
     the share of router choices dropped for capacity, from a step's sums."""
     if not cfg.model.num_experts:
         return {}
-    return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / moe.num_groups(cfg.model, batch_shapes(cfg)),
+    groups = moe.num_groups(cfg.model, batch_shapes(cfg))
+    return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / groups, moe.Z_LOSS: sums[moe.Z_LOSS] / groups,
             moe.DROPPED: sums[moe.DROPPED] / jnp.maximum(sums[moe.CHOICES], 1.0)}
 
 
 def training_objective(cfg: Config, sums: dict, weight: jax.Array) -> jax.Array:
     """What the train step differentiates: the loss sum, plus (mixture of experts) the router's
-    load-balancing sum times ``model.router_aux_loss`` x the batch's loss ``weight`` / its
-    routing groups, so that after the division by ``weight`` the balance term is the mean over
-    groups, whatever the micro-batches."""
+    load-balancing and z-loss sums times ``model.router_aux_loss`` / ``router_z_loss`` x the
+    batch's loss ``weight`` / its routing groups, so that after the division by ``weight`` each
+    is its mean over groups, whatever the micro-batches."""
     m = cfg.model
-    if not (m.num_experts and m.router_aux_loss):
+    if not (m.num_experts and (m.router_aux_loss or m.router_z_loss)):
         return sums["loss"]
-    groups = moe.num_groups(m, batch_shapes(cfg))
-    return sums["loss"] + m.router_aux_loss * sums[moe.AUX_LOSS] * (weight / groups)
+    per_group = weight / moe.num_groups(m, batch_shapes(cfg))
+    return sums["loss"] + (m.router_aux_loss * sums[moe.AUX_LOSS] + m.router_z_loss * sums[moe.Z_LOSS]) * per_group
 
 
 def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformation, schedule, grad_shardings,

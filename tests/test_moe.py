@@ -137,20 +137,18 @@ def test_balance_loss_equals_transformers():
     np.testing.assert_allclose(float(even[0]), 2.0, rtol=1e-6)  # balanced: k
 
 
-def test_router_aux_loss_balances_the_experts():
+def test_router_losses_balance_the_experts_and_shrink_the_logits():
     opts = ("model.num_experts=4", "model.num_layers=1", "optim.schedule=constant", "optim.learning_rate=3e-2")
     batch = random_batch(tiny_cfg("decoder", *opts), seed=4)
     runs = {}
-    for coef in (0.0, 1.0):
-        cfg = tiny_cfg("decoder", *opts, f"model.router_aux_loss={coef}")
-        _, history = run_steps(cfg, batch, steps=15)
-        runs[coef] = history
-    # the cross-entropy itself is the same number at step 1; the objective and so the update differ
-    np.testing.assert_allclose(runs[0.0][0]["loss"], runs[1.0][0]["loss"], rtol=1e-6)
-    assert runs[0.0][0]["grad_norm"] != runs[1.0][0]["grad_norm"]
-    balance = {coef: float(h[-1][moe.AUX_LOSS]) for coef, h in runs.items()}
-    assert 2.0 <= balance[1.0] < balance[0.0]  # k = 2 is perfect balance
-    assert balance[1.0] < 2.1
+    for name, losses in {"none": (), "balance": ("model.router_aux_loss=1.0",), "z": ("model.router_z_loss=0.1",)}.items():
+        _, runs[name] = run_steps(tiny_cfg("decoder", *opts, *losses), batch, steps=15)
+    for name in ("balance", "z"):  # the cross-entropy is the same number at step 1; the update differs
+        np.testing.assert_allclose(runs[name][0]["loss"], runs["none"][0]["loss"], rtol=1e-6)
+        assert runs[name][0]["grad_norm"] != runs["none"][0]["grad_norm"]
+    final = {name: {k: float(h[-1][k]) for k in (moe.AUX_LOSS, moe.Z_LOSS)} for name, h in runs.items()}
+    assert 2.0 <= final["balance"][moe.AUX_LOSS] < min(2.1, final["none"][moe.AUX_LOSS])  # k = 2: perfect balance
+    assert final["z"][moe.Z_LOSS] < 0.5 * final["none"][moe.Z_LOSS]
 
 
 def test_flops_count_the_experts_a_token_visits():

@@ -27,7 +27,8 @@ The router's load-balancing loss (Switch Transformer's, with transformers' scale
 ``E * sum_e (fraction of choices to e) * (mean router probability of e)``, ``k`` when
 balanced) is taken per routing group over its real tokens, and summed with the choices made
 and dropped into the ``intermediates`` collection, one value per layer. The trainer adds
-``model.router_aux_loss`` times its mean over groups and layers to the loss. Per group (not
+``model.router_aux_loss`` times its mean over groups and layers to the loss (and
+``model.router_z_loss`` times the router's z-loss, taken alike). Per group (not
 over the whole batch, as transformers does) makes it a sum: micro-batches and devices give
 the batch's value exactly.
 """
@@ -47,8 +48,8 @@ from t5x_lite.models.layers import BLD, Mlp, activation, constrain, dense, jnp_d
 
 Array = jax.Array
 
-# names of the sown per-layer sums: groups' balance losses, choices made, choices dropped
-AUX_LOSS, CHOICES, DROPPED = "router_balance", "router_choices", "router_dropped"
+# names of the sown per-layer sums: groups' balance losses and z-losses, choices made, choices dropped
+AUX_LOSS, Z_LOSS, CHOICES, DROPPED = "router_balance", "router_z", "router_choices", "router_dropped"
 
 
 class ExpertKernel(nn.Module):
@@ -130,6 +131,14 @@ def balance_loss(cfg: ModelConfig, probs_GSE: Array, chosen_GSE: Array, valid_GS
     return cfg.num_experts * jnp.sum(frac_GE * prob_GE, axis=-1)
 
 
+def z_loss(logits_GSE: Array, valid_GS: Array) -> Array:
+    """Each group's mean over its real tokens of ``logsumexp(router logits)^2`` (``[G]``; ST-MoE's
+    router z-loss: it keeps the logits small, the routing numerically stable)."""
+    valid = valid_GS.astype(jnp.float32)
+    lse_GS = jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)
+    return jnp.sum(lse_GS ** 2 * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
+
+
 def num_groups(cfg: ModelConfig, shapes: dict) -> int:
     """Routing groups of a batch summed over the MoE layers (what the balance sums divide by),
     from the batch's shapes (``trainer.batch_shapes``)."""
@@ -176,6 +185,7 @@ class MoeMlp(nn.Module):
         r = route(cfg, logits_GSE, valid_GS, capacity)
         # Sums (over the groups; choices), so micro-batches add up to the batch's.
         self.sow("intermediates", AUX_LOSS, jnp.sum(balance_loss(cfg, r["probs"], r["chosen"], valid_GS)))
+        self.sow("intermediates", Z_LOSS, jnp.sum(z_loss(logits_GSE, valid_GS)))
         self.sow("intermediates", CHOICES, jnp.sum(r["chosen"]).astype(jnp.float32))
         self.sow("intermediates", DROPPED, jnp.sum(r["chosen"] - r["kept"]).astype(jnp.float32))
 
