@@ -101,8 +101,10 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
     elif o.name == "muon":
         opt = _muon(cfg, schedule)
     else:
+        # LoRA: B starts at zero, and Adafactor's steps scale with a parameter's RMS (at least
+        # 1e-3): B would move by a thousandth of the learning rate. Unscaled steps there.
         opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=o.weight_decay or None,
-                              weight_decay_mask=decay_mask)
+                              weight_decay_mask=decay_mask, multiply_by_parameter_scale=not cfg.model.lora_rank)
     if cfg.model.lora_rank:
         from t5x_lite import lora
 
