@@ -802,12 +802,12 @@ def test_chat_templates_render_as_transformers_and_split_into_pairs(tmp_path):
         {"messages": talk}, {"input": "plain", "target": "pair"}, {"messages": talk[:-1]},
         {"messages": "not a list"}]) + "\n")
     skipped = corpus_module.Skipped()
-    pairs = corpus_module.read_pairs(str(path), "input", "target", skipped=skipped,
-                                     chat=chat.load(str(tmp_path / "chat.json")), turns="last")
+    pairs = corpus_module.read_pairs(str(path), corpus_module.PairFields(
+        chat=chat.load(str(tmp_path / "chat.json")), turns="last"), skipped=skipped)
     assert pairs[1::2] == ["Hello!", "pair"] and pairs[2] == "plain"
     assert "ending with an assistant turn" in str(skipped) and "messages not a list" in str(skipped)
     skipped = corpus_module.Skipped()
-    assert corpus_module.read_pairs(str(path), "input", "target", skipped=skipped) == ["plain", "pair"]
+    assert corpus_module.read_pairs(str(path), corpus_module.PairFields(), skipped=skipped) == ["plain", "pair"]
     assert "without data.chat_template" in str(skipped)
 
 

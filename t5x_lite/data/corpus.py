@@ -391,17 +391,82 @@ def read_documents(
     return docs
 
 
-def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Optional[int] = None,
-               skipped: Optional[Skipped] = None, messages_field: str = "messages",
-               chat: Optional[dict] = None, turns: str = "all", groups: Optional[list] = None) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class PairFields:
+    """How JSON records become supervised (input, target) pairs: two text fields, or a
+    conversation in ``messages_field`` rendered by ``chat`` (a ``data.chat`` template), a pair per
+    assistant turn (``turns="last"``: the final one)."""
+
+    input_field: str = "input"
+    target_field: str = "target"
+    messages_field: str = "messages"
+    chat: Optional[dict] = dataclasses.field(default=None, compare=False)
+    turns: str = "all"
+
+    @classmethod
+    def of(cls, data_cfg, chat: Optional[dict] = None) -> "PairFields":
+        return cls(data_cfg.input_field, data_cfg.target_field, data_cfg.messages_field, chat, data_cfg.chat_turns)
+
+    def key(self) -> str:
+        """What the pairs depend on besides the inputs (a prepared shard's name hashes it)."""
+        template = hashlib.sha256(self.chat["template"].encode()).hexdigest()[:16] if self.chat else None
+        return json.dumps(["pairs", self.input_field, self.target_field, self.messages_field, template, self.turns])
+
+    def portable(self) -> "PairFields":
+        """A copy to send to another process (without the compiled template ``data.chat`` caches)."""
+        chat = None if self.chat is None else {k: v for k, v in self.chat.items() if not k.startswith("_")}
+        return dataclasses.replace(self, chat=chat)
+
+    def of_record(self, record: dict, where: str, skipped: Skipped) -> list[tuple[str, str]]:
+        """The pairs of one JSON record (skipped ones counted)."""
+        from t5x_lite.data import chat as chat_module
+
+        if self.messages_field in record:
+            if self.chat is None:
+                skipped.add(f"conversations ({self.messages_field!r}) without data.chat_template", where)
+                return []
+            try:
+                pairs = chat_module.as_pairs(self.chat, record[self.messages_field], self.turns)
+            except ValueError as e:
+                skipped.add(str(e), where)
+                return []
+        else:
+            texts = _record_fields(record, (self.input_field, self.target_field), where, skipped,
+                                   "data.input_field / data.target_field")
+            if texts is None:
+                return []
+            pairs = [tuple(texts)]
+        kept = []
+        for pair in pairs:
+            if not pair[1].strip():
+                skipped.add("pairs with a blank target", where)
+            else:
+                kept.append(pair)
+        return kept
+
+
+def segment_pairs(seg: Segment, fields: PairFields, skipped: Skipped) -> Iterator[tuple[list, int]]:
+    """``(pairs of a record, input bytes consumed)`` per line of one segment of a JSON-lines file
+    (a line that gives none, ``[]``); any other file is skipped whole."""
+    if not is_jsonl(seg.path):
+        skipped.add("files not JSON lines (supervised pairs)", seg.path)
+        return
+    try:
+        with _open_binary(seg.path) as f:
+            for line, where in _jsonl_lines(seg, f):
+                record = _json_object(line, where, skipped) if line.strip() else None
+                yield ([] if record is None else fields.of_record(record, where, skipped)), len(line)
+    except (OSError, EOFError, zlib.error) as e:
+        skipped.add("unreadable files", f"{seg.path} ({e})")
+
+
+def read_pairs(spec: str, fields: PairFields, max_pairs: Optional[int] = None, skipped: Optional[Skipped] = None,
+               groups: Optional[list] = None) -> list[str]:
     """(input, target) pairs from the JSON lines of ``spec``, flattened: ``[input 0, target 0,
-    input 1, ...]``. A pair needs both fields as strings and a non-blank target (an input may be
-    empty), or a conversation in ``messages_field`` that the ``chat`` template renders: a pair
-    per assistant turn (``turns="last"``: the last; ``data.chat.as_pairs``); other lines and
+    input 1, ...]`` (``PairFields``: a pair needs both fields as strings and a non-blank target,
+    an input may be empty, or a conversation its template renders); other lines and
     non-JSON-lines files are counted in ``skipped``. ``groups``, if given, gets each pair's
     record number (a conversation's pairs share one)."""
-    from t5x_lite.data import chat as chat_module
-
     files = resolve(spec)
     if not files:
         raise DataError(f"data.path={spec!r} matches no file (give a file, a directory or a glob)")
@@ -409,47 +474,15 @@ def read_pairs(spec: str, input_field: str, target_field: str, max_pairs: Option
     out: list[str] = []
     record_number = 0
     for path in files:
-        if not is_jsonl(path):
-            skipped.add("files not JSON lines (supervised pairs)", path)
-            continue
-        try:
-            with _open_binary(path) as f:
-                st = _stat(path)
-                for line, where in _jsonl_lines(Segment(path, 0, st.st_size, st.st_size, st.st_mtime_ns), f):
-                    if not line.strip():
-                        continue
-                    record = _json_object(line, where, skipped)
-                    if record is None:
-                        continue
-                    if messages_field in record:
-                        if chat is None:
-                            skipped.add(f"conversations ({messages_field!r}) without data.chat_template", where)
-                            continue
-                        try:
-                            pairs = chat_module.as_pairs(chat, record[messages_field], turns)
-                        except ValueError as e:
-                            skipped.add(str(e), where)
-                            continue
-                    else:
-                        texts = _record_fields(record, (input_field, target_field), where, skipped,
-                                               "data.input_field / data.target_field")
-                        if texts is None:
-                            continue
-                        pairs = [texts]
-                    kept = False
-                    for texts in pairs:
-                        if not texts[1].strip():
-                            skipped.add("pairs with a blank target", where)
-                            continue
-                        if max_pairs is not None and len(out) >= 2 * max_pairs:
-                            return out
-                        out += texts
-                        kept = True
-                        if groups is not None:
-                            groups.append(record_number)
-                    record_number += kept
-        except (OSError, EOFError, zlib.error) as e:
-            skipped.add("unreadable files", f"{path} ({e})")
+        st = _stat(path)
+        for pairs, _ in segment_pairs(Segment(path, 0, st.st_size, st.st_size, st.st_mtime_ns), fields, skipped):
+            for pair in pairs:
+                if max_pairs is not None and len(out) >= 2 * max_pairs:
+                    return out
+                out += pair
+                if groups is not None:
+                    groups.append(record_number)
+            record_number += bool(pairs)
     return out
 
 
@@ -469,8 +502,7 @@ def load_documents(data_cfg, skipped: Optional[Skipped] = None, groups: Optional
         from t5x_lite.data import chat
 
         template = chat.load(data_cfg.chat_template) if data_cfg.chat_template else None
-        docs = read_pairs(data_cfg.path, data_cfg.input_field, data_cfg.target_field, data_cfg.max_docs, skipped,
-                          data_cfg.messages_field, template, data_cfg.chat_turns, groups)
+        docs = read_pairs(data_cfg.path, PairFields.of(data_cfg, template), data_cfg.max_docs, skipped, groups)
         if not docs:
             raise DataError(f"data.path={data_cfg.path!r} holds no (input, target) pair with the fields "
                             f"{data_cfg.input_field!r} and {data_cfg.target_field!r}" +
