@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sentinels", type=int, default=100, help="<extra_id_N> pieces of a trained tokenizer")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: the CPU count)")
     p.add_argument("--field", default="text", help="JSON-lines field holding the text (default: text)")
+    p.add_argument("--pairs", action="store_true",
+                   help="JSON lines of (input, target) pairs or conversations, for data.objective=supervised")
+    p.add_argument("--input-field", default="input", help="--pairs: the input's field (default: input)")
+    p.add_argument("--target-field", default="target", help="--pairs: the target's field (default: target)")
+    p.add_argument("--messages-field", default="messages", help="--pairs: a conversation's field (default: messages)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="--pairs: the chat template conversations are rendered by (import-hf's chat_template.json)")
+    p.add_argument("--chat-turns", default="all", choices=("all", "last"),
+                   help="--pairs: a pair per assistant turn (all) or the final one (last)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a directory prepared from other inputs")
     p.set_defaults(fn=_delegate("t5x_lite.data.prepare", "run_prepare_cli"))

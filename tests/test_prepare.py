@@ -255,3 +255,67 @@ def test_prepared_dir_mismatches_fail_before_touching_the_workdir(prepared, tmp_
     with pytest.raises(DataError, match="is not the tokenizer .* was prepared with"):
         make_datasets(make_cfg(path=str(out)), str(tmp_path / "other"), log=lambda _: None)
     assert os.listdir(tmp_path / "other") == ["tokenizer.model"]
+
+
+# ---------------------------------------------------------------------- supervised pairs
+
+
+def test_prepared_pairs_train_as_the_json_lines_do(tmp_path):
+    """``prepare --pairs``: (input, target) records and conversations (a pair per assistant
+    turn) tokenized by 2 workers into several shards, then ``data.objective=supervised`` on the
+    directory serves exactly the pairs, with exactly the train / eval split (by record: a
+    conversation's pairs together), that the same JSON lines give read directly."""
+    from t5x_lite.data import chat
+    from test_data import CHATML
+
+    docs = synthetic_corpus(120, seed=7)
+    (tmp_path / "chat.json").write_text(json.dumps({"template": CHATML, "bos_token": "", "eos_token": "<|im_end|>"}))
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for i in range(60):
+            if i % 3:
+                f.write(json.dumps({"q": docs[i][:80], "a": docs[i + 60][:80]}) + "\n")
+            else:  # a conversation of 1 + i % 2 answers
+                talk = [{"role": "user", "content": docs[i][:50]}]
+                for t in range(1 + i % 2):
+                    talk += [{"role": "assistant", "content": docs[i + 60 + t][:60]}, {"role": "user", "content": "and?"}]
+                f.write(json.dumps({"messages": talk[:-1]}) + "\n")
+        f.write(json.dumps({"q": "no answer"}) + "\n")
+    fields = dict(input_field="q", target_field="a", chat_template=str(tmp_path / "chat.json"))
+    pairs = prepare_module.PairFields("q", "a", "messages", chat.load(fields["chat_template"]), "all")
+    lines = []
+    manifest = prepare([str(tmp_path / "sft.jsonl")], str(tmp_path / "prepared"), vocab_size=VOCAB,
+                       num_sentinels=NUM_SENTINELS, workers=2, unit_bytes=2048, progress=False, log=lines.append,
+                       pairs=pairs)
+    assert len(manifest["shards"]) > 2 and manifest["documents"] == 2 * 70  # 40 pairs + 20 talks of 1 or 2 answers
+    assert sum(manifest["pairs"]["records"]) == 60 and "without a text field 'a'" in lines[-1]
+
+    def served(path, **data):
+        cfg = make_cfg("decoder", "supervised", seq_len=256, batch_size=1, path=path, eval_fraction=0.25,
+                       tokenizer=str(tmp_path / "prepared" / "tokenizer.model"), **data)
+        log = []
+        _, train, evaluation = make_datasets(cfg, str(tmp_path / f"run{len(os.listdir(tmp_path))}"), log=log.append)
+        out = []
+        for ds in (train, evaluation):
+            seen = []
+            for i in range(ds.rows_per_epoch):
+                b = ds.batches(i)
+                for k in range(1, b["segment_ids"][0].max() + 1):
+                    at = b["segment_ids"][0] == k
+                    scored = b["weights"][0][at] > 0
+                    seen.append((tuple(b["targets"][0][at][~scored]), tuple(b["targets"][0][at][scored])))
+            out.append(sorted(seen))
+        return out, log
+
+    (from_prepared, eval_prepared), log = served(str(tmp_path / "prepared"))
+    (from_lines, eval_lines), _ = served(str(tmp_path / "sft.jsonl"), **fields)
+    assert from_prepared == from_lines and eval_prepared == eval_lines and eval_lines
+    assert len(from_lines) + len(eval_lines) == 70 and any("pairs prepared from fields 'q' / 'a'" in s for s in log)
+
+    with pytest.raises(DataError, match="prepared as \\(input, target\\) pairs"):
+        make_datasets(make_cfg("decoder", path=str(tmp_path / "prepared")), str(tmp_path / "bad"), log=print)
+    # the command line: the same shards (named by what they hold) as the call above
+    assert cli.main(["prepare", "--input", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "cli"), "--pairs",
+                     "--input-field", "q", "--target-field", "a", "--chat-template", fields["chat_template"],
+                     "--tokenizer", str(tmp_path / "prepared" / "tokenizer.model"), "--workers", "1"]) == 0
+    again = shards.read_json(str(tmp_path / "cli" / shards.MANIFEST))
+    assert again["pairs"]["fields"] == manifest["pairs"]["fields"] and again["documents"] == manifest["documents"]

@@ -810,6 +810,29 @@ def _open_cached(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenize
     return store, tok
 
 
+def _prepared_pair_groups(manifest: dict, pairs: bool, path: str, log: Callable) -> Optional[np.ndarray]:
+    """A prepared directory's record of each pair (``prepare --pairs``), checked against the
+    objective: pairs train ``supervised`` only, plain documents everything else."""
+    info = manifest.get("pairs")
+    if pairs and info is None:
+        raise DataError(f"data.objective=supervised reads (input, target) pairs; data.path={path!r} is a prepared "
+                        "corpus of plain documents (prepare JSON lines of pairs with `t5x-lite prepare --pairs`)")
+    if info is None:
+        return None
+    if not pairs:
+        raise DataError(f"data.path={path!r} was prepared as (input, target) pairs (--pairs): train it with "
+                        "data.objective=supervised")
+    _, input_field, target_field, messages_field, template, turns = info["fields"]
+    log(f"data: pairs prepared from fields {input_field!r} / {target_field!r}, conversations in {messages_field!r}"
+        + (f" (chat template {template}, {turns} turns)" if template else "") + "; the data.*_field settings do not apply")
+    groups, first = [], 0
+    for records, per_record in zip(info["records"], info["pairs_per_record"]):
+        counts = np.ones(records, np.int64) if per_record is None else np.asarray(per_record, np.int64)
+        groups.append(np.repeat(np.arange(first, first + records), counts))
+        first += records
+    return np.concatenate(groups) if groups else np.zeros(0, np.int64)
+
+
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     """Corpus -> (tokenizer, train Batches, eval Batches or None).
 
@@ -822,16 +845,18 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     """
     prepared = _is_prepared_path(cfg.data.path)
     pairs = cfg.objective == "supervised"
-    if prepared and pairs:
-        raise DataError(f"data.objective=supervised reads (input, target) pairs from JSON lines; data.path="
-                        f"{cfg.data.path!r} is a prepared corpus of plain documents")
+    groups = None
+    if prepared and fmt.is_prepared(cfg.data.path):  # (an unfinished one: _open_prepared says so)
+        groups = _prepared_pair_groups(fmt.read_json(os.path.join(cfg.data.path, fmt.MANIFEST)), pairs,
+                                       cfg.data.path, log)
     store, tok = (_open_prepared if prepared else _open_cached)(cfg, workdir, log)
+    if not prepared and pairs:
+        groups_file = os.path.join(store.directory or "", PAIR_GROUPS)
+        groups = np.load(groups_file) if os.path.exists(groups_file) else None
 
     t0 = time.perf_counter()
     n = store.num_documents // 2 if pairs else store.num_documents  # (read_pairs applied max_docs to pairs)
     n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
-    groups_file = os.path.join(store.directory or "", PAIR_GROUPS)
-    groups = np.load(groups_file) if pairs and os.path.exists(groups_file) else None
     train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed, groups)
     lengths = store.doc_lengths()
     train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)

@@ -36,12 +36,14 @@ import numpy as np
 from t5x_lite.data import DataError
 from t5x_lite.data import shards as fmt
 from t5x_lite.data.corpus import (
+    PairFields,
     Segment,
     Skipped,
     estimated_bytes,
     fingerprint,
     plan_units,
     resolve,
+    segment_pairs,
     unit_documents,
 )
 from t5x_lite.data.tokenizer import Tokenizer, min_vocab_size
@@ -60,10 +62,16 @@ class PrepareInterrupted(RuntimeError):
 
 def run_prepare_cli(args) -> int:
     try:
+        pairs = None
+        if args.pairs:
+            from t5x_lite.data import chat
+
+            template = chat.load(args.chat_template) if args.chat_template else None
+            pairs = PairFields(args.input_field, args.target_field, args.messages_field, template, args.chat_turns)
         prepare(
             args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             num_sentinels=args.num_sentinels, workers=args.workers, field=args.field, strict=args.strict,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, pairs=pairs,
         )
     except PrepareInterrupted as e:
         print(f"error: {e}", file=sys.stderr)
@@ -134,15 +142,29 @@ def _describe_change(manifest: dict, files: list[str], field: str, tok: Optional
 # ---------------------------------------------------------------------- tokenizing
 
 
-def _sample_texts(units: list, field: str, budget: int) -> Iterator[str]:
-    """The first documents of every unit, about ``budget / len(units)`` bytes from each."""
+def unit_texts(unit, field: str, skipped: Skipped, pairs: Optional[PairFields] = None) -> Iterator[tuple[list, int]]:
+    """``(texts of one input record, its bytes)`` over a unit: one document (``[]`` for a skipped
+    or blank one), or with ``pairs`` the record's pairs flattened, input then target."""
+    for seg in unit:
+        if pairs is None:
+            for text, nbytes in unit_documents([seg], field, skipped):
+                yield ([text] if text else []), nbytes
+        else:
+            for record_pairs, nbytes in segment_pairs(seg, pairs, skipped):
+                yield [text for pair in record_pairs for text in pair], nbytes
+
+
+def _sample_texts(units: list, field: str, budget: int, pairs: Optional[PairFields] = None) -> Iterator[str]:
+    """The first documents (inputs and targets) of every unit, about ``budget / len(units)``
+    bytes from each."""
     share = max(1, budget // max(1, len(units)))
     for unit in units:
         taken = 0
-        for text, _ in unit_documents(unit, field, Skipped()):
-            if text:
-                yield text
-                taken += len(text)
+        for texts, _ in unit_texts(unit, field, Skipped(), pairs):
+            for text in texts:
+                if text:
+                    yield text
+                    taken += len(text)
             if taken >= share:
                 break
 
@@ -160,9 +182,9 @@ class _ShardBuilder:
         self._lengths: list[np.ndarray] = []
         self.bytes = 0
 
-    def add(self, text: str, nbytes: int) -> None:
-        if text:
-            self._texts.append(text)
+    def add(self, texts: list, nbytes: int) -> None:
+        """A record's documents (an input may be empty: a pair keeps it) and its input bytes."""
+        self._texts.extend(texts)
         self._pending_bytes += nbytes
         if len(self._texts) >= _BATCH_DOCS or self._pending_bytes >= _BATCH_BYTES:
             self.flush()
@@ -184,15 +206,24 @@ class _ShardBuilder:
 
 
 def _tokenize_unit(unit, directory: str, name: str, field: str, strict: bool, tokenizer: Tokenizer,
-                   report: Callable[[int, int], None]) -> dict:
-    """Tokenize one unit into shard ``name`` of ``directory``; returns its record."""
+                   report: Callable[[int, int], None], pairs: Optional[PairFields] = None) -> dict:
+    """Tokenize one unit into shard ``name`` of ``directory``; returns its record. With ``pairs``
+    the shard's documents alternate inputs and targets, and the record counts the pairs of each
+    input record that gave some (``pairs_per_record``; absent when each gave one)."""
     skipped = Skipped(strict)
     builder = _ShardBuilder(tokenizer, report)
-    for text, nbytes in unit_documents(unit, field, skipped):
-        builder.add(text, nbytes)
+    per_record = []
+    for texts, nbytes in unit_texts(unit, field, skipped, pairs):
+        builder.add(texts, nbytes)
+        if pairs is not None and texts:
+            per_record.append(len(texts) // 2)
     tokens, offsets = builder.arrays()
     record = {"segments": [vars(s) for s in unit], "field": field, "tokenizer_sha256": tokenizer.sha256,
               "bytes": builder.bytes, "skipped": skipped.as_dict()}
+    if pairs is not None:
+        record["records"] = len(per_record)
+        if any(n != 1 for n in per_record):
+            record["pairs_per_record"] = per_record
     return fmt.write_shard(directory, name, tokens, offsets, record)
 
 
@@ -212,10 +243,10 @@ def _init_worker(tokenizer_path: str, progress_queue) -> None:
     _WORKER["queue"] = progress_queue
 
 
-def _worker_task(unit, directory, name, field, strict) -> dict:
+def _worker_task(unit, directory, name, field, strict, pairs) -> dict:
     q = _WORKER["queue"]
     return _tokenize_unit(unit, directory, name, field, strict, _WORKER["tokenizer"],
-                          lambda docs, nbytes: q.put((docs, nbytes)))
+                          lambda docs, nbytes: q.put((docs, nbytes)), pairs)
 
 
 class _Progress:
@@ -237,12 +268,13 @@ class _Progress:
         self.bar.close()
 
 
-def _run_in_process(todo, directory, field, strict, tok, progress) -> dict[int, dict]:
+def _run_in_process(todo, directory, field, strict, tok, progress, pairs) -> dict[int, dict]:
     tok = _one_thread(tok)
-    return {i: _tokenize_unit(unit, directory, name, field, strict, tok, progress) for i, (unit, name) in todo.items()}
+    return {i: _tokenize_unit(unit, directory, name, field, strict, tok, progress, pairs)
+            for i, (unit, name) in todo.items()}
 
 
-def _run_in_pool(todo, directory, field, strict, progress, workers: int) -> dict[int, dict]:
+def _run_in_pool(todo, directory, field, strict, progress, workers: int, pairs) -> dict[int, dict]:
     """Tokenize units in ``workers`` processes (forkserver: the parent's threads, JAX's included,
     are never forked), each loading ``directory/tokenizer.model``. The first error cancels what
     has not started."""
@@ -253,7 +285,8 @@ def _run_in_pool(todo, directory, field, strict, progress, workers: int) -> dict
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                   initargs=(os.path.join(directory, fmt.TOKENIZER), progress_queue))
     try:
-        futures = {pool.submit(_worker_task, unit, directory, name, field, strict): i
+        portable = None if pairs is None else pairs.portable()
+        futures = {pool.submit(_worker_task, unit, directory, name, field, strict, portable): i
                    for i, (unit, name) in todo.items()}
         pending = set(futures)
         while pending:
@@ -298,13 +331,19 @@ def prepare(
     unit_bytes: Optional[int] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pairs: Optional[PairFields] = None,
 ) -> dict:
     """Prepare ``inputs`` into ``output`` (see the module docstring); returns the manifest.
 
     tokenizer: a sentencepiece model to use; else ``output/tokenizer.model`` when present (and of
     ``vocab_size``), else one trained with ``vocab_size`` (default 32000) pieces. workers: processes
     (default: the CPU count). strict: raise on the first bad input instead of skipping it.
+    pairs: JSON lines as supervised (input, target) pairs (``data.objective=supervised`` trains on
+    the directory): documents alternate inputs and targets, and the manifest's ``pairs`` holds how
+    they were read and which pairs are one record's (a conversation's: they split together).
     """
+    if pairs is not None:
+        field = "pairs:" + pairs.key()  # what shard names, records and the manifest say was read
     t0 = time.perf_counter()
     if tokenizer is not None and vocab_size is not None:
         raise DataError("give --tokenizer or --vocab-size, not both (a given tokenizer fixes the vocab)")
@@ -325,7 +364,7 @@ def prepare(
 
     total_mb = sum(estimated_bytes(s) for u in units for s in u) / 1e6
     log(f"prepare: {len(files)} files, {total_mb:.1f} MB in {len(units)} units -> {output}")
-    tok = _install_tokenizer(tok, units, output, field, vocab_size, num_sentinels, seed, log)
+    tok = _install_tokenizer(tok, units, output, field, vocab_size, num_sentinels, seed, log, pairs)
     fmt.remove_temporaries(output)
 
     names = [shard_name(u, field, tok.sha256) for u in units]
@@ -335,7 +374,7 @@ def prepare(
     if records:
         log(f"prepare: {len(records)} of {len(units)} shards are already whole and kept")
     t1 = time.perf_counter()
-    records.update(_tokenize_units(todo, output, field, strict, tok, workers, progress))
+    records.update(_tokenize_units(todo, output, field, strict, tok, workers, progress, pairs))
     seconds = time.perf_counter() - t1
 
     skipped = Skipped()
@@ -343,8 +382,13 @@ def prepare(
         skipped.merge(r["skipped"])
     if not sum(r["documents"] for r in records.values()):
         raise DataError("the inputs hold no non-blank document" + (f" (skipped: {skipped})" if skipped else ""))
-    manifest = fmt.write_manifest(output, [records[i] for i in range(len(units))], tok, field=field,
-                                  inputs=fingerprint(files), skipped=skipped.as_dict())
+    ordered = [records[i] for i in range(len(units))]
+    info = {}
+    if pairs is not None:
+        info["pairs"] = {"fields": json.loads(pairs.key()), "records": [r["records"] for r in ordered],
+                         "pairs_per_record": [r.get("pairs_per_record") for r in ordered]}
+    manifest = fmt.write_manifest(output, ordered, tok, field=field, inputs=fingerprint(files),
+                                  skipped=skipped.as_dict(), **info)
     _remove_orphans(output, set(names))
     done_mb = sum(records[i]["bytes"] for i in todo) / 1e6
     log(f"prepare: {manifest['documents']} documents, {manifest['tokens']} tokens, {manifest['bytes'] / 1e6:.1f} MB; "
@@ -371,24 +415,25 @@ def _previous_run(output: str, files, units, field: str, tok: Optional[Tokenizer
 
 
 def _tokenize_units(todo: dict, output: str, field: str, strict: bool, tok: Tokenizer, workers: int,
-                    progress: bool) -> dict[int, dict]:
+                    progress: bool, pairs: Optional[PairFields] = None) -> dict[int, dict]:
     """Records of the shards written for ``todo`` ({index: (unit, name)}), in this process or a pool."""
     bar = _Progress(sum(estimated_bytes(s) for u, _ in todo.values() for s in u), progress)
     try:
         if workers == 1:
-            return _run_in_process(todo, output, field, strict, tok, bar)
-        return _run_in_pool(todo, output, field, strict, bar, workers)
+            return _run_in_process(todo, output, field, strict, tok, bar, pairs)
+        return _run_in_pool(todo, output, field, strict, bar, workers, pairs)
     finally:
         bar.close()
 
 
-def _install_tokenizer(tok, units, output, field, vocab_size, num_sentinels, seed, log) -> Tokenizer:
+def _install_tokenizer(tok, units, output, field, vocab_size, num_sentinels, seed, log, pairs=None) -> Tokenizer:
     """The tokenizer to use, saved as ``output/tokenizer.model``: ``tok``, or one trained now."""
     path = os.path.join(output, fmt.TOKENIZER)
     if tok is None:
         t0 = time.perf_counter()
         vocab_size = vocab_size or DEFAULT_VOCAB
-        tok = Tokenizer.train(_sample_texts(units, field, SAMPLE_BYTES), path, vocab_size, num_sentinels, seed=seed)
+        tok = Tokenizer.train(_sample_texts(units, field, SAMPLE_BYTES, pairs), path, vocab_size, num_sentinels,
+                              seed=seed)
         log(f"prepare: trained a {vocab_size}-piece tokenizer ({num_sentinels} sentinels) on a sample "
             f"in {time.perf_counter() - t0:.1f}s -> {path}")
     elif not os.path.isfile(path) or Tokenizer.load(path).sha256 != tok.sha256:
