@@ -42,8 +42,9 @@ class ModelConfig:
     gelu_approximate: bool = True  # tanh GELU (GPT-2, T5 v1.1); False = exact erf GELU (BERT)
     norm: str = dataclasses.field(default="rmsnorm", metadata=_choices("rmsnorm", "layernorm"))
     norm_eps: float = 1e-6
-    # pre: x + f(norm(x)); post: norm(x + f(x)) (BERT); sandwich: x + norm'(f(norm(x))) (Gemma 2 / 3)
-    norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post", "sandwich"))
+    # pre: x + f(norm(x)); post: norm(x + f(x)) (BERT); sandwich: x + norm'(f(norm(x))) (Gemma 2 / 3);
+    # output: x + norm(f(x)) (OLMo 2); a final norm after the stack for all but post
+    norm_position: str = dataclasses.field(default="pre", metadata=_choices("pre", "post", "sandwich", "output"))
     embed_norm: bool = False  # a norm right after the embedding (BERT)
     embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     position: str = dataclasses.field(default="rope", metadata=_choices("rope", "alibi", "relative", "learned"))
@@ -70,6 +71,9 @@ class ModelConfig:
     use_bias: bool = False  # biases in attention / MLP projections (BERT, GPT-2)
     qkv_bias: Optional[bool] = None  # biases on the q / k / v projections; None = use_bias (Qwen2: only these)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    # head: over each head's features, one scale shared by the heads; all_heads: over all of a
+    # token's q (and its k), a scale per feature (OLMo 2, OLMoE)
+    qk_norm_scope: str = dataclasses.field(default="head", metadata=_choices("head", "all_heads"))
     logits_bias: Optional[bool] = None  # a bias on the output logits; None = use_bias (BERT: yes, GPT-2: no)
     mlm_head_transform: bool = False  # BERT's dense + activation + norm before the MLM output layer
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)

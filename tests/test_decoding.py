@@ -269,7 +269,9 @@ def test_temperature_to_zero_equals_greedy(dec, single):
 
 @pytest.mark.parametrize("overrides", [("model.position=alibi", "data.objective=prefix", "model.sliding_window=3"),
                                        ("model.position=learned", "model.num_kv_heads=1", "model.qk_norm=true"),
-                                       ("model.num_experts=8", "model.experts_per_token=2")])  # decoding steps gather experts
+                                       ("model.num_experts=8", "model.experts_per_token=2"),  # decoding steps gather experts
+                                       ("model.norm_position=output", "model.qk_norm=true",  # OLMo 2's layer
+                                        "model.qk_norm_scope=all_heads")])
 def test_cached_logits_equal_full_forward_positions(overrides, single):
     cfg = tiny_cfg("decoder", *overrides)
     params = random_params(cfg, 1)

@@ -97,6 +97,12 @@ SPECS = {
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=24, shared_expert_intermediate_size=40, initializer_range=0.2,  # + a gated shared one
         **SMALL)), "gate.weight", ".bias")),
+    "olmo2": ("decoder", lambda: _randomised(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(  # output norms
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.2, eos_token_id=2,
+        **SMALL)), "norm.weight", mean=1.0)),  # and q / k norms over all heads
+    "olmoe": ("decoder", lambda: _randomised(transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+        hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, num_experts=4, num_experts_per_tok=2,
+        initializer_range=0.2, eos_token_id=2, **SMALL)), "norm.weight", "gate.weight", mean=0.5)),
     "phi3": ("decoder", lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # fused qkv / gate_up tensors
         hidden_size=D, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, resid_pdrop=0.1, initializer_range=0.2, **SMALL))),
@@ -118,7 +124,7 @@ SPECS = {
 }
 # (model.dropout, model.attention_dropout) of each import, and the transformers config attributes
 DROPOUT = {"bert": (0.1, 0.1), "roberta": (0.1, 0.1), "gpt2": (0.1, 0.1), "llama": (0.0, 0.0), "llama3": (0.0, 0.0),
-           "mistral": (0.0, 0.0), "mixtral": (0.0, 0.0), "qwen3_moe": (0.0, 0.0), "qwen2_moe": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0),
+           "mistral": (0.0, 0.0), "mixtral": (0.0, 0.0), "qwen3_moe": (0.0, 0.0), "qwen2_moe": (0.0, 0.0), "olmo2": (0.0, 0.0), "olmoe": (0.0, 0.0), "qwen2": (0.0, 0.0), "qwen3": (0.0, 0.0), "phi3": (0.1, 0.0), "gemma": (0.0, 0.0),
            "gemma2": (0.0, 0.0), "gemma3": (0.0, 0.0),
            "t5-v1.0": (0.1, 0.1), "flan-t5": (0.1, 0.1)}
 DROPOUT_KEYS = {"encoder": ("hidden_dropout_prob", "attention_probs_dropout_prob"), "gpt2": ("resid_pdrop", "attn_pdrop"),
@@ -359,7 +365,7 @@ def test_bad_input_is_one_clear_message(cases, tmp_path, capsys):
     bad = tmp_path / "bloom"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bloom"}))
-    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, t5"):
+    with pytest.raises(InteropError, match="'bloom'.*supported: bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, olmo2, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, roberta, t5"):
         hf.load(str(bad))
 
     wrong = tmp_path / "wrong"

@@ -161,6 +161,9 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
     Case("decoder", 3, (1, 4, 2), micro=2, extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
                                                    "model.expert_group_size=8", "model.router_aux_loss=0.1",
                                                    "model.shared_expert_d_ff=32", "model.shared_expert_gate=true")),
+    # OLMo 2's layer: sublayer outputs normed, q / k normed over all heads (split over `tensor`)
+    Case("decoder", 3, (1, 4, 2), extra=("model.norm_position=output", "model.qk_norm=true",
+                                         "model.qk_norm_scope=all_heads", "model.num_kv_heads=2")),
     # expert parallelism: each fsdp shard holds one of the 4 experts whole, the tokens travel
     Case("decoder", 3, (2, 4, 1), extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
                                          "model.router_aux_loss=0.1", "sharding.expert_parallel=true")),

@@ -127,6 +127,8 @@ CONV_OUT = _one(lambda x, c: x.reshape(c.cfg.num_heads, c.cfg.dim_per_head, x.sh
 CONV_QKV = Layout(_fused_qkv, lambda xs, c: (jnp.concatenate([x.reshape(*x.shape[:-2], -1) for x in xs], -1),))
 BERT_POSITIONS = Layout(_bert_positions_to_ours, _bert_positions_to_hf)
 ONE_PLUS = _one(lambda x, c: x + 1.0, lambda x, c: x - 1.0)  # Gemma's norms scale by 1 + weight
+# OLMo's q / k norms over all heads: HF ``[heads * head_dim]`` <-> our scale ``[heads, head_dim]``
+HEADS_NORM = _one(lambda x, c: x.reshape(-1, c.cfg.dim_per_head), lambda x, c: x.reshape(-1))
 SCALED_HEAD = _one(lambda x, c: x.T * c.cfg.d_model ** -0.5, lambda x, c: x.T / c.cfg.d_model ** -0.5)
 
 
@@ -243,6 +245,8 @@ class Arch:
     def check_exportable(self, cfg: ModelConfig, name: str) -> None:
         wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in self.requires.items()
                  if getattr(cfg, k) != v]
+        if cfg.qk_norm and cfg.qk_norm_scope != self.requires.get("qk_norm_scope", "head"):
+            wrong.append(f"model.qk_norm_scope={cfg.qk_norm_scope!r} (needs {self.requires.get('qk_norm_scope', 'head')!r})")
         if cfg.qkv_bias not in (None, cfg.use_bias) and "qkv_bias" not in self.requires:
             wrong.append(f"model.qkv_bias={cfg.qkv_bias} with use_bias={cfg.use_bias} (biases on q / k / v alone: "
                          "Qwen2's layout)")
@@ -662,6 +666,75 @@ class Qwen2Moe(Experts, Qwen2):
             _map("layers.{i}.mlp.shared_expert_gate.weight", f"{lay}/shared_expert_gate/kernel", LINEAR, n)]
 
 
+def _olmo_qk_norms(cfg: ModelConfig) -> list[Map]:
+    """OLMo's q / k norms over all of a token's heads (``[heads * head_dim]`` weights)."""
+    lay = "decoder/stack/{layer}/self_attention"
+    return [_map("layers.{i}.self_attn.q_norm.weight", f"{lay}/query_norm/scale", HEADS_NORM, cfg.num_layers),
+            _map("layers.{i}.self_attn.k_norm.weight", f"{lay}/key_norm/scale", HEADS_NORM, cfg.num_layers)]
+
+
+def _olmo_fields(hf: dict) -> dict:
+    if hf.get("clip_qkv") is not None:
+        raise InteropError(f"clip_qkv={hf['clip_qkv']} is not supported (q / k / v clamped)")
+    return dict(qk_norm=True, qk_norm_scope="all_heads")
+
+
+class Olmo2(Llama):
+    """OLMo 2: LLaMA's layers with each sublayer's output normed before the residual add (no
+    input norms: ``post_attention_layernorm``, ``post_feedforward_layernorm``) and RMSNorms over
+    all of a token's q and all of its k."""
+
+    model_types = ("olmo2",)
+    window_types = ()
+    requires = dict(Llama.requires, use_bias=False, norm_position="output", qk_norm=True, qk_norm_scope="all_heads")
+
+    def model_fields(self, hf, names):
+        if hf.get("attention_bias"):
+            raise InteropError("attention_bias=True is not supported for olmo2")
+        return dict(super().model_fields(dict(hf, mlp_bias=False), names), norm_position="output",
+                    **_olmo_fields(hf))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        out.pop("mlp_bias")
+        return out
+
+    def maps(self, cfg):
+        n, lay = cfg.num_layers, "decoder/stack/{layer}"
+        rows = [m for m in super().maps(cfg) if "layernorm" not in m.hf[0]]
+        return rows + _olmo_qk_norms(cfg) + [
+            *_norm_maps("layers.{i}.post_attention_layernorm", f"{lay}/self_attention_norm", n, bias=False),
+            *_norm_maps("layers.{i}.post_feedforward_layernorm", f"{lay}/mlp_norm", n, bias=False)]
+
+
+class Olmoe(Experts, Llama):
+    """OLMoE: LLaMA's pre-norm layers with RMSNorms over all of a token's q and k, every MLP a
+    mixture of SwiGLU experts (``mlp.gate``, ``mlp.experts.{e}``) of width ``intermediate_size``,
+    the top-k weights renormalised when ``norm_topk_prob``."""
+
+    model_types = ("olmoe",)
+    window_types = ()
+    requires = dict(Llama.requires, use_bias=False, mlp="swiglu", qk_norm=True, qk_norm_scope="all_heads")
+    extras = frozenset({"experts"})
+    router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "llama"
+
+    def model_fields(self, hf, names):
+        fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
+        return dict(fields, **_olmo_fields(hf),
+                    **_moe_fields(hf, "num_experts", "intermediate_size", bool(hf.get("norm_topk_prob"))))
+
+    def hf_config(self, cfg, base):
+        out = super().hf_config(cfg, base)
+        for key in ("attention_bias", "mlp_bias"):
+            out.pop(key)
+        return dict(out, architectures=["OlmoeForCausalLM"], intermediate_size=cfg.expert_width,
+                    num_experts=cfg.num_experts, norm_topk_prob=cfg.router_renormalize, clip_qkv=None,
+                    **_hf_moe(cfg, base))
+
+    def maps(self, cfg):
+        return super().maps(cfg) + _olmo_qk_norms(cfg)
+
+
 def _refuse_dense_layers(hf: dict) -> None:
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
@@ -945,7 +1018,8 @@ class T5(Arch):
         return rows
 
 
-ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen2Moe(), Qwen3(), Qwen3Moe(), Mixtral(), Phi3(), Gemma(),
+ARCHS = {t: a for a in (Bert(), Roberta(), Gpt2(), Llama(), Qwen2(), Qwen2Moe(), Qwen3(), Qwen3Moe(), Mixtral(), Olmo2(),
+                        Olmoe(), Phi3(), Gemma(),
                         Gemma2(), Gemma3(), T5())
          for t in a.model_types}
 SUPPORTED = sorted(ARCHS)
@@ -1127,8 +1201,12 @@ def _type_for_export(cfg: ModelConfig, base: dict) -> str:
         if cfg.norm_position != "sandwich":
             return "gemma"
         return "gemma3_text" if cfg.qk_norm else "gemma2"
+    all_heads = cfg.qk_norm and cfg.qk_norm_scope == "all_heads"
     if cfg.num_experts:
-        return "qwen2_moe" if cfg.shared_expert_d_ff else "qwen3_moe" if cfg.qk_norm else "mixtral"
+        return ("qwen2_moe" if cfg.shared_expert_d_ff else "olmoe" if all_heads else "qwen3_moe" if cfg.qk_norm
+                else "mixtral")
+    if cfg.norm_position == "output":
+        return "olmo2"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.use_bias:

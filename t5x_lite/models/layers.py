@@ -142,18 +142,21 @@ def dense(cfg: ModelConfig, features, kernel_axes: tuple, name: str, num_in: int
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in float32."""
+    """x / rms(x) * scale, computed in float32, over the last ``len(axes)`` axes (``axes``: the
+    scale's logical names)."""
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    axes: tuple = ("norm",)
 
     @nn.compact
     def __call__(self, x_BLD: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (x_BLD.shape[-1],), self.param_dtype)
+        n = len(self.axes)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.axes),
+                           tuple(x_BLD.shape[-n:]), self.param_dtype)
         x = x_BLD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=tuple(range(-n, 0)), keepdims=True) + self.eps)
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -182,12 +185,16 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     return cls(eps=cfg.norm_eps, dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype), name=name)
 
 
-def head_norm(cfg: ModelConfig, x_BLNH: Array, name: str) -> Array:
+def head_norm(cfg: ModelConfig, x_BLNH: Array, name: str, heads: str = "heads") -> Array:
     """``model.qk_norm``: RMSNorm over each head's ``head_dim`` features, one scale shared by
-    the heads (Qwen3, Gemma 3); identity without it."""
+    the heads (Qwen3, Gemma 3), or with ``qk_norm_scope=all_heads`` over all the token's heads, a
+    scale ``[heads, head_dim]`` (OLMo 2, OLMoE; ``heads``: that axis's logical name); identity
+    without it."""
     if not cfg.qk_norm:
         return x_BLNH
-    return RMSNorm(eps=cfg.norm_eps, dtype=x_BLNH.dtype, param_dtype=jnp_dtype(cfg.param_dtype), name=name)(x_BLNH)
+    axes = (heads, "kv") if cfg.qk_norm_scope == "all_heads" else ("norm",)
+    return RMSNorm(eps=cfg.norm_eps, dtype=x_BLNH.dtype, param_dtype=jnp_dtype(cfg.param_dtype), axes=axes,
+                   name=name)(x_BLNH)
 
 
 # ---------------------------------------------------------------------- embeddings
@@ -529,7 +536,7 @@ class Attention(nn.Module):
                 src_BSD = kv_BSD if self.cross else x_BTD
                 q_BTNH = constrain(q_proj(x_BTD), BLNH)
                 k_BSKH, v_BSKH = (constrain(proj(src_BSD), BLKH) for proj in (k_proj, v_proj))
-            q_BTNH, k_BSKH = head_norm(cfg, q_BTNH, "query_norm"), head_norm(cfg, k_BSKH, "key_norm")
+            q_BTNH, k_BSKH = head_norm(cfg, q_BTNH, "query_norm"), head_norm(cfg, k_BSKH, "key_norm", "kv_heads")
             if cfg.position == "rope" and not self.cross:
                 freq_H2 = rope_frequencies(cfg)
                 if local_mask_B1TS is not None and cfg.rope_local_theta:

@@ -76,10 +76,14 @@ class Block(nn.Module):
         x_BLD, cache = carry
         cfg = self.cfg
         pre, sandwich = cfg.norm_position in ("pre", "sandwich"), cfg.norm_position == "sandwich"
+        output = cfg.norm_position == "output"
         drop = lambda y: nn.Dropout(cfg.dropout, broadcast_dims=())(y, deterministic=self.deterministic)
 
         def sublayer(x, name, fn):
             norm = make_norm(cfg, f"{name}_norm")
+            if output:  # the sublayer's output normed, then the residual add (OLMo 2)
+                y, extra = fn(x)
+                return x + drop(norm(y)), extra
             if pre:
                 y, extra = fn(norm(x))
                 if sandwich:  # the sublayer's output normed too, before the residual add
@@ -244,7 +248,7 @@ class TextStack(nn.Module):
 
         stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
-        if cfg.norm_position in ("pre", "sandwich"):
+        if cfg.norm_position != "post":
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=self.deterministic)
         if cache is None:
