@@ -119,6 +119,10 @@ class ModelConfig:
     router_renormalize: bool = True
     router_aux_loss: float = 0.0
     router_z_loss: float = 0.0  # weight of the router's z-loss, mean logsumexp(router logits)^2 (ST-MoE: 1e-3)
+    # > 0: balancing without a loss (DeepSeek-V3): a per-expert bias, added to the router's
+    # probabilities to choose the experts (not to weight them), moves by this much after each
+    # step, up for experts that got fewer than the mean share of the batch's choices, down for more
+    router_bias_update: float = 0.0
     # an always-on expert of this width beside the routed ones (0: none), its output times a
     # per-token sigmoid gate with shared_expert_gate (Qwen2-MoE)
     shared_expert_d_ff: int = 0
@@ -355,9 +359,9 @@ class Config:
                 errors.append(f"model.experts_per_token={m.experts_per_token} must be in [1, model.num_experts="
                               f"{m.num_experts}]")
             if (m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0
-                    or m.router_z_loss < 0 or m.shared_expert_d_ff < 0):
-                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss, router_z_loss and "
-                              "shared_expert_d_ff must be >= 0")
+                    or m.router_z_loss < 0 or m.shared_expert_d_ff < 0 or m.router_bias_update < 0):
+                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss, router_z_loss, "
+                              "router_bias_update and shared_expert_d_ff must be >= 0")
             if m.fused_mlp:
                 errors.append("model.fused_mlp applies to a dense MLP, not to experts (model.num_experts > 0)")
             adapted = sorted(set(m.lora_names) & {"wi_0", "wi_1", "wi", "wo"})

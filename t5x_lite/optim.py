@@ -10,7 +10,7 @@ import optax
 
 from t5x_lite.config import Config
 
-NO_DECAY_LEAVES = ("scale", "bias", "logits_bias")  # norms and biases are never decayed
+NO_DECAY_LEAVES = ("scale", "bias", "logits_bias", "router_bias")  # norms and biases are never decayed
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:

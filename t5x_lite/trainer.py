@@ -145,7 +145,8 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
             return model.apply(variables, **inputs, rngs={"dropout": rng}, method=method), {}
         out, state = model.apply(variables, **inputs, rngs={"dropout": rng}, method=method, mutable=["intermediates"])
         inter = state.get("intermediates", {})
-        return out, {key: moe.sown_total(inter, key) for key in ROUTER_SUMS}
+        loads = {"/".join(keys): load for keys, load in moe.sown_loads(inter)}  # each MoE layer's, by module path
+        return out, {**{key: moe.sown_total(inter, key) for key in ROUTER_SUMS}, moe.LOAD: loads}
 
     def loss_sums(params, batch, rng):
         variables = {"params": cast(params)}
@@ -181,8 +182,15 @@ def router_metrics(cfg: Config, sums: dict) -> dict:
     if not cfg.model.num_experts:
         return {}
     groups = moe.num_groups(cfg.model, batch_shapes(cfg))
+    loads = [load.reshape(-1, load.shape[-1]) for load in sums[moe.LOAD].values()]
+    loads = jnp.concatenate(loads) if loads else jnp.ones((1, 1))
+    # the busiest expert's load over the mean, averaged over the MoE layers (1: even)
+    imbalance = jnp.mean(jnp.max(loads, axis=-1) / jnp.maximum(jnp.mean(loads, axis=-1), 1e-9))
     return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / groups, moe.Z_LOSS: sums[moe.Z_LOSS] / groups,
-            moe.DROPPED: sums[moe.DROPPED] / jnp.maximum(sums[moe.CHOICES], 1.0)}
+            moe.DROPPED: sums[moe.DROPPED] / jnp.maximum(sums[moe.CHOICES], 1.0), IMBALANCE: imbalance}
+
+
+IMBALANCE = "router_imbalance"
 
 
 def training_objective(cfg: Config, sums: dict, weight: jax.Array) -> jax.Array:
@@ -242,6 +250,10 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
 
             zero_grads = jax.tree.map(jnp.zeros_like, lora.trained(cfg, state.params))
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys(cfg)}
+            if cfg.model.num_experts:  # and each MoE layer's expert loads, of the shapes the model sows
+                first = jax.tree.map(lambda x: x[0], micro)
+                shapes = jax.eval_shape(lambda p: loss_sums(p, first, rng)[moe.LOAD], state.params)
+                zero_sums[moe.LOAD] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
         if with_lora:
@@ -251,6 +263,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if cfg.model.router_bias_update:  # loss-free balancing: the routing biases follow the step's loads
+            params = moe.update_router_bias(cfg.model, params, [(tuple(k.split("/")), v)
+                                                                for k, v in sums[moe.LOAD].items()])
         metrics = {
             "loss": sums["loss"] / denom,
             "z_loss": sums["z_loss"] / denom,
@@ -600,6 +615,7 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
                     + (f"  loss scale {values['loss_scale']:g} ({values['skipped_steps']:.0f} steps skipped)"
                        if "loss_scale" in values else "")
                     + (f"  router balance {values[moe.AUX_LOSS]:.3f} (even: {cfg.model.experts_per_token}), "
+                       f"busiest expert {values[IMBALANCE]:.2f}x the mean, "
                        f"{100 * values[moe.DROPPED]:.1f}% of choices dropped" if moe.AUX_LOSS in values else ""))
         last = dict(values, step=step)
 

@@ -19,6 +19,7 @@ import shutil
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local: never reach for the hub
 
 import chex
+import flax
 import jax
 import ml_dtypes
 import numpy as np
@@ -245,6 +246,22 @@ def test_export_loads_in_transformers_and_import_is_lossless(cases, name, tmp_pa
     hf.save(case.cfg, case.params, plain)
     reloaded = AUTO[case.family].from_pretrained(plain).eval()
     np.testing.assert_allclose(case.reference(reloaded, ids, mask, dec), expected, atol=1e-5, rtol=0)
+
+
+def test_routing_biases_start_at_zero_and_export_only_there(cases, tmp_path):
+    """model.router_bias_update on an import: its biases start at 0 (the imported model's
+    logits); an export is refused once they have moved (no architecture has them)."""
+    case = cases("mixtral")
+    cfg, params = hf.load(case.path, ["model.router_bias_update=0.01"])
+    ids, mask, _ = _inputs()
+    np.testing.assert_allclose(np.asarray(t5x_lite.logits(cfg, params, ids, attention_mask=mask))[mask > 0],
+                               case.reference(case.model, ids, mask)[mask > 0], atol=1e-4)
+    hf.save(cfg, params, str(tmp_path / "zero"), base_config=case.hf_config)
+    flat = flax.traverse_util.flatten_dict(params)
+    key = next(k for k in flat if k[-1] == "router_bias")
+    flat[key] = flat[key] + 0.1
+    with pytest.raises(InteropError, match="routing biases"):
+        hf.save(cfg, flax.traverse_util.unflatten_dict(flat), str(tmp_path / "moved"))
 
 
 def test_sliding_window_layers_of_qwen_configs():

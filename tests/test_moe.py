@@ -216,3 +216,36 @@ def test_active_parameters_leave_out_the_experts_a_token_skips():
     every = load_config("configs/moe_1b.yaml", ["model.experts_per_token=8"])
     assert planning.active_params(every, plan["num_params"]) == plan["num_params"]
     assert planning.formula_plan(load_config("configs/llama_1b.yaml"), gpus=1)["active_params"] is None
+
+
+def test_routing_bias_balances_without_a_loss():
+    """model.router_bias_update (DeepSeek-V3): after each step every layer's bias moves by the
+    rate, up for experts below the mean load, down above it (the optimizer never moves it), and
+    the load evens out with no loss term."""
+    opts = ("model.num_experts=4", "model.num_layers=1", "optim.schedule=constant", "optim.learning_rate=3e-2")
+    cfg = tiny_cfg("decoder", *opts, "model.router_bias_update=0.05")
+    batch = random_batch(cfg, seed=4)
+    start, _ = run_steps(cfg, batch, steps=0)
+    start = jax.device_get(start)
+    model = t5x_lite.models.build_model(cfg)
+    inputs = {k: batch[k] for k in ("input_ids", "segment_ids", "positions")}
+    _, state = model.apply({"params": start.params}, **inputs, mutable=["intermediates"])
+    (path, load), = moe.sown_loads(state["intermediates"])
+    assert float(load.sum()) == 2 * float((batch["segment_ids"] > 0).sum())  # k choices per real token
+    after, _ = run_steps(cfg, batch, steps=1, state=start)
+    bias = flax.traverse_util.flatten_dict(jax.device_get(after.params))[path + (moe.ROUTER_BIAS,)]
+    np.testing.assert_allclose(bias, 0.05 * np.sign(load.mean(-1, keepdims=True) - load), atol=1e-7)
+
+    # A bias that sends every token to expert 0 (load 2x the mean) stays at a negligible rate and
+    # is pulled back at 0.05 per step, the loads then near even.
+    flat = flax.traverse_util.flatten_dict(start.params)
+    key = path + (moe.ROUTER_BIAS,)
+    flat[key] = np.broadcast_to(np.array([0.6, 0.0, 0.0, 0.0], np.float32), flat[key].shape).copy()
+    skewed = start.replace(params=flax.traverse_util.unflatten_dict(flat))
+    imbalance = {}
+    for rate in (1e-6, 0.05):
+        _, history = run_steps(tiny_cfg("decoder", *opts, f"model.router_bias_update={rate}"), batch, steps=16,
+                               state=jax.device_get(skewed))
+        imbalance[rate] = [float(h["router_imbalance"]) for h in history]
+    assert min(imbalance[1e-6]) > 1.9 and imbalance[0.05][0] > 1.9
+    assert np.mean(imbalance[0.05][-4:]) < 1.5

@@ -166,7 +166,8 @@ CASES = [Case("decoder", stage, mesh, 2 if mesh in [(2, 2, 2), (1, 4, 2)] else 1
                                          "model.qk_norm_scope=all_heads", "model.num_kv_heads=2")),
     # expert parallelism: each fsdp shard holds one of the 4 experts whole, the tokens travel
     Case("decoder", 3, (2, 4, 1), extra=("model.num_experts=4", "model.expert_capacity_factor=1.5",
-                                         "model.router_aux_loss=0.1", "sharding.expert_parallel=true")),
+                                         "model.router_aux_loss=0.1", "sharding.expert_parallel=true",
+                                         "model.router_bias_update=0.01")),  # and loss-free balancing
 ]
 
 

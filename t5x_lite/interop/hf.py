@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import lora
+from t5x_lite.models.moe import ROUTER_BIAS
 from t5x_lite.config import Config, ModelConfig, config_from_dict, parse_override
 from t5x_lite.interop.tensors import InteropError, TensorFiles, _some, write
 
@@ -1175,11 +1176,12 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     _check_tensors(maps, files, ctx, ours_shapes, mcfg.scan_layers)
     params = _import_params(maps, files, ctx, mcfg.scan_layers, jnp.dtype(mcfg.param_dtype))
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    adapters = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES}
+    # LoRA's adapters (B = 0) and model.router_bias_update's biases (0): fresh, the imported model's outputs
+    adapters = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES + (ROUTER_BIAS,)}
     if set(flat) != set(ours_shapes) - adapters:  # the table must cover the model exactly
         wrong = sorted(set(flat) ^ (set(ours_shapes) - adapters))
         raise AssertionError(f"{type(arch).__name__} table mismatch: {wrong}")
-    if adapters:  # model.lora_rank: fresh adapters (B = 0: the imported model's outputs) from train.seed
+    if adapters:  # fresh from train.seed
         from t5x_lite.models import init_params
 
         fresh = flax.traverse_util.flatten_dict(init_params(cfg, cfg.train.seed), sep="/")
@@ -1228,6 +1230,12 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     if mcfg.lora_rank:  # the adapters folded into their kernels: a plain model
         params = lora.merge(params, mcfg.lora_alpha / mcfg.lora_rank)
         mcfg = dataclasses.replace(mcfg, lora_rank=0)
+    if mcfg.router_bias_update:  # routing biases: none of these architectures has them; at zero they change nothing
+        biases = [v for k, v in flax.traverse_util.flatten_dict(params, sep="/").items() if k.endswith(ROUTER_BIAS)]
+        if any(np.any(np.asarray(b) != 0) for b in biases):
+            raise InteropError("the routing biases model.router_bias_update has moved choose other experts than the "
+                               "router alone, which no supported Hugging Face architecture can express")
+        mcfg = dataclasses.replace(mcfg, router_bias_update=0.0)
     base = dict(base_config or {})
     model_type = _type_for_export(mcfg, base)
     arch = ARCHS[model_type]

@@ -50,6 +50,8 @@ Array = jax.Array
 
 # names of the sown per-layer sums: groups' balance losses and z-losses, choices made, choices dropped
 AUX_LOSS, Z_LOSS, CHOICES, DROPPED = "router_balance", "router_z", "router_choices", "router_dropped"
+LOAD = "router_load"  # sown per layer too: choices per expert [E]
+ROUTER_BIAS = "router_bias"  # the balancing bias parameter [E] of model.router_bias_update
 
 
 class ExpertKernel(nn.Module):
@@ -82,12 +84,12 @@ def group_size(cfg: ModelConfig, length: int) -> int:
     return size if size and length % size == 0 else length
 
 
-def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int) -> dict:
+def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int, bias_E: Optional[Array] = None) -> dict:
     """Top-k routing of each group's tokens under a capacity: ``dispatch [G, S, E, C]`` (1 where
     token s sits in slot c of expert e), ``combine`` (the same, times the router weight), the
     router probabilities and choices. Padding (``valid`` false) is routed nowhere."""
     e, k = cfg.num_experts, cfg.experts_per_token
-    probs_GSE, weight_GSK, expert_GSK = top_k(cfg, logits_GSE)
+    probs_GSE, weight_GSK, expert_GSK = top_k(cfg, logits_GSE, bias_E)
     g, s = valid_GS.shape
     # Choices ranked first by k (every first choice before any second one), then by position.
     chosen_GKSE = jax.nn.one_hot(jnp.swapaxes(expert_GSK, 1, 2), e, dtype=jnp.int32) * valid_GS[:, None, :, None]
@@ -102,11 +104,16 @@ def route(cfg: ModelConfig, logits_GSE: Array, valid_GS: Array, capacity: int) -
             "chosen": jnp.sum(chosen_GKSE, axis=1), "kept": in_GSE, "weights": weight_GSK, "experts": expert_GSK}
 
 
-def top_k(cfg: ModelConfig, logits: Array) -> tuple[Array, Array, Array]:
+def top_k(cfg: ModelConfig, logits: Array, bias_E: Optional[Array] = None) -> tuple[Array, Array, Array]:
     """(router probabilities, the top-k weights, their experts), the weights renormalised to
-    sum 1 with ``model.router_renormalize``."""
+    sum 1 with ``model.router_renormalize``. ``bias_E`` (``model.router_bias_update``) shifts
+    which experts are chosen, not their weights."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weight, expert = jax.lax.top_k(probs, cfg.experts_per_token)
+    if bias_E is None:
+        weight, expert = jax.lax.top_k(probs, cfg.experts_per_token)
+    else:
+        _, expert = jax.lax.top_k(probs + bias_E.astype(jnp.float32), cfg.experts_per_token)
+        weight = jnp.take_along_axis(probs, expert, axis=-1)
     if cfg.router_renormalize:
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
     return probs, weight, expert
@@ -182,12 +189,18 @@ class MoeMlp(nn.Module):
         valid_GS = (jnp.ones((b, length), bool) if valid_BL is None else valid_BL).reshape(-1, s)
 
         logits_GSE = dense(cfg, e, ("embed", "experts"), "router", use_bias=False)(x_GSD)
-        r = route(cfg, logits_GSE, valid_GS, capacity)
+        bias_E = None
+        if cfg.router_bias_update:  # moved by the train step after each update, never by gradients
+            bias_E = self.param(ROUTER_BIAS, nn.with_logical_partitioning(nn.initializers.zeros_init(), ("experts",)),
+                                (e,), jnp.float32)
+        r = route(cfg, logits_GSE, valid_GS, capacity, bias_E)
         # Sums (over the groups; choices), so micro-batches add up to the batch's.
         self.sow("intermediates", AUX_LOSS, jnp.sum(balance_loss(cfg, r["probs"], r["chosen"], valid_GS)))
         self.sow("intermediates", Z_LOSS, jnp.sum(z_loss(logits_GSE, valid_GS)))
         self.sow("intermediates", CHOICES, jnp.sum(r["chosen"]).astype(jnp.float32))
         self.sow("intermediates", DROPPED, jnp.sum(r["chosen"] - r["kept"]).astype(jnp.float32))
+        # each expert's choices over the real tokens: its load (the bias update, the imbalance metric)
+        self.sow("intermediates", LOAD, jnp.sum(r["chosen"] * valid_GS[..., None], axis=(0, 1)).astype(jnp.float32))
 
         expert = lambda name, shape, axes: ExpertKernel((e,) + shape, ("experts",) + axes, dtype, param_dtype,
                                                         name=name)()
@@ -220,6 +233,37 @@ class MoeMlp(nn.Module):
         y_EGCD = constrain(jnp.einsum("egcf,efd->egcd", h_EGCF, expert("wo", (f, d), ("mlp", "embed"))), expert_in)
         y_GSD = jnp.einsum("egcd,gsec->gsd", y_EGCD, r["combine"].astype(dtype))
         return constrain(y_GSD.reshape(b, length, d), BLD)
+
+
+def sown_loads(intermediates: dict) -> list[tuple[tuple, Array]]:
+    """``[(module path, loads [..., E])]`` sown under ``LOAD``, in a fixed order (a scanned
+    stack's ``[layers, E]``, an unrolled layer's ``[E]``): the module path is where that layer's
+    ``ROUTER_BIAS`` parameter sits."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+        keys = tuple(getattr(p, "key", None) for p in path)
+        if LOAD in keys:
+            out.append((keys[: keys.index(LOAD)], leaf))
+    return sorted(out, key=lambda item: item[0])
+
+
+def update_router_bias(cfg: ModelConfig, params: dict, loads: list[tuple[tuple, Array]]) -> dict:
+    """``params`` with each MoE layer's ``ROUTER_BIAS`` moved by ``model.router_bias_update``:
+    up for experts whose load (choices) is below the layer's mean, down above it."""
+    updated = dict(params)
+
+    def set_in(tree: dict, keys: tuple, value):
+        if len(keys) == 1:
+            return dict(tree, **{keys[0]: value})
+        return dict(tree, **{keys[0]: set_in(tree[keys[0]], keys[1:], value)})
+
+    for keys, load in loads:
+        bias = updated
+        for k in keys + (ROUTER_BIAS,):
+            bias = bias[k]
+        step = cfg.router_bias_update * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        updated = set_in(updated, keys + (ROUTER_BIAS,), bias + step.astype(bias.dtype))
+    return updated
 
 
 def sown_total(intermediates: dict, name: str) -> Array:
