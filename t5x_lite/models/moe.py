@@ -30,7 +30,11 @@ and dropped into the ``intermediates`` collection, one value per layer. The trai
 ``model.router_aux_loss`` times its mean over groups and layers to the loss (and
 ``model.router_z_loss`` times the router's z-loss, taken alike). Per group (not
 over the whole batch, as transformers does) makes it a sum: micro-batches and devices give
-the batch's value exactly.
+the batch's value exactly. Each layer's per-expert choices (its load) are sown too: with
+``model.router_bias_update`` (DeepSeek-V3's balancing without a loss) a per-expert bias added
+to the probabilities chooses the experts (the weights stay the probabilities), and the train
+step moves it after each update by the rate, up for experts below the layer's mean load, down
+above it (``update_router_bias``); gradients never reach it.
 """
 
 from __future__ import annotations
