@@ -333,6 +333,24 @@ def test_sharded_stage3_equals_single_device(dec, single):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
 
 
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_experts_decode_sharded_as_on_one_device(single, expert_parallel):
+    """A mixture of experts decoding on 8 devices (ZeRO-3: experts split over fsdp by their input
+    width; or expert parallel: one whole expert per device), its steps gathering each token's
+    experts, gives one device's tokens and logits."""
+    cfg = tiny_cfg("decoder", "model.num_experts=8", "model.experts_per_token=2",
+                   f"sharding.expert_parallel={str(expert_parallel).lower()}")
+    params = random_params(cfg, 2)
+    mesh8 = partitioning.make_mesh(cfg)
+    sharded = decoding._decoder(cfg, mesh8, 8).put_params(params)
+    wi = sharded["decoder"]["stack"]["layers"]["mlp"]["wi_0"]["kernel"]
+    assert tuple(wi.sharding.spec)[:2] == ((None, "fsdp") if expert_parallel else (None, None))
+    a = generate_details(cfg, sharded, PROMPTS[:2], K, eos_id=None, output_logits=True)
+    b = generate_details(cfg, params, PROMPTS[:2], K, eos_id=None, output_logits=True, mesh=single)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logits, b.logits, atol=2e-5, rtol=2e-5)
+
+
 # --------------------------------------------------------------------------- encoder
 
 
