@@ -120,7 +120,12 @@ def _count_params(cfg: Config) -> dict:
     total = sum(sizes)
     embedding = sum(s for (path, _), s in zip(leaves, sizes) if path[-1].key in EMBEDDING_LEAVES)
     stack = sum(s for (path, _), s in zip(leaves, sizes) if any(k.key == "stack" for k in path))
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "stack": stack}
+    # a mixture of experts' expert weights (not the router, not a shared expert)
+    experts = sum(s for (path, _), s in zip(leaves, sizes)
+                  if cfg.model.num_experts and len(path) >= 3 and path[-3].key == "mlp"
+                  and path[-2].key in ("wi_0", "wi_1", "wi", "wo"))
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "stack": stack,
+            "experts": experts}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +278,8 @@ def weight_copy_bytes(cfg: Config, counts: dict, stage: int, tensor: int, param_
         copies += counts["total"] * _dtype_bytes(m.dtype) / (tensor * (param_shards if stage == 3 else 1))
     if stage == 3:
         layers = m.num_layers + (m.decoder_layers if m.family == "encoder_decoder" else 0)
-        copies += counts["stack"] / layers * _dtype_bytes(m.param_dtype) / tensor
+        gathered = counts["stack"] - (counts["experts"] if cfg.sharding.expert_parallel else 0)  # experts stay put
+        copies += gathered / layers * _dtype_bytes(m.param_dtype) / tensor
         if cfg.train.loss_chunk:
             # The chunked loss is a scan: the output layer's weight stays gathered in full across
             # its chunks, and its gradient accumulates in full in the scan's carry.
@@ -312,8 +318,14 @@ def memory_plan(cfg: Config, num_devices: int, usable_bytes: float, precision: s
     rows, note = rows_per_device(cfg, data, fsdp)
     per_row = activation_bytes_per_row(cfg, tensor, uses_flash_attention(cfg, platform))
     stages = {}
+    # sharding.expert_parallel: the experts' share of the state is split over fsdp at every stage
+    ep_share = counts["experts"] / counts["total"] if cfg.sharding.expert_parallel else 0.0
+    rest = StateBytes(*(x * (1 - ep_share) for x in dataclasses.astuple(state)))
+    experts = StateBytes(*(x * ep_share for x in dataclasses.astuple(state)))
     for stage in STAGES:
-        kinds = zero_stage_bytes(state, stage, fsdp, opt_shards, tensor)
+        kinds = zero_stage_bytes(rest, stage, fsdp, opt_shards, tensor)
+        if ep_share:
+            kinds = {k: v + zero_stage_bytes(experts, 3, fsdp, fsdp, tensor)[k] for k, v in kinds.items()}
         if cfg.train.micro_batches > 1:
             kinds["grads"] *= 2
         copies = weight_copy_bytes(cfg, counts, stage, tensor, fsdp)

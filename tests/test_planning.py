@@ -396,3 +396,19 @@ def test_isoflop_rules_skip_repeats_and_name_an_edge_minimum(tmp_path):
     code = main(["sweep", "--config", "configs/decoder_tiny.yaml", "--sizes", "16,24,32", "--budgets", "1e11",
                  "--tokens-per-param", "10", "--workdir", str(tmp_path / "cli")])
     assert code == 2 and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_stage_table_knows_experts_stay_split_under_expert_parallelism(stage):
+    """moe_1b on 8 devices with sharding.expert_parallel: the experts' params, grads and Adam
+    state are split over fsdp at every stage; the table agrees with the trainer's shardings."""
+    from t5x_lite.config import load_config
+
+    cfg = load_config("configs/moe_1b.yaml", [f"sharding.zero_stage={stage}", "sharding.expert_parallel=true",
+                                              "mesh.fsdp=8"])
+    row = planning.formula_plan(cfg, 8)["stages"][str(stage)]
+    exact = planning.sharded_state_bytes(cfg, 8)
+    for kind in ("params", "grads", "opt_state"):
+        assert row[kind] == pytest.approx(exact[kind], rel=0.01), kind
+    if stage == 1:  # the 1.1B expert parameters are not replicated
+        assert row["params"] < 0.4 * planning.param_counts(cfg)["total"] * 4
