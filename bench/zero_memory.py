@@ -23,6 +23,10 @@ Usage::
     python bench/zero_memory.py                      # llama_1b, 8 devices: table + runs/zero_memory.json
     python bench/zero_memory.py --devices 64 --json /tmp/zero64.json
     python bench/zero_memory.py --compile-seq-len 128
+    python bench/zero_memory.py --config configs/moe_1b.yaml --set sharding.expert_parallel=true
+
+With ``sharding.expert_parallel`` the Ψe expert weights are split N ways at every stage: the
+formula is the stage's on Ψ - Ψe plus (p+g+o)Ψe/N.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def measure(cfg_path: str, overrides: list, devices: int, compile_seq_len: int) 
     import jax
     import numpy as np
 
-    from t5x_lite import partitioning
+    from t5x_lite import partitioning, planning
     from t5x_lite.config import ConfigError, load_config
     from t5x_lite.trainer import compile_train_step, compiled_stats, make_setup
 
@@ -88,9 +92,12 @@ def measure(cfg_path: str, overrides: list, devices: int, compile_seq_len: int) 
         sizes = setup.bytes_per_device()
         psi = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
         total = sizes["params"] + sizes["grads"] + sizes["opt_state"]
-        expect = formula_bytes(stage, psi, devices, p, g, o)
+        # sharding.expert_parallel: the Ψe expert weights (and their grads, Adam state) split N ways at every stage
+        psi_e = planning.param_counts(cfg)["experts"] if cfg.sharding.expert_parallel else 0
+        expect = formula_bytes(stage, psi - psi_e, devices, p, g, o) + (p + g + o) * psi_e / devices
+        text = formula_text(stage, p, g, o) + (f" on Ψ-Ψe, +{p + g + o:g}Ψe/N" if psi_e else "")
         row = {"stage": stage, "params_bytes": sizes["params"], "grads_bytes": sizes["grads"],
-               "opt_state_bytes": sizes["opt_state"], "total_bytes": total, "formula": formula_text(stage, p, g, o),
+               "opt_state_bytes": sizes["opt_state"], "total_bytes": total, "formula": text, "expert_params": psi_e,
                "formula_bytes": expect, "measured_over_formula": total / expect,
                "paper_mixed_precision": formula_text(stage, 2, 2, 12),
                "paper_mixed_precision_bytes": formula_bytes(stage, psi, devices, 2, 2, 12)}
@@ -115,8 +122,12 @@ def markdown(result: dict) -> str:
             "paper (mixed precision)"] + (["XLA temp", "XLA arguments"] if compiled else [])
     note = (f" XLA columns: the train step compiled ahead of time at data.seq_len={result['compile_seq_len']}, "
             f"batch {n} (one sequence per device)." if compiled else "")
+    experts = result["rows"][0].get("expert_params")
+    if experts:
+        note = f" Expert parallelism: Ψe = {experts:,} of them expert weights, split N ways at every stage." + note
     lines = [f"Per-device model state in GiB, Ψ = {psi:,} parameters, N = {n} devices "
-             f"(`{result['config']}`, mesh data=1 fsdp={n} tensor=1).{note}", "",
+             f"(`{result['config']}`{', ' + ' '.join(result['overrides']) if result['overrides'] else ''}, "
+             f"mesh data=1 fsdp={n} tensor=1).{note}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [str(r["stage"]), gib(r["params_bytes"]), gib(r["grads_bytes"]), gib(r["opt_state_bytes"]),
