@@ -105,8 +105,8 @@ class ModelConfig:
     # Mixture of experts (Mixtral, Qwen3-MoE): > 0 makes every layer's MLP num_experts MLPs of
     # width expert_d_ff (None: d_ff) behind a router that sends each token to experts_per_token
     # of them, their outputs weighted by its softmax probabilities (renormalised over the chosen
-    # ones with router_renormalize). expert_capacity_factor: 0 = dropless (exact; every expert
-    # has room for every token of a group, E / k times the experts' FLOPs); > 0: each expert
+    # ones with router_renormalize). expert_capacity_factor (training): 0 = dropless (exact; every
+    # expert has room for every token of a group, E / k times the experts' FLOPs); > 0: each expert
     # takes ceil(k * group * factor / E) tokens of a group, the rest of its choices dropped.
     # expert_group_size: tokens routed together (0 or not dividing the row: the row); the dispatch
     # and combine einsums cost ~4 x group x k x factor x d_model FLOPs per token, so not too many
@@ -115,6 +115,7 @@ class ModelConfig:
     experts_per_token: int = 2
     expert_d_ff: Optional[int] = None
     expert_capacity_factor: float = 0.0
+    eval_capacity_factor: float = 0.0  # the same for evaluation, decoding and logits (0: dropless, exact)
     expert_group_size: int = 256
     router_renormalize: bool = True
     router_aux_loss: float = 0.0
@@ -152,6 +153,13 @@ class ModelConfig:
     @property
     def expert_width(self) -> int:
         return self.expert_d_ff or self.d_ff
+
+    def for_inference(self) -> "ModelConfig":
+        """The model as evaluation, decoding and ``logits`` run it: experts under
+        ``eval_capacity_factor`` (dropless by default), not training's capacity."""
+        if not self.num_experts or self.eval_capacity_factor == self.expert_capacity_factor:
+            return self
+        return dataclasses.replace(self, expert_capacity_factor=self.eval_capacity_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -358,10 +366,11 @@ class Config:
             if not 1 <= m.experts_per_token <= m.num_experts:
                 errors.append(f"model.experts_per_token={m.experts_per_token} must be in [1, model.num_experts="
                               f"{m.num_experts}]")
-            if (m.expert_capacity_factor < 0 or m.expert_group_size < 0 or m.router_aux_loss < 0
+            if (m.expert_capacity_factor < 0 or m.eval_capacity_factor < 0 or m.expert_group_size < 0
+                    or m.router_aux_loss < 0
                     or m.router_z_loss < 0 or m.shared_expert_d_ff < 0 or m.router_bias_update < 0):
-                errors.append("model.expert_capacity_factor, expert_group_size, router_aux_loss, router_z_loss, "
-                              "router_bias_update and shared_expert_d_ff must be >= 0")
+                errors.append("model.expert_capacity_factor, eval_capacity_factor, expert_group_size, "
+                              "router_aux_loss, router_z_loss, router_bias_update and shared_expert_d_ff must be >= 0")
             if m.fused_mlp:
                 errors.append("model.fused_mlp applies to a dense MLP, not to experts (model.num_experts > 0)")
             adapted = sorted(set(m.lora_names) & {"wi_0", "wi_1", "wi", "wo"})

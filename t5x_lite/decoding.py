@@ -270,7 +270,8 @@ class _Decoder:
         self.cfg, self.mesh, self.rows = cfg, mesh, rows
         # Separate projections: fusing them (model.fused_qkv / fused_mlp, a training choice)
         # would copy the weights into one matrix again for every generated token (the same numbers).
-        unfused = dataclasses.replace(cfg.model, fused_qkv=False, fused_mlp=False)
+        # Experts: eval_capacity_factor (dropless by default), not training's capacity.
+        unfused = dataclasses.replace(cfg.model.for_inference(), fused_qkv=False, fused_mlp=False)
         self.model = build_model(dataclasses.replace(cfg, model=unfused), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,

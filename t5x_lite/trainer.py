@@ -290,7 +290,7 @@ def make_eval_step(cfg: Config, model: nn.Module) -> Callable:
 def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     """Derive model, optimizer and all shardings, and jit the steps with explicit shardings."""
     model = build_model(cfg, deterministic=cfg.model.dropout == 0.0 and cfg.model.attention_dropout == 0.0)
-    eval_model = build_model(cfg, deterministic=True)
+    eval_model = build_model(cfg.model.for_inference(), deterministic=True)  # experts: eval_capacity_factor
     tx, schedule = make_optimizer(cfg)
     rules = partitioning.logical_rules(cfg, mesh)
     opt_rules = partitioning.logical_rules(cfg, mesh, optimizer=True)

@@ -249,3 +249,24 @@ def test_routing_bias_balances_without_a_loss():
         imbalance[rate] = [float(h["router_imbalance"]) for h in history]
     assert min(imbalance[1e-6]) > 1.9 and imbalance[0.05][0] > 1.9
     assert np.mean(imbalance[0.05][-4:]) < 1.5
+
+
+def test_evaluation_and_decoding_run_dropless_unless_told():
+    """Training's capacity drops choices; logits, evaluation and decoding use
+    model.eval_capacity_factor (0: dropless, so an export's logits are transformers')."""
+    opts = ("model.num_experts=4", "model.experts_per_token=2")
+    dropless = tiny_cfg("decoder", *opts)
+    capped = tiny_cfg("decoder", *opts, "model.expert_capacity_factor=0.5")
+    capped_eval = tiny_cfg("decoder", *opts, "model.expert_capacity_factor=0.5", "model.eval_capacity_factor=0.5")
+    params = t5x_lite.init_params(dropless, 0)
+    tokens = ids((2, 12), 5)
+    want = np.asarray(t5x_lite.logits(dropless, params, tokens))
+    np.testing.assert_array_equal(np.asarray(t5x_lite.logits(capped, params, tokens)), want)
+    assert np.abs(np.asarray(t5x_lite.logits(capped_eval, params, tokens)) - want).max() > 1e-3
+    from t5x_lite.trainer import make_loss_fn
+
+    batch = random_batch(capped, seed=2)
+    train_loss = make_loss_fn(capped, t5x_lite.models.build_model(capped))(params, batch, jax.random.key(0))
+    eval_loss = make_loss_fn(capped, t5x_lite.models.build_model(capped.model.for_inference()))(
+        params, batch, jax.random.key(0))
+    assert float(train_loss[moe.DROPPED]) > 0 and float(eval_loss[moe.DROPPED]) == 0

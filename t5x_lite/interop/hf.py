@@ -1233,8 +1233,8 @@ def save(cfg, params, path: str, base_config: Optional[dict] = None, dtype: str 
     if mcfg.router_bias_update:  # routing biases: none of these architectures has them; at zero they change nothing
         biases = [v for k, v in flax.traverse_util.flatten_dict(params, sep="/").items() if k.endswith(ROUTER_BIAS)]
         if any(np.any(np.asarray(b) != 0) for b in biases):
-            raise InteropError("the routing biases model.router_bias_update has moved choose other experts than the "
-                               "router alone, which no supported Hugging Face architecture can express")
+            raise InteropError("model.router_bias_update has moved the routing biases: they choose other experts "
+                               "than the router alone would, which no supported Hugging Face architecture expresses")
         mcfg = dataclasses.replace(mcfg, router_bias_update=0.0)
     base = dict(base_config or {})
     model_type = _type_for_export(mcfg, base)

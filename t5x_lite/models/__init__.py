@@ -36,6 +36,10 @@ def _model_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
     return cfg.model if isinstance(cfg, Config) else cfg
 
 
+def _inference_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
+    return _model_cfg(cfg).for_inference()
+
+
 def build_model(cfg: Union[Config, ModelConfig], deterministic: bool = True) -> nn.Module:
     """The flax module of ``cfg.model.family``; ``deterministic=False`` enables dropout."""
     return _build(_model_cfg(cfg), deterministic=deterministic)
@@ -105,7 +109,7 @@ def logits(cfg: Union[Config, ModelConfig], params, input_ids, decoder_input_ids
     ``attention_mask`` (1 = token, 0 = padding) becomes segment ids, so padding never attends
     or is attended to; positions count from 0 at the start of the row, as in Hugging Face.
     """
-    mcfg = _model_cfg(cfg)
+    mcfg = _inference_cfg(cfg)  # experts: eval_capacity_factor (dropless by default)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     seg = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     params = nn.meta.unbox(params)
@@ -129,7 +133,7 @@ def logits(cfg: Union[Config, ModelConfig], params, input_ids, decoder_input_ids
 def encode(cfg: Union[Config, ModelConfig], params, input_ids, attention_mask=None) -> jax.Array:
     """float32 final hidden states ``[batch, length, d_model]`` of the encoder (``encoder`` and
     ``encoder_decoder`` families); ``attention_mask`` as in ``logits``."""
-    mcfg = _model_cfg(cfg)
+    mcfg = _inference_cfg(cfg)
     if mcfg.family == "decoder":
         raise ValueError("encode needs an encoder: model.family is decoder (use logits)")
     input_ids = jnp.asarray(input_ids, jnp.int32)

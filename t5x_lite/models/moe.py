@@ -17,7 +17,8 @@ weights per layer as it gathers the others). ``model.expert_capacity_factor`` se
 choices of the whole group go before second choices; within a rank, earlier tokens first).
 Factor 0 (the default) is dropless: ``C = S``, every choice kept, the exact model a Hugging
 Face checkpoint defines, at ``E / k`` times the experts' FLOPs; 1.25-2 is the usual trade for
-training speed. One token per group (decoding) never drops at any factor. A call with fewer
+training speed; evaluation, decoding and ``logits`` use ``model.eval_capacity_factor`` instead
+(0 by default: dropless). One token per group (decoding) never drops at any factor. A call with fewer
 choices than experts (a decoding step of a small batch) instead gathers each token's own k
 experts' weights: the same numbers, k experts read instead of E. With
 ``sharding.expert_parallel`` the experts' axis is split over ``fsdp`` (whole experts per
