@@ -106,8 +106,7 @@ def active_params(cfg: Config, total: int) -> Optional[int]:
     m = cfg.model
     if not m.num_experts:
         return None
-    per_expert = m.d_model * m.expert_width * (3 if m.mlp in ("swiglu", "geglu") else 2)
-    return total - m.num_layers * (m.num_experts - m.experts_per_token) * per_expert
+    return total - param_counts(cfg)["experts"] * (m.num_experts - m.experts_per_token) // m.num_experts
 
 
 def _count_params(cfg: Config) -> dict:

@@ -145,7 +145,7 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
             return model.apply(variables, **inputs, rngs={"dropout": rng}, method=method), {}
         out, state = model.apply(variables, **inputs, rngs={"dropout": rng}, method=method, mutable=["intermediates"])
         inter = state.get("intermediates", {})
-        loads = {"/".join(keys): load for keys, load in moe.sown_loads(inter)}  # each MoE layer's, by module path
+        loads = dict(moe.sown_loads(inter))  # each MoE layer's, by module path
         return out, {**{key: moe.sown_total(inter, key) for key in ROUTER_SUMS}, moe.LOAD: loads}
 
     def loss_sums(params, batch, rng):
@@ -171,19 +171,13 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
 ROUTER_SUMS = (moe.AUX_LOSS, moe.Z_LOSS, moe.CHOICES, moe.DROPPED)
 
 
-def sum_keys(cfg: Config) -> tuple:
-    """The keys of ``make_loss_fn``'s sums."""
-    return ("loss", "z_loss", "weight", "correct") + (ROUTER_SUMS if cfg.model.num_experts else ())
-
-
 def router_metrics(cfg: Config, sums: dict) -> dict:
     """Mixture of experts: the load-balancing loss (mean over routing groups and layers) and
     the share of router choices dropped for capacity, from a step's sums."""
     if not cfg.model.num_experts:
         return {}
     groups = moe.num_groups(cfg.model, batch_shapes(cfg))
-    loads = [load.reshape(-1, load.shape[-1]) for load in sums[moe.LOAD].values()]
-    loads = jnp.concatenate(loads) if loads else jnp.ones((1, 1))
+    loads = jnp.concatenate([load.reshape(-1, load.shape[-1]) for load in sums[moe.LOAD].values()])
     # the busiest expert's load over the mean, averaged over the MoE layers (1: even)
     imbalance = jnp.mean(jnp.max(loads, axis=-1) / jnp.maximum(jnp.mean(loads, axis=-1), 1e-9))
     return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / groups, moe.Z_LOSS: sums[moe.Z_LOSS] / groups,
@@ -249,11 +243,11 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
 
             zero_grads = jax.tree.map(jnp.zeros_like, lora.trained(cfg, state.params))
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys(cfg)}
-            if cfg.model.num_experts:  # and each MoE layer's expert loads, of the shapes the model sows
-                first = jax.tree.map(lambda x: x[0], micro)
-                shapes = jax.eval_shape(lambda p: loss_sums(p, first, rng)[moe.LOAD], state.params)
-                zero_sums[moe.LOAD] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            if cfg.model.num_experts:  # the sums and router statistics, of the shapes the model sows
+                shapes = jax.eval_shape(loss_sums, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+                zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            else:
+                zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
         if with_lora:
@@ -264,8 +258,7 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if cfg.model.router_bias_update:  # loss-free balancing: the routing biases follow the step's loads
-            params = moe.update_router_bias(cfg.model, params, [(tuple(k.split("/")), v)
-                                                                for k, v in sums[moe.LOAD].items()])
+            params = moe.update_router_bias(cfg.model, params, sums[moe.LOAD].items())
         metrics = {
             "loss": sums["loss"] / denom,
             "z_loss": sums["z_loss"] / denom,

@@ -44,6 +44,7 @@ import dataclasses
 import math
 from typing import Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,70 +206,59 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", CHOICES, jnp.sum(r["chosen"]).astype(jnp.float32))
         self.sow("intermediates", DROPPED, jnp.sum(r["chosen"] - r["kept"]).astype(jnp.float32))
         # each expert's choices over the real tokens: its load (the bias update, the imbalance metric)
-        self.sow("intermediates", LOAD, jnp.sum(r["chosen"] * valid_GS[..., None], axis=(0, 1)).astype(jnp.float32))
+        self.sow("intermediates", LOAD, jnp.sum(r["chosen"], axis=(0, 1)).astype(jnp.float32))
 
-        expert = lambda name, shape, axes: ExpertKernel((e,) + shape, ("experts",) + axes, dtype, param_dtype,
-                                                        name=name)()
-        act = activation(cfg)
-        gated = cfg.mlp in ("swiglu", "geglu")
+        # every expert's kernels [E, in, out]: gate and up (or the one input projection), then down
+        names = ("wi_0", "wi_1") if cfg.mlp in ("swiglu", "geglu") else ("wi",)
+        kernels = {name: ExpertKernel((e, d, f), ("experts", "embed", "mlp"), dtype, param_dtype, name=name)()
+                   for name in names}
+        kernels["wo"] = ExpertKernel((e, f, d), ("experts", "mlp", "embed"), dtype, param_dtype, name="wo")()
         if gathers_experts(cfg, b * length, s, capacity):
             # Each token's k experts' weights gathered ([N, k, ...]): a decoding step reads those alone.
             ids_NK, x_ND = r["experts"].reshape(b * length, -1), x_GSD.reshape(b * length, d)
             weight_NK = (r["weights"].reshape(b * length, -1) * valid_GS.reshape(-1, 1)).astype(dtype)
-            mats = {"wi_0": (d, f), "wi_1": (d, f)} if gated else {"wi": (d, f)}
-            into = {name: jnp.einsum("nd,nkdf->nkf", x_ND, jnp.take(expert(name, shape, ("embed", "mlp")), ids_NK,
-                                                                         axis=0))
-                    for name, shape in mats.items()}
-            h_NKF = act(into["wi_0"]) * into["wi_1"] if gated else act(into["wi"])
-            out_NKD = jnp.einsum("nkf,nkfd->nkd", h_NKF, jnp.take(expert("wo", (f, d), ("mlp", "embed")), ids_NK,
-                                                                   axis=0))
+            taken = {name: jnp.take(kernel, ids_NK, axis=0) for name, kernel in kernels.items()}
+            out_NKD = self.experts_mlp(x_ND, taken, "nd,nkdf->nkf", "nkf,nkfd->nkd")
             return constrain(jnp.einsum("nkd,nk->nd", out_NKD, weight_NK).reshape(b, length, d), BLD)
-        dispatch_GSEC = r["dispatch"].astype(dtype)
-        x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, dispatch_GSEC)
+        x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, r["dispatch"].astype(dtype))
         expert_in = ("act_experts", "act_batch", None, "act_embed")  # sharding.expert_parallel: E over fsdp
-        x_EGCD = constrain(x_EGCD, expert_in)
         hidden = ("act_experts", "act_batch", None, "act_mlp")
-        if gated:
-            gate_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_0", (d, f), ("embed", "mlp")))
-            up_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi_1", (d, f), ("embed", "mlp")))
-            h_EGCF = act(constrain(gate_EGCF, hidden)) * constrain(up_EGCF, hidden)
-        else:
-            h_EGCF = act(constrain(jnp.einsum("egcd,edf->egcf", x_EGCD, expert("wi", (d, f), ("embed", "mlp"))),
-                                   hidden))
-        y_EGCD = constrain(jnp.einsum("egcf,efd->egcd", h_EGCF, expert("wo", (f, d), ("mlp", "embed"))), expert_in)
-        y_GSD = jnp.einsum("egcd,gsec->gsd", y_EGCD, r["combine"].astype(dtype))
+        y_EGCD = self.experts_mlp(constrain(x_EGCD, expert_in), kernels, "egcd,edf->egcf", "egcf,efd->egcd",
+                                  lambda h: constrain(h, hidden))
+        y_GSD = jnp.einsum("egcd,gsec->gsd", constrain(y_EGCD, expert_in), r["combine"].astype(dtype))
         return constrain(y_GSD.reshape(b, length, d), BLD)
+
+    def experts_mlp(self, x: Array, kernels: dict, into: str, out: str, hidden=lambda h: h) -> Array:
+        """The experts' MLP of ``x`` through ``kernels`` (all experts', or each token's gathered):
+        ``into`` / ``out`` the einsums into and out of the hidden width, ``hidden`` applied to each
+        input projection (a sharding constraint)."""
+        act = activation(self.cfg)
+        h = {name: hidden(jnp.einsum(into, x, kernel)) for name, kernel in kernels.items() if name != "wo"}
+        h = act(h["wi_0"]) * h["wi_1"] if "wi_0" in h else act(h["wi"])
+        return jnp.einsum(out, h, kernels["wo"])
 
 
 def sown_loads(intermediates: dict) -> list[tuple[tuple, Array]]:
-    """``[(module path, loads [..., E])]`` sown under ``LOAD``, in a fixed order (a scanned
-    stack's ``[layers, E]``, an unrolled layer's ``[E]``): the module path is where that layer's
-    ``ROUTER_BIAS`` parameter sits."""
+    """``[(module path, loads [..., E])]`` sown under ``LOAD`` (a scanned stack's ``[layers, E]``,
+    an unrolled layer's ``[E]``): the module path is where that layer's ``ROUTER_BIAS`` sits."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
         keys = tuple(getattr(p, "key", None) for p in path)
         if LOAD in keys:
             out.append((keys[: keys.index(LOAD)], leaf))
-    return sorted(out, key=lambda item: item[0])
+    return out
 
 
-def update_router_bias(cfg: ModelConfig, params: dict, loads: list[tuple[tuple, Array]]) -> dict:
-    """``params`` with each MoE layer's ``ROUTER_BIAS`` moved by ``model.router_bias_update``:
-    up for experts whose load (choices) is below the layer's mean, down above it."""
-    updated = dict(params)
-
-    def set_in(tree: dict, keys: tuple, value):
-        if len(keys) == 1:
-            return dict(tree, **{keys[0]: value})
-        return dict(tree, **{keys[0]: set_in(tree[keys[0]], keys[1:], value)})
-
-    for keys, load in loads:
-        bias = updated
-        for k in keys + (ROUTER_BIAS,):
-            bias = bias[k]
+def update_router_bias(cfg: ModelConfig, params: dict, loads) -> dict:
+    """``params`` with each MoE layer's ``ROUTER_BIAS`` moved by ``model.router_bias_update``
+    (``loads``: ``(module path, loads)`` pairs, as ``sown_loads``): up for experts whose load
+    (choices) is below the layer's mean, down above it."""
+    flat = flax.traverse_util.flatten_dict(params)
+    for path, load in loads:
         step = cfg.router_bias_update * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
-        updated = set_in(updated, keys + (ROUTER_BIAS,), bias + step.astype(bias.dtype))
-    return updated
+        bias = flat[path + (ROUTER_BIAS,)]
+        flat[path + (ROUTER_BIAS,)] = bias + step.astype(bias.dtype)
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def sown_total(intermediates: dict, name: str) -> Array:

@@ -110,9 +110,10 @@ class Block(nn.Module):
             if cache is not None:
                 new_cache["cross"] = cross_kv
         if cfg.num_experts:
-            x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (MoeMlp(cfg, name="mlp")(h, ctx["valid"]), None))
+            mlp = lambda h: MoeMlp(cfg, name="mlp")(h, ctx["valid"])
         else:
-            x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (Mlp(cfg, name="mlp")(h), None))
+            mlp = lambda h: Mlp(cfg, name="mlp")(h)
+        x_BLD, _ = sublayer(x_BLD, "mlp", lambda h: (mlp(h), None))
         return (constrain(x_BLD, BLD), new_cache), None
 
 
