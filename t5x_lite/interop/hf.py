@@ -598,6 +598,33 @@ class Experts:
     expert: str = ""
     names: tuple = ()
     dense: str = ""  # the architecture a model without experts exports as
+    count_key, width_key = "num_experts", "moe_intermediate_size"  # config.json's expert count and width
+    renormalize_key: Optional[str] = "norm_topk_prob"  # None: the top-k weights always renormalised
+    dense_layer_keys = True  # the config can name dense layers among the sparse ones (Qwen's)
+
+    def moe_fields(self, hf: dict) -> dict:
+        """Our mixture-of-experts fields; the load-balancing loss's weight only where the config
+        trains with it (``output_router_logits``)."""
+        if self.dense_layer_keys and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+            raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
+                               f"{hf.get('decoder_sparse_step')}: dense layers among the experts' are not supported")
+        count = hf.get(self.count_key, hf.get("num_local_experts"))  # transformers 5 writes Qwen3-MoE's so
+        if count is None:
+            raise KeyError(self.count_key)
+        aux = float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0
+        return dict(num_experts=count, experts_per_token=hf["num_experts_per_tok"], expert_d_ff=hf[self.width_key],
+                    router_renormalize=bool(hf.get(self.renormalize_key)) if self.renormalize_key else True,
+                    router_aux_loss=aux)
+
+    def moe_config(self, cfg: ModelConfig, base: dict) -> dict:
+        out = {self.count_key: cfg.num_experts, self.width_key: cfg.expert_width,
+               "num_experts_per_tok": cfg.experts_per_token, "output_router_logits": bool(cfg.router_aux_loss),
+               "router_aux_loss_coef": cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001)}
+        if self.renormalize_key:
+            out[self.renormalize_key] = cfg.router_renormalize
+        if self.dense_layer_keys:
+            out.update(decoder_sparse_step=1, mlp_only_layers=[])
+        return out
 
     def extra_problems(self, cfg):
         missing = [] if cfg.num_experts else [f"model.num_experts=0 (its MLPs are experts: set it, or export as "
@@ -614,22 +641,6 @@ class Experts:
         return rows
 
 
-def _moe_fields(hf: dict, experts: str, width: str, renormalize: bool) -> dict:
-    """Our mixture-of-experts fields from a HF MoE config; the load-balancing loss's weight
-    only where the config trains with it (``output_router_logits``)."""
-    count = hf.get(experts, hf.get("num_local_experts"))  # transformers 5 writes Qwen3-MoE's num_experts so
-    if count is None:
-        raise KeyError(experts)
-    return dict(num_experts=count, experts_per_token=hf["num_experts_per_tok"], expert_d_ff=hf[width],
-                router_renormalize=renormalize,
-                router_aux_loss=float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0)
-
-
-def _hf_moe(cfg: ModelConfig, base: dict) -> dict:
-    return dict(num_experts_per_tok=cfg.experts_per_token, output_router_logits=bool(cfg.router_aux_loss),
-                router_aux_loss_coef=cfg.router_aux_loss or base.get("router_aux_loss_coef", 0.001))
-
-
 class Qwen2Moe(Experts, Qwen2):
     """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (biases on q / k / v), every
     MLP a mixture of SwiGLU experts plus a shared expert (``mlp.shared_expert``) gated per token
@@ -641,19 +652,14 @@ class Qwen2Moe(Experts, Qwen2):
     router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "qwen2"
 
     def model_fields(self, hf, names):
-        _refuse_dense_layers(hf)
         if not hf.get("qkv_bias", True):
             raise InteropError("qkv_bias=False is not supported for qwen2_moe (Qwen2's attention has them)")
-        return dict(super().model_fields(hf, names),
-                    **_moe_fields(hf, "num_experts", "moe_intermediate_size", bool(hf.get("norm_topk_prob"))),
+        return dict(super().model_fields(hf, names), **self.moe_fields(hf),
                     shared_expert_d_ff=hf["shared_expert_intermediate_size"], shared_expert_gate=True)
 
     def hf_config(self, cfg, base):
-        out = super().hf_config(cfg, base)
-        return dict(out, architectures=["Qwen2MoeForCausalLM"], num_experts=cfg.num_experts,
-                    moe_intermediate_size=cfg.expert_width, shared_expert_intermediate_size=cfg.shared_expert_d_ff,
-                    norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
-                    **_hf_moe(cfg, base))
+        return dict(super().hf_config(cfg, base), architectures=["Qwen2MoeForCausalLM"], qkv_bias=True,
+                    shared_expert_intermediate_size=cfg.shared_expert_d_ff, **self.moe_config(cfg, base))
 
     def extra_problems(self, cfg):
         return super().extra_problems(cfg) + ([] if cfg.shared_expert_d_ff else [
@@ -718,28 +724,20 @@ class Olmoe(Experts, Llama):
     requires = dict(Llama.requires, use_bias=False, mlp="swiglu", qk_norm=True, qk_norm_scope="all_heads")
     extras = frozenset({"experts"})
     router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "llama"
+    width_key, dense_layer_keys = "intermediate_size", False
 
     def model_fields(self, hf, names):
         fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
-        return dict(fields, **_olmo_fields(hf),
-                    **_moe_fields(hf, "num_experts", "intermediate_size", bool(hf.get("norm_topk_prob"))))
+        return dict(fields, **_olmo_fields(hf), **self.moe_fields(hf))
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
         for key in ("attention_bias", "mlp_bias"):
             out.pop(key)
-        return dict(out, architectures=["OlmoeForCausalLM"], intermediate_size=cfg.expert_width,
-                    num_experts=cfg.num_experts, norm_topk_prob=cfg.router_renormalize, clip_qkv=None,
-                    **_hf_moe(cfg, base))
+        return dict(out, architectures=["OlmoeForCausalLM"], clip_qkv=None, **self.moe_config(cfg, base))
 
     def maps(self, cfg):
         return super().maps(cfg) + _olmo_qk_norms(cfg)
-
-
-def _refuse_dense_layers(hf: dict) -> None:
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        raise InteropError(f"mlp_only_layers={hf.get('mlp_only_layers')} / decoder_sparse_step="
-                           f"{hf.get('decoder_sparse_step')}: dense layers among the experts' are not supported")
 
 
 class Qwen3Moe(Experts, Qwen3):
@@ -753,17 +751,10 @@ class Qwen3Moe(Experts, Qwen3):
     router, expert, names, dense = "mlp.gate", "mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), "qwen3"
 
     def model_fields(self, hf, names):
-        _refuse_dense_layers(hf)
-        return dict(super().model_fields(hf, names),
-                    **_moe_fields(hf, "num_experts", "moe_intermediate_size", bool(hf.get("norm_topk_prob"))))
+        return dict(super().model_fields(hf, names), **self.moe_fields(hf))
 
     def hf_config(self, cfg, base):
-        out = super().hf_config(cfg, base)
-        return dict(out, architectures=["Qwen3MoeForCausalLM"], num_experts=cfg.num_experts,
-                    moe_intermediate_size=cfg.expert_width,
-                    norm_topk_prob=cfg.router_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
-                    **_hf_moe(cfg, base))
-
+        return dict(super().hf_config(cfg, base), architectures=["Qwen3MoeForCausalLM"], **self.moe_config(cfg, base))
 
 
 class Phi3(Llama):
@@ -807,18 +798,17 @@ class Mixtral(Experts, Llama):
     requires = dict(Llama.requires, use_bias=False, mlp="swiglu", router_renormalize=True)
     extras = frozenset({"experts"})
     router, expert, names, dense = "block_sparse_moe.gate", "block_sparse_moe.experts.{e}", ("w1", "w3", "w2"), "llama"
+    count_key, width_key, renormalize_key, dense_layer_keys = "num_local_experts", "intermediate_size", None, False
 
     def model_fields(self, hf, names):
         fields = super().model_fields(dict(hf, attention_bias=False, mlp_bias=False), names)
-        return dict(fields, **_moe_fields(hf, "num_local_experts", "intermediate_size", True))
+        return dict(fields, **self.moe_fields(hf))
 
     def hf_config(self, cfg, base):
         out = super().hf_config(cfg, base)
         for key in ("attention_bias", "mlp_bias"):
             out.pop(key)
-        return dict(out, intermediate_size=cfg.expert_width, num_local_experts=cfg.num_experts,
-                    sliding_window=cfg.sliding_window or None, **_hf_moe(cfg, base))
-
+        return dict(out, sliding_window=cfg.sliding_window or None, **self.moe_config(cfg, base))
 
 
 class Gemma(Llama):
@@ -1177,15 +1167,15 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     params = _import_params(maps, files, ctx, mcfg.scan_layers, jnp.dtype(mcfg.param_dtype))
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     # LoRA's adapters (B = 0) and model.router_bias_update's biases (0): fresh, the imported model's outputs
-    adapters = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES + (ROUTER_BIAS,)}
-    if set(flat) != set(ours_shapes) - adapters:  # the table must cover the model exactly
-        wrong = sorted(set(flat) ^ (set(ours_shapes) - adapters))
+    new = {k for k in ours_shapes if k.rsplit("/", 1)[-1] in lora.LORA_LEAVES + (ROUTER_BIAS,)}
+    if set(flat) != set(ours_shapes) - new:  # the table must cover the model exactly
+        wrong = sorted(set(flat) ^ (set(ours_shapes) - new))
         raise AssertionError(f"{type(arch).__name__} table mismatch: {wrong}")
-    if adapters:  # fresh from train.seed
+    if new:  # fresh from train.seed
         from t5x_lite.models import init_params
 
         fresh = flax.traverse_util.flatten_dict(init_params(cfg, cfg.train.seed), sep="/")
-        flat.update({k: np.asarray(fresh[k]) for k in adapters})
+        flat.update({k: np.asarray(fresh[k]) for k in new})
         params = flax.traverse_util.unflatten_dict(flat, sep="/")
     return cfg, params
 
