@@ -288,6 +288,19 @@ def main() -> int:
         raise SystemExit("--jobs > 1 only with --smoke: measurements that share the machine time each other")
     runs = [(workload, impl, extra) for workload in args.workloads.split(",") for impl, extra in impls]
 
+    done: list[dict] = []
+    machine = machine_info() if args.json else {}
+
+    def save(results: list[dict]) -> float | None:
+        device = next((r.get("device") for r in results if r.get("device") and r["impl"].startswith("ours")), "cpu")
+        peak = peak_tflops(device or "", args.peak_tflops)
+        if args.json:  # after every row too: a run cut short (a device call's time limit) keeps what it measured
+            from t5x_lite.data.shards import write_json
+
+            write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "machine": machine,
+                                   "results": results})
+        return peak
+
     def run(item):
         workload, impl, extra = item
         r = measure(workload, impl, args, extra)
@@ -295,19 +308,15 @@ def main() -> int:
             r["overrides"] = list(extra)
         print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
                                                else "ERROR\n" + r["error"]), flush=True)
+        done.append(r)
+        save(done)
         return r
 
     with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:  # each run is a subprocess
         results = list(pool.map(run, runs))
-    device = next((r.get("device") for r in results if r.get("device") and r["impl"].startswith("ours")), "cpu")
-    peak = peak_tflops(device or "", args.peak_tflops)
+    peak = save(results)  # in the order asked for
     print()
     print(table(results, peak))
-    if args.json:
-        from t5x_lite.data.shards import write_json
-
-        write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak, "machine": machine_info(),
-                               "results": results})
     return 1 if any("error" in r for r in results) else 0
 
 
