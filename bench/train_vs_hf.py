@@ -306,6 +306,8 @@ def main() -> int:
         r = measure(workload, impl, args, extra)
         if extra:
             r["overrides"] = list(extra)
+        if args.set:  # every row's --set (HF's too): a row without it ran the shipped config
+            r["set"] = list(args.set)
         print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r
                                                else "ERROR\n" + r["error"]), flush=True)
         done.append(r)

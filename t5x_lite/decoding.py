@@ -271,7 +271,10 @@ class _Decoder:
         # Separate projections: fusing them (model.fused_qkv / fused_mlp, a training choice)
         # would copy the weights into one matrix again for every generated token (the same numbers).
         # Experts: eval_capacity_factor (dropless by default), not training's capacity.
-        unfused = dataclasses.replace(cfg.model.for_inference(), fused_qkv=False, fused_mlp=False)
+        # The layer scan unrolled as model.decode_scan_unroll says (a GPU decoding step is launch-bound).
+        m = cfg.model.for_inference()
+        unfused = dataclasses.replace(m, fused_qkv=False, fused_mlp=False,
+                                      scan_unroll=m.decode_scan_unroll or m.scan_unroll)
         self.model = build_model(dataclasses.replace(cfg, model=unfused), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,

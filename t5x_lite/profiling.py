@@ -11,6 +11,12 @@ needs: how much of a step the MLP, attention, norms, output layer and optimizer 
 
 Times are summed over the threads or streams that run instructions: where they overlap (a
 collective on its own stream) the sum exceeds the step's wall time.
+
+On a GPU, XLA runs runs of kernels as CUDA graphs ("command buffers"): the trace then shows one
+``command_buffer_N`` event per graph and none of the instructions in it (a 2026-11-23 H100 run
+attributed 100% of llama_1b's step to ``command_buffer_*``, half the step's time seen). ``t5x-lite
+bench --profile`` therefore runs with ``--xla_gpu_enable_command_buffer=`` (off; its timings are
+then those of a step without graphs, said in its output).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import json
 import os
 import re
 from typing import Optional
+
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="  # XLA_FLAGS: every kernel its own event (GPU)
 
 # (category, pattern on "hlo_op op_name"), first match wins.
 CATEGORIES = (
@@ -59,7 +67,8 @@ def trace_file(log_dir: str) -> str:
 
 
 def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
-    """``(event, microseconds)`` of complete events minus the events nested in them, per thread."""
+    """``(event, microseconds)`` of complete events minus the events nested in them, per thread
+    (an event that starts inside another and ends after it counts against it only while inside)."""
     by_thread = collections.defaultdict(list)
     for e in events:
         by_thread[(e.get("pid"), e.get("tid"))].append(e)
@@ -72,11 +81,11 @@ def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
             while stack and stack[-1][1] <= start:
                 out.append((stack[-1][0], stack[-1][2]))
                 stack.pop()
-            if stack:
-                stack[-1][2] -= dur
+            if stack:  # only the part inside the enclosing event: a launch can outlast its caller's event
+                stack[-1][2] -= min(start + dur, stack[-1][1]) - start
             stack.append([e, start + dur, dur])
         out.extend((s[0], s[2]) for s in stack)
-    return out
+    return [(e, max(us, 0)) for e, us in out]  # children that overlap each other: never below zero
 
 
 def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = None) -> dict:

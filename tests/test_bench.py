@@ -139,6 +139,7 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     assert shares["mlp"] > 0.02 and prof["passes"]["backward"] > 0 and prof["passes"]["forward"] > 0
     assert any("/mlp/" in o["op_name"] and o["category"] == "mlp" for o in prof["top_ops"])
     assert "| mlp |" in proc.stderr
+    assert "--xla_gpu_enable_command_buffer=" in proc.stderr  # GPU: CUDA graphs off, so kernels show
     # bad variants: refused before anything compiles (in this process: the CLI prints the error, exit 2)
     from t5x_lite import benchmark, cli
     from t5x_lite.config import ConfigError
@@ -159,6 +160,11 @@ def test_profile_exclusive_times_and_categories():
     other_thread = {"ts": 2, "dur": 4, "pid": 1, "tid": 2, "name": "fusion.9"}
     got = {e["name"]: us for e, us in exclusive_times([loop, *body, other_thread])}
     assert got == {"while.3": 5, "dot.1": 3, "fusion.2": 2, "fusion.9": 4}
+    # an event that starts inside another and ends after it: only its inside part counts against it
+    launch = {"ts": 0, "dur": 4, "pid": 1, "tid": 3, "name": "thunk.1"}
+    kernel = {"ts": 3, "dur": 5, "pid": 1, "tid": 3, "name": "fusion.3"}
+    got = {e["name"]: us for e, us in exclusive_times([launch, kernel])}
+    assert got == {"thunk.1": 3, "fusion.3": 5}
     text = ('  %fusion.2 = bf16[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/'
             'transpose(jvp(DecoderModel))/decoder/stack/layers/mlp/wo/dot_general" stack_frame_id=3}\n'
             '  ROOT %all-reduce.1 = f32[8]{0} all-reduce(%x), metadata={op_name="jit(train_step)/add"}')
@@ -180,26 +186,30 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
 
-    def row(impl, step_s, first=10.0, workload="llama"):
-        return {"workload": workload, "impl": impl, "tokens_per_step": 16384, "step_s": step_s,
-                "flops_per_step": 1e14, "first_step_s": first}
+    def row(impl, step_s, first=10.0, workload="llama", tokens=16384, **extra):
+        return {"workload": workload, "impl": impl, "tokens_per_step": tokens, "step_s": step_s,
+                "flops_per_step": 1e14 * tokens / 16384, "first_step_s": first, **extra}
 
     (tmp_path / "llama.json").write_text(json.dumps({"date": "d", "machine": {"gpu": "H100"}, "peak_tflops": 989,
                                                      "results": [row("ours", 0.2, first=25.0), row("hf_compile", 0.22),
                                                                  {"workload": "llama", "impl": "hf", "error": "oom"}]}))
-    (tmp_path / "llama_more.json").write_text(json.dumps({"results": [row("ours:b16", 0.15, first=40.0)]}))
+    (tmp_path / "llama_more.json").write_text(json.dumps({"results": [
+        row("ours", 0.19, first=5.0, set=["model.max_segments=1"]),  # not the shipped config: not its first step
+        row("ours:m1", 0.15, first=40.0, overrides=["model.max_segments=1"]),
+        row("ours:b16", 0.25, tokens=32768, overrides=["train.batch_size=16"])]}))  # faster, other work: not compared
     (tmp_path / "decode.json").write_text(json.dumps([
         {"batch": 1, "tokens_per_s": 700.0, "decode_tokens_per_s": 750.0, "ms_per_step": 1.3, "variant": "default"},
         {"batch": 32, "tokens_per_s": 9000.0, "decode_tokens_per_s": 9500.0, "ms_per_step": 3.4, "variant": "default"}]))
     by_workload, decode, meta = report.load(str(tmp_path))
     got = {t["target"]: (round(t["value"], 3), t["met"]) if "value" in t else None
            for t in report.targets(by_workload, decode)}
-    assert got == {"llama train >= 1.35x hf_compile": (round(0.22 / 0.15, 3), True),  # ours:b16, the best
+    assert got == {"llama train >= 1.35x hf_compile": (round(0.22 / 0.15, 3), True),  # ours:m1, the best of the same work
                    "t5 train >= 2.0x hf_compile": None, "bert train >= 1.5x hf": None,
                    "llama_1b first step <= 30 s": (25.0, True),  # the shipped config's row
                    "decode batch 1 >= 600 tok/s": (700.0, True), "decode batch 32 >= 10,000 tok/s": (9000.0, False)}
     text = report.markdown(by_workload, decode, meta)
-    assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:b16: 1e14 / 0.15 s / 989e12
+    assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:m1: 1e14 / 0.15 s / 989e12
+    assert "| 131,072 | 250.0 | 80.9% |" in text and "train.batch_size=16 (other work a step: not compared) |" in text
 
 
 def test_moe_workload_is_the_same_model_as_transformers_mixtral():

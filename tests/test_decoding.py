@@ -145,9 +145,12 @@ def test_greedy_equals_naive_full_model_loop(dec, single, stop):
     for i, t in enumerate(new):
         expect[i, :len(t)] = t
     np.testing.assert_array_equal(out, expect)
-    # the layer scan unrolled (model.scan_unroll, a decode speed knob): the same tokens
-    unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_unroll=cfg.model.num_layers))
+    # the layer scan unrolled when decoding (model.decode_scan_unroll, a GPU decode speed knob): the same tokens
+    unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_scan_unroll=cfg.model.num_layers))
     np.testing.assert_array_equal(generate(unrolled, params, PROMPTS, max_new_tokens=K, eos_id=eos, mesh=single), expect)
+    from t5x_lite.decoding import _Decoder
+
+    assert _Decoder(unrolled, single, len(PROMPTS)).model.cfg.scan_unroll == cfg.model.num_layers  # it took effect
 
 
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
