@@ -78,7 +78,7 @@ def measure(cfg, params, batch: int, prompt_len: int, new_tokens: int, repeats: 
         "decode_tokens_per_s": round(batch * (new_tokens - 1) / max(t_k - t_1, 1e-9), 1),
         "ms_per_step": round(1000 * (t_k - t_1) / (new_tokens - 1), 3),
         "prefill_s": round(t_1, 4),
-        "compile_s": round((first_k - t_k) + (first_1 - t_1), 2),
+        "compile_s": round(max((first_k - t_k) + (first_1 - t_1), 0.0), 2),  # already compiled: noise, not < 0
     }
 
 

@@ -4,7 +4,8 @@
     python bench/gpu_report.py runs/gpu_session --json runs/gpu_session/report.json
 
 Reads whichever of ``llama.json``, ``llama_more.json``, ``t5.json``, ``bert.json``, ``moe.json`` (from
-``bench/train_vs_hf.py``) and ``decode.json`` (from ``bench/decode.py``) are there. For each
+``bench/train_vs_hf.py``; then any other file of its rows there) and ``decode.json`` (from
+``bench/decode.py``) are there. For each
 training workload the best row of ours (any variant) is set against the Hugging Face baseline
 *of the same run* (llama and t5: ``torch.compile``; bert: eager), tokens/s over tokens/s; the
 first llama_1b step of the shipped config (init and compile included) against 30 s; decoding at
@@ -24,6 +25,7 @@ import sys
 TRAIN_TARGETS = {"llama": ("hf_compile", 1.35), "t5": ("hf_compile", 2.0), "bert": ("hf", 1.5)}
 FIRST_STEP_S = 30.0
 DECODE_TARGETS = {1: 600.0, 32: 10_000.0}
+DECODE_CONFIG = "llama_1b.yaml"  # the targets' model (decode_moe.json's rows are listed, not compared)
 TRAIN_FILES = ("llama.json", "llama_more.json", "t5.json", "bert.json", "moe.json")  # moe: a table, no target
 
 
@@ -47,22 +49,25 @@ def load(directory: str) -> tuple[dict, list, dict]:
     """``(rows by workload, decode rows, first machine / date / peak seen)``."""
     by_workload: dict[str, list] = {}
     meta: dict = {}
-    for name in TRAIN_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
+    names = [n for n in TRAIN_FILES if os.path.exists(os.path.join(directory, n))]
+    names += sorted(n for n in os.listdir(directory) if n.endswith(".json") and n not in names)
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
             data = json.load(f)
+        if not isinstance(data, dict) or not all("impl" in r for r in data.get("results") or [{}]):
+            continue  # not bench/train_vs_hf.py's (decode.json, t5x-lite bench's rows, a report)
         for key in ("date", "machine", "peak_tflops"):
             meta.setdefault(key, data.get(key))
         for row in data.get("results", []):
             if "error" not in row:
                 by_workload.setdefault(row["workload"], []).append(dict(row, file=name))
-    decode = []
-    path = os.path.join(directory, "decode.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            decode = json.load(f)
+    decode = []  # decode.json, then decode_NAME.json (another run of bench/decode.py: its rows tagged NAME)
+    for name in sorted(n for n in os.listdir(directory) if n.startswith("decode") and n.endswith(".json")):
+        tag = name[len("decode"):-len(".json")].strip("_")
+        with open(os.path.join(directory, name)) as f:
+            rows = json.load(f)
+        decode += [dict(r, variant=f"{tag}:{r.get('variant', 'default')}" if tag else r.get("variant", "default"))
+                   for r in rows]
     return by_workload, decode, meta
 
 
@@ -77,7 +82,8 @@ def targets(by_workload: dict, decode: list) -> list[dict]:
         if ours and hf:
             best = max(ours, key=tokens_per_s)
             ratio = tokens_per_s(best) / tokens_per_s(hf)
-            entry.update(measured=f"{tokens_per_s(best):,.0f} tok/s ({best['impl']}) vs {tokens_per_s(hf):,.0f}",
+            label = ", ".join([best["impl"]] + changes(best))
+            entry.update(measured=f"{tokens_per_s(best):,.0f} tok/s ({label}) vs {tokens_per_s(hf):,.0f}",
                          value=ratio, met=ratio >= goal)
         out.append(entry)
     shipped = next((r for r in by_workload.get("llama", []) if r["impl"] == "ours" and not changes(r)), None)
@@ -87,7 +93,7 @@ def targets(by_workload: dict, decode: list) -> list[dict]:
                      met=shipped["first_step_s"] <= FIRST_STEP_S)
     out.append(entry)
     for batch, goal in DECODE_TARGETS.items():
-        rows = [r for r in decode if r.get("batch") == batch]
+        rows = [r for r in decode if r.get("batch") == batch and r.get("config", DECODE_CONFIG) == DECODE_CONFIG]
         entry = {"target": f"decode batch {batch} >= {goal:,.0f} tok/s", "goal": goal}
         if rows:
             best = max(rows, key=lambda r: r["tokens_per_s"])
@@ -123,12 +129,14 @@ def markdown(by_workload: dict, decode: list, meta: dict) -> str:
                          f"{first} | {mem} | {note.strip()} |")
     if decode:
         first = decode[0]
-        lines += ["", f"**decode** ({first.get('config', '?')}, {first.get('prompt_len', '?')} + "
-                      f"{first.get('new_tokens', '?')} tokens)", "",
-                  "| variant | batch | tokens/s end to end | decode tokens/s | ms / step |", "|---|---|---|---|---|"]
+        lines += ["", f"**decode** ({first.get('prompt_len', '?')} + {first.get('new_tokens', '?')} tokens)", "",
+                  "| config | variant | batch | tokens/s end to end | decode tokens/s | ms / step | compile s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in decode:
-            lines.append(f"| {r.get('variant', 'default')} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['decode_tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} |")
+            compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else ""
+            lines.append(f"| {r.get('config', '?')} | {r.get('variant', 'default')} | {r['batch']} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
+                         f"{compile_s} |")
     return "\n".join(lines)
 
 

@@ -2,19 +2,22 @@
 # Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
 # device call, every result written under $OUT (default runs/gpu_session):
 #
-#   bash bench/gpu_session.sh llama       # llama_1b: ours, mask, packed1, fused vs HF eager / compiled (~7 min)
-#                                         # ours = attention auto, max_segments 64: cuDNN packed layout;
-#                                         # mask = max_segments 0 (the mask as a dense bias), packed1 = M 1,
-#                                         # fused = q/k/v and gate/up projections as one matmul each
-#   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~2 min)
-#   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~4 min)
-#   bash bench/gpu_session.sh llama_more  # llama_1b: remat dots / full, batch 16, cuBLAS, full logits, autotune 1 (~7 min)
-#   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~6 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled  (~3 min)
+#   bash bench/gpu_session.sh llama       # llama_1b: ours, packed1, m16, b16 vs HF eager / compiled (~4 min)
+#                                         # ours = attention auto, max_segments 32: cuDNN packed layout;
+#                                         # packed1 = M 1 (the bench's rows hold one document), m16 = M 16,
+#                                         # b16 = batch 16 (other work a step: listed, not compared)
+#   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~1 min)
+#   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~2 min)
+#                                         # (XLA's command buffers off while profiling: every kernel seen)
+#   bash bench/gpu_session.sh llama_more  # llama_1b: remat full, full logits, autotune 1, graphs of while loops (~3 min)
+#   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled, graphs (~5 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
-# In that order of value when device time is short.
+# In that order of value when device time is short. The first GPU session (H100, 2026-11-23:
+# docs/gpu_runs/2026-11-23-h100) ran llama, decode, t5_bert, attention and a broken profile (graphs
+# hid the kernels); the times above are what it took, model compile included.
 #
 # SMOKE=1 runs the same parts at CPU sizes (what tests/test_bench.py covers piece by piece).
 # On the device machine: `pip install --no-deps -e .` (or PYTHONPATH=.) first; the script sets
@@ -54,27 +57,24 @@ case $part in
       --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" || failed=1 ;;
   llama)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
-      --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
-      --variant fused:model.fused_qkv=true,model.fused_mlp=true \
+      --variant m16:model.max_segments=16 \
+      --variant b16:train.batch_size=16 \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
   llama_more)  # ours only: its "ours" row ties these to the llama part's HF rows
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
-      --variant remat_dots:model.remat=dots \
       --variant remat_full:model.remat=full \
-      --variant b16:train.batch_size=16 \
-      --variant cublas:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
       --variant nochunk:train.loss_chunk=0 \
       --variant autotune1:XLA_FLAGS=--xla_gpu_autotune_level=1 \
+      --variant graphs:XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
       --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" || failed=1 ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
-      --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
+      --variant packed32:model.max_segments=32 \
       --variant fused:model.fused_qkv=true,model.fused_mlp=true \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert "${STEPS[@]}" \
-      --variant mask:model.max_segments=0 \
       --variant packed1:model.max_segments=1 \
       --variant rbg:train.dropout_rng=rbg \
       --variant fused_qkv:model.fused_qkv=true \
@@ -85,8 +85,12 @@ case $part in
         "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt" || failed=1
     done ;;
   decode)
-    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.scan_unroll=16 --variant xla:model.attention=xla \
-      --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
+    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.decode_scan_unroll=16 --variant xla:model.attention=xla \
+      --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1
+    # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \
+      "${SMOKE_FLAG[@]}" --variant unroll:model.decode_scan_unroll=16 \
+      --json "$OUT/decode_graphs.json" | tee "$OUT/decode_graphs.txt" || failed=1 ;;
   moe)  # beyond issue 8's targets: a mixture of experts against transformers' Mixtral (dropless)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads moe "${STEPS[@]}" \
       --variant dropless:model.expert_capacity_factor=0 \

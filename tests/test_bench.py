@@ -200,6 +200,9 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
     (tmp_path / "decode.json").write_text(json.dumps([
         {"batch": 1, "tokens_per_s": 700.0, "decode_tokens_per_s": 750.0, "ms_per_step": 1.3, "variant": "default"},
         {"batch": 32, "tokens_per_s": 9000.0, "decode_tokens_per_s": 9500.0, "ms_per_step": 3.4, "variant": "default"}]))
+    (tmp_path / "decode_moe.json").write_text(json.dumps([  # another model: listed, not compared
+        {"batch": 32, "tokens_per_s": 20000.0, "decode_tokens_per_s": 21000.0, "ms_per_step": 1.5,
+         "config": "moe_1b.yaml"}]))
     by_workload, decode, meta = report.load(str(tmp_path))
     got = {t["target"]: (round(t["value"], 3), t["met"]) if "value" in t else None
            for t in report.targets(by_workload, decode)}
@@ -209,6 +212,7 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
                    "decode batch 1 >= 600 tok/s": (700.0, True), "decode batch 32 >= 10,000 tok/s": (9000.0, False)}
     text = report.markdown(by_workload, decode, meta)
     assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:m1: 1e14 / 0.15 s / 989e12
+    assert "| moe_1b.yaml | moe:default | 32 | 20,000 |" in text
     assert "| 131,072 | 250.0 | 80.9% |" in text and "train.batch_size=16 (other work a step: not compared) |" in text
 
 
