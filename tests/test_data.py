@@ -920,3 +920,46 @@ def test_a_dead_worker_leaves_the_loop_making_batches(tmp_path, docs, tokenizer)
 def test_data_workers_must_not_be_negative():
     with pytest.raises(ConfigError, match="data.workers"):
         make_cfg(workers=-1)
+
+
+@pytest.mark.parametrize("family,objective,packing", [("decoder", "causal", "greedy"), ("decoder", "causal", "best_fit"),
+                                                      ("decoder", "causal", "concat"),
+                                                      ("encoder_decoder", "span", "greedy")])
+def test_segments_hint_names_a_cap_that_packs_the_same_rows(family, objective, packing, docs, tokenizer):
+    """Documents per row as the packer made them; a max_segments far above the most a row holds is
+    named in the log with a smaller cap (cuDNN's cost grows with it): next fit and concat, the rows' most, which
+    serves exactly the same rows; best_fit, the smallest from there, doubling, that packs as tight."""
+    from t5x_lite.data.pipeline import segments_hint
+
+    def build(cap):
+        cfg = make_cfg(family, objective, seq_len=128, batch_size=1, packing=packing)
+        cfg.model.max_segments, cfg.model.attention = cap, "auto"
+        return cfg, Batches(cfg, docs, tokenizer)
+
+    cfg, loose = build(64)
+    key = "encoder_segment_ids" if objective == "span" else "segment_ids"
+    per_row = loose.documents_per_row
+    assert len(per_row) == loose.rows_per_epoch and per_row.min() >= 1
+    cfg.train.batch_size = loose.rows_per_epoch
+    served = Batches(cfg, docs, tokenizer).batches(0)
+    np.testing.assert_array_equal(np.sort(served[key].max(axis=1)), np.sort(per_row))  # what the rows hold (served shuffled)
+    most = int(per_row.max())
+    assert 1 < most <= 32
+    hint = segments_hint(cfg, loose, None)
+    assert hint and f"no row holds more than {most} documents (model.max_segments=64)" in hint
+    if packing == "best_fit":  # ordered for its cap: the smallest cap, doubling, that packs within 0.5 points
+        suggested = int(hint.split("max_segments=")[2].split()[0])
+        assert most <= suggested <= 32 and f"{loose.fill_at(suggested):.1%} full (now {loose.packing_efficiency:.1%})" in hint
+        _, tight = build(suggested)
+        assert tight.packing_efficiency >= loose.packing_efficiency - 0.005
+        assert suggested == most or build(suggested // 2)[1].packing_efficiency < loose.packing_efficiency - 0.005
+        return
+    cfg2, tight = build(most)
+    cfg2.train.batch_size = tight.rows_per_epoch
+    again = Batches(cfg2, docs, tokenizer).batches(0)
+    for k in served:  # the same rows, token for token
+        np.testing.assert_array_equal(again[k], served[k], err_msg=k)
+    assert "packs the same rows" in hint
+    assert segments_hint(cfg2, tight, None) is None  # a cap the rows reach: nothing to say
+    cfg.model.attention = "xla"
+    assert segments_hint(cfg, loose, None) is None  # no cuDNN: the cap costs nothing

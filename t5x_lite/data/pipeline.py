@@ -473,16 +473,32 @@ class Batches:
         else:
             packing = ((self._raw_len, (self.seq_len, self.target_len), self._span_sizes) if self.objective == "span"
                        else (self.seq_len, (self.seq_len,), None))
-            self._row_starts, self.packing_efficiency = pack_rows(lengths, *packing, max_pieces=cap)
-            if self._cfg.packing == "best_fit":  # serve the documents in an order that next fit packs tight
-                order = best_fit_order(lengths, *packing, max_pieces=cap)
-                row_starts, fill = pack_rows(lengths[order], *packing, max_pieces=cap)
-                # (with many tiny documents and a binding max_segments, storage order can pack tighter)
-                if fill > self.packing_efficiency:
-                    self._doc_ids, lengths = self._doc_ids[order], lengths[order]
-                    self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
-                    self._row_starts, self.packing_efficiency = row_starts, fill
+            self._packing = (lengths, packing)
+            order, self._row_starts, self.packing_efficiency = self._pack(cap)
+            if order is not None:  # best_fit: serve the documents in an order that next fit packs tight
+                self._doc_ids, lengths = self._doc_ids[order], lengths[order]
+                self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
         self.rows_per_epoch = len(self._row_starts) - 1
+        # documents (pieces) of each row: those starting inside it, plus one (a row opens on a piece)
+        self.documents_per_row = (np.searchsorted(self._seq_start[:-1], self._row_starts[1:], side="left")
+                                  - np.searchsorted(self._seq_start[:-1], self._row_starts[:-1], side="right") + 1)
+
+    def _pack(self, cap: int):
+        """``(order or None, row_starts, fill)`` of the documents as read, at most ``cap`` a row:
+        next fit in storage order, or (best_fit) in the best-fit order when that packs tighter
+        (with many tiny documents and a binding cap, storage order can)."""
+        lengths, packing = self._packing
+        row_starts, fill = pack_rows(lengths, *packing, max_pieces=cap)
+        if self._cfg.packing == "best_fit":
+            order = best_fit_order(lengths, *packing, max_pieces=cap)
+            tight_starts, tight = pack_rows(lengths[order], *packing, max_pieces=cap)
+            if tight > fill:
+                return order, tight_starts, tight
+        return None, row_starts, fill
+
+    def fill_at(self, cap: int) -> float:
+        """The packing efficiency these documents would have at ``model.max_segments=cap``."""
+        return self._pack(cap)[2]
 
     def _init_pairs(self, cfg, pair_ids, doc_lengths: np.ndarray) -> None:
         """Supervised pairs: what of each is kept, and rows of whole pairs (next fit, or the best-fit
@@ -516,6 +532,7 @@ class Batches:
         self._row_first = np.append(first, len(pairs))
         self.num_documents, self.num_tokens = len(pairs), int(sizes.sum())
         self.rows_per_epoch = len(first)
+        self.documents_per_row = np.diff(self._row_first)
         self.packing_efficiency = float(sizes[:, 0].sum() / (len(first) * caps[0]))
 
     def _pairs_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -833,6 +850,35 @@ def _prepared_pair_groups(manifest: dict, pairs: bool, path: str, log: Callable)
     return np.concatenate(groups) if groups else np.zeros(0, np.int64)
 
 
+def segments_hint(cfg, *splits) -> Optional[str]:
+    """A line for the log when ``model.max_segments`` is well above what the packed rows hold:
+    cuDNN's packed attention costs more the larger it is (H100, llama_1b: +10% a step at 64 against
+    1), and a cap that never bound can come down to the rows' most (next fit and concat: without
+    changing one row; best_fit orders the documents for the cap it is given, as tight or nearly)."""
+    cap = cfg.model.max_segments
+    if cap <= 1 or cfg.model.attention not in ("auto", "cudnn_packed"):
+        return None
+    splits = [b for b in splits if b is not None and b.rows_per_epoch]
+    most = max(int(b.documents_per_row.max()) for b in splits)
+    if most > cap // 2:
+        return None
+    if cfg.data.packing != "best_fit":  # next fit closes a row on the cap or on the next document: same rows
+        return (f"data: no row holds more than {most} documents (model.max_segments={cap}): max_segments={most} "
+                "packs the same rows, and cuDNN's packed attention (GPU) takes longer the larger it is")
+    if cfg.data.objective == "supervised":
+        return None
+    # best_fit orders the documents for its cap: the smallest cap from the rows' most up, doubling,
+    # that packs the training rows within half a point of this one
+    fill, smaller = splits[0].packing_efficiency, most
+    while smaller <= cap // 2 and splits[0].fill_at(smaller) < fill - 0.005:
+        smaller *= 2
+    if smaller > cap // 2:
+        return None
+    return (f"data: no row holds more than {most} documents (model.max_segments={cap}); max_segments={smaller} "
+            f"packs the training rows {splits[0].fill_at(smaller):.1%} full (now {fill:.1%}), and cuDNN's packed "
+            "attention (GPU) takes longer the larger it is")
+
+
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     """Corpus -> (tokenizer, train Batches, eval Batches or None).
 
@@ -869,6 +915,9 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     log(f"data: {len(train_idx)} train / {len(eval_idx)} eval {unit}; {train.rows_per_epoch} train rows of "
         f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
         f"indexed in {time.perf_counter() - t0:.2f}s")
+    hint = segments_hint(cfg, train, evaluation)
+    if hint:
+        log(hint)
     cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
     if cut:
         log(f"data: {cut} of {n} pairs are longer than a row and were cut (decoder: the target's end, then the "
