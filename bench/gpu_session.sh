@@ -37,6 +37,25 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 fi
 STEPS=(--steps "${STEPS:-10}" --warmup "${WARMUP:-3}")
 
+# Several parts in one call: `bash bench/gpu_session.sh profile llama decode`, each in its own run of
+# this script; DEADLINE_S=570 gives them that many seconds in all (a part is cut at the deadline and
+# the next ones skipped when under 45 s are left), and BUNDLE=FILE.tgz packs $OUT's results (not the
+# profile traces) into one file at the end, for a device call that brings back few files.
+if [[ -z ${GPU_SESSION_PART:-} ]] && { (( $# > 1 )) || [[ -n ${DEADLINE_S:-} || -n ${BUNDLE:-} ]]; }; then
+  start=$SECONDS
+  for part in "$@"; do
+    left=$(( ${DEADLINE_S:-100000} - (SECONDS - start) - 10 ))
+    if (( left < 45 )); then echo "gpu_session: $part skipped (${left}s left)" >&2; failed=1; continue; fi
+    echo "gpu_session: $part ($(date -u +%T), ${left}s left)" >&2
+    GPU_SESSION_PART=1 timeout -k 5 "$left" bash "$0" "$part" 2>&1 | tee "$OUT/$part.log" || failed=1
+  done
+  if [[ -n ${BUNDLE:-} ]]; then
+    tar czf "$BUNDLE" --exclude='profile_*/*' -C "$(dirname "$OUT")" "$(basename "$OUT")" || failed=1
+    echo "gpu_session: results bundled in $BUNDLE" >&2
+  fi
+  exit $failed
+fi
+
 part=${1:-}
 case $part in
   attention)
@@ -105,7 +124,8 @@ case $part in
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 llama|attention|profile|llama_more|t5_bert|decode|moe|report   (env: OUT, SMOKE=1, STEPS, WARMUP)" >&2
+    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|t5_bert|decode|moe|report" >&2
+    echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac
 echo "gpu_session: $part done; results in $OUT$( ((failed)) && echo ' (a command failed: see its output above)')" >&2

@@ -102,6 +102,27 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4
 
 
+def test_gpu_session_runs_several_parts_in_one_call_within_a_deadline(tmp_path):
+    """Several parts, each its own run of the script under what is left of DEADLINE_S, and their
+    results bundled in one file (a device call brings back few files)."""
+    import tarfile
+
+    out = tmp_path / "session"
+    out.mkdir()
+    (out / "decode.json").write_text(json.dumps([{"batch": 1, "tokens_per_s": 700.0, "decode_tokens_per_s": 750.0,
+                                                  "ms_per_step": 1.3}]))
+    run = lambda deadline, *parts: subprocess.run(  # noqa: E731
+        ["bash", "bench/gpu_session.sh", *parts], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=_env(OUT=str(out), DEADLINE_S=str(deadline), BUNDLE=str(tmp_path / "b.tgz")))
+    proc = run(600, "report", "report")
+    assert proc.returncode == 0 and proc.stderr.count("gpu_session: report (") == 2, proc.stderr[-3000:]
+    with tarfile.open(tmp_path / "b.tgz") as bundle:
+        assert {"session/decode.json", "session/report.md", "session/report.log"} <= set(bundle.getnames())
+    assert "decode batch 1 >= 600 tok/s | 700 tok/s" in (out / "report.md").read_text()
+    proc = run(50, "report")  # 50 - 10 s of margin < 45: skipped, and said
+    assert proc.returncode == 1 and "gpu_session: report skipped" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
