@@ -105,6 +105,7 @@ case $part in
     done ;;
   decode)
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.decode_scan_unroll=16 --variant xla:model.attention=xla \
+      --variant fused_unroll:model.decode_scan_unroll=16,model.fused_qkv=true,model.fused_mlp=true \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1
     # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \

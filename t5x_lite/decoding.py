@@ -268,13 +268,17 @@ class _Decoder:
 
     def __init__(self, cfg: Config, mesh: Mesh, rows: int):
         self.cfg, self.mesh, self.rows = cfg, mesh, rows
-        # Separate projections: fusing them (model.fused_qkv / fused_mlp, a training choice)
-        # would copy the weights into one matrix again for every generated token (the same numbers).
-        # Experts: eval_capacity_factor (dropless by default), not training's capacity.
         # The layer scan unrolled as model.decode_scan_unroll says (a GPU decoding step is launch-bound).
+        # Fused projections (model.fused_qkv / fused_mlp) only where the layers are straight code: there
+        # XLA hoists the weights' concatenation out of the token loop (once per call, an extra copy of
+        # those weights meanwhile) and each layer runs 2 and 1 GEMMs instead of 3 and 2; under the
+        # layer scan it would copy them again for every token. The same numbers either way.
+        # Experts: eval_capacity_factor (dropless by default), not training's capacity.
         m = cfg.model.for_inference()
-        unfused = dataclasses.replace(m, fused_qkv=False, fused_mlp=False,
-                                      scan_unroll=m.decode_scan_unroll or m.scan_unroll)
+        unroll = m.decode_scan_unroll or m.scan_unroll
+        straight = not m.scan_layers or unroll >= max(m.num_layers, m.decoder_layers)
+        unfused = dataclasses.replace(m, fused_qkv=m.fused_qkv and straight, fused_mlp=m.fused_mlp and straight,
+                                      scan_unroll=unroll)
         self.model = build_model(dataclasses.replace(cfg, model=unfused), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,
