@@ -109,6 +109,9 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
                 jax.block_until_ready(metrics)
             try:
                 profile = profiling.summarize(profile_dir, compiled.as_text(), PROFILE_STEPS)
+                # what the trace's instructions account for of the timed step (far under 1: events
+                # missing from the trace, e.g. kernels inside CUDA graphs; over 1: overlapping streams)
+                profile["step_ms"] = 1000 * step_s
             except (ValueError, FileNotFoundError) as e:  # the trace stays in profile_dir to read by hand
                 profile = {"error": str(e)}
     device = jax.devices()[0]

@@ -88,13 +88,24 @@ def exclusive_times(events: list[dict]) -> list[tuple[dict, float]]:
     return [(e, max(us, 0)) for e, us in out]  # children that overlap each other: never below zero
 
 
+def device_events(ops: list[dict], events: list[dict]) -> list[dict]:
+    """The instruction events of the accelerators' processes when the trace has any (a GPU trace
+    also has the host threads' events of launching each one: counting both would count an
+    instruction twice, once at launch cost); else all of them (CPU: the host threads run them)."""
+    names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name.upper()}
+    on_device = [e for e in ops if e.get("pid") in devices]
+    return on_device or ops
+
+
 def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = None) -> dict:
     """Per-step time by category and the costliest instructions of ``steps`` traced steps.
 
     ``module``: the ``hlo_module`` to keep (default: the one with the most time)."""
     events = json.load(gzip.open(trace_file(log_dir)))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    ops = device_events([e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})], events)
     if not ops:
         raise ValueError(f"the trace in {log_dir} has no events with an hlo_op: nothing to attribute")
     timed = exclusive_times(ops)
@@ -124,8 +135,9 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
 
 
 def format_summary(s: dict) -> str:
+    seen = f", {s['busy_ms_per_step'] / s['step_ms']:.0%} of the timed {s['step_ms']:.2f} ms" if s.get("step_ms") else ""
     lines = [f"{s['module']}: {s['busy_ms_per_step']:.2f} ms of instructions per step "
-             f"(summed over threads / streams; {s['steps']} steps traced); "
+             f"(summed over threads / streams{seen}; {s['steps']} steps traced); "
              + ", ".join(f"{p} {ms:.2f} ms" for p, ms in s["passes"].items()),
              "| where | ms / step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms']:.2f} | {100 * c['share']:.1f}% |" for c in s["categories"]]

@@ -159,7 +159,7 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     # (a share of measured time: under a loaded machine, as with two test workers, it moves; 8.8% was seen)
     assert shares["mlp"] > 0.02 and prof["passes"]["backward"] > 0 and prof["passes"]["forward"] > 0
     assert any("/mlp/" in o["op_name"] and o["category"] == "mlp" for o in prof["top_ops"])
-    assert "| mlp |" in proc.stderr
+    assert "| mlp |" in proc.stderr and "% of the timed" in proc.stderr and prof["step_ms"] > 0
     assert "--xla_gpu_enable_command_buffer=" in proc.stderr  # GPU: CUDA graphs off, so kernels show
     # bad variants: refused before anything compiles (in this process: the CLI prints the error, exit 2)
     from t5x_lite import benchmark, cli
@@ -181,6 +181,15 @@ def test_profile_exclusive_times_and_categories():
     other_thread = {"ts": 2, "dur": 4, "pid": 1, "tid": 2, "name": "fusion.9"}
     got = {e["name"]: us for e, us in exclusive_times([loop, *body, other_thread])}
     assert got == {"while.3": 5, "dot.1": 3, "fusion.2": 2, "fusion.9": 4}
+    # a GPU trace: instruction events on the device's process count, not the host's launches of them
+    from t5x_lite.profiling import device_events
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    launch_ev = {"ph": "X", "ts": 0, "dur": 1, "pid": 1, "tid": 1, "args": {"hlo_op": "fusion.1"}}
+    kernel_ev = {"ph": "X", "ts": 1, "dur": 9, "pid": 7, "tid": 2, "args": {"hlo_op": "fusion.1"}}
+    assert device_events([launch_ev, kernel_ev], meta + [launch_ev, kernel_ev]) == [kernel_ev]
+    assert device_events([launch_ev], meta[:1] + [launch_ev]) == [launch_ev]  # CPU: the host runs them
     # an event that starts inside another and ends after it: only its inside part counts against it
     launch = {"ts": 0, "dur": 4, "pid": 1, "tid": 3, "name": "thunk.1"}
     kernel = {"ts": 3, "dur": 5, "pid": 1, "tid": 3, "name": "fusion.3"}
