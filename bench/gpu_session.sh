@@ -11,7 +11,7 @@
 #                                         # (XLA's command buffers off while profiling: every kernel seen)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat full, full logits, autotune 1, graphs of while loops (~3 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32, layers unrolled, graphs (~5 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs (~5 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
@@ -104,12 +104,13 @@ case $part in
         "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt" || failed=1
     done ;;
   decode)
-    python bench/decode.py "${SMOKE_FLAG[@]}" --variant unroll:model.decode_scan_unroll=16 --variant xla:model.attention=xla \
-      --variant fused_unroll:model.decode_scan_unroll=16,model.fused_qkv=true,model.fused_mlp=true \
+    # llama_1b decodes its 16 layers unrolled (model.decode_scan_unroll: 16); scan = the layer scan kept
+    python bench/decode.py "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 --variant xla:model.attention=xla \
+      --variant fused:model.fused_qkv=true,model.fused_mlp=true \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1
     # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \
-      "${SMOKE_FLAG[@]}" --variant unroll:model.decode_scan_unroll=16 \
+      "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 \
       --json "$OUT/decode_graphs.json" | tee "$OUT/decode_graphs.txt" || failed=1 ;;
   moe)  # beyond issue 8's targets: a mixture of experts against transformers' Mixtral (dropless)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads moe "${STEPS[@]}" \
