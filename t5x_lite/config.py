@@ -620,8 +620,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 # How the model computes, not what it is: a run may continue with other values of these.
 COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll", "model.decode_scan_unroll",
-                          "model.fused_qkv",
-                          "model.fused_mlp", "data.workers"})
+                          "model.fused_qkv", "model.fused_mlp", "data.workers"})
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -277,9 +277,9 @@ class _Decoder:
         m = cfg.model.for_inference()
         unroll = m.decode_scan_unroll or m.scan_unroll
         straight = not m.scan_layers or unroll >= max(m.num_layers, m.decoder_layers)
-        unfused = dataclasses.replace(m, fused_qkv=m.fused_qkv and straight, fused_mlp=m.fused_mlp and straight,
-                                      scan_unroll=unroll)
-        self.model = build_model(dataclasses.replace(cfg, model=unfused), deterministic=True)
+        decoding = dataclasses.replace(m, fused_qkv=m.fused_qkv and straight, fused_mlp=m.fused_mlp and straight,
+                                       scan_unroll=unroll)
+        self.model = build_model(dataclasses.replace(cfg, model=decoding), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,
             partitioning.logical_rules(cfg, mesh)).spec[0]

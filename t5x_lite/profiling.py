@@ -12,7 +12,7 @@ needs: how much of a step the MLP, attention, norms, output layer and optimizer 
 Times are summed over the threads or streams that run instructions: where they overlap (a
 collective on its own stream) the sum exceeds the step's wall time.
 
-On a GPU, XLA runs runs of kernels as CUDA graphs ("command buffers"): the trace then shows one
+On a GPU, XLA launches sequences of kernels as CUDA graphs ("command buffers"): the trace then shows one
 ``command_buffer_N`` event per graph and none of the instructions in it (a 2026-11-23 H100 run
 attributed 100% of llama_1b's step to ``command_buffer_*``, half the step's time seen). ``t5x-lite
 bench --profile`` therefore runs with ``--xla_gpu_enable_command_buffer=`` (off; its timings are

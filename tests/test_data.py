@@ -948,6 +948,11 @@ def test_segments_hint_names_a_cap_that_packs_the_same_rows(family, objective, p
     hint = segments_hint(cfg, loose, None)
     assert hint and f"no row holds more than {most} documents (model.max_segments=64)" in hint
     if packing == "best_fit":  # ordered for its cap: the smallest cap, doubling, that packs within 0.5 points
+        from t5x_lite.data import pipeline
+
+        with pytest.MonkeyPatch.context() as mp:  # a corpus too large for trial packings: said, not tried
+            mp.setattr(pipeline, "HINT_REPACK_DOCUMENTS", 10)
+            assert "compare the packing efficiency" in segments_hint(cfg, loose, None)
         suggested = int(hint.split("max_segments=")[2].split()[0])
         assert most <= suggested <= 32 and f"{loose.fill_at(suggested):.1%} full (now {loose.packing_efficiency:.1%})" in hint
         _, tight = build(suggested)

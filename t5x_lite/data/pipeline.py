@@ -850,6 +850,9 @@ def _prepared_pair_groups(manifest: dict, pairs: bool, path: str, log: Callable)
     return np.concatenate(groups) if groups else np.zeros(0, np.int64)
 
 
+HINT_REPACK_DOCUMENTS = 1_000_000  # best_fit: trial packings for the hint up to this many documents (~5 s each)
+
+
 def segments_hint(cfg, *splits) -> Optional[str]:
     """A line for the log when ``model.max_segments`` is well above what the packed rows hold:
     cuDNN's packed attention costs more the larger it is (H100, llama_1b: +10% a step at 64 against
@@ -867,16 +870,20 @@ def segments_hint(cfg, *splits) -> Optional[str]:
                 "packs the same rows, and cuDNN's packed attention (GPU) takes longer the larger it is")
     if cfg.data.objective == "supervised":
         return None
+    if splits[0].num_documents > HINT_REPACK_DOCUMENTS:  # each trial packing would take seconds to minutes
+        return (f"data: no row holds more than {most} documents (model.max_segments={cap}); cuDNN's packed attention "
+                "(GPU) takes longer the larger it is: a smaller cap may pack as tight (best_fit orders the documents "
+                "for the cap it is given: compare the packing efficiency logged above)")
     # best_fit orders the documents for its cap: the smallest cap from the rows' most up, doubling,
     # that packs the training rows within half a point of this one
     fill, smaller = splits[0].packing_efficiency, most
-    while smaller <= cap // 2 and splits[0].fill_at(smaller) < fill - 0.005:
+    while smaller <= cap // 2 and (tried := splits[0].fill_at(smaller)) < fill - 0.005:
         smaller *= 2
     if smaller > cap // 2:
         return None
     return (f"data: no row holds more than {most} documents (model.max_segments={cap}); max_segments={smaller} "
-            f"packs the training rows {splits[0].fill_at(smaller):.1%} full (now {fill:.1%}), and cuDNN's packed "
-            "attention (GPU) takes longer the larger it is")
+            f"packs the training rows {tried:.1%} full (now {fill:.1%}), and cuDNN's packed attention (GPU) takes "
+            "longer the larger it is")
 
 
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
