@@ -154,14 +154,17 @@ def no_graphs_note(print_to) -> None:
     """Profiling: XLA's command buffers (CUDA graphs) hide the instructions inside them from the
     trace; turn them off for this process (XLA_FLAGS is read when the backend starts: before the
     first device is asked for). A flag the user set is left as it is."""
-    from jax._src import xla_bridge
-
     from t5x_lite.profiling import NO_COMMAND_BUFFERS
+
+    try:  # jax's own (private) answer; without it, assume nothing started yet
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        backends_are_initialized = lambda: False  # noqa: E731
 
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_enable_command_buffer" in flags:
         return
-    if xla_bridge.backends_are_initialized():
+    if backends_are_initialized():
         print("note: --profile: the backend already started; on a GPU, command buffers (CUDA graphs) "
               "stay on and hide the instructions inside them", file=print_to)
         return

@@ -129,6 +129,10 @@ def cast_for_compute(cfg: Config) -> Callable:
     return lambda params: jax.tree_util.tree_map_with_path(cast, params)
 
 
+ROUTER_SUMS = (moe.AUX_LOSS, moe.Z_LOSS, moe.CHOICES, moe.DROPPED)  # a mixture of experts' sown sums
+IMBALANCE = "router_imbalance"  # the busiest expert's load over the mean (metrics)
+
+
 def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     """``(params, batch, rng) -> sums`` of loss / weight / correct over the batch."""
     family, chunk = cfg.model.family, cfg.train.loss_chunk
@@ -168,9 +172,6 @@ def make_loss_fn(cfg: Config, model: nn.Module) -> Callable:
     return loss_sums
 
 
-ROUTER_SUMS = (moe.AUX_LOSS, moe.Z_LOSS, moe.CHOICES, moe.DROPPED)
-
-
 def router_metrics(cfg: Config, sums: dict) -> dict:
     """Mixture of experts: the load-balancing loss (mean over routing groups and layers) and
     the share of router choices dropped for capacity, from a step's sums."""
@@ -182,9 +183,6 @@ def router_metrics(cfg: Config, sums: dict) -> dict:
     imbalance = jnp.mean(jnp.max(loads, axis=-1) / jnp.maximum(jnp.mean(loads, axis=-1), 1e-9))
     return {moe.AUX_LOSS: sums[moe.AUX_LOSS] / groups, moe.Z_LOSS: sums[moe.Z_LOSS] / groups,
             moe.DROPPED: sums[moe.DROPPED] / jnp.maximum(sums[moe.CHOICES], 1.0), IMBALANCE: imbalance}
-
-
-IMBALANCE = "router_imbalance"
 
 
 def training_objective(cfg: Config, sums: dict, weight: jax.Array) -> jax.Array:
@@ -243,11 +241,9 @@ def make_train_step(cfg: Config, model: nn.Module, tx: optax.GradientTransformat
                 return (acc_grads, jax.tree.map(jnp.add, carry[1], sums)), None
 
             zero_grads = jax.tree.map(jnp.zeros_like, lora.trained(cfg, state.params))
-            if cfg.model.num_experts:  # the sums and router statistics, of the shapes the model sows
-                shapes = jax.eval_shape(loss_sums, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-                zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            else:
-                zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
+            # the sums (and a mixture of experts' router statistics) of the shapes the loss returns
+            shapes = jax.eval_shape(loss_sums, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+            zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), micro))
         denom = jnp.maximum(sums["weight"], 1.0)
         if with_lora:
