@@ -50,7 +50,7 @@ if [[ -z ${GPU_SESSION_PART:-} ]] && { (( $# > 1 )) || [[ -n ${DEADLINE_S:-} || 
     GPU_SESSION_PART=1 timeout -k 5 "$left" bash "$0" "$part" 2>&1 | tee "$OUT/$part.log" || failed=1
   done
   if [[ -n ${BUNDLE:-} ]]; then
-    tar czf "$BUNDLE" --exclude='profile_*/*' -C "$(dirname "$OUT")" "$(basename "$OUT")" || failed=1
+    tar czf "$BUNDLE" --exclude='profile_*/*/*' -C "$(dirname "$OUT")" "$(basename "$OUT")" || failed=1
     echo "gpu_session: results bundled in $BUNDLE" >&2
   fi
   exit $failed

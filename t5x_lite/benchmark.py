@@ -107,8 +107,11 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
                 for _ in range(PROFILE_STEPS):
                     state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)
+            hlo_text = compiled.as_text()
+            with open(profile_dir.rstrip("/") + ".hlo.txt", "w") as f:  # beside the trace: what each op_name is
+                f.write(hlo_text)
             try:
-                profile = profiling.summarize(profile_dir, compiled.as_text(), PROFILE_STEPS)
+                profile = profiling.summarize(profile_dir, hlo_text, PROFILE_STEPS)
                 # what the trace's instructions account for of the timed step (far under 1: events
                 # missing from the trace, e.g. kernels inside CUDA graphs; over 1: overlapping streams)
                 profile["step_ms"] = 1000 * step_s

@@ -29,6 +29,7 @@ import os
 import re
 from typing import Optional
 
+TOP_OPS = 25  # instructions listed in the printed table (the JSON holds all of them)
 NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="  # XLA_FLAGS: every kernel its own event (GPU)
 
 # (category, pattern on "hlo_op op_name"), first match wins.
@@ -46,11 +47,41 @@ CATEGORIES = (
 )
 OTHER = "optimizer, clipping, other"
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+_DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$')
+_OPCODE = re.compile(r'(?:^|[\s)}])([a-z][a-z0-9\-]*)\(')
+
+# What kind of kernel an instruction is (the other axis of the table: a GPU step's matmul-class
+# work runs near the chip's FLOP peak, the rest is bound by memory bandwidth or launches).
+KINDS = (
+    ("attention kernel (cuDNN)", re.compile(r"fmha|cudnn\$|__cudnn")),
+    ("matmul (Triton)", re.compile(r"triton_gemm|__triton_nested_gemm|\"kind\":\"__triton\"")),
+    ("matmul (cuBLAS, library)", re.compile(r"cublas|__gemm|\bdot\(|convolution\(")),
+    ("collectives", re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")),
+    ("reductions (fusions)", re.compile(r"kind=kInput")),
+    ("elementwise (fusions)", re.compile(r"kind=k(Loop|Output)")),
+    ("copies, transposes, slices", re.compile(r"\b(copy|transpose|dynamic-slice|dynamic-update-slice|slice|concatenate)\(")),
+    ("scatter, gather, sort", re.compile(r"\b(scatter|gather|sort)\(")),
+)
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
     """Instruction name -> op_name metadata, from a compiled module's text (``compiled.as_text()``)."""
     return {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m}
+
+
+def instruction_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the kind of kernel it is (``KINDS``; else its opcode), from the module's text."""
+    out = {}
+    for m in map(_DEFINITION.match, hlo_text.splitlines()):
+        if not m:
+            continue
+        rest = m.group(2).split(", metadata=")[0]  # the op_name would match (``transpose(jvp(...``)
+        kind = next((name for name, pattern in KINDS if pattern.search(rest)), None)
+        if kind is None:
+            op = _OPCODE.search(rest)
+            kind = op.group(1) if op else "other"
+        out[m.group(1)] = kind
+    return out
 
 
 def category(hlo_op: str, op_name: str) -> str:
@@ -113,8 +144,9 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
     for e, us in timed:
         per_module[e["args"].get("hlo_module", "")] += us
     module = module or per_module.most_common(1)[0][0]
-    names = op_names(hlo_text)
+    names, kinds = op_names(hlo_text), instruction_kinds(hlo_text)
     by_category, by_op, passes = collections.Counter(), collections.Counter(), collections.Counter()
+    by_kind, count = collections.Counter(), collections.Counter()
     for e, us in timed:
         if e["args"].get("hlo_module", "") != module:
             continue
@@ -122,6 +154,8 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
         name = names.get(op, "")
         by_category[category(op, name)] += us
         by_op[(op, name)] += us
+        by_kind[kinds.get(op, "other")] += us
+        count[(op, name)] += 1
         passes["backward" if "transpose(" in name else "forward" if "jvp(" in name else "update, metrics"] += us
     total = sum(by_category.values())
     ms = lambda us: us / 1000 / steps
@@ -129,8 +163,12 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
         "module": module, "steps": steps, "busy_ms_per_step": ms(total),
         "categories": [{"category": c, "ms": ms(us), "share": us / total} for c, us in by_category.most_common()],
         "passes": {p: ms(us) for p, us in passes.most_common()},
+        "kinds": [{"kind": k, "ms": ms(us), "share": us / total} for k, us in by_kind.most_common()],
         "top_ops": [{"hlo_op": op, "op_name": name, "ms": ms(us), "category": category(op, name)}
-                    for (op, name), us in by_op.most_common(15)],
+                    for (op, name), us in by_op.most_common(TOP_OPS)],
+        # every instruction (a scanned layer's run once per layer: ``calls`` a step), for reading offline
+        "ops": [{"hlo_op": op, "ms": ms(us), "calls": count[(op, name)] / steps, "kind": kinds.get(op, "other"),
+                 "category": category(op, name), "op_name": name} for (op, name), us in by_op.most_common()],
     }
 
 
@@ -141,6 +179,8 @@ def format_summary(s: dict) -> str:
              + ", ".join(f"{p} {ms:.2f} ms" for p, ms in s["passes"].items()),
              "| where | ms / step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms']:.2f} | {100 * c['share']:.1f}% |" for c in s["categories"]]
+    lines += ["", "| kind of kernel | ms / step | share |", "|---|---|---|"]
+    lines += [f"| {k['kind']} | {k['ms']:.2f} | {100 * k['share']:.1f}% |" for k in s.get("kinds", [])]
     lines += ["", "| instruction | ms / step | where | op_name |", "|---|---|---|---|"]
     for o in s["top_ops"]:
         lines.append(f"| {o['hlo_op']} | {o['ms']:.3f} | {o['category']} | {o['op_name'][-90:]} |")

@@ -159,6 +159,11 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     # (a share of measured time: under a loaded machine, as with two test workers, it moves; 8.8% was seen)
     assert shares["mlp"] > 0.02 and prof["passes"]["backward"] > 0 and prof["passes"]["forward"] > 0
     assert any("/mlp/" in o["op_name"] and o["category"] == "mlp" for o in prof["top_ops"])
+    # by kind of kernel too, and every instruction in the JSON (a scanned layer's: once per layer)
+    assert math.isclose(sum(k["share"] for k in prof["kinds"]), 1.0, rel_tol=1e-6)
+    assert math.isclose(sum(o["ms"] for o in prof["ops"]), prof["busy_ms_per_step"], rel_tol=1e-6)
+    assert any(o["calls"] == 2 and "/stack/" in o["op_name"] for o in prof["ops"])  # num_layers=2, scanned
+    assert "| kind of kernel |" in proc.stderr and (tmp_path / "prof" / "default.hlo.txt").read_text().startswith("HloModule")
     assert "| mlp |" in proc.stderr and "% of the timed" in proc.stderr and prof["step_ms"] > 0
     assert "--xla_gpu_enable_command_buffer=" in proc.stderr  # GPU: CUDA graphs off, so kernels show
     # bad variants: refused before anything compiles (in this process: the CLI prints the error, exit 2)
@@ -205,6 +210,23 @@ def test_profile_exclusive_times_and_categories():
     assert category("all-reduce.1", names["all-reduce.1"]) == "collectives"
     assert category("fusion.7", "jit(train_step)/jvp()/exp") == "output layer + loss"
     assert category("fusion.8", "jit(train_step)/div") == "optimizer, clipping, other"
+    # the kind of kernel, from the instruction itself and never from its op_name (``transpose(jvp(``)
+    from t5x_lite.profiling import instruction_kinds
+
+    gpu = ('  %fusion.2 = bf16[8]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="transpose(jvp(M))/x"}\n'
+           '  %gemm_fusion.3 = bf16[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g, backend_config={"fusion_backend_config":'
+           '{"kind":"__triton_gemm"}}, metadata={op_name="transpose(jvp(M))/mlp/wo/dot_general"}\n'
+           '  %custom-call.4 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"\n'
+           '  %custom-call.5 = (bf16[2,8]{1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"\n'
+           '  %input_reduce_fusion = f32[] fusion(%g), kind=kInput, calls=%r\n'
+           '  %copy.6 = bf16[8,8]{0,1} copy(%a), metadata={op_name="jvp(M)/transpose"}\n'
+           '  %all-gather-start.1 = bf16[8]{0} all-gather-start(%a), replica_groups={}\n'
+           '  %while.7 = (s32[], f32[8]{0}) while(%t), condition=%c, body=%b')
+    assert instruction_kinds(gpu) == {
+        "fusion.2": "elementwise (fusions)", "gemm_fusion.3": "matmul (Triton)",
+        "custom-call.4": "matmul (cuBLAS, library)", "custom-call.5": "attention kernel (cuDNN)",
+        "input_reduce_fusion": "reductions (fusions)", "copy.6": "copies, transposes, slices",
+        "all-gather-start.1": "collectives", "while.7": "while"}
 
 
 def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
