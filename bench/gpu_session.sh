@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~2 min)
 #                                         # (XLA's command buffers off while profiling: every kernel seen)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat full, full logits, autotune 1, graphs of while loops (~3 min)
+#   bash bench/gpu_session.sh unroll      # ours only: llama, t5, bert with the layers as straight code, a profile (~8 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs (~5 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
@@ -87,6 +88,24 @@ case $part in
       --variant autotune1:XLA_FLAGS=--xla_gpu_autotune_level=1 \
       --variant graphs:XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
       --json "$OUT/llama_more.json" | tee "$OUT/llama_more.txt" || failed=1 ;;
+  unroll)  # ours only: the layer scan against straight code (2026-11-23 profile: stacking the scan's
+    # residuals and gradients, dynamic-update-slice, dynamic-slice and zero-filled buffers, took 29-30% of
+    # t5_base's and bert_base's step and 8% of llama_1b's), with the full logits and without remat
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
+      --variant unroll:model.scan_unroll=16 \
+      --variant unroll_nochunk:model.scan_unroll=16,train.loss_chunk=0 \
+      --variant unroll_nochunk_noremat:model.scan_unroll=16,train.loss_chunk=0,model.remat=none \
+      --variant unroll_nochunk_m1:model.scan_unroll=16,train.loss_chunk=0,model.max_segments=1 \
+      --json "$OUT/llama_unroll.json" | tee "$OUT/llama_unroll.txt" || failed=1
+    for w in t5 bert; do
+      python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads $w --impls ours "${STEPS[@]}" \
+        --variant unroll:model.scan_unroll=12 \
+        --variant unroll_fused:model.scan_unroll=12,model.fused_qkv=true \
+        --json "$OUT/${w}_unroll.json" | tee "$OUT/${w}_unroll.txt" || failed=1
+    done
+    python -m t5x_lite bench --config configs/llama_1b.yaml --steps 5 --warmup 2 --profile "$OUT/profile_llama_unrolled" \
+      --set model.scan_unroll=16 --set train.loss_chunk=0 "${SMOKE_SET[@]}" --json "$OUT/profile_llama_unrolled.json" \
+      2>&1 | tee "$OUT/profile_llama_unrolled.txt" || failed=1 ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
       --variant packed1:model.max_segments=1 \
