@@ -11,6 +11,7 @@
 #                                         # (XLA's command buffers off while profiling: every kernel seen)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat full, full logits, autotune 1, graphs of while loops (~3 min)
 #   bash bench/gpu_session.sh unroll      # ours only: llama, t5, bert with the layers as straight code, a profile (~8 min)
+#   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs (~5 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
@@ -106,6 +107,14 @@ case $part in
     python -m t5x_lite bench --config configs/llama_1b.yaml --steps 5 --warmup 2 --profile "$OUT/profile_llama_unrolled" \
       --set model.scan_unroll=16 --set train.loss_chunk=0 "${SMOKE_SET[@]}" --json "$OUT/profile_llama_unrolled.json" \
       2>&1 | tee "$OUT/profile_llama_unrolled.txt" || failed=1 ;;
+  shipped)  # the shipped configs against the baseline each target names, fewest rows (one device call):
+    # bert_base vs HF eager (and its layer scan), t5_base vs HF compiled, llama_1b vs HF compiled
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours,hf "${STEPS[@]}" \
+      --variant scan:model.scan_unroll=1 --json "$OUT/bert_shipped.json" | tee "$OUT/bert_shipped.txt" || failed=1
+    for w in t5 llama; do
+      python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads $w --impls ours,hf_compile "${STEPS[@]}" \
+        --json "$OUT/${w}_shipped.json" | tee "$OUT/${w}_shipped.txt" || failed=1
+    done ;;
   t5_bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
       --variant packed1:model.max_segments=1 \
