@@ -7,7 +7,8 @@ Reads whichever of ``llama.json``, ``llama_more.json``, ``t5.json``, ``bert.json
 ``bench/train_vs_hf.py``; then any other file of its rows there) and ``decode.json`` (from
 ``bench/decode.py``) are there. For each
 training workload the best row of ours (any variant) is set against the Hugging Face baseline
-*of the same run* (llama and t5: ``torch.compile``; bert: eager), tokens/s over tokens/s; the
+*of the same run*, the same file (llama and t5: ``torch.compile``; bert: eager), tokens/s over
+tokens/s: a faster row from a run without the baseline is listed, not compared; the
 first llama_1b step of the shipped config (init and compile included) against 30 s; decoding at
 batch 1 and 32 (end to end, prefill included) against 600 and 10,000 tokens/s. Then every row
 of every workload, best first, with MFU against the peak the bench used. Nothing is measured
@@ -75,15 +76,18 @@ def targets(by_workload: dict, decode: list) -> list[dict]:
     out = []
     for workload, (baseline, goal) in TRAIN_TARGETS.items():
         rows = by_workload.get(workload, [])
-        ours = [r for r in rows if r["impl"].startswith("ours")]
-        hf = next((r for r in rows if r["impl"] == baseline), None)
         entry = {"target": f"{workload} train >= {goal}x {baseline}", "goal": goal}
-        ours = [r for r in ours if hf and same_work(r, hf)]
-        if ours and hf:
-            best = max(ours, key=tokens_per_s)
-            ratio = tokens_per_s(best) / tokens_per_s(hf)
-            label = ", ".join([best["impl"]] + changes(best))
-            entry.update(measured=f"{tokens_per_s(best):,.0f} tok/s ({label}) vs {tokens_per_s(hf):,.0f}",
+        best = None  # (ratio, ours, hf): each run's (file's) best of ours against that run's baseline
+        for hf in (r for r in rows if r["impl"] == baseline):
+            for r in rows:
+                if r["impl"].startswith("ours") and r["file"] == hf["file"] and same_work(r, hf):
+                    ratio = tokens_per_s(r) / tokens_per_s(hf)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, r, hf)
+        if best:
+            ratio, r, hf = best
+            label = ", ".join([r["impl"]] + changes(r))
+            entry.update(measured=f"{tokens_per_s(r):,.0f} tok/s ({label}) vs {tokens_per_s(hf):,.0f} ({r['file']})",
                          value=ratio, met=ratio >= goal)
         out.append(entry)
     shipped = next((r for r in by_workload.get("llama", []) if r["impl"] == "ours" and not changes(r)), None)

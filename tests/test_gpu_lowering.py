@@ -125,6 +125,21 @@ def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_
     assert fwd["kernel"] == kernel and fwd["segments"] == slots
 
 
+def test_auto_decodes_single_tokens_on_xla(hopper):
+    """A decoding step (one query a row) under ``auto`` attends with XLA's einsums (as fast, half
+    the compile of cuDNN's kernels); the prompt's forward (several queries) keeps cuDNN, and
+    ``attention=cudnn`` takes cuDNN for a single query too."""
+    from t5x_lite.models.layers import dot_product_attention
+
+    def calls(t, implementation):
+        q = jnp.zeros((2, t, N, 16), jnp.bfloat16)
+        kv = jnp.zeros((2, T, 2, 16), jnp.bfloat16)
+        mask = jnp.ones((2, 1, t, T), bool)
+        return cudnn_calls(lambda q, k, v: dot_product_attention(q, k, v, mask, None, 0.25, implementation), q, kv, kv)
+
+    assert calls(1, "auto") == [] and len(calls(4, "auto")) == 1 and len(calls(1, "cudnn")) == 1
+
+
 def test_cudnn_mask_becomes_a_dense_non_causal_bias(hopper):
     """Why cudnn_packed exists: model.attention=cudnn hands jax the [B, 1, T, S] document mask,
     which jax turns into an additive bias on a kernel with no mask type (no causal skipping)."""
