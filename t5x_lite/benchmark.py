@@ -86,10 +86,16 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
     setup, compiled = trainer.compile_or_fall_back(trainer.make_setup(cfg, mesh), mesh, warn)
     compile_s = time.perf_counter() - t0
     with setup.activation_context():
-        state = setup.init(jax.random.key(0))
+        t_init = time.perf_counter()
+        state = jax.block_until_ready(setup.init(jax.random.key(0)))
+        init_s = time.perf_counter() - t_init
         batch = trainer.to_global(random_batch(cfg), setup.batch_sharding)  # bench/train_vs_hf: HF's too
+        t_run = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
+        # the compiled step's first run: on a GPU it also builds each cuDNN attention call's kernels
+        # (one per call in the program: a scanned stack has one, 16 unrolled layers 16)
+        first_run_s = time.perf_counter() - t_run
         first_step_s = time.perf_counter() - t0
         for _ in range(max(warmup - 1, 0)):
             state, metrics = compiled(state, batch)
@@ -119,7 +125,8 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
                 profile = {"error": str(e)}
     device = jax.devices()[0]
     stats = trainer.compiled_stats(compiled)
-    return {"profile": profile, "step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s, "loss": loss,
+    return {"profile": profile, "step_s": step_s, "first_step_s": first_step_s, "compile_s": compile_s,
+            "init_s": init_s, "first_run_s": first_run_s, "loss": loss,
             "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
             "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
             "attention": setup.cfg.model.attention,  # what ran: the config's unless a fallback was taken
@@ -141,15 +148,15 @@ def _figures(cfg: Config, result: dict, peak_tflops: Optional[float]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| variant | tokens/s | step ms | MFU | compile s | first step s | compiled GB / device | loss |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| variant | tokens/s | step ms | MFU | compile s | first step s | of which first run s | compiled GB / device "
+            "| loss |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         mem = f"{r['compiled_bytes'] / 1e9:.2f}" if r.get("compiled_bytes") else "-"
         name = r["variant"] + (f" (attention fell back to {r['attention']})" if r.get("attention_fallback") else "")
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
-                     f"{r['compile_s']:.1f} | {r['first_step_s']:.1f} | {mem} | {r['loss']:.3f} |")
+                     f"{r['compile_s']:.1f} | {r['first_step_s']:.1f} | {r['first_run_s']:.1f} | {mem} | {r['loss']:.3f} |")
     return "\n".join(lines)
 
 

@@ -408,6 +408,26 @@ def compiled_stats(compiled) -> dict:
     return out
 
 
+CUDNN_BUILD_S = 1.5  # H100, 2026-11-23: seconds a cuDNN attention call adds to the first step (1.4-1.7 measured)
+
+
+def cudnn_attention_calls(hlo_text: str) -> int:
+    """cuDNN attention calls (forward and backward kernels) in a compiled program's text. XLA builds
+    each one's kernels the first time the program runs, not when it compiles: a scanned stack holds
+    one of each, its layers unrolled one per layer (H100, 2026-11-23: llama_1b's first step 19 s
+    scanned, 66 s with its 16 layers unrolled)."""
+    return hlo_text.count('custom_call_target="__cudnn$fmha')
+
+
+def first_run_note(hlo_text: str) -> Optional[str]:
+    n = cudnn_attention_calls(hlo_text)
+    if n < 8:  # a scanned model's few: a few seconds, nothing to say
+        return None
+    return (f"note: the train step holds {n} cuDNN attention calls (the layers as straight code, model.scan_unroll); "
+            f"the GPU builds each one's kernels when the step first runs: ~{n * CUDNN_BUILD_S:.0f} s before the first "
+            "step ends (model.scan_unroll=1 builds one per stack, for slower steps)")
+
+
 # ------------------------------------------------------------------------ work dir
 
 
@@ -538,6 +558,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     log(f"compiled train step in {time.time() - t0:.1f}s: temp {human_bytes(stats.get('temp_bytes', 0))}, "
         f"arguments {human_bytes(stats.get('argument_bytes', 0))}, "
         f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}")
+    if jax.default_backend() == "gpu" and (note := first_run_note(compiled.as_text())):
+        log(note)
 
     ckpt = Checkpoints(workdir, cfg)
     restored = ckpt.restore_latest(setup.abstract_state, cfg.checkpoint.fallback, log)

@@ -149,6 +149,8 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
     for r in rows.values():
         assert r["tokens_per_step"] == 4 * 128 and r["tokens_per_s"] > 0 and r["compiled_bytes"] > 0
         assert r["first_step_s"] >= r["compile_s"] > 0 and not r["attention_fallback"]
+        assert r["init_s"] > 0 and r["first_run_s"] > 0  # the parts of the first step after the compile
+        assert r["first_step_s"] >= r["compile_s"] + r["init_s"] + r["first_run_s"]
     assert math.isclose(rows["default"]["loss"], rows["unroll"]["loss"], rel_tol=1e-5)
     assert "| default |" in proc.stdout and "| unroll |" in proc.stdout
     # --profile: the traced steps' instructions, attributed to the parts of the model
@@ -293,3 +295,19 @@ def test_moe_workload_is_the_same_model_as_transformers_mixtral():
     assert model.config.output_router_logits and model.config.router_aux_loss_coef == cfg.model.router_aux_loss
     assert theirs["model.layers.0.mlp.experts.gate_up_proj"] == (8, 2 * 1408, 2048)
     assert hf.ARCHS["mixtral"].hf_config(cfg.model, {})["intermediate_size"] == model.config.intermediate_size
+
+
+def test_first_run_note_counts_the_cudnn_attention_calls():
+    """The trainer's note on a GPU: each cuDNN attention call in the compiled step is built when the
+    step first runs (H100: ~1.5 s each); a scanned stack's two calls say nothing, 16 unrolled layers'
+    forward and backward calls say how long the first step will wait."""
+    from t5x_lite.trainer import cudnn_attention_calls, first_run_note
+
+    call = ('  %dot_product_attention_{kind}.{i} = (bf16[8,16,2048,128]{{3,1,2,0}}, u8[0]{{0}}) custom-call(%q, %k, %v), '
+            'custom_call_target="__cudnn$fmhaSoftmax{suffix}", metadata={{op_name="x"}}\n')
+    text = lambda layers: "".join(call.format(kind=k, i=i, suffix=s) for i in range(layers)
+                                  for k, s in (("fwd", ""), ("bwd", "Backward")))
+    assert cudnn_attention_calls(text(1)) == 2 and first_run_note(text(1)) is None
+    assert cudnn_attention_calls("%fusion.1 = f32[8] fusion(%a), kind=kLoop") == 0
+    note = first_run_note(text(16))
+    assert "32 cuDNN attention calls" in note and "~48 s" in note and "model.scan_unroll=1" in note
