@@ -11,6 +11,7 @@
 #                                         # (XLA's command buffers off while profiling: every kernel seen)
 #   bash bench/gpu_session.sh llama_more  # llama_1b: remat full, full logits, autotune 1, graphs of while loops (~3 min)
 #   bash bench/gpu_session.sh unroll      # ours only: llama, t5, bert with the layers as straight code, a profile (~8 min)
+#   bash bench/gpu_session.sh scan_flags  # ours: the scan's copies without unrolling (XLA flags); llama vs HF compiled (~7 min)
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs (~5 min)
@@ -107,6 +108,19 @@ case $part in
     python -m t5x_lite bench --config configs/llama_1b.yaml --steps 5 --warmup 2 --profile "$OUT/profile_llama_unrolled" \
       --set model.scan_unroll=16 --set train.loss_chunk=0 "${SMOKE_SET[@]}" --json "$OUT/profile_llama_unrolled.json" \
       2>&1 | tee "$OUT/profile_llama_unrolled.txt" || failed=1 ;;
+  scan_flags)  # the layer scan's stacking copies gone without unrolling (one cuDNN build per stack)? XLA's
+    # cuBLAS calls reading / writing slices of the stacked buffers in place, and its double-buffered while
+    # loops; llama_1b with its HF compiled baseline in the same run (session 8 ran out of time before it)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
+      --variant dsf:XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
+      --variant dbuf:XLA_FLAGS=--xla_gpu_enable_while_loop_double_buffering=true \
+      --variant unroll:model.scan_unroll=16 \
+      --json "$OUT/llama_scan.json" | tee "$OUT/llama_scan.txt" || failed=1
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours "${STEPS[@]}" \
+      --variant scan:model.scan_unroll=1 \
+      --variant scan_dsf:model.scan_unroll=1,XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
+      --variant scan_dbuf:model.scan_unroll=1,XLA_FLAGS=--xla_gpu_enable_while_loop_double_buffering=true \
+      --json "$OUT/bert_scan.json" | tee "$OUT/bert_scan.txt" || failed=1 ;;
   shipped)  # the shipped configs against the baseline each target names, fewest rows (one device call):
     # bert_base vs HF eager (and its layer scan), t5_base vs HF compiled, llama_1b vs HF compiled
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours,hf "${STEPS[@]}" \
