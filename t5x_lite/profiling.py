@@ -48,15 +48,17 @@ CATEGORIES = (
 OTHER = "optimizer, clipping, other"
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
 _DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$')
+_METADATA = re.compile(r'metadata=\{[^}]*\}')
 _OPCODE = re.compile(r'(?:^|[\s)}])([a-z][a-z0-9\-]*)\(')
 
 # What kind of kernel an instruction is (the other axis of the table: a GPU step's matmul-class
 # work runs near the chip's FLOP peak, the rest is bound by memory bandwidth or launches).
 KINDS = (
     ("attention kernel (cuDNN)", re.compile(r"fmha|cudnn\$|__cudnn")),
-    ("matmul (Triton)", re.compile(r"triton_gemm|__triton_nested_gemm|\"kind\":\"__triton\"")),
+    ("matmul (Triton)", re.compile(r"triton_gemm|__triton_nested_gemm")),
     ("matmul (cuBLAS, library)", re.compile(r"cublas|__gemm|\bdot\(|convolution\(")),
     ("collectives", re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")),
+    ("Triton fusions (norms, softmax, reductions)", re.compile(r'"kind":"__triton"')),
     ("reductions (fusions)", re.compile(r"kind=kInput")),
     ("elementwise (fusions)", re.compile(r"kind=k(Loop|Output)")),
     ("copies, transposes, slices", re.compile(r"\b(copy|transpose|dynamic-slice|dynamic-update-slice|slice|concatenate)\(")),
@@ -75,13 +77,28 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
     for m in map(_DEFINITION.match, hlo_text.splitlines()):
         if not m:
             continue
-        rest = m.group(2).split(", metadata=")[0]  # the op_name would match (``transpose(jvp(...``)
+        rest = _METADATA.sub("", m.group(2))  # its op_name would match (``transpose(jvp(...``)
         kind = next((name for name, pattern in KINDS if pattern.search(rest)), None)
         if kind is None:
             op = _OPCODE.search(rest)
             kind = op.group(1) if op else "other"
         out[m.group(1)] = kind
     return out
+
+
+_KIND_BY_NAME = (  # instructions the module's text does not hold (named by XLA after it was printed)
+    ("copies, transposes, slices", re.compile(r"dynamic_update_slice|dynamic_slice|copy|transpose|concatenate")),
+    ("reductions (fusions)", re.compile(r"^input_|reduce")),
+    ("elementwise (fusions)", re.compile(r"^loop_|^wrapped_")),
+)
+
+
+def kind_of(hlo_op: str, kinds: dict[str, str]) -> str:
+    """``instruction_kinds``' answer, else a guess from the instruction's name (XLA's fusion names
+    say what they fuse: ``loop_dynamic_update_slice_fusion.21``), else "other"."""
+    if hlo_op in kinds:
+        return kinds[hlo_op]
+    return next((name for name, pattern in _KIND_BY_NAME if pattern.search(hlo_op)), "other")
 
 
 def category(hlo_op: str, op_name: str) -> str:
@@ -154,7 +171,7 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
         name = names.get(op, "")
         by_category[category(op, name)] += us
         by_op[(op, name)] += us
-        by_kind[kinds.get(op, "other")] += us
+        by_kind[kind_of(op, kinds)] += us
         count[(op, name)] += 1
         passes["backward" if "transpose(" in name else "forward" if "jvp(" in name else "update, metrics"] += us
     total = sum(by_category.values())
@@ -167,7 +184,7 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
         "top_ops": [{"hlo_op": op, "op_name": name, "ms": ms(us), "category": category(op, name)}
                     for (op, name), us in by_op.most_common(TOP_OPS)],
         # every instruction (a scanned layer's run once per layer: ``calls`` a step), for reading offline
-        "ops": [{"hlo_op": op, "ms": ms(us), "calls": count[(op, name)] / steps, "kind": kinds.get(op, "other"),
+        "ops": [{"hlo_op": op, "ms": ms(us), "calls": count[(op, name)] / steps, "kind": kind_of(op, kinds),
                  "category": category(op, name), "op_name": name} for (op, name), us in by_op.most_common()],
     }
 

@@ -216,8 +216,10 @@ def test_profile_exclusive_times_and_categories():
     from t5x_lite.profiling import instruction_kinds
 
     gpu = ('  %fusion.2 = bf16[8]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="transpose(jvp(M))/x"}\n'
-           '  %gemm_fusion.3 = bf16[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g, backend_config={"fusion_backend_config":'
-           '{"kind":"__triton_gemm"}}, metadata={op_name="transpose(jvp(M))/mlp/wo/dot_general"}\n'
+           '  %gemm_fusion.3 = bf16[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g, metadata={op_name="transpose(jvp(M))/'
+           'mlp/wo/dot_general"}, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}\n'
+           '  %input_reduce_fusion.4 = f32[8]{0} fusion(%x), kind=kCustom, calls=%r, metadata={op_name="jvp(M)/abs"}, '
+           'backend_config={"fusion_backend_config":{"kind":"__triton"}}\n'
            '  %custom-call.4 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"\n'
            '  %custom-call.5 = (bf16[2,8]{1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"\n'
            '  %input_reduce_fusion = f32[] fusion(%g), kind=kInput, calls=%r\n'
@@ -226,9 +228,17 @@ def test_profile_exclusive_times_and_categories():
            '  %while.7 = (s32[], f32[8]{0}) while(%t), condition=%c, body=%b')
     assert instruction_kinds(gpu) == {
         "fusion.2": "elementwise (fusions)", "gemm_fusion.3": "matmul (Triton)",
+        "input_reduce_fusion.4": "Triton fusions (norms, softmax, reductions)",
         "custom-call.4": "matmul (cuBLAS, library)", "custom-call.5": "attention kernel (cuDNN)",
         "input_reduce_fusion": "reductions (fusions)", "copy.6": "copies, transposes, slices",
         "all-gather-start.1": "collectives", "while.7": "while"}
+    from t5x_lite.profiling import kind_of  # one the text lacks: from its name
+
+    kinds = instruction_kinds(gpu)
+    assert kind_of("copy.6", kinds) == "copies, transposes, slices"
+    assert kind_of("loop_dynamic_update_slice_fusion.21", kinds) == "copies, transposes, slices"
+    assert kind_of("input_add_reduce_fusion.9", kinds) == "reductions (fusions)"
+    assert kind_of("custom-call.99", kinds) == "other"
 
 
 def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
