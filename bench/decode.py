@@ -6,6 +6,7 @@
     python bench/decode.py --variant unroll:model.scan_unroll=16   # another row, same params
     python bench/decode.py --smoke                        # configs/decoder_tiny.yaml: runs on a CPU
     python bench/decode.py --batch-sizes 1,8,32 --json runs/decode_bench.json
+    python bench/decode.py --batch-sizes 1 --profile runs/decode_profile   # kernel by kernel, per token
 
 Every figure excludes compilation: each shape runs once to compile (reported as
 ``compile_s``: first call minus a timed call), then ``--repeats`` timed runs (median). EOS is
@@ -47,6 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--smoke", action="store_true", help="the tiny CPU config, 2 timed runs")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one generation of each variant at the first batch size (XLA's CUDA graphs "
+                        "off) and print per generated token: instruction time, instruction runs (kernels), "
+                        "the costliest; a decoding step is launch-bound when its instructions' time is far "
+                        "below its timed step")
     return p.parse_args(argv)
 
 
@@ -56,11 +62,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(cfg, params, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Compile, then time ``generate`` for ``new_tokens`` and for 1 token at one batch size."""
+def random_prompts(cfg, batch: int, prompt_len: int) -> np.ndarray:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(5, cfg.model.vocab_size, (batch, prompt_len)).astype(np.int32)
     prompts[:, 0] = 3  # BOS
+    return prompts
+
+
+def measure(cfg, params, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Compile, then time ``generate`` for ``new_tokens`` and for 1 token at one batch size."""
+    prompts = random_prompts(cfg, batch, prompt_len)
 
     def run(k):
         return lambda: generate_once(cfg, params, prompts, k)
@@ -87,6 +98,24 @@ def generate_once(cfg, params, prompts, max_new_tokens):
     assert tokens.shape == (len(prompts), max_new_tokens)  # host copy: the run is complete
 
 
+def profile(cfg, params, batch: int, prompt_len: int, new_tokens: int, log_dir: str, ms_per_step: float) -> dict:
+    """One traced generation (already compiled by ``measure``), per generated token: the module that
+    took the most time (the token loop's), its instructions' time, runs and costliest (by name: the
+    module's text is not at hand here)."""
+    from t5x_lite import profiling
+
+    prompts = random_prompts(cfg, batch, prompt_len)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        generate_once(cfg, params, prompts, new_tokens)
+    try:
+        summary = profiling.summarize(log_dir, "", new_tokens)
+    except (ValueError, FileNotFoundError) as e:
+        return {"error": str(e)}
+    summary["step_ms"] = ms_per_step
+    summary.pop("categories")  # without the module's text every instruction would be "other"
+    return summary
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     default = "configs/decoder_tiny.yaml" if args.smoke else "configs/llama_1b.yaml"
@@ -100,6 +129,10 @@ def main(argv=None) -> int:
         print(f"error: --prompt-len + --new-tokens = {longest} exceeds model.max_length={cfg.model.max_length}",
               file=sys.stderr)
         return 2
+    if args.profile:
+        from t5x_lite.benchmark import no_graphs_note
+
+        no_graphs_note(print_to=sys.stderr)  # before the first device is asked for
     device = jax.devices()[0]
     t0 = time.perf_counter()
     params = jax.block_until_ready(t5x_lite.init_params(cfg, seed=0))
@@ -125,6 +158,15 @@ def main(argv=None) -> int:
             print(f"  {name} batch {batch:3d}: {r['tokens_per_s']:>10,.0f} tok/s end to end, "
                   f"{r['decode_tokens_per_s']:>10,.0f} tok/s decode ({r['ms_per_step']:.2f} ms/step), "
                   f"prefill {r['prefill_s'] * 1000:.0f} ms, compile {r['compile_s']:.1f}s", file=sys.stderr)
+            if args.profile and batch == int(args.batch_sizes.split(",")[0]):
+                r["profile"] = profile(variant_cfg, params, batch, args.prompt_len, args.new_tokens,
+                                       os.path.join(args.profile, name), r["ms_per_step"])
+                p = r["profile"]
+                print(p.get("error") or f"  {name} batch {batch:3d}, per generated token (graphs off): "
+                      f"{p['busy_ms_per_step']:.3f} ms of instructions in {p['launches_per_step']:.0f} runs, "
+                      f"against {p['step_ms']:.3f} ms a timed step; costliest: "
+                      + ", ".join(f"{o['hlo_op']} {o['ms']:.3f} ms ({o['calls']:.0f}x)" for o in p["ops"][:5]),
+                      file=sys.stderr)
     if args.json:
         write_json(args.json, results)
     return 0

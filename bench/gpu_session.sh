@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh scan_flags  # ours: the scan's copies without unrolling (XLA flags); llama vs HF compiled (~7 min)
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs (~5 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, fused, graphs,
+#                                         # and a profile per generated token at batch 1 (~6 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
@@ -153,7 +154,11 @@ case $part in
     # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \
       "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 \
-      --json "$OUT/decode_graphs.json" | tee "$OUT/decode_graphs.txt" || failed=1 ;;
+      --json "$OUT/decode_graphs.json" | tee "$OUT/decode_graphs.txt" || failed=1
+    # kernel by kernel, per generated token at batch 1 (graphs off: its own process, its own file, which
+    # gpu_report does not read as timings): instruction time and runs against the timed step
+    python bench/decode.py "${SMOKE_FLAG[@]}" --batch-sizes 1 --repeats 1 --profile "$OUT/profile_decode" \
+      --json "$OUT/profile_decode.json" 2>&1 | tee "$OUT/profile_decode.txt" || failed=1 ;;
   moe)  # beyond issue 8's targets: a mixture of experts against transformers' Mixtral (dropless)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads moe "${STEPS[@]}" \
       --variant dropless:model.expert_capacity_factor=0 \

@@ -178,6 +178,8 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
     ms = lambda us: us / 1000 / steps
     return {
         "module": module, "steps": steps, "busy_ms_per_step": ms(total),
+        # kernels (instruction runs) a step: what a launch-bound step (decoding one token) pays per kernel
+        "launches_per_step": sum(count.values()) / steps,
         "categories": [{"category": c, "ms": ms(us), "share": us / total} for c, us in by_category.most_common()],
         "passes": {p: ms(us) for p, us in passes.most_common()},
         "kinds": [{"kind": k, "ms": ms(us), "share": us / total} for k, us in by_kind.most_common()],
@@ -192,7 +194,8 @@ def summarize(log_dir: str, hlo_text: str, steps: int, module: Optional[str] = N
 def format_summary(s: dict) -> str:
     seen = f", {s['busy_ms_per_step'] / s['step_ms']:.0%} of the timed {s['step_ms']:.2f} ms" if s.get("step_ms") else ""
     lines = [f"{s['module']}: {s['busy_ms_per_step']:.2f} ms of instructions per step "
-             f"(summed over threads / streams{seen}; {s['steps']} steps traced); "
+             f"(summed over threads / streams{seen}; {s['launches_per_step']:.0f} instruction runs a step; "
+             f"{s['steps']} steps traced); "
              + ", ".join(f"{p} {ms:.2f} ms" for p, ms in s["passes"].items()),
              "| where | ms / step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms']:.2f} | {100 * c['share']:.1f}% |" for c in s["categories"]]

@@ -62,10 +62,17 @@ def test_train_vs_hf_rejects_a_bad_variant():
 
 
 def test_decode_bench_smoke(tmp_path):
-    _, rows = _run_json(["bench/decode.py", "--smoke", "--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "8",
-                         "--repeats", "1", "--variant", "unroll:model.scan_unroll=2"], tmp_path / "decode.json")
+    proc, rows = _run_json(["bench/decode.py", "--smoke", "--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "8",
+                            "--repeats", "1", "--variant", "unroll:model.scan_unroll=2", "--profile",
+                            str(tmp_path / "prof")], tmp_path / "decode.json")
     assert [(r["variant"], r["batch"]) for r in rows] == [("default", 2), ("unroll", 2)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    # --profile: per generated token, the traced generation's instruction time and runs (kernels)
+    for r in rows:
+        p = r["profile"]
+        assert p["steps"] == 8 and p["busy_ms_per_step"] > 0 and p["launches_per_step"] > 1
+        assert math.isclose(sum(o["ms"] for o in p["ops"]), p["busy_ms_per_step"], rel_tol=1e-6)
+    assert "per generated token (graphs off)" in proc.stderr
 
 
 def test_pipeline_bench_smoke(tmp_path):
