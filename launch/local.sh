@@ -4,7 +4,8 @@
 #   launch/local.sh NUM_PROCESSES -- t5x-lite train --config configs/decoder_tiny.yaml --workdir runs/x
 #
 # GPUs: process K sees only its own GPUs through CUDA_VISIBLE_DEVICES (one each when
-#   NUM_PROCESSES equals the GPU count; NUM_PROCESSES must divide it).
+#   NUM_PROCESSES equals the GPU count; NUM_PROCESSES must divide it). XLA_FLAGS gets the flags of
+#   t5x_lite/xla_flags.py first (overlapped collectives ...), the caller's own after them.
 # No GPU: CPU processes with T5X_LITE_CPU_DEVICES fake devices each (default 1) and gloo
 #   collectives between them: the same multi-process program, testable on a laptop.
 #
@@ -20,6 +21,7 @@ set -uo pipefail
 usage() {
   echo "usage: $0 NUM_PROCESSES -- COMMAND [ARGS...]" >&2
   echo "  env: LOGDIR, PORT, GRACE_S, T5X_LITE_CPU_DEVICES (CPU hosts), T5X_LITE_INIT_TIMEOUT," >&2
+  echo "       T5X_LITE_XLA_GPU_FLAGS=0 (GPU hosts: XLA_FLAGS as given), PYTHON (default python3)," >&2
   echo "       COORDINATOR, FIRST_PROCESS, TOTAL_PROCESSES (set by multihost.sh)" >&2
   exit 2
 }
@@ -50,6 +52,14 @@ if (( ${#GPUS[@]} > 0 )); then
   fi
   PER=$(( ${#GPUS[@]} / NUM ))
   MODE="$NUM processes x $PER GPU(s)"
+  # the XLA flags for training on GPUs (t5x_lite/xla_flags.py), then the user's: the last setting of a
+  # flag wins, so XLA_FLAGS given here override them; T5X_LITE_XLA_GPU_FLAGS=0 leaves XLA_FLAGS alone
+  if [[ ${T5X_LITE_XLA_GPU_FLAGS:-1} != 0 ]]; then
+    gpu_flags=$(${PYTHON:-python3} -m t5x_lite.xla_flags) || {
+      echo "local.sh: cannot read t5x_lite's XLA flags (${PYTHON:-python3} -m t5x_lite.xla_flags); set PYTHON" >&2; exit 2; }
+    export XLA_FLAGS="$gpu_flags${XLA_FLAGS:+ $XLA_FLAGS}"
+    echo "local.sh: XLA_FLAGS=$XLA_FLAGS" >&2
+  fi
 else
   export JAX_PLATFORMS=cpu
   export T5X_LITE_CPU_DEVICES=${T5X_LITE_CPU_DEVICES:-1}

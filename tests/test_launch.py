@@ -300,13 +300,41 @@ def _xla_starts_with(flags: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_slurm_launcher_xla_flags_exist_in_this_xla():
-    """Every XLA flag the SLURM launcher sets is one this jaxlib's XLA knows (it aborts on an
-    unknown one at start-up, CPU or GPU: the flags share one table)."""
-    text = open(os.path.join(ROOT, "launch", "slurm.sbatch")).read()
-    flags = re.findall(r"^\s+(--xla_[a-z0-9_]+=\S+)", text, re.M)
-    assert len(flags) >= 8
+def test_launcher_xla_flags_exist_in_this_xla():
+    """Every XLA flag the launchers set (t5x_lite/xla_flags.py, read by slurm.sbatch and local.sh)
+    is one this jaxlib's XLA knows (it aborts on an unknown one at start-up, CPU or GPU: the flags
+    share one table); the one measured slower on an H100 is not among them."""
+    from t5x_lite.xla_flags import GPU_TRAINING_FLAGS, gpu_flags
+
+    flags = gpu_flags().split()
+    assert len(flags) == len(GPU_TRAINING_FLAGS) >= 8 and "--xla_gpu_enable_triton_gemm=false" not in flags
     proc = _xla_starts_with(" ".join(flags))
     assert proc.returncode == 0, proc.stderr[-2000:]
     bad = _xla_starts_with("--xla_gpu_no_such_flag=true")
     assert bad.returncode != 0 and "Unknown flag" in bad.stderr
+    for launcher in ("slurm.sbatch", "local.sh"):
+        assert "-m t5x_lite.xla_flags" in open(os.path.join(ROOT, "launch", launcher)).read()
+    out = subprocess.run([sys.executable, "-m", "t5x_lite.xla_flags"], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == flags
+
+
+def test_local_launcher_puts_the_gpu_flags_before_the_users(tmp_path):
+    """On a GPU host, local.sh's processes see the launchers' XLA flags first and the caller's
+    XLA_FLAGS after them (XLA keeps the last setting: the caller's wins); T5X_LITE_XLA_GPU_FLAGS=0
+    and a host without GPUs leave XLA_FLAGS as given."""
+    from t5x_lite.xla_flags import gpu_flags
+
+    mine = "--xla_gpu_enable_latency_hiding_scheduler=false"
+    show = [sys.executable, "-c", "import os; print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))"]
+
+    def flags_seen(**env):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "1", "--", *show],
+                              env=dict(os.environ, XLA_FLAGS=mine, LOGDIR=str(tmp_path / "logs"), PYTHON=sys.executable,
+                                       **env),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("FLAGS="))[len("FLAGS="):]
+
+    assert flags_seen(CUDA_VISIBLE_DEVICES="0") == f"{gpu_flags()} {mine}"  # a GPU host (one GPU named)
+    assert flags_seen(CUDA_VISIBLE_DEVICES="0", T5X_LITE_XLA_GPU_FLAGS="0") == mine
+    assert flags_seen(CUDA_VISIBLE_DEVICES="") == mine  # no GPU: CPU processes, flags untouched
