@@ -111,11 +111,13 @@ case $part in
       2>&1 | tee "$OUT/profile_llama_unrolled.txt" || failed=1 ;;
   scan_flags)  # the layer scan's stacking copies gone without unrolling (one cuDNN build per stack)? XLA's
     # cuBLAS calls reading / writing slices of the stacked buffers in place, and its double-buffered while
-    # loops; llama_1b with its HF compiled baseline in the same run (session 8 ran out of time before it)
+    # loops; the launchers' flags (t5x_lite/xla_flags.py) on one GPU; llama_1b with its HF compiled
+    # baseline in the same run (session 8 ran out of time before it)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
       --variant dsf:XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true \
       --variant dbuf:XLA_FLAGS=--xla_gpu_enable_while_loop_double_buffering=true \
       --variant unroll:model.scan_unroll=16 \
+      --variant "launcher:XLA_FLAGS=$(python -m t5x_lite.xla_flags)" \
       --json "$OUT/llama_scan.json" | tee "$OUT/llama_scan.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours "${STEPS[@]}" \
       --variant scan:model.scan_unroll=1 \
