@@ -269,16 +269,14 @@ class _Decoder:
     def __init__(self, cfg: Config, mesh: Mesh, rows: int):
         self.cfg, self.mesh, self.rows = cfg, mesh, rows
         # The layer scan unrolled as model.decode_scan_unroll says (a GPU decoding step is launch-bound).
-        # Fused projections (model.fused_qkv / fused_mlp) only where the layers are straight code: there
-        # XLA hoists the weights' concatenation out of the token loop (once per call, an extra copy of
-        # those weights meanwhile) and each layer runs 2 and 1 GEMMs instead of 3 and 2; under the
-        # layer scan it would copy them again for every token. The same numbers either way.
+        # Separate projections whatever model.fused_qkv / fused_mlp say (the same numbers): fused ones
+        # concatenate the weights, and on an H100 (2026-11-23, llama_1b, its 16 layers unrolled) that
+        # made each token 22% slower at batch 1 (2.46 against 2.02 ms) and 19% at 32, about the time
+        # to copy the 1.25 GB of weights involved every token.
         # Experts: eval_capacity_factor (dropless by default), not training's capacity.
         m = cfg.model.for_inference()
-        unroll = m.decode_scan_unroll or m.scan_unroll
-        straight = not m.scan_layers or unroll >= max(m.num_layers, m.decoder_layers)
-        decoding = dataclasses.replace(m, fused_qkv=m.fused_qkv and straight, fused_mlp=m.fused_mlp and straight,
-                                       scan_unroll=unroll)
+        decoding = dataclasses.replace(m, fused_qkv=False, fused_mlp=False,
+                                       scan_unroll=m.decode_scan_unroll or m.scan_unroll)
         self.model = build_model(dataclasses.replace(cfg, model=decoding), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,

@@ -6,7 +6,6 @@ reuse programs compiled by an earlier test (the decoding module keeps them per s
 compile with XLA's optimizations mostly off (``quick_compiles``)."""
 
 import dataclasses
-import re
 import json
 import os
 import types
@@ -154,44 +153,20 @@ def test_greedy_equals_naive_full_model_loop(dec, single, stop):
     assert _Decoder(unrolled, single, len(PROMPTS)).model.cfg.scan_unroll == cfg.model.num_layers  # it took effect
 
 
-def test_fused_projections_decode_with_straight_layers_and_concatenate_once(dec, single, monkeypatch):
-    """model.fused_qkv / fused_mlp in decoding: kept only where the layers are straight code
-    (decode_scan_unroll >= num_layers), where the weights' concatenation is hoisted out of the
-    token loop (read from the compiled program); the same tokens as separate projections."""
+def test_fused_projections_decode_as_separate_ones(dec, single):
+    """A config trained with model.fused_qkv / fused_mlp decodes with separate projections (fused
+    ones copy the weights into one kernel: 22% slower a token on an H100), scanned or unrolled,
+    to the same tokens."""
     from t5x_lite.decoding import _Decoder
 
     cfg, params = dec
     m = dataclasses.replace(cfg.model, fused_qkv=True, fused_mlp=True)
-    scanned = dataclasses.replace(cfg, model=m)
-    straight = dataclasses.replace(cfg, model=dataclasses.replace(m, decode_scan_unroll=m.num_layers))
-    assert not _Decoder(scanned, single, 2).model.cfg.fused_qkv  # under the scan: separate projections
-    assert _Decoder(straight, single, 2).model.cfg.fused_qkv and _Decoder(straight, single, 2).model.cfg.fused_mlp
-    seen = []
-    build = _Decoder._build_sample
-
-    def recording(self, *a, **k):  # the sampling loop's program, and the shapes it was called with
-        fn = build(self, *a, **k)
-
-        def call(*args):
-            seen.append((fn, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args)))
-            return fn(*args)
-        return call
-
-    monkeypatch.setattr(_Decoder, "_build_sample", recording)
-    expect = generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single)
-    np.testing.assert_array_equal(generate(straight, params, PROMPTS, max_new_tokens=K, mesh=single), expect)
-    fn, args = seen[-1]
-    hlo = fn.lower(*args).compile().as_text()
-    body = re.search(r"body=%?([\w.\-]+)", hlo).group(1)
-    m = cfg.model  # the fused q / k / v kernel: [D, K, G + 2, H]
-    shape = rf"\[{m.d_model},{m.kv_heads},{m.num_heads // m.kv_heads + 2},{m.dim_per_head}\]\{{[\d,]*\}} concatenate\("
-    where = {}  # computation -> its text; a fusion's computation is where the fusion is called
-    for name, text in re.findall(r"\n(?:ENTRY )?%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S):
-        where[name] = text
-    concat = [n for n, t in where.items() if re.search(shape, t)]
-    assert len(concat) == m.num_layers, "one concatenation of the q / k / v weights a layer"
-    callers = {n for n, t in where.items() for c in concat if re.search(rf"calls=%?{re.escape(c)}\b", t)} | set(concat)
-    assert body not in callers, "the weights are concatenated inside the token loop"
+    for unroll in (0, m.num_layers):
+        fused = dataclasses.replace(cfg, model=dataclasses.replace(m, decode_scan_unroll=unroll))
+        model_cfg = _Decoder(fused, single, 2).model.cfg
+        assert not model_cfg.fused_qkv and not model_cfg.fused_mlp
+        np.testing.assert_array_equal(generate(fused, params, PROMPTS, max_new_tokens=K, mesh=single),
+                                      generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single))
 
 
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
