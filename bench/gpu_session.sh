@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh scan_flags  # ours: the scan's copies without unrolling (XLA flags); llama vs HF compiled (~7 min)
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
 #   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, XLA attention, graphs,
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, XLA attention,
+#                                         # stop checks every 8 / 32 tokens (loops of known length), graphs,
 #                                         # and a profile per generated token at batch 1 (~6 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
@@ -151,6 +152,7 @@ case $part in
   decode)
     # llama_1b decodes its 16 layers unrolled (model.decode_scan_unroll: 16); scan = the layer scan kept
     python bench/decode.py "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 --variant xla:model.attention=xla \
+      --variant stop8:model.decode_stop_every=8 --variant stop32:model.decode_stop_every=32 \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1
     # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \

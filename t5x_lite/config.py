@@ -134,6 +134,12 @@ class ModelConfig:
     # and the scan's loop costs between them (H100, llama_1b: 2.22 -> 2.01 ms a token at batch 1,
     # 3.21 -> 2.87 at 32, all 16 layers unrolled; compile 13 -> 39 s); training keeps scan_unroll.
     decode_scan_unroll: int = 0
+    # Generated tokens between two checks of whether every row has stopped (a stop id or the length).
+    # 1: every token, a loop XLA cannot count (on a GPU the host reads the answer back before it
+    # launches the next token); N > 1: N tokens at a time in a loop of known length, which XLA runs
+    # without reading anything back; once every row has stopped, up to N - 1 more tokens are computed
+    # and thrown away. The same tokens either way.
+    decode_stop_every: int = 1
     attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
     # Documents (segments) a packed row may hold: the packer's cap, and M of cuDNN's packed layout,
     # which keeps a float32 [B * M, heads, T] softmax statistic per layer. 0 = no cap (cuDNN, if
@@ -405,6 +411,9 @@ class Config:
                           "has one input projection (use swiglu or geglu, or fused_mlp=false)")
         if m.scan_unroll < 1:
             errors.append(f"model.scan_unroll={m.scan_unroll} must be >= 1 (layers per scan iteration)")
+        if m.decode_stop_every < 1:
+            errors.append(f"model.decode_stop_every={m.decode_stop_every} must be >= 1 (generated tokens between "
+                          "checks of whether every row has stopped)")
         if m.decode_scan_unroll < 0:
             errors.append(f"model.decode_scan_unroll={m.decode_scan_unroll} must be >= 0 (layers per scan "
                           "iteration when generating; 0: model.scan_unroll)")
@@ -620,7 +629,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 # How the model computes, not what it is: a run may continue with other values of these.
 COMPUTE_ONLY = frozenset({"model.attention", "model.remat", "model.scan_unroll", "model.decode_scan_unroll",
-                          "model.fused_qkv", "model.fused_mlp", "data.workers"})
+                          "model.decode_stop_every", "model.fused_qkv", "model.fused_mlp", "data.workers"})
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -394,20 +394,34 @@ class _Decoder:
                 "logits": jnp.zeros((b, k, v), jnp.float32) if output_logits else None,
             }
 
-            def body(c):
+            running = lambda c: (c["step"] < k) & ~jnp.all(c["done"])
+
+            def body(c, checked=True):  # checked: the loop's condition has just said `running(c)`
                 step, logits_BV = c["step"], c["state"]["logits"]
                 tok_B = next_token(logits_BV, jax.random.fold_in(key, step), sampling)
                 tok_B = jnp.where(c["done"], PAD_ID, tok_B)
                 logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tok_B[:, None], axis=-1)[:, 0]
-                out = dict(c, step=step + 1, state=self._step(params, c["state"], tok_B))
-                out["tokens"] = c["tokens"].at[:, step].set(tok_B)
-                out["logprobs"] = c["logprobs"].at[:, step].set(jnp.where(c["done"], 0.0, logp_B))
+                # False: a token of a block of decode_stop_every past the end (computed, thrown away)
+                live = jnp.bool_(True) if checked else running(c)
+                at = jnp.minimum(step, k - 1)
+
+                def put(out_BK, new_B):  # column `step` of the output, left as it is when not live
+                    old_B = jax.lax.dynamic_index_in_dim(out_BK, at, 1, keepdims=False)
+                    return jax.lax.dynamic_update_index_in_dim(out_BK, jnp.where(live, new_B, old_B), at, 1)
+
+                out = dict(c, step=step + live.astype(jnp.int32), state=self._step(params, c["state"], tok_B))
+                out["tokens"] = put(c["tokens"], tok_B)
+                out["logprobs"] = put(c["logprobs"], jnp.where(c["done"], 0.0, logp_B))
                 if output_logits:
-                    out["logits"] = c["logits"].at[:, step].set(logits_BV)
-                out["done"] = c["done"] | jnp.any(tok_B[:, None] == eos_id, axis=-1)
+                    out["logits"] = put(c["logits"], logits_BV)
+                out["done"] = c["done"] | (live & jnp.any(tok_B[:, None] == eos_id, axis=-1))
                 return out
 
-            c = jax.lax.while_loop(lambda c: (c["step"] < k) & ~jnp.all(c["done"]), body, carry)
+            # decode_stop_every tokens in a loop of known length between checks of `running`: XLA runs
+            # such a loop without reading its condition back to the host (model.decode_stop_every)
+            block = min(self.model.cfg.decode_stop_every, k)
+            blocked = body if block == 1 else lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c, False), c)
+            c = jax.lax.while_loop(running, blocked, carry)
             return (c["tokens"], c["logprobs"], c["logits"], c["step"]), c["state"]
 
         state_sh = self._state_shardings(state)

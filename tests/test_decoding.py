@@ -169,6 +169,48 @@ def test_fused_projections_decode_as_separate_ones(dec, single):
                                       generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single))
 
 
+def test_stop_checks_every_n_tokens_give_the_same_generation(dec, single, monkeypatch):
+    """model.decode_stop_every: N tokens at a time in a loop of known length between checks of
+    whether every row has stopped; the tokens computed past the stop are thrown away. The same
+    tokens, log-probabilities, logits and length as checking every token: with no stop id, with one
+    row stopping early, with every row stopping before K (the loop then ends mid-block), greedy
+    and sampled, N not dividing K and N above K."""
+    cfg, params = dec
+    free = generate_details(cfg, params, PROMPTS, K, eos_id=None, output_logits=True, mesh=single)
+    stops = sorted({int(free.tokens[i, 2 + i]) for i in range(len(PROMPTS))})  # row i stops by step 2 + i
+    every = lambda n: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_stop_every=n))
+    for eos in (None, stops[0], stops):
+        ref = generate_details(cfg, params, PROMPTS, K, eos_id=eos, output_logits=True, mesh=single)
+        got = generate_details(every(3), params, PROMPTS, K, eos_id=eos, output_logits=True, mesh=single)
+        assert got.tokens.shape == ref.tokens.shape
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        np.testing.assert_array_equal(got.logprobs, ref.logprobs)
+        np.testing.assert_array_equal(got.logits, ref.logits)
+    assert ref.tokens.shape[1] <= 2 + len(PROMPTS) < K  # the last case stopped every row early
+    sampled = dict(max_new_tokens=K, eos_id=stops, temperature=0.9, top_k=20, seed=4, mesh=single)
+    np.testing.assert_array_equal(generate(every(16), params, PROMPTS, **sampled),
+                                  generate(cfg, params, PROMPTS, **sampled))
+    # what it is for: the compiled token loop holds an inner loop whose trip count XLA knows (on a
+    # GPU it then runs without reading the condition back to the host between tokens)
+    from t5x_lite.decoding import _Decoder
+
+    seen = []
+    build = _Decoder._build_sample
+
+    def recording(self, *a, **kw):
+        fn = build(self, *a, **kw)
+
+        def call(*args):
+            seen.append((fn, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args)))
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(_Decoder, "_build_sample", recording)
+    generate(every(3), params, PROMPTS, max_new_tokens=K, eos_id=stops, mesh=single)
+    fn, args = seen[-1]
+    assert '"known_trip_count":{"n":"3"}' in fn.lower(*args).compile().as_text()
+
+
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
     cfg, params = dec
     batch = generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single)
