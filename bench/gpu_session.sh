@@ -13,7 +13,8 @@
 #   bash bench/gpu_session.sh unroll      # ours only: llama, t5, bert with the layers as straight code, a profile (~8 min)
 #   bash bench/gpu_session.sh scan_flags  # ours: the scan's copies without unrolling (XLA flags); llama vs HF compiled (~7 min)
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
-#   bash bench/gpu_session.sh t5_bert     # t5_base and bert_base: ours (+ variants) vs HF      (~8 min)
+#   bash bench/gpu_session.sh t5          # t5_base: ours, packed1 vs HF compiled (~8 min: unrolled layers' first steps)
+#   bash bench/gpu_session.sh bert        # bert_base: ours, packed1, rbg, fused q/k/v vs HF eager (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, XLA attention,
 #                                         # stop checks every 8 / 32 tokens (loops of known length), graphs,
 #                                         # and a profile per generated token at batch 1 (~6 min)
@@ -133,13 +134,12 @@ case $part in
       python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads $w --impls ours,hf_compile "${STEPS[@]}" \
         --json "$OUT/${w}_shipped.json" | tee "$OUT/${w}_shipped.txt" || failed=1
     done ;;
-  t5_bert)
-    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 "${STEPS[@]}" \
+  t5)  # t5_base's layers are unrolled since session 8: each row's first step is ~150 s (cuDNN builds)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours,hf_compile "${STEPS[@]}" \
       --variant packed1:model.max_segments=1 \
-      --variant packed32:model.max_segments=32 \
-      --variant fused:model.fused_qkv=true,model.fused_mlp=true \
-      --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1
-    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert "${STEPS[@]}" \
+      --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1 ;;
+  bert)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours,hf "${STEPS[@]}" \
       --variant packed1:model.max_segments=1 \
       --variant rbg:train.dropout_rng=rbg \
       --variant fused_qkv:model.fused_qkv=true \
