@@ -176,7 +176,7 @@ case $part in
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|t5_bert|decode|moe|report" >&2
+    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|bert|decode|moe|report" >&2
     echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac
