@@ -130,7 +130,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.profile:
-        from t5x_lite.benchmark import no_graphs_note
+        from t5x_lite.profiling import no_graphs_note
 
         no_graphs_note(print_to=sys.stderr)  # before the first device is asked for
     device = jax.devices()[0]

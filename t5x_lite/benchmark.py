@@ -160,29 +160,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def no_graphs_note(print_to) -> None:
-    """Profiling: XLA's command buffers (CUDA graphs) hide the instructions inside them from the
-    trace; turn them off for this process (XLA_FLAGS is read when the backend starts: before the
-    first device is asked for). A flag the user set is left as it is."""
-    from t5x_lite.profiling import NO_COMMAND_BUFFERS
-
-    try:  # jax's own (private) answer; without it, assume nothing started yet
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:
-        backends_are_initialized = lambda: False  # noqa: E731
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_command_buffer" in flags:
-        return
-    if backends_are_initialized():
-        print("note: --profile: the backend already started; on a GPU, command buffers (CUDA graphs) "
-              "stay on and hide the instructions inside them", file=print_to)
-        return
-    os.environ["XLA_FLAGS"] = f"{flags} {NO_COMMAND_BUFFERS}".strip()
-    print(f"note: --profile runs with {NO_COMMAND_BUFFERS} (XLA's CUDA graphs off, so that the trace "
-          "shows each kernel): on a GPU its timings are those of steps without graphs", file=print_to)
-
-
 def run_bench_cli(args) -> int:
     if args.steps < 1 or args.warmup < 1:
         raise ConfigError(f"--steps={args.steps} and --warmup={args.warmup} must be >= 1")
@@ -192,6 +169,8 @@ def run_bench_cli(args) -> int:
         raise ConfigError(f"--variant names must differ from each other and from 'default': {names[1:]}")
     cfgs = [(name, load_config(args.config, args.overrides + extra)) for name, extra in variants]  # all checked first
     if args.profile:
+        from t5x_lite.profiling import no_graphs_note
+
         no_graphs_note(print_to=sys.stderr)
     rows = []
     for name, cfg in cfgs:

@@ -66,6 +66,11 @@ KINDS = (
 )
 
 
+def first_match(table, text: str, default: Optional[str]) -> Optional[str]:
+    """The name of ``table``'s first ``(name, pattern)`` whose pattern occurs in ``text``."""
+    return next((name for name, pattern in table if pattern.search(text)), default)
+
+
 def op_names(hlo_text: str) -> dict[str, str]:
     """Instruction name -> op_name metadata, from a compiled module's text (``compiled.as_text()``)."""
     return {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m}
@@ -78,7 +83,7 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
         if not m:
             continue
         rest = _METADATA.sub("", m.group(2))  # its op_name would match (``transpose(jvp(...``)
-        kind = next((name for name, pattern in KINDS if pattern.search(rest)), None)
+        kind = first_match(KINDS, rest, None)
         if kind is None:
             op = _OPCODE.search(rest)
             kind = op.group(1) if op else "other"
@@ -98,12 +103,11 @@ def kind_of(hlo_op: str, kinds: dict[str, str]) -> str:
     say what they fuse: ``loop_dynamic_update_slice_fusion.21``), else "other"."""
     if hlo_op in kinds:
         return kinds[hlo_op]
-    return next((name for name, pattern in _KIND_BY_NAME if pattern.search(hlo_op)), "other")
+    return first_match(_KIND_BY_NAME, hlo_op, "other")
 
 
 def category(hlo_op: str, op_name: str) -> str:
-    key = f"{hlo_op} {op_name}"
-    return next((name for name, pattern in CATEGORIES if pattern.search(key)), OTHER)
+    return first_match(CATEGORIES, f"{hlo_op} {op_name}", OTHER)
 
 
 def trace_file(log_dir: str) -> str:
@@ -205,3 +209,24 @@ def format_summary(s: dict) -> str:
     for o in s["top_ops"]:
         lines.append(f"| {o['hlo_op']} | {o['ms']:.3f} | {o['category']} | {o['op_name'][-90:]} |")
     return "\n".join(lines)
+
+
+def no_graphs_note(print_to) -> None:
+    """Profiling: XLA's command buffers (CUDA graphs) hide the instructions inside them from the
+    trace; turn them off for this process (XLA_FLAGS is read when the backend starts: before the
+    first device is asked for). A flag the user set is left as it is."""
+    try:  # jax's own (private) answer; without it, assume nothing started yet
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        backends_are_initialized = lambda: False  # noqa: E731
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" in flags:
+        return
+    if backends_are_initialized():
+        print("note: --profile: the backend already started; on a GPU, command buffers (CUDA graphs) "
+              "stay on and hide the instructions inside them", file=print_to)
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {NO_COMMAND_BUFFERS}".strip()
+    print(f"note: --profile runs with {NO_COMMAND_BUFFERS} (XLA's CUDA graphs off, so that the trace "
+          "shows each kernel): on a GPU its timings are those of steps without graphs", file=print_to)
