@@ -352,13 +352,15 @@ def check_batch(cfg: Config, local_batch: dict) -> None:
         raise ValueError(f"data pipeline batch {got} does not match the train step's {expect}")
 
 
-def compile_train_step(setup: TrainSetup):
-    """AOT-compile the train step for the global batch of ``batch_shapes``."""
+def compile_train_step(setup: TrainSetup, compiler_options: Optional[dict] = None):
+    """AOT-compile the train step for the global batch of ``batch_shapes`` (``compiler_options``:
+    XLA options for this compile only, e.g. ``{"xla_gpu_enable_dynamic_slice_fusion": "true"}``)."""
     with setup.activation_context():
         shapes = batch_shapes(setup.cfg)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                     for k, v in shapes.items()}
-        return setup.train_step.lower(setup.abstract_state, abstract).compile()
+        lowered = setup.train_step.lower(setup.abstract_state, abstract)
+    return lowered.compile(compiler_options=compiler_options or None)
 
 
 def _cudnn_failure(error: Exception) -> bool:

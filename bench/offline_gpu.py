@@ -1,0 +1,194 @@
+"""Compile a train step (or the decoding loop) for an H100 on a machine without a GPU, and price
+every kernel of the compiled program (``t5x_lite/hlo_cost.py``): what a change does to a GPU step,
+read from the program XLA would run there, between GPU sessions.
+
+    bash bench/offline_gpu_env.sh                      # once: a Python 3.12 venv with jax 0.11.2 + CUDA plugin
+    OFFLINE=~/.cache/t5x_lite/offline_gpu/bin/python
+    $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml
+    $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --variant unroll:model.scan_unroll=16 \
+        --variant dsf:xla.xla_gpu_enable_dynamic_slice_fusion=true     # rows side by side
+    $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --decode 1   # the token loop, batch 1
+    python bench/offline_gpu.py --hlo runs/profile/step.hlo.txt        # any saved program (no plugin needed)
+
+A variant's ``xla.NAME=VALUE`` entries are XLA options for that compile only (``--xla_NAME``
+without the dashes); the others are config overrides. Nothing runs: XLA compiles against an H100's
+description (``H100_TARGET`` below: the same fusions, loops, copies and cuDNN calls as on the
+device, GEMM tilings not autotuned), and the estimate is a roofline per kernel (bandwidth 3.0
+TB/s, GEMMs 800 TFLOP/s, measured on an H100 by this project; see ``hlo_cost``). It is a guide to
+where time goes and to what a change removes, not a measurement: GPU figures come from the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# An H100 SXM's description for XLA (a stream_executor.GpuTargetConfigProto): the chip's published
+# figures, and the cuDNN of the device machine's jax 0.11.2 (9.x).
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/llama_1b.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another row: config overrides and xla.NAME=VALUE compiler options")
+    p.add_argument("--decode", type=int, default=0, metavar="BATCH",
+                   help="price the generation loop (greedy, --prompt-len + --new-tokens) at this batch, not training")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--hlo", default=None, help="price this saved program text instead of compiling one")
+    p.add_argument("--save-hlo", default=None, metavar="DIR", help="write each row's compiled program here")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def option_value(text: str):
+    """An XLA option's value as the compile call wants it: bool, int, float or string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_variant(overrides: list[str]) -> tuple[list[str], dict]:
+    """Config overrides and XLA compiler options (``xla.NAME=VALUE``) of one row."""
+    config, xla = [], {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("xla."):
+            xla[key[4:].lstrip("-")] = option_value(value)
+        else:
+            config.append(item)
+    return config, xla
+
+
+def h100_devices():
+    """Compile-only devices of an H100 (jax's CUDA plugin, no GPU needed), and jax patched to
+    answer its cuDNN checks for that device instead of the (absent) local one."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver here: skip the plugin's probe
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+    from jax._src import xla_bridge
+
+    try:
+        topology = xla_bridge.make_pjrt_topology("cuda", "", topology="1x1x1", target_config=H100_TARGET)
+    except Exception as e:  # no plugin: say how to get one
+        raise SystemExit(f"offline_gpu: jax's CUDA plugin is needed to compile for a GPU ({type(e).__name__}: "
+                         f"{str(e)[:200]}); run `bash bench/offline_gpu_env.sh` and use its python") from e
+    version = lambda c: tuple(int(x) for x in c.split("."))
+    fused.check_compute_capability = lambda c: version(c) <= (9, 0)
+    fused.is_cuda_compute_capability_equal = lambda c: version(c) == (9, 0)
+    from t5x_lite.models import layers
+
+    layers.on_gpu = lambda: True  # attention=auto takes the GPU's paths (cuDNN)
+    return topology._make_compile_only_devices()
+
+
+def compile_train(cfg, devices, xla: dict) -> str:
+    from t5x_lite import partitioning, trainer
+
+    mesh = partitioning.make_mesh(cfg, devices[:1] if cfg.mesh.fsdp == -1 else devices)
+    setup = trainer.make_setup(cfg, mesh)
+    return trainer.compile_train_step(setup, compiler_options=xla).as_text()
+
+
+def compile_decode(cfg, devices, xla: dict, batch: int, prompt_len: int, new_tokens: int) -> str:
+    """The sampling loop (greedy) after a prompt of ``prompt_len``: the program each token runs."""
+    import jax
+    import numpy as np
+
+    from t5x_lite import decoding, partitioning
+    from t5x_lite.models import abstract_params
+    import flax.linen as nn
+
+    mesh = partitioning.make_mesh(cfg, devices[:1])
+    dec = decoding._decoder(cfg, mesh, batch)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(abstract_params(cfg)), dec.param_shardings)
+    ids = tuple(jax.ShapeDtypeStruct((batch, prompt_len), np.int32, sharding=dec.batch) for _ in range(3))
+    prefill = dec._build_prefill(params, ids, new_tokens, decoding.BOS_ID)
+    with dec.context():
+        state = jax.eval_shape(prefill, params, *ids)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                         dec._state_shardings(state))
+    sample = dec._build_sample(state, new_tokens, output_logits=False, greedy=True)
+    rep = dec.replicated
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    sampling = decoding.Sampling(*(jax.ShapeDtypeStruct((), np.float32 if i != 1 else np.int32, sharding=rep)
+                                   for i in range(3)))
+    eos = jax.ShapeDtypeStruct((decoding.MAX_STOP_IDS,), np.int32, sharding=rep)
+    with dec.context():
+        lowered = sample.lower(params, state, key, sampling, eos)
+    return lowered.compile(compiler_options=xla or None).as_text()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from t5x_lite import hlo_cost
+
+    rows = []
+    if args.hlo:
+        with open(args.hlo) as f:
+            rows.append(("saved", hlo_cost.summarize(hlo_cost.kernel_costs(f.read()), args.top), 0.0))
+    else:
+        devices = h100_devices()
+        from t5x_lite.config import load_config, parse_variant
+
+        variants = [("default", [])] + [parse_variant(v) for v in args.variant]
+        for name, overrides in variants:
+            config_overrides, xla = split_variant(overrides)
+            cfg = load_config(os.path.join(ROOT, args.config) if not os.path.isabs(args.config) else args.config,
+                              args.overrides + config_overrides)
+            t0 = time.perf_counter()
+            if args.decode:
+                text = compile_decode(cfg, devices, xla, args.decode, args.prompt_len, args.new_tokens)
+            else:
+                text = compile_train(cfg, devices, xla)
+            compile_s = time.perf_counter() - t0
+            if args.save_hlo:
+                os.makedirs(args.save_hlo, exist_ok=True)
+                with open(os.path.join(args.save_hlo, f"{name}.hlo.txt"), "w") as f:
+                    f.write(text)
+            rows.append((name, hlo_cost.summarize(hlo_cost.kernel_costs(text), args.top), compile_s))
+    for name, summary, compile_s in rows:
+        print(hlo_cost.format_summary(summary, title=f"[{name}] compiled in {compile_s:.0f} s; "))
+        print()
+    if len(rows) > 1:
+        base = rows[0][1]
+        print("rows against default: estimated ms a step, kernel runs, GB moved")
+        for name, s, _ in rows:
+            print(f"  {name:24s} {s['ms']:9.1f} ms ({s['ms'] - base['ms']:+.1f}) {s['kernels']:7d} "
+                  f"({s['kernels'] - base['kernels']:+d}) {s['gbytes']:8.1f} GB ({s['gbytes'] - base['gbytes']:+.1f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "overrides": args.overrides, "decode_batch": args.decode,
+                       "rows": [dict(name=n, compile_s=round(c, 1), **s) for n, s, c in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""A static cost model of a compiled XLA program: every kernel it launches, what it reads and
+writes, its FLOPs, and an estimate of its time, read from the optimized module's text.
+
+Most sessions of this project have no GPU. XLA can still compile for one without it: given an
+H100's description (``bench/offline_gpu.py`` does this), the compiled program is the one a GPU
+would run (the same fusions, copies, loops and cuDNN calls), only its GEMM tilings are not
+autotuned. This module reads that program and prices each kernel with a roofline:
+
+    time = max(bytes / bandwidth, FLOPs / peak) + launch     (per kernel, times its runs a step)
+
+* **kernels**: the instructions of the entry computation and of the loops, conditionals and
+  calls it runs (a while body counted ``known_trip_count`` times, its condition once more);
+  parameters, tuples, bitcasts and constants launch nothing.
+* **bytes**: each operand and result once; a fusion that only slices an operand (the layer scan's
+  ``dynamic-slice`` of a stacked ``[L, ...]`` buffer) reads the slice, and one whose result is a
+  ``dynamic-update-slice`` of an operand writes the update in place.
+* **FLOPs**: ``2 x result x contracted`` for each dot (inside Triton GEMM fusions too); cuDNN
+  attention ``4 B N T S H`` forward (half when causal) and 2.5x that backward.
+
+It does not know caches, overlap between streams or how well a kernel is tuned: it is a guide
+to where a step's time can go and what a change removes (the same program with and without
+it), not a measurement. ``calibrate`` in ``docs/PERFORMANCE.md`` compares it with the profiled
+step of session 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional
+
+from t5x_lite.profiling import category
+
+# H100 SXM figures this project measured (docs/PERFORMANCE.md, 2026-11-23): AdamW's update and the
+# SwiGLU fusions stream at ~3.0-3.2 TB/s, the MLP GEMMs run at ~800 TFLOP/s; cuDNN's flash
+# attention is taken at 500 forward / 400 backward; ~1.5 us a kernel for the launch and tail.
+H100 = {"bandwidth": 3.0e12, "gemm_flops": 800e12, "attention_fwd_flops": 500e12, "attention_bwd_flops": 400e12,
+        "launch_s": 1.5e-6}
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_CALLED = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_DIMS = {name: re.compile(name + r"=\{([\d,]*)\}") for name in ("lhs_contracting_dims", "lhs_batch_dims")}
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"(?:,"custom_fusion_config":\{"name":"([^"]+)")?')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Instructions that launch nothing: they name, group or alias buffers.
+_FREE = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
+                   "replica-id", "opt-barrier", "add-dependency"})
+_FUSIONS = frozenset({"fusion", "fusion-start"})  # XLA 0.11 runs some fusions asynchronously: start ... done
+_CONTAINERS = frozenset({"while", "conditional", "call"})
+_SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str
+    opcode: str
+    operands: list
+    attrs: str
+    root: bool = False
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instructions: list
+    entry: bool = False
+
+    def __post_init__(self):
+        self.by_name = {i.name: i for i in self.instructions}
+
+    @property
+    def root(self) -> Instruction:
+        return next((i for i in self.instructions if i.root), self.instructions[-1])
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of every array in an HLO shape (tuples summed; layouts ignored)."""
+    return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(shape))
+
+
+def shape_dims(shape: str) -> list[int]:
+    """The dimensions of the first array in an HLO shape."""
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced parentheses in {text[:200]!r}")
+
+
+def parse_instruction(line: str) -> Optional[Instruction]:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    rest = m.group(3)
+    if rest.startswith("("):  # a tuple shape
+        end = _closing(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    paren = rest.find("(")
+    if paren < 0:
+        return None
+    opcode = rest[:paren].strip()
+    end = _closing(rest, paren)
+    return Instruction(name=m.group(2), shape=shape, opcode=opcode, operands=_OPERAND.findall(rest[paren:end]),
+                       attrs=rest[end + 1:], root=bool(m.group(1)))
+
+
+def parse_module(text: str) -> dict[str, Computation]:
+    """Computation name -> ``Computation``, from ``compiled.as_text()`` (or any HLO module text)."""
+    comps, current, instructions, entry = {}, None, [], False
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m and not line.startswith("HloModule"):
+                current, instructions, entry = m.group(2), [], bool(m.group(1))
+            continue
+        if line.startswith("}"):
+            comps[current] = Computation(current, instructions, entry)
+            current = None
+            continue
+        instr = parse_instruction(line)
+        if instr is not None:
+            instructions.append(instr)
+    return comps
+
+
+def entry_computation(comps: dict[str, Computation]) -> Computation:
+    entries = [c for c in comps.values() if c.entry]
+    if not entries:
+        raise ValueError("the module text has no ENTRY computation")
+    return entries[0]
+
+
+def kernels(comps: dict[str, Computation]) -> list[tuple[Instruction, Computation, float]]:
+    """``(instruction, its computation, runs a step)`` for every instruction that launches work,
+    walking from the entry through while loops (``known_trip_count`` runs of the body, one more
+    of the condition; 1 when XLA does not know it), conditionals (each branch counted once: an
+    upper bound) and calls."""
+    out = []
+
+    def walk(comp: Computation, runs: float, depth: int = 0):
+        if depth > 50:
+            raise ValueError("computations nest deeper than 50: a cycle?")
+        for instr in comp.instructions:
+            if instr.opcode in _CONTAINERS:
+                called = dict((k, v) for k, v in _CALLED.findall(instr.attrs))
+                if instr.opcode == "while":
+                    trip = _TRIP.search(instr.attrs)
+                    n = int(trip.group(1)) if trip else 1
+                    walk(comps[called["body"]], runs * n, depth + 1)
+                    walk(comps[called["condition"]], runs * (n + 1), depth + 1)
+                elif instr.opcode == "conditional":
+                    names = [b.strip().lstrip("%") for b in _BRANCHES.search(instr.attrs).group(1).split(",")] \
+                        if _BRANCHES.search(instr.attrs) else [called[k] for k in ("true_computation",
+                                                                                    "false_computation")]
+                    for name in names:
+                        walk(comps[name], runs, depth + 1)
+                else:
+                    walk(comps[called["to_apply"]], runs, depth + 1)
+            elif instr.opcode not in _FREE and not instr.opcode.endswith("-done"):  # an async op's work: its start
+                out.append((instr, comp, runs))
+    walk(entry_computation(comps), 1.0)
+    return out
+
+
+def _fusion_bytes(instr: Instruction, comp: Computation, body: Computation) -> float:
+    """Bytes a fusion moves: operands sliced inside it count their slices, an operand updated in
+    place (a ``dynamic-update-slice`` result) counts nothing, the result the update only."""
+    params = {i.name: i for i in body.instructions if i.opcode == "parameter"}
+    users: dict[str, list[Instruction]] = {name: [] for name in params}
+    for i in body.instructions:
+        for op in i.operands:
+            if op in users:
+                users[op].append(i)
+    root = _root(body)
+    updates = [root] if root.opcode == "dynamic-update-slice" else (
+        [body.by_name[o] for o in root.operands if o in body.by_name and body.by_name[o].opcode == "dynamic-update-slice"]
+        if root.opcode == "tuple" else [])
+    in_place = {u.operands[0] for u in updates if u.operands}
+    total = 0.0
+    for name, p in params.items():
+        if name in in_place:
+            continue
+        used = users[name]
+        if used and all(u.opcode in _SLICING and u.operands and u.operands[0] == name for u in used):
+            total += sum(shape_bytes(u.shape) for u in used)
+        else:
+            total += shape_bytes(p.shape)
+    if updates:
+        total += sum(shape_bytes(body.by_name[u.operands[1]].shape) for u in updates
+                     if len(u.operands) > 1 and u.operands[1] in body.by_name)
+        if root.opcode == "tuple":  # the other results, written whole
+            total += sum(shape_bytes(body.by_name[o].shape) for o in root.operands
+                         if o in body.by_name and body.by_name[o] not in updates)
+    else:
+        total += shape_bytes(body.root.shape if instr.opcode == "fusion-start" else instr.shape)
+    return total
+
+
+def _dot_flops(dot: Instruction, comp: Computation) -> float:
+    lhs = comp.by_name.get(dot.operands[0]) if dot.operands else None
+    if lhs is None:
+        return 0.0
+    dims = shape_dims(lhs.shape)
+    m = _DIMS["lhs_contracting_dims"].search(dot.attrs)
+    contracted = math.prod(dims[int(d)] for d in m.group(1).split(",") if d) if m else 1
+    return 2.0 * math.prod(shape_dims(dot.shape)) * contracted
+
+
+def _fusion_flops(body: Computation, comps: dict[str, Computation], depth: int = 0) -> float:
+    flops = 0.0
+    for i in body.instructions:
+        if i.opcode == "dot":
+            flops += _dot_flops(i, body)
+        elif i.opcode in _FUSIONS and depth < 5:
+            called = dict(_CALLED.findall(i.attrs)).get("calls")
+            if called in comps:
+                flops += _fusion_flops(comps[called], comps, depth + 1)
+    return flops
+
+
+def _attention_flops(instr: Instruction, comp: Computation) -> float:
+    """cuDNN flash attention: ``4 B N T S H`` forward (q ``[B, T, N, H]``, k ``[B, S, K, H]``), half
+    of it under a causal mask, 2.5x backward (scores again, then four products)."""
+    q, k = (comp.by_name.get(o) for o in instr.operands[:2])
+    if q is None or k is None:
+        return 0.0
+    qd, kd = shape_dims(q.shape), shape_dims(k.shape)
+    if len(qd) != 4 or len(kd) != 4:
+        return 0.0
+    flops = 4.0 * qd[0] * qd[2] * qd[1] * kd[1] * qd[3]
+    if re.search(r'"mask_type":"(PADDING_)?CAUSAL"', instr.attrs):
+        flops /= 2
+    return flops * (2.5 if "Backward" in instr.attrs else 1.0)
+
+
+def _root(body: Computation) -> Instruction:
+    root = body.root
+    while root.opcode == "bitcast" and root.operands and root.operands[0] in body.by_name:
+        root = body.by_name[root.operands[0]]
+    return root
+
+
+def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
+    """What kind of kernel ``instr`` is (``body``: the computation a fusion calls): the rows of
+    the cost table."""
+    if instr.opcode == "custom-call":
+        target = (_TARGET.search(instr.attrs) or [None, ""])[1]
+        if "fmha" in target or "cudnn" in target:
+            return "attention (cuDNN)"
+        if "cublas" in target or "gemm" in target:
+            return "matmul"
+        return f"custom-call {target}"
+    if instr.opcode in _FUSIONS:
+        if body is not None and _root(body).opcode == "dynamic-update-slice":
+            return "copies: updates of stacked buffers"
+        if body is not None and any(i.opcode == "dot" for i in body.instructions):
+            return "matmul"
+        m = _FUSION_KIND.search(instr.attrs)
+        backend = m.group(1) if m else ""
+        if "gemm" in backend:
+            return "matmul"
+        if m and m.group(2) and "dynamic_slice" in m.group(2):
+            return "copies: slices of stacked buffers"
+        if backend == "__triton":
+            return "Triton fusions (norms, softmax)"
+        if "dynamic_update_slice" in instr.name or "dynamic-update-slice" in instr.name:
+            return "copies: updates of stacked buffers"
+        if "dynamic_slice" in instr.name:
+            return "copies: slices of stacked buffers"
+        if "kind=kInput" in instr.attrs:
+            return "reductions (fusions)"
+        return "elementwise (fusions)"
+    if instr.opcode == "dot":
+        return "matmul"
+    if instr.opcode in ("copy", "copy-start", "copy-done", "transpose", "concatenate", "slice", "dynamic-slice",
+                        "dynamic-update-slice", "pad"):
+        return "copies: " + instr.opcode
+    if instr.opcode in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute") or \
+            instr.opcode.endswith(("-start", "-done")):
+        return "collectives"
+    return instr.opcode
+
+
+@dataclasses.dataclass
+class KernelCost:
+    name: str
+    kind: str
+    category: str
+    runs: float
+    bytes: float  # one run
+    flops: float  # one run
+    seconds: float  # one run, by the roofline
+    op_name: str
+
+
+def kernel_costs(text: str, machine: Optional[dict] = None) -> list[KernelCost]:
+    """One ``KernelCost`` per kernel-launching instruction of the compiled module ``text``."""
+    machine = dict(H100, **(machine or {}))
+    comps = parse_module(text)
+    out = []
+    for instr, comp, runs in kernels(comps):
+        flops, body = 0.0, None
+        if instr.opcode in _FUSIONS:
+            body = comps.get(dict(_CALLED.findall(instr.attrs)).get("calls"))
+        k = kind(instr, body)
+        if body is not None:
+            nbytes = _fusion_bytes(instr, comp, body)
+            flops = _fusion_flops(body, comps)
+        else:
+            nbytes = shape_bytes(instr.shape) + sum(shape_bytes(comp.by_name[o].shape) for o in instr.operands
+                                                    if o in comp.by_name)
+            if instr.opcode == "dot":
+                flops = _dot_flops(instr, comp)
+        if k == "attention (cuDNN)":
+            flops = _attention_flops(instr, comp)
+            peak = machine["attention_bwd_flops" if "Backward" in instr.attrs else "attention_fwd_flops"]
+        else:
+            peak = machine["gemm_flops"]
+        seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
+        op = _OP_NAME.search(instr.attrs)
+        op_name = op.group(1) if op else ""
+        out.append(KernelCost(instr.name, k, category(instr.name, op_name), runs, nbytes, flops, seconds, op_name))
+    return out
+
+
+def summarize(costs: list[KernelCost], top: int = 25) -> dict:
+    """Totals a step: kernels launched, bytes, FLOPs, estimated ms; by kind and by category (the
+    profile's categories, ``t5x_lite.profiling``); the costliest instructions."""
+    def rollup(key):
+        acc: dict[str, dict] = {}
+        for c in costs:
+            row = acc.setdefault(getattr(c, key), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
+            row["ms"] += c.seconds * c.runs * 1e3
+            row["kernels"] += c.runs
+            row["gbytes"] += c.bytes * c.runs / 1e9
+            row["tflops"] += c.flops * c.runs / 1e12
+        rows = [dict(name=k, **{f: round(v, 3) for f, v in row.items()}) for k, row in acc.items()]
+        return sorted(rows, key=lambda r: -r["ms"])
+
+    ranked = sorted(costs, key=lambda c: -c.seconds * c.runs)
+    return {
+        "ms": round(sum(c.seconds * c.runs for c in costs) * 1e3, 3),
+        "kernels": round(sum(c.runs for c in costs)),
+        "gbytes": round(sum(c.bytes * c.runs for c in costs) / 1e9, 3),
+        "tflops": round(sum(c.flops * c.runs for c in costs) / 1e12, 3),
+        "kinds": rollup("kind"),
+        "categories": rollup("category"),
+        "top": [{"name": c.name, "kind": c.kind, "runs": c.runs, "ms": round(c.seconds * c.runs * 1e3, 3),
+                 "mbytes": round(c.bytes / 1e6, 2), "gflops": round(c.flops / 1e9, 2), "op_name": c.op_name[-120:]}
+                for c in ranked[:top]],
+    }
+
+
+def format_summary(s: dict, title: str = "") -> str:
+    lines = [f"{title}estimated {s['ms']:.1f} ms a step: {s['kernels']} kernel runs, {s['gbytes']:.1f} GB moved, "
+             f"{s['tflops']:.2f} TFLOP"]
+    for section in ("kinds", "categories"):
+        lines.append(f"  by {section[:-1] if section == 'kinds' else 'category'}:")
+        for r in s[section]:
+            lines.append(f"    {r['name'][:44]:44s} {r['ms']:9.2f} ms {r['kernels']:8.0f} runs {r['gbytes']:9.2f} GB "
+                         f"{r['tflops']:8.2f} TFLOP")
+    lines.append("  costliest:")
+    for r in s["top"]:
+        lines.append(f"    {r['ms']:8.2f} ms {r['runs']:5.0f}x {r['kind'][:26]:26s} {r['name'][:36]:36s} {r['op_name'][-60:]}")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""The static cost model of compiled programs (t5x_lite/hlo_cost.py): kernels, bytes, FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from t5x_lite import hlo_cost
+
+# A compiled GPU module's shapes of text (XLA 0.11): a layer loop of known trip count whose body
+# runs a Triton GEMM, writes its result into a stacked buffer in place (an asynchronous fusion),
+# reads one layer of another stacked buffer, and calls cuDNN's causal attention and its backward.
+MODULE = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[4,8,16]{2,1,0})->f32[]}
+
+%gemm_computation (parameter_0: bf16[32,64], parameter_1: bf16[64,128]) -> bf16[32,128] {
+  %parameter_0 = bf16[32,64]{1,0} parameter(0)
+  %parameter_1 = bf16[64,128]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[32,128]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_dus (param_0: bf16[4,32,128], param_1: s32[], param_2: bf16[32,128]) -> bf16[4,32,128] {
+  %param_0 = bf16[4,32,128]{2,1,0} parameter(0)
+  %param_2 = bf16[32,128]{1,0} parameter(2)
+  %bitcast.2 = bf16[1,32,128]{2,1,0} bitcast(%param_2)
+  %param_1 = s32[] parameter(1)
+  %constant_0 = s32[] constant(0)
+  ROOT %dynamic-update-slice.3 = bf16[4,32,128]{2,1,0} dynamic-update-slice(%param_0, %bitcast.2, %param_1, %constant_0, %constant_0)
+}
+
+%fused_ds (param_0.1: f32[4,32,64], param_1.1: s32[]) -> bf16[32,64] {
+  %param_0.1 = f32[4,32,64]{2,1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %constant_1 = s32[] constant(0)
+  %dynamic-slice.4 = f32[1,32,64]{2,1,0} dynamic-slice(%param_0.1, %param_1.1, %constant_1, %constant_1), dynamic_slice_sizes={1,32,64}
+  %bitcast.5 = f32[32,64]{1,0} bitcast(%dynamic-slice.4)
+  ROOT %convert.6 = bf16[32,64]{1,0} convert(%bitcast.5)
+}
+
+%body (p: (s32[], f32[4,32,64], bf16[4,32,128], bf16[64,128], bf16[2,16,4,8])) -> (s32[], f32[4,32,64], bf16[4,32,128], bf16[64,128], bf16[2,16,4,8]) {
+  %p = (s32[], f32[4,32,64]{2,1,0}, bf16[4,32,128]{2,1,0}, bf16[64,128]{1,0}, bf16[2,16,4,8]{3,2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %stack = f32[4,32,64]{2,1,0} get-tuple-element(%p), index=1
+  %out = bf16[4,32,128]{2,1,0} get-tuple-element(%p), index=2
+  %w = bf16[64,128]{1,0} get-tuple-element(%p), index=3
+  %q = bf16[2,16,4,8]{3,2,1,0} get-tuple-element(%p), index=4
+  %loop_dynamic_slice_fusion = bf16[32,64]{1,0} fusion(%stack, %i), kind=kLoop, calls=%fused_ds, metadata={op_name="jit(step)/layers/mlp/dynamic_slice"}
+  %gemm_fusion_dot.7 = bf16[32,128]{1,0} fusion(%loop_dynamic_slice_fusion, %w), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/layers/mlp/wi_0/dot_general"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %fusion-start.8 = ((bf16[4,32,128]{2,1,0}, s32[], bf16[32,128]{1,0}), bf16[4,32,128]{2,1,0}, u32[]) fusion-start(%out, %i, %gemm_fusion_dot.7), kind=kLoop, calls=%fused_dus
+  %fusion-done.8 = bf16[4,32,128]{2,1,0} fusion-done(%fusion-start.8)
+  %attention_fwd.9 = (bf16[2,16,4,8]{3,2,1,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/layers/self_attention/dot_product_attention_fwd"}, backend_config={"cudnn_fmha_backend_config":{"mask_type":"CAUSAL"}}
+  %attention_bwd.10 = (bf16[2,16,4,8]{3,2,1,0}, bf16[2,16,4,8]{3,2,1,0}, bf16[2,16,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward", backend_config={"cudnn_fmha_backend_config":{"mask_type":"NO_MASK"}}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[4,32,64]{2,1,0}, bf16[4,32,128]{2,1,0}, bf16[64,128]{1,0}, bf16[2,16,4,8]{3,2,1,0}) tuple(%next, %stack, %fusion-done.8, %w, %q)
+}
+
+%cond (p.1: (s32[], f32[4,32,64], bf16[4,32,128], bf16[64,128], bf16[2,16,4,8])) -> pred[] {
+  %p.1 = (s32[], f32[4,32,64]{2,1,0}, bf16[4,32,128]{2,1,0}, bf16[64,128]{1,0}, bf16[2,16,4,8]{3,2,1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %four = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i.1, %four), direction=LT
+}
+
+ENTRY %main (a: f32[4,32,64], b: bf16[4,32,128], w: bf16[64,128], q: bf16[2,16,4,8]) -> bf16[4,32,128] {
+  %a = f32[4,32,64]{2,1,0} parameter(0)
+  %b = bf16[4,32,128]{2,1,0} parameter(1)
+  %w.1 = bf16[64,128]{1,0} parameter(2)
+  %q.1 = bf16[2,16,4,8]{3,2,1,0} parameter(3)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,32,64]{2,1,0}, bf16[4,32,128]{2,1,0}, bf16[64,128]{1,0}, bf16[2,16,4,8]{3,2,1,0}) tuple(%zero, %a, %b, %w.1, %q.1)
+  %while = (s32[], f32[4,32,64]{2,1,0}, bf16[4,32,128]{2,1,0}, bf16[64,128]{1,0}, bf16[2,16,4,8]{3,2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"},"known_init_step":{"init":"0","step":"1"}}
+  ROOT %result = bf16[4,32,128]{2,1,0} get-tuple-element(%while), index=2
+}
+"""
+
+
+def by_name(costs):
+    return {c.name: c for c in costs}
+
+
+def test_kernels_and_their_runs():
+    costs = by_name(hlo_cost.kernel_costs(MODULE))
+    # launched: the slice, the GEMM, the async update (its start), both attention calls, the
+    # counter's add (body, 4 runs) and the condition's compare (5 runs); tuples, parameters,
+    # bitcasts, constants and the done half of the async pair launch nothing
+    assert set(costs) == {"loop_dynamic_slice_fusion", "gemm_fusion_dot.7", "fusion-start.8", "attention_fwd.9",
+                          "attention_bwd.10", "next", "lt"}
+    assert {n: c.runs for n, c in costs.items()} == {"loop_dynamic_slice_fusion": 4, "gemm_fusion_dot.7": 4,
+                                                     "fusion-start.8": 4, "attention_fwd.9": 4,
+                                                     "attention_bwd.10": 4, "next": 4, "lt": 5}
+
+
+def test_bytes_count_slices_and_in_place_updates():
+    costs = by_name(hlo_cost.kernel_costs(MODULE))
+    # the slice fusion reads one layer of the f32 stack (32 x 64 x 4) and writes it as bf16, not the whole stack
+    assert costs["loop_dynamic_slice_fusion"].bytes == 32 * 64 * 4 + 4 + 32 * 64 * 2
+    # the in-place update reads its source (32 x 128 bf16) and the index, writes the update only
+    assert costs["fusion-start.8"].bytes == 32 * 128 * 2 + 4 + 32 * 128 * 2
+    assert costs["fusion-start.8"].kind == "copies: updates of stacked buffers"
+    # a GEMM reads both operands and writes its result
+    assert costs["gemm_fusion_dot.7"].bytes == (32 * 64 + 64 * 128 + 32 * 128) * 2
+
+
+def test_flops_of_gemms_and_attention():
+    costs = by_name(hlo_cost.kernel_costs(MODULE))
+    assert costs["gemm_fusion_dot.7"].kind == "matmul"
+    assert costs["gemm_fusion_dot.7"].flops == 2 * 32 * 128 * 64
+    # q [B 2, T 16, N 4, H 8]: 4 B N T S H, half under the causal mask; backward 2.5x the full count
+    full = 4 * 2 * 4 * 16 * 16 * 8
+    assert costs["attention_fwd.9"].flops == full / 2
+    assert costs["attention_bwd.10"].flops == 2.5 * full
+    assert costs["attention_fwd.9"].kind == "attention (cuDNN)"
+
+
+def test_roofline_time_and_summary():
+    machine = {"bandwidth": 1e9, "gemm_flops": 1e12, "launch_s": 1e-6}
+    costs = hlo_cost.kernel_costs(MODULE, machine)
+    gemm = by_name(costs)["gemm_fusion_dot.7"]
+    assert gemm.seconds == pytest.approx(max(gemm.bytes / 1e9, gemm.flops / 1e12) + 1e-6)
+    s = hlo_cost.summarize(costs)
+    assert s["kernels"] == 4 * 6 + 5
+    assert s["ms"] == pytest.approx(sum(c.seconds * c.runs for c in costs) * 1e3, abs=1e-3)  # rounded to us
+    kinds = {r["name"]: r for r in s["kinds"]}
+    assert kinds["matmul"]["kernels"] == 4
+    assert "estimated" in hlo_cost.format_summary(s)
+
+
+def test_unknown_trip_count_counts_once_and_missing_entry_is_an_error():
+    text = MODULE.replace('backend_config={"known_trip_count":{"n":"4"},"known_init_step":{"init":"0","step":"1"}}', "")
+    assert by_name(hlo_cost.kernel_costs(text))["gemm_fusion_dot.7"].runs == 1
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo_cost.kernel_costs(MODULE.replace("ENTRY %main", "%main"))
+
+
+def test_flops_of_a_compiled_program_match_the_dots():
+    """On a real compiled module (this CPU's): the FLOPs of its dots, counted from the text, are
+    those of the matmuls the function holds, inside a scanned loop too."""
+    def f(x, ws):
+        def layer(h, w):
+            return jnp.tanh(h @ w), None
+        h, _ = jax.lax.scan(layer, x, ws)
+        return (h @ ws[0].T).sum()
+
+    x = jnp.ones((16, 32), jnp.float32)
+    ws = jnp.ones((3, 32, 32), jnp.float32)
+    text = jax.jit(f).lower(x, ws).compile().as_text()
+    flops = sum(c.flops * c.runs for c in hlo_cost.kernel_costs(text))
+    assert flops == 4 * 2 * 16 * 32 * 32
+
+
+def load_offline_gpu():
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("offline_gpu", os.path.join(root, "bench", "offline_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_gpu_variants_split_config_from_xla_options():
+    bench = load_offline_gpu()
+    config, xla = bench.split_variant(["model.scan_unroll=16", "xla.xla_gpu_enable_dynamic_slice_fusion=true",
+                                       "xla.--xla_gpu_autotune_level=1", "xla.xla_dump_to=/tmp/x"])
+    assert config == ["model.scan_unroll=16"]
+    assert xla == {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_autotune_level": 1, "xla_dump_to": "/tmp/x"}
+
+
+def test_offline_gpu_prices_a_saved_program(tmp_path, capsys):
+    bench = load_offline_gpu()
+    hlo = tmp_path / "step.hlo.txt"
+    hlo.write_text(MODULE)
+    out = tmp_path / "cost.json"
+    assert bench.main(["--hlo", str(hlo), "--json", str(out), "--top", "3"]) == 0
+    import json
+
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["name"] == "saved" and row["kernels"] == 29 and len(row["top"]) == 3
+    assert "estimated" in capsys.readouterr().out
+
+
+def test_offline_gpu_without_the_cuda_plugin_says_how_to_get_it():
+    import importlib.util
+
+    bench = load_offline_gpu()
+    if importlib.util.find_spec("jax_plugins") is not None:
+        pytest.skip("this environment has jax's CUDA plugin")  # CI's has CPU jax only
+    with pytest.raises(SystemExit, match="offline_gpu_env.sh"):
+        bench.h100_devices()
