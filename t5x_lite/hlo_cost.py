@@ -33,9 +33,10 @@ from typing import Optional
 from t5x_lite.profiling import category
 
 # H100 SXM figures this project measured (docs/PERFORMANCE.md, 2026-11-23): AdamW's update and the
-# SwiGLU fusions stream at ~3.0-3.2 TB/s, the MLP GEMMs run at ~800 TFLOP/s; cuDNN's flash
-# attention is taken at 500 forward / 400 backward; ~1.5 us a kernel for the launch and tail.
-H100 = {"bandwidth": 3.0e12, "gemm_flops": 800e12, "attention_fwd_flops": 500e12, "attention_bwd_flops": 400e12,
+# SwiGLU fusions stream at ~3.0-3.2 TB/s, llama_1b's MLP GEMMs run at ~800 TFLOP/s, and one
+# llama_1b layer's cuDNN attention (8 x 2048, causal, forward + backward) takes 1.57 ms, which
+# 400 TFLOP/s forward and 300 backward reproduce; ~1.5 us a kernel for the launch and tail.
+H100 = {"bandwidth": 3.0e12, "gemm_flops": 800e12, "attention_fwd_flops": 400e12, "attention_bwd_flops": 300e12,
         "launch_s": 1.5e-6}
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -247,7 +248,7 @@ def _attention_flops(instr: Instruction, comp: Computation) -> float:
     if len(qd) != 4 or len(kd) != 4:
         return 0.0
     flops = 4.0 * qd[0] * qd[2] * qd[1] * kd[1] * qd[3]
-    if re.search(r'"mask_type":"(PADDING_)?CAUSAL"', instr.attrs):
+    if re.search(r'"mask_type":\s*"(PADDING_)?CAUSAL"', instr.attrs):
         flops /= 2
     return flops * (2.5 if "Backward" in instr.attrs else 1.0)
 
@@ -342,13 +343,21 @@ def kernel_costs(text: str, machine: Optional[dict] = None) -> list[KernelCost]:
     return out
 
 
+def group(c: KernelCost) -> str:
+    """The same work in every layer under one name: the kind and the op's last three scopes with
+    layer numbers taken out (``layers_3`` and ``layers_11`` alike), so that an unrolled stack's 16
+    copies of a kernel add up as a scanned stack's one kernel run 16 times does."""
+    scopes = re.sub(r"layers_\d+", "layers", "/".join(c.op_name.split("/")[-3:])) or re.sub(r"\.\d+$", "", c.name)
+    return f"{c.kind[:24]}: {scopes}"
+
+
 def summarize(costs: list[KernelCost], top: int = 25) -> dict:
-    """Totals a step: kernels launched, bytes, FLOPs, estimated ms; by kind and by category (the
-    profile's categories, ``t5x_lite.profiling``); the costliest instructions."""
+    """Totals a step: kernels launched, bytes, FLOPs, estimated ms; by kind, by category (the
+    profile's categories, ``t5x_lite.profiling``) and by ``group``; the costliest instructions."""
     def rollup(key):
         acc: dict[str, dict] = {}
         for c in costs:
-            row = acc.setdefault(getattr(c, key), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
+            row = acc.setdefault(group(c) if key == "group" else getattr(c, key), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
             row["ms"] += c.seconds * c.runs * 1e3
             row["kernels"] += c.runs
             row["gbytes"] += c.bytes * c.runs / 1e9
@@ -364,6 +373,7 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
         "tflops": round(sum(c.flops * c.runs for c in costs) / 1e12, 3),
         "kinds": rollup("kind"),
         "categories": rollup("category"),
+        "groups": rollup("group")[:top],
         "top": [{"name": c.name, "kind": c.kind, "runs": c.runs, "ms": round(c.seconds * c.runs * 1e3, 3),
                  "mbytes": round(c.bytes / 1e6, 2), "gflops": round(c.flops / 1e9, 2), "op_name": c.op_name[-120:]}
                 for c in ranked[:top]],
@@ -378,7 +388,10 @@ def format_summary(s: dict, title: str = "") -> str:
         for r in s[section]:
             lines.append(f"    {r['name'][:44]:44s} {r['ms']:9.2f} ms {r['kernels']:8.0f} runs {r['gbytes']:9.2f} GB "
                          f"{r['tflops']:8.2f} TFLOP")
-    lines.append("  costliest:")
-    for r in s["top"]:
+    lines.append("  costliest work (the same kernel in every layer counted together):")
+    for r in s.get("groups", []):
+        lines.append(f"    {r['ms']:8.2f} ms {r['kernels']:6.0f} runs {r['gbytes']:8.2f} GB {r['tflops']:7.2f} TFLOP  {r['name'][:90]}")
+    lines.append("  costliest kernels:")
+    for r in s["top"][:10]:
         lines.append(f"    {r['ms']:8.2f} ms {r['runs']:5.0f}x {r['kind'][:26]:26s} {r['name'][:36]:36s} {r['op_name'][-60:]}")
     return "\n".join(lines)

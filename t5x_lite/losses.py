@@ -6,6 +6,7 @@ and eval batches combine exactly: mean = sum / weight, taken once at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,20 +15,58 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def _logit_stats_fwd_values(logits_BLV: Array, targets_BL: Array, with_mean: bool) -> tuple:
+    x = logits_BLV.astype(jnp.float32)  # fused into each reduction: no float32 copy is kept
+    log_z_BL = jax.nn.logsumexp(x, axis=-1)
+    target_BL = jnp.take_along_axis(x, targets_BL[..., None], axis=-1)[..., 0]
+    mean_BL = jnp.mean(x, axis=-1) if with_mean else jnp.zeros_like(log_z_BL)
+    return log_z_BL, target_BL, mean_BL
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def logit_stats(logits_BLV: Array, targets_BL: Array, with_mean: bool = False) -> tuple:
+    """``(logsumexp, target logit, mean logit)`` over the vocabulary, float32 ``[B, L]`` each, from
+    logits of any float dtype (``mean`` is 0 unless ``with_mean``).
+
+    Its gradient is written out instead of differentiated: ``g_z softmax + g_t onehot + g_m / V``,
+    one elementwise pass over the logits in their own dtype. Differentiating the float32 ops
+    instead makes XLA scatter the target's gradient into a zeroed ``[B, L, V]`` float32 buffer and
+    pass over float32 logits several times (H100, llama_1b's 16,384 x 32,000 logits: ~14 GB of
+    traffic a step where this moves ~3, by ``bench/offline_gpu.py``'s count)."""
+    return _logit_stats_fwd_values(logits_BLV, targets_BL, with_mean)
+
+
+def _logit_stats_fwd(logits_BLV, targets_BL, with_mean):
+    out = _logit_stats_fwd_values(logits_BLV, targets_BL, with_mean)
+    return out, (logits_BLV, targets_BL, out[0])
+
+
+def _logit_stats_bwd(with_mean, residuals, cotangents):
+    logits_BLV, targets_BL, log_z_BL = residuals
+    g_z, g_t, g_m = (c.astype(jnp.float32)[..., None] for c in cotangents)
+    x = logits_BLV.astype(jnp.float32)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    d = g_z * jnp.exp(x - log_z_BL[..., None]) + jnp.where(vocab == targets_BL[..., None], g_t, 0.0)
+    if with_mean:
+        d = d + g_m / x.shape[-1]
+    return d.astype(logits_BLV.dtype), None
+
+
+logit_stats.defvjp(_logit_stats_fwd, _logit_stats_bwd)
+
+
 def cross_entropy_sums(logits_BLV: Array, targets_BL: Array, weights_BL: Array, *, z_loss: float = 0.0,
                        label_smoothing: float = 0.0) -> dict:
     """Sums over the batch of: ``loss`` (cross-entropy + z-loss), ``z_loss``, ``weight`` and
-    ``correct`` (argmax == target), each weighted by ``weights_BL``."""
-    logits = logits_BLV.astype(jnp.float32)
+    ``correct`` (argmax == target), each weighted by ``weights_BL``. Computed in float32 from
+    logits of any dtype (``logit_stats``); their gradient comes back in the logits' dtype."""
     weights = weights_BL.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+    log_z_BL, target_logit_BL, mean_logit_BL = logit_stats(logits_BLV, targets_BL, bool(label_smoothing))
     nll_BL = log_z_BL - target_logit_BL
     if label_smoothing:
-        mean_logit_BL = jnp.mean(logits, axis=-1)
         nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * (log_z_BL - mean_logit_BL)
     z_BL = z_loss * jnp.square(log_z_BL)
-    correct_BL = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)  # bf16 -> f32 is exact
     return {
         "loss": jnp.sum((nll_BL + z_BL) * weights),
         "z_loss": jnp.sum(z_BL * weights),

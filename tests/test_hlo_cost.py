@@ -46,7 +46,7 @@ MODULE = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(f3
   %gemm_fusion_dot.7 = bf16[32,128]{1,0} fusion(%loop_dynamic_slice_fusion, %w), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/layers/mlp/wi_0/dot_general"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
   %fusion-start.8 = ((bf16[4,32,128]{2,1,0}, s32[], bf16[32,128]{1,0}), bf16[4,32,128]{2,1,0}, u32[]) fusion-start(%out, %i, %gemm_fusion_dot.7), kind=kLoop, calls=%fused_dus
   %fusion-done.8 = bf16[4,32,128]{2,1,0} fusion-done(%fusion-start.8)
-  %attention_fwd.9 = (bf16[2,16,4,8]{3,2,1,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/layers/self_attention/dot_product_attention_fwd"}, backend_config={"cudnn_fmha_backend_config":{"mask_type":"CAUSAL"}}
+  %attention_fwd.9 = (bf16[2,16,4,8]{3,2,1,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/layers/self_attention/dot_product_attention_fwd"}, backend_config={"cudnn_fmha_backend_config": {"mask_type": "CAUSAL"}}
   %attention_bwd.10 = (bf16[2,16,4,8]{3,2,1,0}, bf16[2,16,4,8]{3,2,1,0}, bf16[2,16,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward", backend_config={"cudnn_fmha_backend_config":{"mask_type":"NO_MASK"}}
   %one = s32[] constant(1)
   %next = s32[] add(%i, %one)
