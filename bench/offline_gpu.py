@@ -127,8 +127,10 @@ def compile_decode(cfg, devices, xla: dict, batch: int, prompt_len: int, new_tok
 
     mesh = partitioning.make_mesh(cfg, devices[:1])
     dec = decoding._decoder(cfg, mesh, batch)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(abstract_params(cfg)), dec.param_shardings)
+    # the parameters as training stores them, then as generate hands them to the loop (put_params)
+    stored = jax.eval_shape(dec.prepare, nn.meta.unbox(abstract_params(cfg)))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stored,
+                          dec.param_shardings)
     ids = tuple(jax.ShapeDtypeStruct((batch, prompt_len), np.int32, sharding=dec.batch) for _ in range(3))
     prefill = dec._build_prefill(params, ids, new_tokens, decoding.BOS_ID)
     with dec.context():
@@ -173,16 +175,26 @@ def main(argv=None) -> int:
                 os.makedirs(args.save_hlo, exist_ok=True)
                 with open(os.path.join(args.save_hlo, f"{name}.hlo.txt"), "w") as f:
                     f.write(text)
-            rows.append((name, hlo_cost.summarize(hlo_cost.kernel_costs(text), args.top), compile_s))
+            # decoding: the token loop's trip count is not known to XLA (rows may stop early); priced
+            # for --new-tokens tokens, and a token's share is the call's / new tokens
+            trips = args.new_tokens if args.decode else 1
+            rows.append((name, hlo_cost.summarize(hlo_cost.kernel_costs(text, unknown_trips=trips), args.top),
+                         compile_s))
     for name, summary, compile_s in rows:
+        if args.decode:
+            summary["ms_per_token"] = round(summary["ms"] / args.new_tokens, 4)
+            print(f"[{name}] decoding {args.new_tokens} tokens at batch {args.decode}: estimated "
+                  f"{summary['ms_per_token']:.3f} ms a token ({1e3 / summary['ms_per_token'] * args.decode:,.0f} tok/s), "
+                  f"{summary['gbytes'] / args.new_tokens:.2f} GB moved a token")
         print(hlo_cost.format_summary(summary, title=f"[{name}] compiled in {compile_s:.0f} s; "))
         print()
     if len(rows) > 1:
         base = rows[0][1]
-        print("rows against default: estimated ms a step, kernel runs, GB moved")
+        print("rows against default: estimated ms a step, kernel runs, GB moved, cuDNN calls (first-run builds)")
         for name, s, _ in rows:
             print(f"  {name:24s} {s['ms']:9.1f} ms ({s['ms'] - base['ms']:+.1f}) {s['kernels']:7d} "
-                  f"({s['kernels'] - base['kernels']:+d}) {s['gbytes']:8.1f} GB ({s['gbytes'] - base['gbytes']:+.1f})")
+                  f"({s['kernels'] - base['kernels']:+d}) {s['gbytes']:8.1f} GB ({s['gbytes'] - base['gbytes']:+.1f}) "
+                  f"{s['cudnn_calls']:4d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": args.overrides, "decode_batch": args.decode,

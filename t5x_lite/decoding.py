@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from t5x_lite import partitioning
 from t5x_lite.config import Config, ConfigError
 from t5x_lite.models import CACHE_KV_AXES, abstract_params, build_model, init_cache
+from t5x_lite.models.layers import jnp_dtype
 
 Array = jax.Array
 
@@ -274,16 +275,26 @@ class _Decoder:
         # made each token 22% slower at batch 1 (2.46 against 2.02 ms) and 19% at 32, about the time
         # to copy the 1.25 GB of weights involved every token.
         # Experts: eval_capacity_factor (dropless by default), not training's capacity.
+        # When that unrolls every layer, the layers' weights are split out of their stacked [L, ...]
+        # arrays once per call (``put_params``) and the model reads each layer's own arrays: slicing a
+        # layer out of the stack inside the token loop copies its weights every token (compiled for an
+        # H100, llama_1b at batch 1: 2.2 GB of copies a token beside 1.6 GB of weights read;
+        # bench/offline_gpu.py --decode 1), for ~1.8 GB more device memory while decoding.
         m = cfg.model.for_inference()
-        decoding = dataclasses.replace(m, fused_qkv=False, fused_mlp=False,
-                                       scan_unroll=m.decode_scan_unroll or m.scan_unroll)
+        unroll = m.decode_scan_unroll or m.scan_unroll
+        stacks = (m.num_layers, m.decoder_layers) if m.family == "encoder_decoder" else (m.num_layers,)
+        self.unstacked = m.scan_layers and unroll >= max(stacks)
+        decoding = dataclasses.replace(m, fused_qkv=False, fused_mlp=False, scan_unroll=unroll,
+                                       scan_layers=m.scan_layers and not self.unstacked)
         self.model = build_model(dataclasses.replace(cfg, model=decoding), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,
             partitioning.logical_rules(cfg, mesh)).spec[0]
         self.rules = tuple((name, batch_axes if name == "act_batch" else axes)
                            for name, axes in partitioning.logical_rules(cfg, mesh))
-        self.param_shardings = partitioning.shardings_from_logical(abstract_params(cfg), mesh, self.rules)
+        # the parameters as stored (layers stacked when the config scans them), and as the model reads them
+        self.stored_shardings = partitioning.shardings_from_logical(abstract_params(cfg), mesh, self.rules)
+        self.param_shardings = partitioning.shardings_from_logical(abstract_params(decoding), mesh, self.rules)
         self.replicated = NamedSharding(mesh, P())
         self.batch = self.sharding(P(*_BATCH_LENGTH))
         self._jits: dict = {}
@@ -296,7 +307,27 @@ class _Decoder:
         return partitioning.mesh_rules(self.mesh, self.rules)
 
     def put_params(self, params):
-        return jax.device_put(nn.meta.unbox(params), self.param_shardings)
+        """``params`` on this decoder's mesh, as its model reads them (each layer's own arrays when
+        ``unstacked``: one copy of the layer weights a call, none a token)."""
+        params = nn.meta.unbox(params)
+        split = self.is_stacked(params)
+        params = jax.device_put(params, self.stored_shardings if split else self.param_shardings)
+        if not split and not cast_at_use(params, jnp_dtype(self.cfg.model.dtype)):
+            return params  # already as the model reads them
+        fn = self._jit(("prepare", split, _dtypes(params)),
+                       lambda: jax.jit(self.prepare, out_shardings=self.param_shardings))
+        with self.context():
+            return fn(params)
+
+    def is_stacked(self, params) -> bool:
+        """Whether ``params`` still hold stacked layers this decoder reads one by one."""
+        return self.unstacked and jax.tree.structure(params) != jax.tree.structure(self.param_shardings)
+
+    def prepare(self, params):
+        """``params`` (stored, or already prepared) as this decoder's model reads them: layers
+        split out of their stacks (``unstacked``), weights in the compute dtype (``cast_at_use``)."""
+        params = unstack_layers(params) if self.is_stacked(params) else params
+        return compute_dtype_params(params, jnp_dtype(self.cfg.model.dtype))
 
     def put_prompts(self, prompts: Prompts) -> tuple:
         return tuple(jax.device_put(a, self.batch) for a in prompts[:3])
@@ -517,6 +548,49 @@ class _Decoder:
                                             out_shardings=(self.replicated, self.replicated)))
         with self.context():
             return fn(params, *ids)
+
+
+# Parameters every module casts to the compute dtype before use (Dense and expert kernels and
+# biases, LoRA factors, embedding tables, the logits bias): decoding casts them once per call.
+# Norm scales and biases, T5's relative position table and the router's balancing bias are used in
+# float32 and keep their dtype.
+_CAST_AT_USE = frozenset({"kernel", "embedding", "lora_a", "lora_b", "logits_bias"})
+
+
+def cast_at_use(params: dict, dtype) -> list:
+    """The paths of the floating parameters the model casts to ``dtype`` at use that are not
+    ``dtype`` yet (``_CAST_AT_USE``, and the ``bias`` of a module with a ``kernel``: a norm's
+    bias is used in float32)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    key = lambda k: getattr(k, "key", None)
+    with_kernel = {tuple(path[:-1]) for path, _ in leaves if key(path[-1]) == "kernel"}
+    return [path for path, x in leaves
+            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+            and (key(path[-1]) in _CAST_AT_USE or (key(path[-1]) == "bias" and tuple(path[:-1]) in with_kernel))]
+
+
+def compute_dtype_params(params: dict, dtype) -> dict:
+    """``params`` with the parameters of ``cast_at_use`` cast to ``dtype`` once: the same numbers,
+    and a decoding step reads their half-size copies instead of converting float32 weights every
+    token (XLA does not hoist the conversion out of the token loop: compiled for an H100, llama_1b
+    at batch 1 with float32 parameters moves 6.1 GB a token against 2.0 with bf16 ones;
+    ``bench/offline_gpu.py --decode 1``)."""
+    paths = set(cast_at_use(params, dtype))
+    return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(dtype) if path in paths else x, params)
+
+
+def unstack_layers(params: dict) -> dict:
+    """A parameter tree of scanned stacks (``.../stack/layers/...`` with a leading layer axis) as
+    the same model's tree with ``model.scan_layers=false`` (``.../stack/layers_0/...``, one entry
+    a layer): what ``_Decoder.put_params`` gives a decoder that runs every layer as straight code."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+    if "layers" in params:
+        n = jax.tree.leaves(params["layers"])[0].shape[0]
+        for i in range(n):
+            out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
 
 
 def _constrain(tree, names_fn):

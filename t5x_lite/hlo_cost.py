@@ -150,11 +150,11 @@ def entry_computation(comps: dict[str, Computation]) -> Computation:
     return entries[0]
 
 
-def kernels(comps: dict[str, Computation]) -> list[tuple[Instruction, Computation, float]]:
+def kernels(comps: dict[str, Computation], unknown_trips: int = 1) -> list[tuple[Instruction, Computation, float]]:
     """``(instruction, its computation, runs a step)`` for every instruction that launches work,
     walking from the entry through while loops (``known_trip_count`` runs of the body, one more
-    of the condition; 1 when XLA does not know it), conditionals (each branch counted once: an
-    upper bound) and calls."""
+    of the condition; ``unknown_trips`` when XLA does not know it: a decoding loop's tokens),
+    conditionals (each branch counted once: an upper bound) and calls."""
     out = []
 
     def walk(comp: Computation, runs: float, depth: int = 0):
@@ -165,7 +165,7 @@ def kernels(comps: dict[str, Computation]) -> list[tuple[Instruction, Computatio
                 called = dict((k, v) for k, v in _CALLED.findall(instr.attrs))
                 if instr.opcode == "while":
                     trip = _TRIP.search(instr.attrs)
-                    n = int(trip.group(1)) if trip else 1
+                    n = int(trip.group(1)) if trip else unknown_trips
                     walk(comps[called["body"]], runs * n, depth + 1)
                     walk(comps[called["condition"]], runs * (n + 1), depth + 1)
                 elif instr.opcode == "conditional":
@@ -182,11 +182,31 @@ def kernels(comps: dict[str, Computation]) -> list[tuple[Instruction, Computatio
     return out
 
 
+def _sliced_bytes(name: str, body: Computation, users: dict) -> Optional[float]:
+    """Bytes read of ``name`` when every use of it (through bitcasts) only slices it: the slices'
+    sizes; None when some use reads it whole."""
+    used = users.get(name, [])
+    if not used:
+        return None
+    total = 0.0
+    for u in used:
+        if u.opcode in _SLICING and u.operands and u.operands[0] == name:
+            total += shape_bytes(u.shape)
+        elif u.opcode == "bitcast":
+            inner = _sliced_bytes(u.name, body, users)
+            if inner is None:
+                return None
+            total += inner
+        else:
+            return None
+    return total
+
+
 def _fusion_bytes(instr: Instruction, comp: Computation, body: Computation) -> float:
     """Bytes a fusion moves: operands sliced inside it count their slices, an operand updated in
     place (a ``dynamic-update-slice`` result) counts nothing, the result the update only."""
     params = {i.name: i for i in body.instructions if i.opcode == "parameter"}
-    users: dict[str, list[Instruction]] = {name: [] for name in params}
+    users: dict[str, list[Instruction]] = {i.name: [] for i in body.instructions}
     for i in body.instructions:
         for op in i.operands:
             if op in users:
@@ -200,11 +220,8 @@ def _fusion_bytes(instr: Instruction, comp: Computation, body: Computation) -> f
     for name, p in params.items():
         if name in in_place:
             continue
-        used = users[name]
-        if used and all(u.opcode in _SLICING and u.operands and u.operands[0] == name for u in used):
-            total += sum(shape_bytes(u.shape) for u in used)
-        else:
-            total += shape_bytes(p.shape)
+        sliced = _sliced_bytes(name, body, users)
+        total += shape_bytes(p.shape) if sliced is None else sliced
     if updates:
         total += sum(shape_bytes(body.by_name[u.operands[1]].shape) for u in updates
                      if len(u.operands) > 1 and u.operands[1] in body.by_name)
@@ -313,12 +330,13 @@ class KernelCost:
     op_name: str
 
 
-def kernel_costs(text: str, machine: Optional[dict] = None) -> list[KernelCost]:
-    """One ``KernelCost`` per kernel-launching instruction of the compiled module ``text``."""
+def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int = 1) -> list[KernelCost]:
+    """One ``KernelCost`` per kernel-launching instruction of the compiled module ``text``
+    (``unknown_trips``: the runs of a loop whose trip count XLA does not know, see ``kernels``)."""
     machine = dict(H100, **(machine or {}))
     comps = parse_module(text)
     out = []
-    for instr, comp, runs in kernels(comps):
+    for instr, comp, runs in kernels(comps, unknown_trips):
         flops, body = 0.0, None
         if instr.opcode in _FUSIONS:
             body = comps.get(dict(_CALLED.findall(instr.attrs)).get("calls"))
@@ -371,6 +389,8 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
         "kernels": round(sum(c.runs for c in costs)),
         "gbytes": round(sum(c.bytes * c.runs for c in costs) / 1e9, 3),
         "tflops": round(sum(c.flops * c.runs for c in costs) / 1e12, 3),
+        # each its own cuDNN graph, built when the program first runs (trainer.CUDNN_BUILD_S each)
+        "cudnn_calls": sum(c.kind == "attention (cuDNN)" for c in costs),
         "kinds": rollup("kind"),
         "categories": rollup("category"),
         "groups": rollup("group")[:top],
@@ -382,7 +402,7 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
 
 def format_summary(s: dict, title: str = "") -> str:
     lines = [f"{title}estimated {s['ms']:.1f} ms a step: {s['kernels']} kernel runs, {s['gbytes']:.1f} GB moved, "
-             f"{s['tflops']:.2f} TFLOP"]
+             f"{s['tflops']:.2f} TFLOP, {s['cudnn_calls']} cuDNN attention calls to build on the first run"]
     for section in ("kinds", "categories"):
         lines.append(f"  by {section[:-1] if section == 'kinds' else 'category'}:")
         for r in s[section]:

@@ -12,6 +12,7 @@ import types
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -151,6 +152,71 @@ def test_greedy_equals_naive_full_model_loop(dec, single, stop):
     from t5x_lite.decoding import _Decoder
 
     assert _Decoder(unrolled, single, len(PROMPTS)).model.cfg.scan_unroll == cfg.model.num_layers  # it took effect
+
+
+def test_unrolled_decoding_splits_the_stacked_layers_once(dec, encdec, single):
+    """With every layer unrolled (model.decode_scan_unroll), decoding reads each layer's own
+    arrays, split out of the stacked parameters once per call (slicing the stack inside the token
+    loop copies the weights every token): the same generation as the scanned stack, for both
+    families, on one device and with the parameters sharded over 8 (ZeRO-3)."""
+    for cfg, params, inputs in ((*dec, PROMPTS), (*encdec, [p[1:] + [1] for p in PROMPTS])):
+        layers = max(cfg.model.num_layers, cfg.model.decoder_layers)
+        unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_scan_unroll=layers))
+        d = decoding._decoder(unrolled, single, len(inputs))
+        assert d.unstacked and not decoding._decoder(cfg, single, len(inputs)).unstacked
+        split = d.put_params(params)
+        stack = split["decoder"]["stack"]
+        assert "layers" not in stack and sorted(stack) == sorted(f"layers_{i}" for i in range(layers))
+        np.testing.assert_array_equal(stack["layers_1"]["mlp"]["wo"]["kernel"],
+                                      params["decoder"]["stack"]["layers"]["mlp"]["wo"]["kernel"][1])
+        assert jax.tree.structure(d.put_params(split)) == jax.tree.structure(split)  # already split: kept
+        ref = generate_details(cfg, params, inputs, K, eos_id=None, mesh=single)
+        got = generate_details(unrolled, params, inputs, K, eos_id=None, mesh=single)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-6)
+    cfg, params = dec
+    unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_scan_unroll=cfg.model.num_layers))
+    mesh8 = partitioning.make_mesh(cfg)
+    np.testing.assert_array_equal(generate(unrolled, params, PROMPTS[:2] * 4, max_new_tokens=K, mesh=mesh8),
+                                  generate(cfg, params, PROMPTS[:2] * 4, max_new_tokens=K, mesh=single))
+
+
+def test_float32_parameters_decode_cast_once_to_the_compute_dtype(single):
+    """Parameters stored in float32 (training's master weights) with bf16 compute: decoding casts
+    the ones every module casts at use (kernels, embeddings, a Dense bias) once per call, and keeps
+    norm scales and biases, T5's relative position table and a router's balancing bias in float32.
+    The same logits as converting them inside every step."""
+    from t5x_lite.decoding import cast_at_use, compute_dtype_params
+
+    for family, extra in (("decoder", ["model.use_bias=true", "model.norm=layernorm"]),
+                          ("encoder_decoder", [])):
+        cfg = tiny_cfg(family, "model.dtype=bfloat16", *extra)
+        params = random_params(cfg, seed=3)
+        names = {jax.tree_util.keystr(p) for p in cast_at_use(params, jnp.bfloat16)}
+        assert any(n.endswith("['kernel']") for n in names) and any(n.endswith("['embedding']") for n in names)
+        assert not any(n.endswith("['scale']") or "rel_embedding" in n for n in names)
+        if family == "decoder":  # Dense biases cast, the LayerNorm's kept
+            assert any("['query']['bias']" in n for n in names)
+            assert not any("_norm']['bias']" in n for n in names)
+        cast = compute_dtype_params(params, jnp.bfloat16)
+        d = decoding._decoder(cfg, single, len(PROMPTS))
+        put = d.put_params(params)
+        assert jax.tree.map(lambda x: x.dtype, put) == jax.tree.map(lambda x: x.dtype, cast)
+        assert put["decoder"]["stack"]["layers"]["mlp"]["wo"]["kernel"].dtype \
+            == jnp.bfloat16
+        inputs = PROMPTS if family == "decoder" else [p[1:] + [1] for p in PROMPTS]
+        ours = generate_details(cfg, params, inputs, K, eos_id=None, output_logits=True, mesh=single)
+        # reference: every step converting the float32 weights itself (the cast made a no-op)
+        original = decoding.compute_dtype_params
+        try:
+            decoding.compute_dtype_params = lambda p, dtype: p
+            decoding._DECODERS.clear()
+            ref = generate_details(cfg, params, inputs, K, eos_id=None, output_logits=True, mesh=single)
+        finally:
+            decoding.compute_dtype_params = original
+            decoding._DECODERS.clear()
+        np.testing.assert_array_equal(ours.tokens, ref.tokens)
+        np.testing.assert_allclose(ours.logits, ref.logits, rtol=2e-2, atol=2e-2)
 
 
 def test_fused_projections_decode_as_separate_ones(dec, single):

@@ -100,6 +100,20 @@ def test_bytes_count_slices_and_in_place_updates():
     assert costs["gemm_fusion_dot.7"].bytes == (32 * 64 + 64 * 128 + 32 * 128) * 2
 
 
+def test_a_slice_seen_through_a_bitcast_reads_the_slice():
+    """Decoding's layer weights: a fusion that bitcasts a stacked parameter, then slices one layer."""
+    text = MODULE.replace(
+        "%dynamic-slice.4 = f32[1,32,64]{2,1,0} dynamic-slice(%param_0.1, %param_1.1, %constant_1, %constant_1)",
+        "%view = f32[4,32,64]{2,1,0} bitcast(%param_0.1)\n"
+        "  %dynamic-slice.4 = f32[1,32,64]{2,1,0} dynamic-slice(%view, %param_1.1, %constant_1, %constant_1)")
+    assert "%view" in text
+    assert by_name(hlo_cost.kernel_costs(text))["loop_dynamic_slice_fusion"].bytes == 32 * 64 * 4 + 4 + 32 * 64 * 2
+    # read whole when anything else uses it
+    whole = text.replace("ROOT %convert.6 = bf16[32,64]{1,0} convert(%bitcast.5)",
+                         "%other = f32[4,32,64]{2,1,0} negate(%view)\n  ROOT %convert.6 = bf16[32,64]{1,0} convert(%bitcast.5)")
+    assert by_name(hlo_cost.kernel_costs(whole))["loop_dynamic_slice_fusion"].bytes == 4 * 32 * 64 * 4 + 4 + 32 * 64 * 2
+
+
 def test_flops_of_gemms_and_attention():
     costs = by_name(hlo_cost.kernel_costs(MODULE))
     assert costs["gemm_fusion_dot.7"].kind == "matmul"
@@ -127,6 +141,8 @@ def test_roofline_time_and_summary():
 def test_unknown_trip_count_counts_once_and_missing_entry_is_an_error():
     text = MODULE.replace('backend_config={"known_trip_count":{"n":"4"},"known_init_step":{"init":"0","step":"1"}}', "")
     assert by_name(hlo_cost.kernel_costs(text))["gemm_fusion_dot.7"].runs == 1
+    # a decoding loop (XLA cannot know when every row stops) priced for the tokens asked for
+    assert by_name(hlo_cost.kernel_costs(text, unknown_trips=7))["gemm_fusion_dot.7"].runs == 7
     with pytest.raises(ValueError, match="ENTRY"):
         hlo_cost.kernel_costs(MODULE.replace("ENTRY %main", "%main"))
 
