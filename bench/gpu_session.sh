@@ -15,9 +15,9 @@
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
 #   bash bench/gpu_session.sh t5          # t5_base: ours, packed1 vs HF compiled (~8 min: unrolled layers' first steps)
 #   bash bench/gpu_session.sh bert        # bert_base: ours, packed1, rbg, fused q/k/v vs HF eager (~6 min)
-#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled / scanned, XLA attention,
-#                                         # stop checks every 8 / 32 tokens (loops of known length), graphs,
-#                                         # and a profile per generated token at batch 1 (~6 min)
+#   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled (own weights) / scanned,
+#                                         # stop checks every 8 / 32 tokens (loops of known length), float32
+#                                         # weights, and a profile per generated token at batch 1 (~6 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
@@ -150,14 +150,15 @@ case $part in
         "${SMOKE_SET[@]}" --json "$OUT/profile_$config.json" 2>&1 | tee "$OUT/profile_$config.txt" || failed=1
     done ;;
   decode)
-    # llama_1b decodes its 16 layers unrolled (model.decode_scan_unroll: 16); scan = the layer scan kept
-    python bench/decode.py "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 --variant xla:model.attention=xla \
+    # llama_1b decodes its 16 layers unrolled (model.decode_scan_unroll: 16), since session 9 from each layer's
+    # own weights (split out of the stacks once a call; the offline H100 compile put the stacked slices'
+    # copies at 2.2 GB a token) in the compute dtype; scan = the layer scan kept (stacked weights, as before)
+    python bench/decode.py "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 \
       --variant stop8:model.decode_stop_every=8 --variant stop32:model.decode_stop_every=32 \
       --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1
-    # the same with XLA's CUDA graphs taking while loops and conditionals too (the token loop, the layer scan)
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" python bench/decode.py \
-      "${SMOKE_FLAG[@]}" --variant scan:model.decode_scan_unroll=1 \
-      --json "$OUT/decode_graphs.json" | tee "$OUT/decode_graphs.txt" || failed=1
+    # float32 weights, as training stores them: cast once a call now (they were converted every token)
+    python bench/decode.py "${SMOKE_FLAG[@]}" --param-dtype float32 --variant scan:model.decode_scan_unroll=1 \
+      --json "$OUT/decode_f32.json" | tee "$OUT/decode_f32.txt" || failed=1
     # kernel by kernel, per generated token at batch 1 (graphs off: its own process, its own file, which
     # gpu_report does not read as timings): instruction time and runs against the timed step
     python bench/decode.py "${SMOKE_FLAG[@]}" --batch-sizes 1 --repeats 1 --profile "$OUT/profile_decode" \
