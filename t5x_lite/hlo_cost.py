@@ -182,9 +182,11 @@ def kernels(comps: dict[str, Computation], unknown_trips: int = 1) -> list[tuple
     return out
 
 
-def _sliced_bytes(name: str, body: Computation, users: dict) -> Optional[float]:
-    """Bytes read of ``name`` when every use of it (through bitcasts) only slices it: the slices'
-    sizes; None when some use reads it whole."""
+def _sliced_bytes(name: str, body: Computation, users: dict, outputs: frozenset = frozenset()) -> Optional[float]:
+    """Bytes read of ``name`` when every use of it only slices it: the slices' sizes, seen through
+    bitcasts and through a ``dynamic-update-slice`` of it (a cache updated, then one layer of it
+    read; written in place when it is one of the fusion's ``outputs``); None when some use reads
+    it whole."""
     used = users.get(name, [])
     if not used:
         return None
@@ -192,8 +194,10 @@ def _sliced_bytes(name: str, body: Computation, users: dict) -> Optional[float]:
     for u in used:
         if u.opcode in _SLICING and u.operands and u.operands[0] == name:
             total += shape_bytes(u.shape)
-        elif u.opcode == "bitcast":
-            inner = _sliced_bytes(u.name, body, users)
+        elif u.opcode == "bitcast" or (u.opcode == "dynamic-update-slice" and u.operands[0] == name):
+            if u.name in outputs:
+                continue  # updated in place: the update is counted as written
+            inner = _sliced_bytes(u.name, body, users, outputs)
             if inner is None:
                 return None
             total += inner
@@ -220,7 +224,7 @@ def _fusion_bytes(instr: Instruction, comp: Computation, body: Computation) -> f
     for name, p in params.items():
         if name in in_place:
             continue
-        sliced = _sliced_bytes(name, body, users)
+        sliced = _sliced_bytes(name, body, users, frozenset(u.name for u in updates))
         total += shape_bytes(p.shape) if sliced is None else sliced
     if updates:
         total += sum(shape_bytes(body.by_name[u.operands[1]].shape) for u in updates

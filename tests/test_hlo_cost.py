@@ -114,6 +114,17 @@ def test_a_slice_seen_through_a_bitcast_reads_the_slice():
     assert by_name(hlo_cost.kernel_costs(whole))["loop_dynamic_slice_fusion"].bytes == 4 * 32 * 64 * 4 + 4 + 32 * 64 * 2
 
 
+def test_a_cache_updated_then_sliced_reads_the_slice():
+    """A decoding step's fusion: write this token into the stacked cache, read one layer back."""
+    text = MODULE.replace(
+        "%dynamic-slice.4 = f32[1,32,64]{2,1,0} dynamic-slice(%param_0.1, %param_1.1, %constant_1, %constant_1)",
+        "%new = f32[1,1,64]{2,1,0} broadcast(%constant_1)\n"
+        "  %updated = f32[4,32,64]{2,1,0} dynamic-update-slice(%param_0.1, %new, %param_1.1, %constant_1, %constant_1)\n"
+        "  %dynamic-slice.4 = f32[1,32,64]{2,1,0} dynamic-slice(%updated, %param_1.1, %constant_1, %constant_1)")
+    assert "%updated" in text
+    assert by_name(hlo_cost.kernel_costs(text))["loop_dynamic_slice_fusion"].bytes == 32 * 64 * 4 + 4 + 32 * 64 * 2
+
+
 def test_flops_of_gemms_and_attention():
     costs = by_name(hlo_cost.kernel_costs(MODULE))
     assert costs["gemm_fusion_dot.7"].kind == "matmul"
