@@ -212,3 +212,22 @@ def test_mixture_of_experts_train_step_lowers_for_a_gpu(hopper):
                    "model.expert_capacity_factor=1.25", "model.expert_group_size=8", "model.router_aux_loss=0.02")
     calls = _train_step_calls(cfg)
     assert len(_forward(calls)) == 1 and len(calls) == 2
+
+
+@pytest.mark.parametrize("remat,hidden_dots", [("minimal", 3), ("dots", 5)])
+def test_remat_minimal_keeps_the_experts_projections(remat, hidden_dots):
+    """The expert einsums carry the experts as a batch dimension, which jax's dot policies do not
+    save: remat=minimal keeps the dispatched tokens and the gate / up projections by name, so the
+    train step computes the [E, G, C, F] hidden activations 3 times a layer (gate, up, and the
+    down projection's input gradient) instead of 5 (gate and up again in the backward pass)."""
+    from t5x_lite import partitioning, trainer
+
+    cfg = tiny_cfg("decoder", f"model.remat={remat}", "mesh.fsdp=1", "model.num_experts=4", "model.num_layers=1",
+                   "model.expert_capacity_factor=1.25", "model.expert_group_size=8", "model.expert_d_ff=24")
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
+    with setup.activation_context():
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+                 for k, v in trainer.batch_shapes(cfg).items()}
+        text = setup.train_step.lower(setup.abstract_state, batch).as_text()
+    hidden = re.findall(r"stablehlo.dot_general.*-> tensor<4x\d+x\d+x24xf32>", text)
+    assert len(hidden) == hidden_dots

@@ -48,6 +48,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.models.layers import BLD, Mlp, activation, constrain, dense, jnp_dtype
@@ -57,6 +58,11 @@ Array = jax.Array
 # names of the sown per-layer sums: groups' balance losses and z-losses, choices made, choices dropped
 AUX_LOSS, Z_LOSS, CHOICES, DROPPED = "router_balance", "router_z", "router_choices", "router_dropped"
 LOAD = "router_load"  # sown per layer too: choices per expert [E]
+# What remat ``minimal`` keeps of the experts' MLP besides the weight matmuls it keeps anyway (the
+# expert einsums carry the experts as a batch dimension, which jax's dot policies do not save):
+# the tokens dispatched to each expert and the gate / up projections, else the backward pass runs
+# them again (compiled for an H100, moe_1b: ~7.6 TFLOP a step more; bench/offline_gpu.py).
+EXPERT_INPUTS, EXPERT_HIDDEN = "expert_inputs", "expert_hidden"
 ROUTER_BIAS = "router_bias"  # the balancing bias parameter [E] of model.router_bias_update
 
 
@@ -220,7 +226,7 @@ class MoeMlp(nn.Module):
             taken = {name: jnp.take(kernel, ids_NK, axis=0) for name, kernel in kernels.items()}
             out_NKD = self.experts_mlp(x_ND, taken, "nd,nkdf->nkf", "nkf,nkfd->nkd")
             return constrain(jnp.einsum("nkd,nk->nd", out_NKD, weight_NK).reshape(b, length, d), BLD)
-        x_EGCD = jnp.einsum("gsd,gsec->egcd", x_GSD, r["dispatch"].astype(dtype))
+        x_EGCD = checkpoint_name(jnp.einsum("gsd,gsec->egcd", x_GSD, r["dispatch"].astype(dtype)), EXPERT_INPUTS)
         expert_in = ("act_experts", "act_batch", None, "act_embed")  # sharding.expert_parallel: E over fsdp
         hidden = ("act_experts", "act_batch", None, "act_mlp")
         y_EGCD = self.experts_mlp(constrain(x_EGCD, expert_in), kernels, "egcd,edf->egcf", "egcf,efd->egcd",
@@ -233,7 +239,8 @@ class MoeMlp(nn.Module):
         ``into`` / ``out`` the einsums into and out of the hidden width, ``hidden`` applied to each
         input projection (a sharding constraint)."""
         act = activation(self.cfg)
-        h = {name: hidden(jnp.einsum(into, x, kernel)) for name, kernel in kernels.items() if name != "wo"}
+        h = {name: checkpoint_name(hidden(jnp.einsum(into, x, kernel)), EXPERT_HIDDEN)
+             for name, kernel in kernels.items() if name != "wo"}
         h = act(h["wi_0"]) * h["wi_1"] if "wi_0" in h else act(h["wi"])
         return jnp.einsum(out, h, kernels["wo"])
 

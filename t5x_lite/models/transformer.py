@@ -36,18 +36,23 @@ from t5x_lite.models.layers import (
     segment_lengths_and_starts,
     activation,
 )
-from t5x_lite.models.moe import MoeMlp
+from t5x_lite.models.moe import EXPERT_HIDDEN, EXPERT_INPUTS, MoeMlp
 
 Array = jax.Array
 
 
+_EXPERT_NAMES = jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS, EXPERT_HIDDEN)
+
+
 def save_dots_and_attention(prim, *avals, **params) -> bool:
-    """remat ``minimal``: keep the outputs of weight matmuls (dots without batch dimensions) and of
-    cuDNN's attention forward kernel (its output and softmax statistic); without the latter, the
-    backward pass of the output projection runs the attention forward again. XLA's attention
-    (einsums with batch dimensions) is recomputed as before."""
+    """remat ``minimal``: keep the outputs of weight matmuls (dots without batch dimensions), of
+    cuDNN's attention forward kernel (its output and softmax statistic; without them the backward
+    pass of the output projection runs the attention forward again) and of the experts' input
+    projections and dispatch (einsums batched over the experts, named in ``moe``). XLA's
+    attention (einsums with batch dimensions) is recomputed as before."""
     return (prim.name.startswith("dot_product_attention_fwd")  # jax's cuDNN primitives (0.10, 0.11)
-            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+            or _EXPERT_NAMES(prim, *avals, **params))
 
 
 REMAT_POLICIES = {
