@@ -286,12 +286,14 @@ def test_scan_equals_unrolled_with_local_and_global_layers():
                                           "model.rope_local_theta=100"))
 
 
-@pytest.mark.parametrize("policy,scan", [("minimal", "true"), ("dots", "true"), ("full", "false")])
-def test_remat_equals_no_remat(policy, scan):
+@pytest.mark.parametrize("policy,scan,extra", [("minimal", "true", ()), ("dots", "true", ()), ("full", "false", ()),
+                                               ("minimal", "true", ("model.num_experts=4", "model.expert_group_size=8",
+                                                                    "model.expert_capacity_factor=1.25"))])
+def test_remat_equals_no_remat(policy, scan, extra):
     from helpers import random_batch
 
-    base = tiny_cfg("decoder", "model.remat=none", f"model.scan_layers={scan}")
-    remat = tiny_cfg("decoder", f"model.remat={policy}", f"model.scan_layers={scan}")
+    base = tiny_cfg("decoder", "model.remat=none", f"model.scan_layers={scan}", *extra)
+    remat = tiny_cfg("decoder", f"model.remat={policy}", f"model.scan_layers={scan}", *extra)
     params = t5x_lite.init_params(base, 0)
     batch = {k: jnp.asarray(v) for k, v in random_batch(base).items()}
     loss_a, grads_a = _loss_and_grads(base, params, batch)
