@@ -203,7 +203,9 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     _, params_two, _ = load_for_inference(str(runs["two"]))
     _, params_one, _ = load_for_inference(str(runs["one"]))
     assert jax.process_count() == 1
-    chex.assert_trees_all_close(params_two, params_one, rtol=1e-6, atol=1e-7)
+    # the same up to float32 rounding: the gradient all-reduce spans two processes in one run and
+    # not in the other (parameters ~0.1; one lm_head entry of 10,240 ends 2.4e-7 apart)
+    chex.assert_trees_all_close(params_two, params_one, rtol=1e-6, atol=1e-6)
 
 
 def test_two_processes_resume_from_their_checkpoint(runs):
