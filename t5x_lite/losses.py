@@ -32,7 +32,7 @@ def logit_stats(logits_BLV: Array, targets_BL: Array, with_mean: bool = False) -
     one elementwise pass over the logits in their own dtype. Differentiating the float32 ops
     instead makes XLA scatter the target's gradient into a zeroed ``[B, L, V]`` float32 buffer and
     pass over float32 logits several times (H100, llama_1b's 16,384 x 32,000 logits: ~14 GB of
-    traffic a step where this moves ~3, by ``bench/offline_gpu.py``'s count)."""
+    traffic a step where this moves ~7, by ``bench/offline_gpu.py``'s count)."""
     return _logit_stats_fwd_values(logits_BLV, targets_BL, with_mean)
 
 
