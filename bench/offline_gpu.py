@@ -8,6 +8,7 @@ read from the program XLA would run there, between GPU sessions.
     $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --variant unroll:model.scan_unroll=16 \
         --variant dsf:xla.xla_gpu_enable_dynamic_slice_fusion=true     # rows side by side
     $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --decode 1   # the token loop, batch 1
+    $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --gpus 8     # ZeRO-3 over 8 H100s (NVLink)
     python bench/offline_gpu.py --hlo runs/profile/step.hlo.txt        # any saved program (no plugin needed)
 
 A variant's ``xla.NAME=VALUE`` entries are XLA options for that compile only (``--xla_NAME``
@@ -56,6 +57,7 @@ def parse_args(argv=None):
                    help="price the generation loop (greedy, --prompt-len + --new-tokens) at this batch, not training")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gpus", type=int, default=1, help="H100s on one host (NVLink): the config's mesh over them")
     p.add_argument("--hlo", default=None, help="price this saved program text instead of compiling one")
     p.add_argument("--save-hlo", default=None, metavar="DIR", help="write each row's compiled program here")
     p.add_argument("--top", type=int, default=15)
@@ -87,15 +89,15 @@ def split_variant(overrides: list[str]) -> tuple[list[str], dict]:
     return config, xla
 
 
-def h100_devices():
-    """Compile-only devices of an H100 (jax's CUDA plugin, no GPU needed), and jax patched to
-    answer its cuDNN checks for that device instead of the (absent) local one."""
+def h100_devices(gpus: int = 1):
+    """Compile-only devices of ``gpus`` H100s on one host (jax's CUDA plugin, no GPU needed), and
+    jax patched to answer its cuDNN checks for that device instead of the (absent) local one."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver here: skip the plugin's probe
     import jax._src.cudnn.fused_attention_stablehlo as fused
     from jax._src import xla_bridge
 
     try:
-        topology = xla_bridge.make_pjrt_topology("cuda", "", topology="1x1x1", target_config=H100_TARGET)
+        topology = xla_bridge.make_pjrt_topology("cuda", "", topology=f"1x1x{gpus}", target_config=H100_TARGET)
     except Exception as e:  # no plugin: say how to get one
         raise SystemExit(f"offline_gpu: jax's CUDA plugin is needed to compile for a GPU ({type(e).__name__}: "
                          f"{str(e)[:200]}); run `bash bench/offline_gpu_env.sh` and use its python") from e
@@ -111,8 +113,7 @@ def h100_devices():
 def compile_train(cfg, devices, xla: dict) -> str:
     from t5x_lite import partitioning, trainer
 
-    mesh = partitioning.make_mesh(cfg, devices[:1] if cfg.mesh.fsdp == -1 else devices)
-    setup = trainer.make_setup(cfg, mesh)
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, devices))
     return trainer.compile_train_step(setup, compiler_options=xla).as_text()
 
 
@@ -125,8 +126,7 @@ def compile_decode(cfg, devices, xla: dict, batch: int, prompt_len: int, new_tok
     from t5x_lite.models import abstract_params
     import flax.linen as nn
 
-    mesh = partitioning.make_mesh(cfg, devices[:1])
-    dec = decoding._decoder(cfg, mesh, batch)
+    dec = decoding._decoder(cfg, partitioning.make_mesh(cfg, devices), batch)
     # the parameters as training stores them, then as generate hands them to the loop (put_params)
     stored = jax.eval_shape(dec.prepare, nn.meta.unbox(abstract_params(cfg)))
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stored,
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         with open(args.hlo) as f:
             rows.append(("saved", hlo_cost.summarize(hlo_cost.kernel_costs(f.read()), args.top), 0.0))
     else:
-        devices = h100_devices()
+        devices = h100_devices(args.gpus)
         from t5x_lite.config import load_config, parse_variant
 
         variants = [("default", [])] + [parse_variant(v) for v in args.variant]

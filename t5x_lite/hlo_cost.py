@@ -36,8 +36,10 @@ from t5x_lite.profiling import category
 # SwiGLU fusions stream at ~3.0-3.2 TB/s, llama_1b's MLP GEMMs run at ~800 TFLOP/s, and one
 # llama_1b layer's cuDNN attention (8 x 2048, causal, forward + backward) takes 1.57 ms, which
 # 400 TFLOP/s forward and 300 backward reproduce; ~1.5 us a kernel for the launch and tail.
+# Collectives between the H100s of one host: NVLink 4 moves 450 GB/s each way; a ring collective
+# gets ~80% of it (an assumption, not yet measured here).
 H100 = {"bandwidth": 3.0e12, "gemm_flops": 800e12, "attention_fwd_flops": 400e12, "attention_bwd_flops": 300e12,
-        "launch_s": 1.5e-6}
+        "launch_s": 1.5e-6, "link_bandwidth": 360e9}
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
@@ -281,6 +283,38 @@ def _root(body: Computation) -> Instruction:
     return root
 
 
+_GROUP_MESH = re.compile(r"mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_GROUP_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+
+
+def group_size(instr: Instruction) -> int:
+    """Devices in one group of a collective (``replica_groups``: a mesh's named axes or explicit
+    lists); 1 when the text does not say."""
+    m = _GROUP_MESH.search(instr.attrs)
+    if m:
+        sizes = dict((k.strip("' "), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",") if "=" in kv))
+        return math.prod(sizes.get(a.strip("' "), 1) for a in m.group(2).split(",") if a.strip())
+    m = _GROUP_LIST.search(instr.attrs)
+    return len(m.group(1).split(",")) if m else 1
+
+
+def collective_bytes(instr: Instruction, comp: Computation) -> float:
+    """Bytes each device sends over its links for a collective on ``n`` devices (ring algorithms):
+    an all-gather its result's ``(n-1)/n``, a reduce-scatter its input's, an all-reduce twice its
+    input's, the others their input."""
+    n = group_size(instr)
+    operands = sum(shape_bytes(comp.by_name[o].shape) for o in instr.operands if o in comp.by_name)
+    result = shape_bytes(instr.shape) - (operands if instr.opcode.endswith("-start") and instr.shape.startswith("((")
+                                         else 0)
+    share = (n - 1) / n if n > 1 else 0.0
+    op = instr.opcode.removesuffix("-start")
+    if op == "all-gather":
+        return result * share
+    if op == "all-reduce":
+        return 2 * operands * share
+    return operands * share
+
+
 def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
     """What kind of kernel ``instr`` is (``body``: the computation a fusion calls): the rows of
     the cost table."""
@@ -359,6 +393,9 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
         else:
             peak = machine["gemm_flops"]
         seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
+        if k == "collectives":  # over the links, not HBM; they may overlap compute (priced as if not)
+            nbytes = collective_bytes(instr, comp)
+            seconds = nbytes / machine["link_bandwidth"] + machine["launch_s"]
         op = _OP_NAME.search(instr.attrs)
         op_name = op.group(1) if op else ""
         out.append(KernelCost(instr.name, k, category(instr.name, op_name), runs, nbytes, flops, seconds, op_name))

@@ -214,3 +214,28 @@ def test_offline_gpu_without_the_cuda_plugin_says_how_to_get_it():
         pytest.skip("this environment has jax's CUDA plugin")  # CI's has CPU jax only
     with pytest.raises(SystemExit, match="offline_gpu_env.sh"):
         bench.h100_devices()
+
+
+def test_collectives_are_priced_by_what_each_device_sends():
+    """ZeRO-3 on 8 GPUs: an all-gather of a weight sends 7/8 of the gathered weight, a
+    reduce-scatter 7/8 of the gradient it reduces, an all-reduce twice that; at the link rate."""
+    text = """HloModule m, entry_computation_layout={()->()}
+
+ENTRY %main (w: bf16[256,64], g: f32[2048,64], s: f32[64]) -> f32[64] {
+  %w = bf16[256,64]{1,0} parameter(0)
+  %g = f32[2048,64]{1,0} parameter(1)
+  %s = f32[64]{0} parameter(2)
+  %all-gather-start = ((bf16[256,64]{1,0}), bf16[2048,64]{1,0}) all-gather-start(%w), replica_groups=mesh['data'=1,'fsdp'=8,'tensor'=1] {'fsdp'}, dimensions={0}
+  %all-gather-done = bf16[2048,64]{1,0} all-gather-done(%all-gather-start)
+  %reduce-scatter = f32[256,64]{1,0} reduce-scatter(%g), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %all-reduce-start = f32[64]{0} all-reduce-start(%s), replica_groups=mesh['axis_0'=4] {'axis_0'}
+  ROOT %all-reduce-done = f32[64]{0} all-reduce-done(%all-reduce-start)
+}
+"""
+    costs = by_name(hlo_cost.kernel_costs(text, {"link_bandwidth": 1e9, "launch_s": 0.0}))
+    assert set(costs) == {"all-gather-start", "reduce-scatter", "all-reduce-start"}
+    assert costs["all-gather-start"].bytes == 2048 * 64 * 2 * 7 / 8
+    assert costs["reduce-scatter"].bytes == 2048 * 64 * 4 * 7 / 8
+    assert costs["all-reduce-start"].bytes == 2 * 64 * 4 * 3 / 4
+    assert costs["all-gather-start"].seconds == pytest.approx(costs["all-gather-start"].bytes / 1e9)
+    assert {c.kind for c in costs.values()} == {"collectives"}
