@@ -247,10 +247,13 @@ def mesh_of(params) -> Optional[Mesh]:
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
-def _cache_names(path, _leaf) -> P:
-    """Logical axes of one cache leaf: k/v ``CACHE_KV_AXES``, slot metadata ``[batch, length]``."""
+def _cache_names(path, leaf) -> P:
+    """Logical axes of one cache leaf: k/v ``CACHE_KV_AXES`` (a layer's own, without ``layers``),
+    slot metadata ``[batch, length]``."""
     top = path[0].key
-    return P(*CACHE_KV_AXES) if top == "layers" else (P() if top == "index" else P(*_BATCH_LENGTH))
+    if top == "layers":
+        return P(*CACHE_KV_AXES[len(CACHE_KV_AXES) - leaf.ndim:])
+    return P() if top == "index" else P(*_BATCH_LENGTH)
 
 
 def _state_names(path, leaf) -> P:
@@ -353,7 +356,7 @@ class _Decoder:
 
     def _build_prefill(self, params, ids, max_new_tokens: int, start_id: int):
         cfg, model = self.cfg, self.model
-        m = cfg.model
+        m = model.cfg  # as decoding runs it (init_cache: one cache entry a layer when unrolled)
         prefix_lm = m.family == "decoder" and cfg.objective == "prefix"
 
         def run(params, ids_BP, seg_BP, pos_BP):
@@ -509,8 +512,13 @@ class _Decoder:
                 tok_n = jnp.take_along_axis(tok_bC, pick, 1).reshape(n)
                 rows_n = (jnp.arange(b)[:, None] * w + jnp.take_along_axis(parent_bC, pick, 1)).reshape(n)
                 st = c["state"]
-                self_kv = jax.tree.map(lambda x: jnp.take(x, rows_n, axis=1), st["cache"]["layers"]["self"])
-                cache = dict(st["cache"], layers=dict(st["cache"]["layers"], self=self_kv))
+                layers = st["cache"]["layers"]  # every layer's self-attention k / v, rows as the beams chose
+                if isinstance(layers, list):  # one entry a layer: [B, S, K, H]
+                    layers = [dict(c, self=jax.tree.map(lambda x: jnp.take(x, rows_n, axis=0), c["self"]))
+                              for c in layers]
+                else:
+                    layers = dict(layers, self=jax.tree.map(lambda x: jnp.take(x, rows_n, axis=1), layers["self"]))
+                cache = dict(st["cache"], layers=layers)
                 new_state = self._step(params, dict(st, cache=cache), tok_n)
                 # A row is done when even its best live beam, at its most favourable length, cannot
                 # beat its worst finished hypothesis.

@@ -156,9 +156,10 @@ def test_greedy_equals_naive_full_model_loop(dec, single, stop):
 
 def test_unrolled_decoding_splits_the_stacked_layers_once(dec, encdec, single):
     """With every layer unrolled (model.decode_scan_unroll), decoding reads each layer's own
-    arrays, split out of the stacked parameters once per call (slicing the stack inside the token
-    loop copies the weights every token): the same generation as the scanned stack, for both
-    families, on one device and with the parameters sharded over 8 (ZeRO-3)."""
+    arrays, split out of the stacked parameters once per call, and keeps each layer's own cache
+    (slicing a stack inside the token loop copies it every token): the same generation and beams
+    as the scanned stack, for both families, on one device and with the parameters sharded over 8
+    (ZeRO-3)."""
     for cfg, params, inputs in ((*dec, PROMPTS), (*encdec, [p[1:] + [1] for p in PROMPTS])):
         layers = max(cfg.model.num_layers, cfg.model.decoder_layers)
         unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_scan_unroll=layers))
@@ -174,6 +175,17 @@ def test_unrolled_decoding_splits_the_stacked_layers_once(dec, encdec, single):
         got = generate_details(unrolled, params, inputs, K, eos_id=None, mesh=single)
         np.testing.assert_array_equal(got.tokens, ref.tokens)
         np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-6)
+        # and its cache one entry a layer ([B, S, K, H], read without slicing a stack), beams reordered in it
+        prompts = decoding.left_pad([np.asarray(r, np.int32) for r in inputs], max(len(r) for r in inputs))
+        state = d.prefill(split, prompts, K, decoding.BOS_ID)
+        layers_cache = state["cache"]["layers"]
+        assert isinstance(layers_cache, list) and len(layers_cache) == layers
+        assert layers_cache[0]["self"]["k"].shape == (len(inputs), state["cache"]["segment_ids"].shape[1],
+                                                      cfg.model.kv_heads, cfg.model.dim_per_head)
+        a = beam_search(unrolled, params, inputs[:2], K, num_beams=3, eos_id=None, mesh=single)
+        b = beam_search(cfg, params, inputs[:2], K, num_beams=3, eos_id=None, mesh=single)
+        np.testing.assert_array_equal(a.sequences, b.sequences)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     cfg, params = dec
     unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_scan_unroll=cfg.model.num_layers))
     mesh8 = partitioning.make_mesh(cfg)
