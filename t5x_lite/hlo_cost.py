@@ -16,11 +16,12 @@ autotuned. This module reads that program and prices each kernel with a roofline
   ``dynamic-update-slice`` of an operand writes the update in place.
 * **FLOPs**: ``2 x result x contracted`` for each dot (inside Triton GEMM fusions too); cuDNN
   attention ``4 B N T S H`` forward (half when causal) and 2.5x that backward.
+* **collectives**: the bytes each device sends (``collective_bytes``) over the links instead.
 
 It does not know caches, overlap between streams or how well a kernel is tuned: it is a guide
 to where a step's time can go and what a change removes (the same program with and without
-it), not a measurement. ``calibrate`` in ``docs/PERFORMANCE.md`` compares it with the profiled
-step of session 8.
+it), not a measurement. ``docs/offline_runs/2026-11-23-s9/README.md`` sets it against session
+8's timed H100 steps of the same programs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _CALLED = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_DIMS = {name: re.compile(name + r"=\{([\d,]*)\}") for name in ("lhs_contracting_dims", "lhs_batch_dims")}
+_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"(?:,"custom_fusion_config":\{"name":"([^"]+)")?')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -244,7 +245,7 @@ def _dot_flops(dot: Instruction, comp: Computation) -> float:
     if lhs is None:
         return 0.0
     dims = shape_dims(lhs.shape)
-    m = _DIMS["lhs_contracting_dims"].search(dot.attrs)
+    m = _CONTRACTING.search(dot.attrs)
     contracted = math.prod(dims[int(d)] for d in m.group(1).split(",") if d) if m else 1
     return 2.0 * math.prod(shape_dims(dot.shape)) * contracted
 
