@@ -165,16 +165,16 @@ def kernels(comps: dict[str, Computation], unknown_trips: int = 1) -> list[tuple
             raise ValueError("computations nest deeper than 50: a cycle?")
         for instr in comp.instructions:
             if instr.opcode in _CONTAINERS:
-                called = dict((k, v) for k, v in _CALLED.findall(instr.attrs))
+                called = dict(_CALLED.findall(instr.attrs))
                 if instr.opcode == "while":
                     trip = _TRIP.search(instr.attrs)
                     n = int(trip.group(1)) if trip else unknown_trips
                     walk(comps[called["body"]], runs * n, depth + 1)
                     walk(comps[called["condition"]], runs * (n + 1), depth + 1)
                 elif instr.opcode == "conditional":
-                    names = [b.strip().lstrip("%") for b in _BRANCHES.search(instr.attrs).group(1).split(",")] \
-                        if _BRANCHES.search(instr.attrs) else [called[k] for k in ("true_computation",
-                                                                                    "false_computation")]
+                    branches = _BRANCHES.search(instr.attrs)
+                    names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches
+                             else [called["true_computation"], called["false_computation"]])
                     for name in names:
                         walk(comps[name], runs, depth + 1)
                 else:
@@ -209,7 +209,7 @@ def _sliced_bytes(name: str, body: Computation, users: dict, outputs: frozenset 
     return total
 
 
-def _fusion_bytes(instr: Instruction, comp: Computation, body: Computation) -> float:
+def _fusion_bytes(instr: Instruction, body: Computation) -> float:
     """Bytes a fusion moves: operands sliced inside it count their slices, an operand updated in
     place (a ``dynamic-update-slice`` result) counts nothing, the result the update only."""
     params = {i.name: i for i in body.instructions if i.opcode == "parameter"}
@@ -348,7 +348,7 @@ def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
         return "elementwise (fusions)"
     if instr.opcode == "dot":
         return "matmul"
-    if instr.opcode in ("copy", "copy-start", "copy-done", "transpose", "concatenate", "slice", "dynamic-slice",
+    if instr.opcode in ("copy", "copy-start", "transpose", "concatenate", "slice", "dynamic-slice",
                         "dynamic-update-slice", "pad"):
         return "copies: " + instr.opcode
     if instr.opcode in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute") or \
@@ -381,22 +381,22 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
             body = comps.get(dict(_CALLED.findall(instr.attrs)).get("calls"))
         k = kind(instr, body)
         if body is not None:
-            nbytes = _fusion_bytes(instr, comp, body)
+            nbytes = _fusion_bytes(instr, body)
             flops = _fusion_flops(body, comps)
         else:
             nbytes = shape_bytes(instr.shape) + sum(shape_bytes(comp.by_name[o].shape) for o in instr.operands
                                                     if o in comp.by_name)
             if instr.opcode == "dot":
                 flops = _dot_flops(instr, comp)
+        peak = machine["gemm_flops"]
         if k == "attention (cuDNN)":
             flops = _attention_flops(instr, comp)
             peak = machine["attention_bwd_flops" if "Backward" in instr.attrs else "attention_fwd_flops"]
-        else:
-            peak = machine["gemm_flops"]
-        seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
         if k == "collectives":  # over the links, not HBM; they may overlap compute (priced as if not)
             nbytes = collective_bytes(instr, comp)
             seconds = nbytes / machine["link_bandwidth"] + machine["launch_s"]
+        else:
+            seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
         op = _OP_NAME.search(instr.attrs)
         op_name = op.group(1) if op else ""
         out.append(KernelCost(instr.name, k, category(instr.name, op_name), runs, nbytes, flops, seconds, op_name))
@@ -417,7 +417,7 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
     def rollup(key):
         acc: dict[str, dict] = {}
         for c in costs:
-            row = acc.setdefault(group(c) if key == "group" else getattr(c, key), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
+            row = acc.setdefault(key(c), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
             row["ms"] += c.seconds * c.runs * 1e3
             row["kernels"] += c.runs
             row["gbytes"] += c.bytes * c.runs / 1e9
@@ -433,9 +433,9 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
         "tflops": round(sum(c.flops * c.runs for c in costs) / 1e12, 3),
         # each its own cuDNN graph, built when the program first runs (trainer.CUDNN_BUILD_S each)
         "cudnn_calls": sum(c.kind == "attention (cuDNN)" for c in costs),
-        "kinds": rollup("kind"),
-        "categories": rollup("category"),
-        "groups": rollup("group")[:top],
+        "kinds": rollup(lambda c: c.kind),
+        "categories": rollup(lambda c: c.category),
+        "groups": rollup(group)[:top],
         "top": [{"name": c.name, "kind": c.kind, "runs": c.runs, "ms": round(c.seconds * c.runs * 1e3, 3),
                  "mbytes": round(c.bytes / 1e6, 2), "gflops": round(c.flops / 1e9, 2), "op_name": c.op_name[-120:]}
                 for c in ranked[:top]],

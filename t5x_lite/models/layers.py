@@ -527,10 +527,10 @@ class Attention(nn.Module):
         k_proj, v_proj = (dense(cfg, (k, h), ("embed", "kv_heads", "kv"), name, use_bias=bias)
                           for name in ("key", "value"))
 
-        # a stacked cache [L, B, S, K, H] holds every layer (read and written at ``layer``); a
+        # a scanned stack's cache [L, B, S, K, H] holds every layer (read and written at ``layer``); a
         # layer's own cache [B, S, K, H] (layers as straight code, ``init_cache``) only this one
-        layer_of = (lambda c: c) if cache is None or cache["k"].ndim == 4 else \
-            (lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False))
+        stacked = cache is not None and cache["k"].ndim == 5
+        layer_of = (lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)) if stacked else (lambda c: c)
         if self.cross and kv_BSD is None:  # decoding after the first call: the stored encoder k/v
             q_BTNH = head_norm(cfg, constrain(q_proj(x_BTD), BLNH), "query_norm")
             k_BSKH, v_BSKH = (layer_of(cache[name]).astype(q_BTNH.dtype) for name in ("k", "v"))
@@ -551,7 +551,6 @@ class Attention(nn.Module):
                     freq_H2 = jnp.where(is_local_layer(cfg, layer), rope_frequencies(cfg, local=True), freq_H2)
                 q_BTNH, k_BSKH = rope(q_BTNH, positions_BT, freq_H2), rope(k_BSKH, positions_BT, freq_H2)
             if cache is not None:
-                stacked = cache["k"].ndim == 5
                 start = (0, 0 if self.cross else cache_index, 0, 0)
                 start = (layer, *start) if stacked else start
                 cache = {name: jax.lax.dynamic_update_slice(

@@ -152,16 +152,13 @@ class Stack(nn.Module):
             )
             carry, _ = scanned(cfg, self.cross, self.deterministic, self.causal, name="layers")(
                 carry, ctx, jnp.arange(self.num_layers))
-        elif isinstance(cache, list):  # a cache of one entry a layer (``init_cache``): each layer its own
+        else:  # layers as straight code; a decode cache then holds one entry a layer (``init_cache``)
             caches = []
             for i in range(self.num_layers):
                 (x_BLD, layer_cache), _ = block(cfg, self.cross, self.deterministic, self.causal, name=f"layers_{i}")(
-                    (x_BLD, cache[i]), ctx, i)
+                    (x_BLD, None if cache is None else cache[i]), ctx, i)
                 caches.append(layer_cache)
-            carry = (x_BLD, caches)
-        else:
-            for i in range(self.num_layers):
-                carry, _ = block(cfg, self.cross, self.deterministic, self.causal, name=f"layers_{i}")(carry, ctx, i)
+            carry = (x_BLD, None if cache is None else caches)
         return carry
 
 
