@@ -23,6 +23,18 @@ Rows (each ``jit(grad)`` of ``sum(attention(q, k, v) * g)``, timed as the median
                    causal within each document, no bias. A private jax API: an error row says
                    this jax does not take it. ``model.attention=cudnn_packed`` runs this call.
 
+``--t5`` times T5's biased attention instead: one t5_base encoder layer ([64, 512, 12 heads x 64],
+bf16, a trainable float32 ``[1, N, T, S]`` relative bias, non-causal documents), every row's
+gradient taken for q, k, v and the bias:
+
+- ``xla_bias``          XLA's einsum attention with bias and mask (the float32 reference);
+- ``cudnn_bias``        ``jax.nn.dot_product_attention(bias=, mask=, implementation="cudnn")``:
+                        cuDNN computes the gradient of the ``[B, N, T, S]`` bias + mask, then
+                        summed over the batch (``model.attention_bias_grad: cudnn``);
+- ``cudnn_pallas_bias`` cuDNN without a bias gradient and the Pallas kernel summing it over the
+                        batch (``model.attention_bias_grad: pallas``, ``models/bias_grad.py``);
+- ``xla_own_bias``      (``--smoke``) the same VJP with XLA standing in for both kernels.
+
 Prints one JSON object per row and a table.
 """
 
@@ -92,14 +104,49 @@ def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
             "cudnn_packed": cudnn_packed}
 
 
-def measure(fn, q, k, v, g, repeats: int) -> tuple[float, float, jax.Array, tuple]:
-    """``(compile + first run s, median s, output, grads)`` of forward + backward."""
-    def loss(q, k, v):
-        out = fn(q, k, v)
+def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
+    """T5's encoder self-attention with its relative bias, each way the model can run it; ``blocks``:
+    ``(block_q, block_k, num_warps)`` of more ``cudnn_pallas_bias`` rows (the kernel's tuning)."""
+    import functools
+
+    from t5x_lite.models import bias_grad
+
+    mask = attention_mask(seg, seg, causal=False)
+
+    def xla_bias(q, k, v, bias):
+        return dot_product_attention(q, k, v, mask, bias, scale, "xla")
+
+    def cudnn_bias(q, k, v, bias):  # what the layers call with attention_bias_grad=cudnn
+        return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=scale,
+                                            implementation="cudnn")
+
+    def cudnn_pallas_bias(q, k, v, bias):
+        return bias_grad.attention_own_bias_grad(q, k, v, bias, mask, scale)
+
+    def xla_own_bias(q, k, v, bias):
+        return bias_grad.attention_own_bias_grad(q, k, v, bias, mask, scale, bias_grad.xla_core,
+                                                 bias_grad.bias_grad_reference)
+
+    def tuned(bq, bk, warps):
+        kernel = functools.partial(bias_grad.bias_grad_pallas, block=bq, block_k=bk, num_warps=warps)
+        return lambda q, k, v, bias: bias_grad.attention_own_bias_grad(q, k, v, bias, mask, scale,
+                                                                       bias_grad.cudnn_core, kernel)
+
+    fns = {"xla_bias": xla_bias, "cudnn_bias": cudnn_bias, "cudnn_pallas_bias": cudnn_pallas_bias,
+           "xla_own_bias": xla_own_bias}
+    fns.update({f"cudnn_pallas_bias_{bq}x{bk}w{w}": tuned(bq, bk, w) for bq, bk, w in blocks})
+    return fns
+
+
+def measure(fn, args: tuple, g, repeats: int) -> tuple[float, float, jax.Array, tuple]:
+    """``(compile + first run s, median s, output, grads)`` of forward + backward, the gradient
+    taken for every argument."""
+    def loss(*args):
+        out = fn(*args)
         return jnp.sum(out.astype(jnp.float32) * g), out
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    first, median, ((_, out), grads) = time_calls(step, (q, k, v), repeats)
+    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))
+    first, median, ((_, out), grads) = time_calls(step, args, repeats)
     return first, median, out, grads
 
 
@@ -115,13 +162,27 @@ def main(argv=None) -> int:
                    help="M of the packed layout (default: --segments; the model uses model.max_segments)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes, XLA rows only (CPU)")
+    p.add_argument("--t5", action="store_true",
+                   help="T5's relative-bias attention (a t5_base encoder layer, unless sizes are given)")
+    p.add_argument("--bias-blocks", default="64x128x4,128x64x8,128x128x8",
+                   help="--t5: more Pallas rows, block_q x block_k x warps, comma-separated (default 64x64x4)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dtype = jnp.bfloat16
     names = ["xla_mask", "cudnn_mask", "cudnn_causal", "cudnn_packed"]
+    if args.t5:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        for flag, value in (("--batch", 64), ("--length", 512), ("--heads", 12), ("--kv-heads", 12),
+                            ("--head-dim", 64)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+        blocks = tuple(tuple(int(x) for x in b.split("x")) for b in args.bias_blocks.split(",") if b)
+        names = ["xla_bias", "cudnn_bias", "cudnn_pallas_bias", *(f"cudnn_pallas_bias_{bq}x{bk}w{w}"
+                                                                   for bq, bk, w in blocks)]
     if args.smoke:
         args.batch, args.length, args.heads, args.kv_heads, args.head_dim = 2, 64, 4, 2, 16
-        args.repeats, dtype, names = 2, jnp.float32, ["xla_mask", "xla_packed"]
+        args.repeats, dtype = 2, jnp.float32
+        names = ["xla_bias", "xla_own_bias"] if args.t5 else ["xla_mask", "xla_packed"]
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, n, kh, h = args.batch, args.length, args.heads, args.kv_heads, args.head_dim
     q = jax.random.normal(keys[0], (b, t, n, h), dtype)
@@ -130,12 +191,21 @@ def main(argv=None) -> int:
     g = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
     seg = jnp.asarray(packed_rows(b, t, args.segments))
     scale = 1.0 / math.sqrt(h)
-    fns = variants(seg, scale, args.max_segments or args.segments)
+    inputs = (q, k, v)
+    if args.t5:  # T5: a trainable float32 bias, no 1/sqrt(H) (folded into the query's init)
+        inputs, scale = (q, k, v, 0.5 * jax.random.normal(keys[3], (1, n, t, t), jnp.float32)), 1.0
+        fns = bias_variants(seg, scale, blocks)
+        # padding queries get no cotangent, as in a model (no loss, no other row reads them): the
+        # kernels differ in what a fully masked row attends to, which then changes nothing
+        g = g * (seg > 0)[:, :, None, None]
+    else:
+        fns = variants(seg, scale, args.max_segments or args.segments)
     # Reference in float32 (XLA), the error of every row against it, on real (non-pad) queries only.
-    _, _, ref, ref_grads = measure(fns["xla_mask"], *(x.astype(jnp.float32) for x in (q, k, v)), g, 0)
+    reference = "xla_bias" if args.t5 else "xla_mask"
+    _, _, ref, ref_grads = measure(fns[reference], tuple(x.astype(jnp.float32) for x in inputs), g, 0)
     real = np.asarray(seg > 0)[:, :, None, None]
     lengths = np.stack([(np.asarray(seg) == i).sum(1) for i in range(1, args.segments + 1)])
-    pairs = float((lengths * (lengths + 1) / 2).sum())
+    pairs = float((lengths * lengths if args.t5 else lengths * (lengths + 1) / 2).sum())  # T5: not causal
     device = jax.devices()[0]
     results = []
     for name in names:
@@ -143,7 +213,7 @@ def main(argv=None) -> int:
                "segments": args.segments, "dtype": jnp.dtype(dtype).name, "device": device.device_kind,
                "jax": jax.__version__}
         try:
-            first, median, out, grads = measure(fns[name], q, k, v, g, args.repeats)
+            first, median, out, grads = measure(fns[name], inputs, g, args.repeats)
         except Exception as e:  # a kernel this jax / GPU does not take: a row that says so
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             results.append(row)
@@ -157,6 +227,9 @@ def main(argv=None) -> int:
         flops = 3.5 * 4 * n * h * pairs
         row.update(compile_s=round(first - median, 3), ms=round(1000 * median, 3),
                    tflops=round(flops / median / 1e12, 2), max_out_err=float(out_err.max()), max_grad_err=grad_err)
+        if args.t5:  # the bias's gradient, relative to its largest entry
+            row["bias_grad_rel_err"] = float(np.abs(np.asarray(grads[3]) - np.asarray(ref_grads[3])).max()
+                                             / np.abs(np.asarray(ref_grads[3])).max())
         results.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n| variant | ms fwd+bwd | TFLOP/s (needed FLOPs) | max out err | max grad err |  ({device.device_kind}, "

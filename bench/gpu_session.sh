@@ -13,7 +13,9 @@
 #   bash bench/gpu_session.sh unroll      # ours only: llama, t5, bert with the layers as straight code, a profile (~8 min)
 #   bash bench/gpu_session.sh scan_flags  # ours: the scan's copies without unrolling (XLA flags); llama vs HF compiled (~7 min)
 #   bash bench/gpu_session.sh shipped     # the shipped configs vs the baseline each target names, fewest rows (~9 min)
-#   bash bench/gpu_session.sh t5          # t5_base: ours, packed1 vs HF compiled (~8 min: unrolled layers' first steps)
+#   bash bench/gpu_session.sh t5          # t5_base: one encoder layer's attention with the relative bias's gradient
+#                                         # from cuDNN / the Pallas kernel (tilings); ours, pallas_bias vs HF
+#                                         # compiled (~8 min: unrolled layers' first steps)
 #   bash bench/gpu_session.sh bert        # bert_base: ours, packed1, rbg, fused q/k/v vs HF eager (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled (own weights) / scanned,
 #                                         # stop checks every 8 / 32 tokens (loops of known length), float32
@@ -134,9 +136,13 @@ case $part in
       python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads $w --impls ours,hf_compile "${STEPS[@]}" \
         --json "$OUT/${w}_shipped.json" | tee "$OUT/${w}_shipped.txt" || failed=1
     done ;;
-  t5)  # t5_base's layers are unrolled since session 8: each row's first step is ~150 s (cuDNN builds)
+  t5)  # t5_base's layers are unrolled since session 8: each row's first step is ~150 s (cuDNN builds).
+    # The relative bias's gradient: cuDNN's (shipped) against the Pallas kernel's (session 10), first
+    # one encoder layer and the kernel's tilings (~1 min), then the whole step beside HF compiled
+    python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
+      | tee "$OUT/attention_t5.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours,hf_compile "${STEPS[@]}" \
-      --variant packed1:model.max_segments=1 \
+      --variant pallas_bias:model.attention_bias_grad=pallas \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1 ;;
   bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours,hf "${STEPS[@]}" \

@@ -146,6 +146,12 @@ class ModelConfig:
     # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row. With
     # attention=auto on a GPU, > 0 selects the packed layout (at least 2 slots in the kernel).
     max_segments: int = 0
+    # Who computes the gradient of an attention bias ([1, N, T, S]: T5's relative positions, ALiBi)
+    # where cuDNN runs the attention with a mask: "cudnn" (jax's kernel, over the [B, N, T, S] sum
+    # of bias and mask, then summed over the batch) or "pallas" (cuDNN without a bias gradient and
+    # a Pallas kernel summing it over the batch in registers: models/bias_grad.py). No effect on
+    # XLA's attention or on the packed layout.
+    attention_bias_grad: str = dataclasses.field(default="cudnn", metadata=_choices("cudnn", "pallas"))
 
     @property
     def packed_slots(self) -> int:

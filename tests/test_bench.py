@@ -108,6 +108,12 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     rows = {r["variant"]: r for r in rows}
     assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4
 
+    # --t5: the bias's own gradient (XLA standing in for cuDNN and the kernel) against differentiating XLA's
+    _, rows = _run_json(["bench/attention.py", "--smoke", "--t5"], tmp_path / "attention_t5.json")
+    rows = {r["variant"]: r for r in rows}
+    assert set(rows) == {"xla_bias", "xla_own_bias"}
+    assert rows["xla_own_bias"]["bias_grad_rel_err"] < 1e-5 and rows["xla_own_bias"]["max_grad_err"] < 1e-4
+
 
 def test_gpu_session_runs_several_parts_in_one_call_within_a_deadline(tmp_path):
     """Several parts, each its own run of the script under what is left of DEADLINE_S, and their

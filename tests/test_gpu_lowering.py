@@ -49,7 +49,10 @@ def cudnn_calls(fn, *args) -> list[dict]:
     """The cuDNN attention custom calls of ``jit(fn)(*args)`` lowered for CUDA: kernel name,
     backend config, operand and result shapes, in module order."""
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
-    text = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return _calls_in(jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
+
+def _calls_in(text: str) -> list[dict]:
     calls = []
     for kernel, config, operands, results in _CALL.findall(text):
         config = json.loads(config.replace("\\22", '"'))["cudnn_fmha_backend_config"]
@@ -231,3 +234,42 @@ def test_remat_minimal_keeps_the_experts_projections(remat, hidden_dots):
         text = setup.train_step.lower(setup.abstract_state, batch).as_text()
     hidden = re.findall(r"stablehlo.dot_general.*-> tensor<4x\d+x\d+x24xf32>", text)
     assert len(hidden) == hidden_dots
+
+
+def _grad_text(cfg) -> str:
+    params = t5x_lite.init_params(cfg, 0)
+    batch = model_kwargs(cfg.model.family, {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=1).items()})
+    model = build_model(cfg)
+    loss = lambda p: model.apply({"params": p}, **batch).astype(jnp.float32).sum()  # noqa: E731
+    return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("bias_grad,target_len,kernels,cudnn_bias_grads",
+                         [("cudnn", 64, 0, 2), ("pallas", 64, 2, 0), ("pallas", 16, 1, 1)])
+def test_t5_bias_gradient_from_cudnn_or_the_pallas_kernel(hopper, bias_grad, target_len, kernels,
+                                                          cudnn_bias_grads):
+    """model.attention_bias_grad=pallas: T5's self-attention backward kernels return no bias
+    gradient and one Triton kernel a stack (the Pallas kernel, lowered to Triton IR here) sums it;
+    with cudnn, or a decoder of 16 tokens (not in blocks of 64), the backward kernel returns the
+    [B, N, T, S] gradient of bias plus mask."""
+    t = 64  # the kernel's blocks of 64
+    cfg = tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=cudnn", "model.d_model=64",
+                   f"model.attention_bias_grad={bias_grad}", f"data.seq_len={t}", f"data.target_len={target_len}")
+    text = _grad_text(cfg)
+    bias_shape = lambda s: len(s) == 4 and s[:2] == (B, N) and s[2] == s[3]  # noqa: E731  [B, N, T, T]
+    self_bwd = [c for c in _calls_in(text) if c["kernel"] == "fmhaScaleBiasSoftmaxBackward"
+                and any(map(bias_shape, c["operands"]))]
+    assert len(self_bwd) == 2  # encoder and decoder self-attention (scanned stacks)
+    dbias = [c for c in self_bwd if any(map(bias_shape, c["results"]))]
+    assert len(dbias) == cudnn_bias_grads
+    assert text.count("@__gpu$xla.gpu.triton") == kernels
+
+
+def test_alibi_bias_without_a_gradient_leaves_cudnn_without_one(hopper):
+    """ALiBi's bias has no trainable source: with attention_bias_grad=pallas cuDNN computes no bias
+    gradient (the kernel's unused result is XLA's to drop when it compiles)."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=cudnn", "model.position=alibi",
+                   "model.d_model=64", "model.attention_bias_grad=pallas", "data.seq_len=64")
+    text = _grad_text(cfg)
+    bwd = [c for c in _calls_in(text) if c["kernel"].endswith("Backward")]
+    assert len(bwd) == 1 and len(bwd[0]["results"]) == 4  # dq, dk, dv, workspace

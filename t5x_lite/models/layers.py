@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
 
 Array = jax.Array
 NEG_INF = -1e9  # finite "minus infinity": a fully masked row gives a uniform, not NaN, softmax
@@ -431,7 +432,7 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
                           segments: Optional[tuple] = None, causal: bool = False,
                           dropout: Optional[tuple[float, Array]] = None, window: int = 0,
-                          softcap: float = 0.0) -> Array:
+                          softcap: float = 0.0, bias_grad: str = "cudnn") -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
@@ -443,7 +444,9 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     call takes a dropout rate only with one fixed seed, the same mask every step. ``window``
     (``model.sliding_window``) is already in the mask; the packed cuDNN kernel, which has no mask,
     is told it (and skips the blocks outside it). ``softcap`` > 0: scores become
-    ``softcap * tanh(scores / softcap)`` (Gemma 2), on the XLA path."""
+    ``softcap * tanh(scores / softcap)`` (Gemma 2), on the XLA path. ``bias_grad``
+    (``model.attention_bias_grad``): ``pallas`` gives a ``[1, N, T, S]`` bias on cuDNN's masked
+    path its gradient from ``bias_grad.attention_own_bias_grad`` instead of cuDNN's."""
     # a decoding step's single query: XLA's einsums read the cache once as cuDNN's flash kernel does
     # (H100, 2026-11-23, llama_1b at batch 1 / 32: 1.99 / 2.87 ms a token against 2.02 / 2.84 on
     # cuDNN) and compile in half the time (18-23 s against 42 with the 16 layers unrolled: each
@@ -464,6 +467,9 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     use_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_fits)
     if use_cudnn:
         try:
+            if bias_grad == "pallas" and attention_bias_grad_applies(bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1],
+                                                                 q_BTNH.shape[3]):
+                return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale)
             return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, mask=mask_B1TS,
                                                 scale=scale, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
@@ -565,7 +571,8 @@ class Attention(nn.Module):
             dropout = (cfg.attention_dropout, self.make_rng("dropout"))
         attend = functools.partial(dot_product_attention, q_BTNH, k_BSKH, v_BSKH, bias_1NTS=bias_1NTS, scale=scale,
                                    implementation=cfg.attention, segments=segments, causal=self.causal,
-                                   dropout=dropout, softcap=cfg.attn_logit_softcap)
+                                   dropout=dropout, softcap=cfg.attn_logit_softcap,
+                                   bias_grad=cfg.attention_bias_grad)
         if local_mask_B1TS is None:
             out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
         else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)
