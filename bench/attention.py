@@ -22,6 +22,12 @@ Rows (each ``jit(grad)`` of ``sum(attention(q, k, v) * g)``, timed as the median
                    lengths and starts (``q_seqlen``/``q_offsets``, ``[B, M]`` / ``[B, M + 1]``):
                    causal within each document, no bias. A private jax API: an error row says
                    this jax does not take it. ``model.attention=cudnn_packed`` runs this call.
+- ``pallas_segments`` / ``pallas_segments_bwd64``: jax's own Pallas (Triton) flash attention
+                   (``jax.experimental.pallas.ops.gpu.attention.mha``), causal, documents from
+                   the segment ids inside the kernel (no M: nothing grows with the documents a
+                   row), k / v repeated for GQA; its default backward blocks (32) and blocks of
+                   64. Not a model option: whether it is worth one (layers unrolled without a
+                   cuDNN build per layer, no packed-layout cost) is what these rows measure.
 
 ``--t5`` times T5's biased attention instead: one t5_base encoder layer ([64, 512, 12 heads x 64],
 bf16, a trainable float32 ``[1, N, T, S]`` relative bias, non-causal documents), every row's
@@ -77,7 +83,7 @@ def packed_rows(batch: int, length: int, segments: int, seed: int = 0) -> np.nda
     return out
 
 
-def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
+def variants(seg: jax.Array, scale: float, max_segments: int, interpret: bool = False) -> dict:
     t = seg.shape[1]
     idx = jnp.arange(t)
     mask = attention_mask(seg, seg, causal=True, q_idx_T=idx, k_idx_S=idx)
@@ -100,8 +106,23 @@ def variants(seg: jax.Array, scale: float, max_segments: int) -> dict:
         mask2 = attention_mask(rebuilt, rebuilt, causal=True, q_idx_T=idx, k_idx_S=idx)
         return dot_product_attention(q, k, v, mask2, None, scale, "xla")
 
+    def pallas_segments(q, k, v, bwd_block=None):
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+        blocks = pallas_attention.BlockSizes.get_default()
+        if bwd_block:
+            blocks = pallas_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=bwd_block,
+                                                 block_kv_dkv=bwd_block, block_q_dq=bwd_block, block_kv_dq=bwd_block)
+        g = q.shape[2] // k.shape[2]
+        k, v = (jnp.repeat(a, g, axis=2) for a in (k, v))
+        # padding (segment 0) as a segment of its own per token, so it attends to nothing else
+        ids = jnp.where(seg > 0, seg, -1 - jnp.arange(t)[None, :])
+        return pallas_attention.mha(q, k, v, ids, sm_scale=scale, causal=True, block_sizes=blocks,
+                                    interpret=interpret)
+
     return {"xla_mask": xla_mask, "xla_packed": xla_packed, "cudnn_mask": cudnn_mask, "cudnn_causal": cudnn_causal,
-            "cudnn_packed": cudnn_packed}
+            "cudnn_packed": cudnn_packed, "pallas_segments": pallas_segments,
+            "pallas_segments_bwd64": lambda q, k, v: pallas_segments(q, k, v, 64)}
 
 
 def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
@@ -169,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dtype = jnp.bfloat16
-    names = ["xla_mask", "cudnn_mask", "cudnn_causal", "cudnn_packed"]
+    names = ["xla_mask", "cudnn_mask", "cudnn_causal", "cudnn_packed", "pallas_segments", "pallas_segments_bwd64"]
     if args.t5:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         for flag, value in (("--batch", 64), ("--length", 512), ("--heads", 12), ("--kv-heads", 12),
@@ -182,7 +203,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.batch, args.length, args.heads, args.kv_heads, args.head_dim = 2, 64, 4, 2, 16
         args.repeats, dtype = 2, jnp.float32
-        names = ["xla_bias", "xla_own_bias"] if args.t5 else ["xla_mask", "xla_packed"]
+        # the Pallas kernel in its interpreter: its documents and GQA checked, not its speed
+        names = ["xla_bias", "xla_own_bias"] if args.t5 else ["xla_mask", "xla_packed", "pallas_segments"]
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, n, kh, h = args.batch, args.length, args.heads, args.kv_heads, args.head_dim
     q = jax.random.normal(keys[0], (b, t, n, h), dtype)
@@ -195,11 +217,11 @@ def main(argv=None) -> int:
     if args.t5:  # T5: a trainable float32 bias, no 1/sqrt(H) (folded into the query's init)
         inputs, scale = (q, k, v, 0.5 * jax.random.normal(keys[3], (1, n, t, t), jnp.float32)), 1.0
         fns = bias_variants(seg, scale, blocks)
-        # padding queries get no cotangent, as in a model (no loss, no other row reads them): the
-        # kernels differ in what a fully masked row attends to, which then changes nothing
-        g = g * (seg > 0)[:, :, None, None]
     else:
-        fns = variants(seg, scale, args.max_segments or args.segments)
+        fns = variants(seg, scale, args.max_segments or args.segments, interpret=args.smoke)
+    # padding queries get no cotangent, as in a model (no loss, no other row reads them): the
+    # kernels differ in what a fully masked row attends to, which then changes nothing
+    g = g * (seg > 0)[:, :, None, None]
     # Reference in float32 (XLA), the error of every row against it, on real (non-pad) queries only.
     reference = "xla_bias" if args.t5 else "xla_mask"
     _, _, ref, ref_grads = measure(fns[reference], tuple(x.astype(jnp.float32) for x in inputs), g, 0)

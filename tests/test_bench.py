@@ -107,6 +107,8 @@ def test_attention_bench_segments_describe_the_documents(tmp_path):
     _, rows = _run_json(["bench/attention.py", "--smoke"], tmp_path / "attention.json")
     rows = {r["variant"]: r for r in rows}
     assert rows["xla_packed"]["max_out_err"] < 1e-5 and rows["xla_packed"]["max_grad_err"] < 1e-4
+    # jax's Pallas attention (in its interpreter): documents from segment ids, GQA by repeating k / v
+    assert rows["pallas_segments"]["max_out_err"] < 1e-5 and rows["pallas_segments"]["max_grad_err"] < 1e-4
 
     # --t5: the bias's own gradient (XLA standing in for cuDNN and the kernel) against differentiating XLA's
     _, rows = _run_json(["bench/attention.py", "--smoke", "--t5"], tmp_path / "attention_t5.json")
