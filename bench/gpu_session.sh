@@ -16,6 +16,8 @@
 #   bash bench/gpu_session.sh t5          # t5_base: one encoder layer's attention with the relative bias's gradient
 #                                         # from cuDNN / the Pallas kernel (tilings); ours, pallas_bias vs HF
 #                                         # compiled (~8 min: unrolled layers' first steps)
+#   bash bench/gpu_session.sh pallas      # llama_1b: ours, attention=pallas scanned / unrolled (~5 min; run when the
+#                                         # attention part's pallas_segments rows come near cudnn_packed)
 #   bash bench/gpu_session.sh bert        # bert_base: ours, packed1, rbg, fused q/k/v vs HF eager (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled (own weights) / scanned,
 #                                         # stop checks every 8 / 32 tokens (loops of known length), float32
@@ -144,6 +146,12 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours,hf_compile "${STEPS[@]}" \
       --variant pallas_bias:model.attention_bias_grad=pallas \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1 ;;
+  pallas)  # llama_1b with jax's Pallas flash attention (documents inside the kernel, no M; session 10): scanned,
+    # and unrolled, whose first step has no cuDNN graph to build per layer (66 s with cuDNN, target 30 s)
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
+      --variant pallas:model.attention=pallas \
+      --variant pallas_unroll:model.attention=pallas,model.scan_unroll=16,train.loss_chunk=0 \
+      --json "$OUT/llama_pallas.json" | tee "$OUT/llama_pallas.txt" || failed=1 ;;
   bert)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads bert --impls ours,hf "${STEPS[@]}" \
       --variant packed1:model.max_segments=1 \
@@ -183,7 +191,7 @@ case $part in
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|bert|decode|moe|report" >&2
+    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas|bert|decode|moe|report" >&2
     echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac

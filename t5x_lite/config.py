@@ -140,7 +140,10 @@ class ModelConfig:
     # without reading anything back; once every row has stopped, up to N - 1 more tokens are computed
     # and thrown away. The same tokens either way.
     decode_stop_every: int = 1
-    attention: str = dataclasses.field(default="xla", metadata=_choices("xla", "cudnn", "auto", "cudnn_packed"))
+    # pallas: jax's Pallas (Triton) flash attention for training's self-attention, documents from the
+    # segment ids inside the kernel (GPU; no bias, window, dropout or soft cap; else as auto)
+    attention: str = dataclasses.field(default="xla",
+                                       metadata=_choices("xla", "cudnn", "auto", "cudnn_packed", "pallas"))
     # Documents (segments) a packed row may hold: the packer's cap, and M of cuDNN's packed layout,
     # which keeps a float32 [B * M, heads, T] softmax statistic per layer. 0 = no cap (cuDNN, if
     # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row. With

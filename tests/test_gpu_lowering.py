@@ -273,3 +273,31 @@ def test_alibi_bias_without_a_gradient_leaves_cudnn_without_one(hopper):
     text = _grad_text(cfg)
     bwd = [c for c in _calls_in(text) if c["kernel"].endswith("Backward")]
     assert len(bwd) == 1 and len(bwd[0]["results"]) == 4  # dq, dk, dv, workspace
+
+
+@pytest.mark.parametrize("remat,kernels", [("minimal", 3), ("dots", 4)])
+def test_pallas_attention_lowers_to_triton_and_minimal_keeps_its_forward(hopper, remat, kernels):
+    """model.attention=pallas on a GPU: no cuDNN call, the Pallas kernels as Triton (forward, the
+    backward's preprocessing and backward); remat=minimal keeps the forward kernel's output and
+    statistic, dots runs the forward kernel again inside the backward pass."""
+    cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=pallas", "model.d_model=64",
+                   "model.num_kv_heads=2", f"model.remat={remat}", "train.loss_chunk=8", "mesh.fsdp=1")
+    from t5x_lite import partitioning, trainer
+
+    setup = trainer.make_setup(cfg, partitioning.make_mesh(cfg, jax.devices()[:1]))
+    with setup.activation_context():
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+                 for k, v in trainer.batch_shapes(cfg).items()}
+        text = setup.train_step.trace(setup.abstract_state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert "cudnn" not in text and text.count("@__gpu$xla.gpu.triton") == kernels
+
+
+@pytest.mark.parametrize("remat,forward_kernels", [("minimal", 3), ("dots", 6)])
+def test_remat_minimal_keeps_cudnn_forward_under_the_own_bias_gradient(hopper, remat, forward_kernels):
+    """T5 with attention_bias_grad=pallas in a train step: remat=minimal still runs each cuDNN
+    forward kernel once (encoder, decoder, cross-attention), dots again in the backward pass."""
+    cfg = tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=cudnn", "model.d_model=64",
+                   "model.attention_bias_grad=pallas", f"model.remat={remat}", "data.seq_len=64",
+                   "data.target_len=64", "mesh.fsdp=1")
+    calls = _train_step_calls(cfg)
+    assert len(_forward(calls)) == forward_kernels and len(calls) - len(_forward(calls)) == 3

@@ -439,3 +439,32 @@ def test_cross_segments_keep_documents_paired_after_cudnn_closes_gaps():
     ql, qs, kl, ks = cross_segments(q_len, q_start, kv_len, kv_start)
     assert list(zip(close_gaps(ql)[0], close_gaps(kl)[0])) == [(3, 4), (2, 1)]  # documents 1 and 3
     assert list(zip(close_gaps(qs)[0], close_gaps(ks)[0])) == [(0, 0), (3, 9)]
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_pallas_attention_trains_as_xla(family, monkeypatch):
+    """model.attention=pallas: jax's Pallas flash attention (in its interpreter here), documents
+    from the segment ids inside the kernel, GQA by repeating k / v: the same loss and gradients as
+    XLA's attention on packed rows with padding (causal and not)."""
+    from helpers import random_batch
+    from t5x_lite.models import layers
+
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", True)
+    calls = []
+    real = layers.pallas_segment_attention
+    monkeypatch.setattr(layers, "pallas_segment_attention", lambda *a: calls.append(a[5]) or real(*a))
+    sizes = ["model.d_model=64", "model.num_kv_heads=2"] + (["model.position=learned"] if family == "encoder" else [])
+    cfg = tiny_cfg(family, *sizes)
+    params = t5x_lite.init_params(cfg, 0)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=3).items()}
+    want_loss, want_grads = _loss_and_grads(cfg, params, batch)
+    got_loss, got_grads = _loss_and_grads(tiny_cfg(family, *sizes, "model.attention=pallas"), params, batch)
+    assert set(calls) == {family == "decoder"}  # the scanned stack's self-attention, causal for the decoder
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+    # off a GPU (and outside the interpreter) the same config attends on XLA's path
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
+    calls.clear()
+    off_loss, _ = _loss_and_grads(tiny_cfg(family, *sizes, "model.attention=pallas"), params, batch)
+    assert calls == [] and float(off_loss) == pytest.approx(float(want_loss), rel=1e-6)

@@ -420,6 +420,33 @@ def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NT
                          "model.attention=auto, cudnn or xla") from e
 
 
+PALLAS_INTERPRET = False  # the tests run the Pallas kernels in Pallas' interpreter on a CPU
+
+
+def pallas_fits(t: int, s: int, h: int) -> bool:
+    """Lengths and head size jax's Pallas attention takes: self-attention, a power-of-two head size
+    of at least 16, rows in blocks of 128 (or one power-of-two block)."""
+    block = min(128, t)
+    return t == s and t % block == 0 and block & (block - 1) == 0 and h >= 16 and h & (h - 1) == 0
+
+
+def pallas_segment_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array,
+                             scale: float, causal: bool) -> Array:
+    """jax's Pallas (Triton) flash attention (``jax.experimental.pallas.ops.gpu.attention.mha``,
+    forward and backward kernels): documents from ``segment_ids_BT`` inside the kernel, so nothing
+    grows with the documents a row holds and there is no cuDNN graph to build per call. Padding
+    (segment 0) becomes one segment a token, attending to itself only. GQA: k and v repeated to
+    the query heads."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    g = q_BTNH.shape[2] // k_BSKH.shape[2]
+    if g > 1:
+        k_BSKH, v_BSKH = (jnp.repeat(a, g, axis=2) for a in (k_BSKH, v_BSKH))
+    ids_BT = jnp.where(segment_ids_BT > 0, segment_ids_BT, -1 - jnp.arange(segment_ids_BT.shape[1])[None, :])
+    return pallas_attention.mha(q_BTNH, k_BSKH, v_BSKH, ids_BT.astype(jnp.int32), sm_scale=scale, causal=causal,
+                                interpret=PALLAS_INTERPRET)
+
+
 # ----------------------------------------------------------------------- attention
 
 
@@ -432,7 +459,8 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
                           bias_1NTS: Optional[Array], scale: float, implementation: str,
                           segments: Optional[tuple] = None, causal: bool = False,
                           dropout: Optional[tuple[float, Array]] = None, window: int = 0,
-                          softcap: float = 0.0, bias_grad: str = "cudnn") -> Array:
+                          softcap: float = 0.0, bias_grad: str = "cudnn",
+                          segment_ids_BT: Optional[Array] = None) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
@@ -446,13 +474,21 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     is told it (and skips the blocks outside it). ``softcap`` > 0: scores become
     ``softcap * tanh(scores / softcap)`` (Gemma 2), on the XLA path. ``bias_grad``
     (``model.attention_bias_grad``): ``pallas`` gives a ``[1, N, T, S]`` bias on cuDNN's masked
-    path its gradient from ``bias_grad.attention_own_bias_grad`` instead of cuDNN's."""
+    path its gradient from ``bias_grad.attention_own_bias_grad`` instead of cuDNN's.
+    ``pallas``: ``pallas_segment_attention`` over ``segment_ids_BT`` (training's self-attention
+    without a bias, window, dropout or soft cap, on a GPU or in Pallas' interpreter), else as
+    ``auto``."""
     # a decoding step's single query: XLA's einsums read the cache once as cuDNN's flash kernel does
     # (H100, 2026-11-23, llama_1b at batch 1 / 32: 1.99 / 2.87 ms a token against 2.02 / 2.84 on
     # cuDNN) and compile in half the time (18-23 s against 42 with the 16 layers unrolled: each
     # cuDNN call is built on its own when the program first runs)
     cudnn_fits = (on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None and not softcap
                   and q_BTNH.shape[1] > 1)
+    if implementation == "pallas":
+        if ((on_gpu() or PALLAS_INTERPRET) and segment_ids_BT is not None and bias_1NTS is None and dropout is None
+                and not softcap and not window and pallas_fits(q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3])):
+            return pallas_segment_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, scale, causal)
+        implementation = "auto"
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
@@ -520,7 +556,8 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: Array, *, mask_B1TS: Array, bias_1NTS: Optional[Array] = None,
                  positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
                  cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None,
-                 segments: Optional[tuple] = None, local_mask_B1TS: Optional[Array] = None):
+                 segments: Optional[tuple] = None, local_mask_B1TS: Optional[Array] = None,
+                 segment_ids_BT: Optional[Array] = None):
         """``local_mask_B1TS``: with ``model.sliding_window_pattern``, the windowed layers' mask
         (``mask_B1TS`` then being the global layers'); ``layer`` (an int, or the scan's traced
         index) says which this layer is."""
@@ -572,7 +609,7 @@ class Attention(nn.Module):
         attend = functools.partial(dot_product_attention, q_BTNH, k_BSKH, v_BSKH, bias_1NTS=bias_1NTS, scale=scale,
                                    implementation=cfg.attention, segments=segments, causal=self.causal,
                                    dropout=dropout, softcap=cfg.attn_logit_softcap,
-                                   bias_grad=cfg.attention_bias_grad)
+                                   bias_grad=cfg.attention_bias_grad, segment_ids_BT=segment_ids_BT)
         if local_mask_B1TS is None:
             out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
         else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)

@@ -46,11 +46,14 @@ _EXPERT_NAMES = jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS, EXP
 
 def save_dots_and_attention(prim, *avals, **params) -> bool:
     """remat ``minimal``: keep the outputs of weight matmuls (dots without batch dimensions), of
-    cuDNN's attention forward kernel (its output and softmax statistic; without them the backward
-    pass of the output projection runs the attention forward again) and of the experts' input
+    cuDNN's (or the Pallas) attention forward kernel (its output and softmax statistic; without them
+    the backward pass of the output projection runs the attention forward again) and of the experts' input
     projections and dispatch (einsums batched over the experts, named in ``moe``). XLA's
     attention (einsums with batch dimensions) is recomputed as before."""
     return (prim.name.startswith("dot_product_attention_fwd")  # jax's cuDNN primitives (0.10, 0.11)
+            # attention=pallas: jax's Pallas attention (a custom VJP whose forward rule calls it again for
+            # its output and statistic: what is kept is that inner call's outputs)
+            or prim.name == "custom_vjp_call"
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
             or _EXPERT_NAMES(prim, *avals, **params))
 
@@ -106,6 +109,7 @@ class Block(nn.Module):
         x_BLD, self_kv = sublayer(x_BLD, "self_attention", attend("self", False, ctx["mask"], bias_1NTS=ctx["bias"],
                                                                    positions_BT=ctx["positions"],
                                                                    segments=ctx.get("segments"),
+                                                                   segment_ids_BT=ctx.get("segment_ids"),
                                                                    local_mask_B1TS=ctx.get("local_mask")))
         new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
@@ -249,6 +253,8 @@ class TextStack(nn.Module):
             # cap). Where attention runs on XLA ("auto" off a GPU) these go unused and XLA drops them.
             lengths_BM, starts_BM1 = segment_lengths_and_starts(segment_ids_BT, slots)
             ctx["segments"] = (lengths_BM, starts_BM1, lengths_BM, starts_BM1)
+        if cfg.attention == "pallas" and cache is None and prefix_mask_BT is None:
+            ctx["segment_ids"] = segment_ids_BT  # documents inside the Pallas kernel (self-attention)
         if self.cross:
             enc_seg = encoder_segment_ids_BS if cache is None else cache["encoder_segment_ids"]
             ctx["cross_mask"] = attention_mask(segment_ids_BT, enc_seg, causal=False)
