@@ -16,8 +16,9 @@
 #   bash bench/gpu_session.sh t5          # t5_base: one encoder layer's attention with the relative bias's gradient
 #                                         # from cuDNN / the Pallas kernel (tilings); ours, pallas_bias vs HF
 #                                         # compiled (~8 min: unrolled layers' first steps)
+#   bash bench/gpu_session.sh pallas_kernel  # one llama_1b layer: cuDNN against jax's Pallas attention (~1.5 min)
 #   bash bench/gpu_session.sh pallas      # llama_1b: ours, attention=pallas scanned / unrolled (~5 min; run when the
-#                                         # attention part's pallas_segments rows come near cudnn_packed)
+#                                         # pallas_kernel rows come near cudnn_packed)
 #   bash bench/gpu_session.sh bert        # bert_base: ours, packed1, rbg, fused q/k/v vs HF eager (~6 min)
 #   bash bench/gpu_session.sh decode      # llama_1b generate, batch 1 and 32: layers unrolled (own weights) / scanned,
 #                                         # stop checks every 8 / 32 tokens (loops of known length), float32
@@ -146,6 +147,14 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours,hf_compile "${STEPS[@]}" \
       --variant pallas_bias:model.attention_bias_grad=pallas \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1 ;;
+  pallas_kernel)  # one llama_1b layer's attention, cuDNN's rows beside jax's Pallas kernel (session 10): one
+    # document a row (cuDNN's M 1) and four with the shipped M 32
+    for segments_m in 1:1 4:32; do
+      segments=${segments_m%:*} m=${segments_m#*:}
+      python bench/attention.py "${SMOKE_FLAG[@]}" --segments "$segments" --max-segments "$m" \
+        --json "$OUT/attention_pallas_seg${segments}_m$m.json" | tee "$OUT/attention_pallas_seg${segments}_m$m.txt" \
+        || failed=1
+    done ;;
   pallas)  # llama_1b with jax's Pallas flash attention (documents inside the kernel, no M; session 10): scanned,
     # and unrolled, whose first step has no cuDNN graph to build per layer (66 s with cuDNN, target 30 s)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours "${STEPS[@]}" \
@@ -191,7 +200,7 @@ case $part in
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas|bert|decode|moe|report" >&2
+    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas_kernel|pallas|bert|decode|moe|report" >&2
     echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac
