@@ -23,11 +23,10 @@ Rows (each ``jit(grad)`` of ``sum(attention(q, k, v) * g)``, timed as the median
                    causal within each document, no bias. A private jax API: an error row says
                    this jax does not take it. ``model.attention=cudnn_packed`` runs this call.
 - ``pallas_segments`` / ``pallas_segments_bwd64``: jax's own Pallas (Triton) flash attention
-                   (``jax.experimental.pallas.ops.gpu.attention.mha``), causal, documents from
-                   the segment ids inside the kernel (no M: nothing grows with the documents a
-                   row), k / v repeated for GQA; its default backward blocks (32) and blocks of
-                   64. Not a model option: whether it is worth one (layers unrolled without a
-                   cuDNN build per layer, no packed-layout cost) is what these rows measure.
+                   as ``model.attention=pallas`` runs it (``layers.pallas_segment_attention``):
+                   causal, documents from the segment ids inside the kernel (no M: nothing
+                   grows with the documents a row), k / v repeated for GQA; the library's
+                   default backward blocks (32) and blocks of 64.
 
 ``--t5`` times T5's biased attention instead: one t5_base encoder layer ([64, 512, 12 heads x 64],
 bf16, a trainable float32 ``[1, N, T, S]`` relative bias, non-causal documents), every row's
@@ -65,6 +64,7 @@ from t5x_lite.models.layers import (  # noqa: E402
     attention_mask,
     cudnn_packed_attention,
     dot_product_attention,
+    pallas_segment_attention,
     segment_lengths_and_starts,
     segments_from_lengths_and_starts,
 )
@@ -106,19 +106,14 @@ def variants(seg: jax.Array, scale: float, max_segments: int, interpret: bool = 
         mask2 = attention_mask(rebuilt, rebuilt, causal=True, q_idx_T=idx, k_idx_S=idx)
         return dot_product_attention(q, k, v, mask2, None, scale, "xla")
 
-    def pallas_segments(q, k, v, bwd_block=None):
+    def pallas_segments(q, k, v, bwd_block=None):  # what model.attention=pallas runs in every layer
         from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-        blocks = pallas_attention.BlockSizes.get_default()
+        blocks = None
         if bwd_block:
             blocks = pallas_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=bwd_block,
                                                  block_kv_dkv=bwd_block, block_q_dq=bwd_block, block_kv_dq=bwd_block)
-        g = q.shape[2] // k.shape[2]
-        k, v = (jnp.repeat(a, g, axis=2) for a in (k, v))
-        # padding (segment 0) as a segment of its own per token, so it attends to nothing else
-        ids = jnp.where(seg > 0, seg, -1 - jnp.arange(t)[None, :])
-        return pallas_attention.mha(q, k, v, ids, sm_scale=scale, causal=True, block_sizes=blocks,
-                                    interpret=interpret)
+        return pallas_segment_attention(q, k, v, seg, scale, True, block_sizes=blocks, interpret=interpret)
 
     return {"xla_mask": xla_mask, "xla_packed": xla_packed, "cudnn_mask": cudnn_mask, "cudnn_causal": cudnn_causal,
             "cudnn_packed": cudnn_packed, "pallas_segments": pallas_segments,
@@ -173,11 +168,12 @@ def measure(fn, args: tuple, g, repeats: int) -> tuple[float, float, jax.Array, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    # default sizes: one llama_1b layer, or with --t5 one t5_base encoder layer
+    p.add_argument("--batch", type=int, default=None, help="8 (--t5: 64)")
+    p.add_argument("--length", type=int, default=None, help="2048 (--t5: 512)")
+    p.add_argument("--heads", type=int, default=None, help="16 (--t5: 12)")
+    p.add_argument("--kv-heads", type=int, default=None, help="8 (--t5: 12)")
+    p.add_argument("--head-dim", type=int, default=None, help="128 (--t5: 64)")
     p.add_argument("--segments", type=int, default=4, help="documents per row")
     p.add_argument("--max-segments", type=int, default=None,
                    help="M of the packed layout (default: --segments; the model uses model.max_segments)")
@@ -191,12 +187,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = jnp.bfloat16
     names = ["xla_mask", "cudnn_mask", "cudnn_causal", "cudnn_packed", "pallas_segments", "pallas_segments_bwd64"]
+    sizes = dict(zip(("batch", "length", "heads", "kv_heads", "head_dim"),
+                     (64, 512, 12, 12, 64) if args.t5 else (8, 2048, 16, 8, 128)))
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.t5:
-        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        for flag, value in (("--batch", 64), ("--length", 512), ("--heads", 12), ("--kv-heads", 12),
-                            ("--head-dim", 64)):
-            if flag not in given:
-                setattr(args, flag[2:].replace("-", "_"), value)
         blocks = tuple(tuple(int(x) for x in b.split("x")) for b in args.bias_blocks.split(",") if b)
         names = ["xla_bias", "cudnn_bias", "cudnn_pallas_bias", *(f"cudnn_pallas_bias_{bq}x{bk}w{w}"
                                                                    for bq, bk, w in blocks)]

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from t5x_lite.models.layers import NEG_INF
+
 Array = jax.Array
-NEG_INF = -1e9  # the mask's value in the combined bias (layers.NEG_INF)
 BLOCK = 64  # the kernel's query and key block
 
 
@@ -45,13 +46,18 @@ def combine_bias_and_mask(bias_1NTS: Array, mask_B1TS: Array, dtype) -> Array:
     return jnp.where(mask_B1TS, bias_1NTS.astype(dtype), jnp.asarray(NEG_INF, dtype))
 
 
+def _scores(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias: Array, scale: float) -> tuple[Array, Array]:
+    """XLA: float32 scores ``scale q k^T + bias`` [B, N, T, S] and v with its heads repeated to q's."""
+    g = q_BTNH.shape[2] // k_BSKH.shape[2]
+    k_BSNH, v_BSNH = (jnp.repeat(a, g, axis=2) for a in (k_BSKH, v_BSKH))
+    s_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+    return s_BNTS + bias.astype(jnp.float32), v_BSNH
+
+
 def bias_grad_reference(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, do_BTNH: Array, lse_BNT: Array,
                         delta_BNT: Array, bias_1NTS: Array, mask_B1TS: Array, scale: float) -> Array:
     """``[N, T, S]`` float32: ``sum_b P * (dP - D)`` in XLA, materialising ``[B, N, T, S]``."""
-    n, k = q_BTNH.shape[2], k_BSKH.shape[2]
-    k_BSNH, v_BSNH = (jnp.repeat(a, n // k, axis=2) for a in (k_BSKH, v_BSKH))
-    s_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
-    s_BNTS = s_BNTS + bias_1NTS.astype(jnp.float32)
+    s_BNTS, v_BSNH = _scores(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, scale)
     p_BNTS = jnp.where(mask_B1TS, jnp.exp(s_BNTS - lse_BNT[..., None]), 0.0)
     dp_BNTS = jnp.einsum("btnh,bsnh->bnts", do_BTNH, v_BSNH, preferred_element_type=jnp.float32)
     return jnp.sum(p_BNTS * (dp_BNTS - delta_BNT[..., None]), axis=0)
@@ -122,10 +128,7 @@ def bias_grad_pallas(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, do_BTNH: Array
 
 def xla_core(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_BNTS: Array, scale: float) -> tuple[Array, Array]:
     """``cudnn_core``'s answer in XLA (scores materialised): the tests' and the CPU smoke's core."""
-    g = q_BTNH.shape[2] // k_BSKH.shape[2]
-    k_BSNH, v_BSNH = (jnp.repeat(a, g, axis=2) for a in (k_BSKH, v_BSKH))
-    s_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
-    s_BNTS = s_BNTS + bias_BNTS.astype(jnp.float32)
+    s_BNTS, v_BSNH = _scores(q_BTNH, k_BSKH, v_BSKH, bias_BNTS, scale)
     lse_BNT = jax.nn.logsumexp(s_BNTS, axis=-1)
     p_BNTS = jnp.exp(s_BNTS - lse_BNT[..., None]).astype(v_BSNH.dtype)
     return jnp.einsum("bnts,bsnh->btnh", p_BNTS, v_BSNH), lse_BNT

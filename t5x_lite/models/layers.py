@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite.config import ConfigError, ModelConfig
-from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
 
 Array = jax.Array
 NEG_INF = -1e9  # finite "minus infinity": a fully masked row gives a uniform, not NaN, softmax
@@ -431,12 +430,13 @@ def pallas_fits(t: int, s: int, h: int) -> bool:
 
 
 def pallas_segment_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array,
-                             scale: float, causal: bool) -> Array:
+                             scale: float, causal: bool, block_sizes=None, interpret: Optional[bool] = None) -> Array:
     """jax's Pallas (Triton) flash attention (``jax.experimental.pallas.ops.gpu.attention.mha``,
     forward and backward kernels): documents from ``segment_ids_BT`` inside the kernel, so nothing
     grows with the documents a row holds and there is no cuDNN graph to build per call. Padding
     (segment 0) becomes one segment a token, attending to itself only. GQA: k and v repeated to
-    the query heads."""
+    the query heads. ``block_sizes``: the library's ``BlockSizes`` (default its own);
+    ``interpret``: Pallas' interpreter (default ``PALLAS_INTERPRET``)."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
     g = q_BTNH.shape[2] // k_BSKH.shape[2]
@@ -444,7 +444,8 @@ def pallas_segment_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segmen
         k_BSKH, v_BSKH = (jnp.repeat(a, g, axis=2) for a in (k_BSKH, v_BSKH))
     ids_BT = jnp.where(segment_ids_BT > 0, segment_ids_BT, -1 - jnp.arange(segment_ids_BT.shape[1])[None, :])
     return pallas_attention.mha(q_BTNH, k_BSKH, v_BSKH, ids_BT.astype(jnp.int32), sm_scale=scale, causal=causal,
-                                interpret=PALLAS_INTERPRET)
+                                block_sizes=block_sizes or pallas_attention.BlockSizes.get_default(),
+                                interpret=PALLAS_INTERPRET if interpret is None else interpret)
 
 
 # ----------------------------------------------------------------------- attention
@@ -503,6 +504,8 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     use_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_fits)
     if use_cudnn:
         try:
+            from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
+
             if bias_grad == "pallas" and attention_bias_grad_applies(bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1],
                                                                  q_BTNH.shape[3]):
                 return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale)
