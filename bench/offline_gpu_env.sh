@@ -13,7 +13,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=${OFFLINE_GPU_ENV:-$HOME/.cache/t5x_lite/offline_gpu}
-PY=${PYTHON:-$(command -v python3.12 || command -v python3.13 || true)}
+# the first of python3.12 / python3.13 on PATH (or pyenv's installs) that runs: a pyenv shim is on PATH
+# whether or not that version is the selected one
+PY=${PYTHON:-}
+if [[ -z $PY ]]; then
+  for candidate in $(command -v python3.12 python3.13) ~/.pyenv/versions/3.1[23]*/bin/python3; do
+    if "$candidate" -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null; then PY=$candidate; break; fi
+  done
+fi
 if [[ -z $PY ]]; then
   echo "offline_gpu_env: needs Python >= 3.12 (jax 0.11); set PYTHON=/path/to/python3.12" >&2
   exit 1
