@@ -2,9 +2,9 @@
 # Everything docs/PERFORMANCE.md plans for a GPU session, in parts that each fit one 10-minute
 # device call, every result written under $OUT (default runs/gpu_session):
 #
-#   bash bench/gpu_session.sh llama       # llama_1b: ours, packed1, m16, b16 vs HF eager / compiled (~4 min)
-#                                         # ours = attention auto, max_segments 32: cuDNN packed layout;
-#                                         # packed1 = M 1 (the bench's rows hold one document), m16 = M 16,
+#   bash bench/gpu_session.sh llama       # llama_1b: ours, m32, m16, b16 vs HF eager / compiled (~4 min)
+#                                         # ours = attention auto, max_segments 32 fitted to the bench's rows
+#                                         # (one document each: M 1): cuDNN packed layout; m32 / m16 = M fixed,
 #                                         # b16 = batch 16 (other work a step: listed, not compared)
 #   bash bench/gpu_session.sh attention   # bench/attention.py (documents per row, M), bench/mlp.py (~1 min)
 #   bash bench/gpu_session.sh profile     # t5x-lite bench --profile on the three configs      (~2 min)
@@ -25,6 +25,15 @@
 #                                         # weights, and a profile per generated token at batch 1 (~6 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
+#
+# For a session of 15 minutes of device time (2026-12), shorter parts, in that order of value:
+#   bash bench/gpu_session.sh decode_short   # llama_1b generate as shipped, batch 1 and 32 (~2.5 min)
+#   bash bench/gpu_session.sh llama_fit      # llama_1b as shipped (fit_max_segments: the bench's one-document
+#                                            # rows -> M 1), m32 (session 8's fixed M 32) vs HF compiled (~4 min)
+#   bash bench/gpu_session.sh t5_kernel      # T5's bias gradient, one layer and kernel tilings; then t5_base with
+#                                            # its layers scanned (first steps ~35 s, not ~150), cuDNN's gradient
+#                                            # against the Pallas kernel's, ours only (~3 min)
+#   bash bench/gpu_session.sh pallas_kernel  # (above, ~1.5 min)
 #
 # In that order of value when device time is short. The first GPU session (H100, 2026-11-23:
 # docs/gpu_runs/2026-11-23-h100) ran llama, decode, t5_bert, attention and a broken profile (graphs
@@ -85,10 +94,25 @@ case $part in
     fi
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python bench/mlp.py "${SMOKE_FLAG[@]}" \
       --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" || failed=1 ;;
+  decode_short)  # decoding as shipped (layers unrolled from their own weights, session 9): issue 8's two targets
+    python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
+  llama_fit)  # llama_1b as shipped against HF compiled: model.fit_max_segments builds the packed layout for the
+    # one document each bench row holds (M 1: 194.7 ms against ~202 at M 32 in session 8); m32 keeps the cap of 32
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
+      --variant m32:model.fit_max_segments=false \
+      --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
+  t5_kernel)  # t5_base's relative-bias gradient from cuDNN against session 10's Pallas kernel: one encoder layer
+    # and the kernel's tilings, then the whole step with the layers scanned (what the kernel saves a layer is the
+    # same unrolled; the scan's first step builds 6 cuDNN calls, not 72)
+    python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
+      | tee "$OUT/attention_t5.txt" || failed=1
+    python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours "${STEPS[@]}" --set model.scan_unroll=1 \
+      --variant pallas_bias:model.attention_bias_grad=pallas \
+      --json "$OUT/t5_scan.json" | tee "$OUT/t5_scan.txt" || failed=1 ;;
   llama)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama "${STEPS[@]}" \
-      --variant packed1:model.max_segments=1 \
-      --variant m16:model.max_segments=16 \
+      --variant m32:model.fit_max_segments=false \
+      --variant m16:model.max_segments=16,model.fit_max_segments=false \
       --variant b16:train.batch_size=16 \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
   llama_more)  # ours only: its "ours" row ties these to the llama part's HF rows
@@ -105,7 +129,7 @@ case $part in
       --variant unroll:model.scan_unroll=16 \
       --variant unroll_nochunk:model.scan_unroll=16,train.loss_chunk=0 \
       --variant unroll_nochunk_noremat:model.scan_unroll=16,train.loss_chunk=0,model.remat=none \
-      --variant unroll_nochunk_m1:model.scan_unroll=16,train.loss_chunk=0,model.max_segments=1 \
+      --variant unroll_nochunk_m32:model.scan_unroll=16,train.loss_chunk=0,model.fit_max_segments=false \
       --json "$OUT/llama_unroll.json" | tee "$OUT/llama_unroll.txt" || failed=1
     for w in t5 bert; do
       python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads $w --impls ours "${STEPS[@]}" \
@@ -200,7 +224,7 @@ case $part in
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 PART [PART...] with PART llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas_kernel|pallas|bert|decode|moe|report" >&2
+    echo "usage: $0 PART [PART...] with PART decode_short|llama_fit|t5_kernel|llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas_kernel|pallas|bert|decode|moe|report" >&2
     echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac

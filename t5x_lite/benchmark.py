@@ -77,9 +77,12 @@ def time_calls(step, args: tuple, repeats: int) -> tuple[float, float, object]:
 def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[str] = None) -> dict:
     """Time ``cfg``'s train step on the local devices (``steps`` timed after ``warmup``). With
     ``profile_dir``, ``PROFILE_STEPS`` more steps run under the profiler afterwards (the timing
-    stays unprofiled) and ``profile`` holds ``profiling.summarize`` of them."""
+    stays unprofiled) and ``profile`` holds ``profiling.summarize`` of them. ``model.fit_max_segments``
+    builds the packed layout for the one document each random row holds, as training fits its rows."""
     from t5x_lite import partitioning, trainer
 
+    if cfg.model.fits_segments:  # random_batch's rows hold one document each: as training would fit them
+        cfg = cfg.with_max_segments(1)
     t0 = time.perf_counter()
     mesh = partitioning.make_mesh(cfg)
     warn = lambda line: print(line, file=sys.stderr, flush=True)
@@ -130,6 +133,7 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
             "compiled_bytes": stats.get("argument_bytes", 0) + stats.get("temp_bytes", 0) or None,
             "peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
             "attention": setup.cfg.model.attention,  # what ran: the config's unless a fallback was taken
+            "max_segments": cfg.model.max_segments,  # what the packed layout was built for (fit_max_segments: 1)
             "attention_fallback": setup.cfg.model.attention != cfg.model.attention,
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 

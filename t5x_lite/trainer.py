@@ -530,7 +530,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     with main_process_first("prepare work dir"):
         tokenizer, train_batches, eval_batches = make_datasets(cfg, workdir, log=log)
         if is_main:
-            write_workdir_config(cfg, workdir)
+            write_workdir_config(cfg, workdir)  # as given: a fitted max_segments is found again on resume
+    cfg = cfg.with_max_segments(train_batches.max_segments)  # model.fit_max_segments: the kernel the rows need
     if is_main and not os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
         tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))  # the work dir is self-contained
     log = Logger(workdir, enabled=is_main)
@@ -734,6 +735,7 @@ def evaluate_checkpoint(workdir: str, overrides=(), step: Optional[int] = None,
     cfg = eval_config(workdir, overrides)
     mesh = partitioning.make_mesh(cfg)
     batches, source = held_out_batches(cfg, workdir, log)
+    cfg = cfg.with_max_segments(batches.max_segments)  # model.fit_max_segments: as training fitted it
     setup = make_setup(cfg, mesh)
     ckpt = Checkpoints(workdir, cfg, read_only=True)
     step = latest_step(ckpt) if step is None else step

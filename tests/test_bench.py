@@ -149,6 +149,12 @@ def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     for name in ("seg1_m2", "seg4_m16"):  # SMOKE=1 runs two of the five shapes
         rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_{name}.json").read_text())}
         assert rows["xla_packed"]["max_out_err"] < 1e-5
+    # llama_fit: the shipped llama_1b (fit_max_segments) built for the bench's one-document rows, m32 for its cap
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "llama_fit"], cwd=ROOT,
+                          env=_env(OUT=str(tmp_path), SMOKE="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "llama.json").read_text())["results"]}
+    assert (rows["ours"]["max_segments"], rows["ours:m32"]["max_segments"]) == (1, 32)
 
 
 def test_bench_command_times_a_config_and_its_variants(tmp_path):
@@ -192,6 +198,21 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
                                               *sum((["--variant", v] for v in variants), [])])
         with pytest.raises(ConfigError, match=message):
             benchmark.run_bench_cli(args)
+
+
+def test_bench_fits_max_segments_to_its_rows():
+    """The bench's random rows hold one document each: with model.fit_max_segments the packed
+    layout is built for one, as training would fit it; without, for the config's cap."""
+    from t5x_lite import benchmark
+
+    from helpers import tiny_cfg
+
+    cfg = tiny_cfg("decoder", "model.attention=auto", "model.max_segments=8", "model.fit_max_segments=true")
+    fitted = benchmark.measure_train(cfg, steps=1, warmup=1)
+    cfg.model.fit_max_segments = False
+    fixed = benchmark.measure_train(cfg, steps=1, warmup=1)
+    assert (fitted["max_segments"], fixed["max_segments"]) == (1, 8)
+    assert math.isclose(fitted["loss"], fixed["loss"], rel_tol=1e-6)  # one document a row either way
 
 
 def test_profile_exclusive_times_and_categories():

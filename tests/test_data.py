@@ -917,6 +917,43 @@ def test_a_dead_worker_leaves_the_loop_making_batches(tmp_path, docs, tokenizer)
     ahead.close()
 
 
+@pytest.mark.parametrize("packing", ["greedy", "best_fit"])
+def test_fit_max_segments_packs_for_the_cap_the_rows_need(packing, tmp_path, corpus):
+    """model.fit_max_segments: make_datasets packs for the smallest cap that packs as tight, says so,
+    and finds the same one again (a resume); next fit serves exactly the rows of the larger cap."""
+    from t5x_lite.data.pipeline import FIT_TOLERANCE
+
+    write_corpus(tmp_path / "c.jsonl", corpus)
+
+    def datasets(fit, cap=64):
+        cfg = make_cfg(path=str(tmp_path / "c.jsonl"), eval_fraction=0.1, seq_len=128, packing=packing)
+        cfg.model.max_segments, cfg.model.attention, cfg.model.fit_max_segments = cap, "auto", fit
+        lines = []
+        return cfg, lines, make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+
+    _, _, (_, loose, loose_eval) = datasets(False)
+    most = max(int(loose.documents_per_row.max()), int(loose_eval.documents_per_row.max()))
+    assert 1 < most < 32 and loose.max_segments == 64
+    cfg, lines, (_, train, evaluation) = datasets(True)
+    fitted = train.max_segments
+    assert evaluation.max_segments == fitted and cfg.model.max_segments == 64  # the config as given
+    assert f"model.max_segments 64 -> {fitted} (model.fit_max_segments): no row held more than {most}" in lines[-1]
+    assert max(train.documents_per_row.max(), evaluation.documents_per_row.max()) <= fitted
+    if packing == "greedy":  # the cap never bound: the same rows, token for token
+        assert fitted == most and "the same rows" in lines[-1]
+        for step in range(3):
+            assert_same(train(step), loose(step))
+        assert_same(evaluation(1), loose_eval(1))
+    else:  # ordered for the smaller cap: as tight within FIT_TOLERANCE, and half of it is not
+        assert most <= fitted < 64 and train.packing_efficiency >= loose.packing_efficiency - FIT_TOLERANCE
+        assert fitted == most or loose.fill_at(fitted // 2) < loose.packing_efficiency - FIT_TOLERANCE
+    _, _, (_, again, _) = datasets(True)
+    assert again.max_segments == fitted
+    assert_same(again(5), train(5))
+    _, lines, (_, tight, _) = datasets(True, cap=most)  # a cap the rows reach: nothing to fit
+    assert tight.max_segments == most and not any("-> " in line for line in lines)
+
+
 def test_data_workers_must_not_be_negative():
     with pytest.raises(ConfigError, match="data.workers"):
         make_cfg(workers=-1)

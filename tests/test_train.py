@@ -158,6 +158,27 @@ def test_train_command_logs_plots_and_resumes(tmp_path, capsys):
     assert code == 0 and os.path.getsize(out.strip()) > 10_000 and out.strip().endswith(".png")
 
 
+def test_fit_max_segments_builds_the_model_for_its_rows_and_resumes(tmp_path, capsys, monkeypatch):
+    """model.fit_max_segments: the model's packed layout is built for the cap the data needs, the
+    work dir keeps the config as given, and a rerun finds the same cap and resumes."""
+    import re
+
+    built = []
+    make_setup = trainer.make_setup
+    monkeypatch.setattr(trainer, "make_setup", lambda cfg, mesh: built.append(cfg.model.max_segments)
+                        or make_setup(cfg, mesh))
+    wd = str(tmp_path / "run")
+    args = ["train", "--config", "configs/decoder_tiny.yaml", "--workdir", wd, *sum((["--set", s] for s in SMALL), []),
+            "--set", "model.attention=auto", "--set", "model.max_segments=16", "--set", "model.fit_max_segments=true"]
+    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=2")
+    assert code == 0
+    fitted = int(re.search(r"model\.max_segments 16 -> (\d+) \(model\.fit_max_segments\)", out).group(1))
+    assert 1 < fitted < 16 and built == [fitted]
+    assert "max_segments: 16" in open(os.path.join(wd, "config.yaml")).read()
+    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=4")
+    assert code == 0 and "resumed from checkpoint at step 2" in out and built == [fitted, fitted]
+
+
 def test_a_step_waiting_for_its_batch_is_named(tmp_path, capsys, monkeypatch):
     """metrics.jsonl's data_time is the host's time making a step's batch; when it is most of
     the step, the log says the device is waiting for data."""

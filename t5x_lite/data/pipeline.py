@@ -449,6 +449,7 @@ class Batches:
         self.batch_size = cfg.train.batch_size
         self.seq_len = d.seq_len
         self.num_batches = num_batches
+        self.max_segments = cfg.model.max_segments  # the cap the rows were packed with (0: none)
         self._cfg = d
         self._seed = cfg.train.seed
         self._stream = stream
@@ -850,14 +851,37 @@ def _prepared_pair_groups(manifest: dict, pairs: bool, path: str, log: Callable)
     return np.concatenate(groups) if groups else np.zeros(0, np.int64)
 
 
-HINT_REPACK_DOCUMENTS = 1_000_000  # best_fit: trial packings for the hint up to this many documents (~5 s each)
+HINT_REPACK_DOCUMENTS = 1_000_000  # best_fit: trial packings up to this many documents (~5 s each)
+FIT_TOLERANCE = 0.005  # packing efficiency a smaller cap may give up (half a point)
+
+
+def smaller_segments_cap(cfg, splits) -> Optional[tuple[int, Optional[float]]]:
+    """``(cap, fill)``: the smallest ``model.max_segments`` below the config's that packs these
+    rows as tight, or None. Next fit and concat close a row on the cap or on the next document, so
+    the most documents a row holds serves exactly the same rows (``fill`` None). best_fit orders
+    the documents for the cap it is given: the smallest cap from the rows' most up, doubling, whose
+    training rows (``splits[0]``) are within ``FIT_TOLERANCE`` as full (``fill``: theirs). None
+    too for supervised best_fit, and for more than ``HINT_REPACK_DOCUMENTS`` documents to repack."""
+    cap = cfg.model.max_segments
+    splits = [b for b in splits if b is not None and b.rows_per_epoch]
+    most = max(int(b.documents_per_row.max()) for b in splits)
+    if most >= cap:
+        return None
+    if cfg.data.packing != "best_fit":
+        return most, None
+    if cfg.data.objective == "supervised" or splits[0].num_documents > HINT_REPACK_DOCUMENTS:
+        return None
+    fill, smaller = splits[0].packing_efficiency, most
+    while smaller < cap and (tried := splits[0].fill_at(smaller)) < fill - FIT_TOLERANCE:
+        smaller *= 2
+    return (smaller, tried) if smaller < cap else None
 
 
 def segments_hint(cfg, *splits) -> Optional[str]:
-    """A line for the log when ``model.max_segments`` is well above what the packed rows hold:
-    cuDNN's packed attention costs more the larger it is (H100, llama_1b: +10% a step at 64 against
-    1), and a cap that never bound can come down to the rows' most (next fit and concat: without
-    changing one row; best_fit orders the documents for the cap it is given, as tight or nearly)."""
+    """A line for the log when ``model.max_segments`` is well above what the packed rows hold and
+    ``model.fit_max_segments`` is off: cuDNN's packed attention costs more the larger it is (H100,
+    llama_1b: +10% a step at 64 against 1), and a cap that never bound can come down (see
+    ``smaller_segments_cap``)."""
     cap = cfg.model.max_segments
     if cap <= 1 or cfg.model.attention not in ("auto", "cudnn_packed"):
         return None
@@ -865,25 +889,24 @@ def segments_hint(cfg, *splits) -> Optional[str]:
     most = max(int(b.documents_per_row.max()) for b in splits)
     if most > cap // 2:
         return None
-    if cfg.data.packing != "best_fit":  # next fit closes a row on the cap or on the next document: same rows
-        return (f"data: no row holds more than {most} documents (model.max_segments={cap}): max_segments={most} "
-                "packs the same rows, and cuDNN's packed attention (GPU) takes longer the larger it is")
-    if cfg.data.objective == "supervised":
+    said = f"data: no row holds more than {most} documents (model.max_segments={cap})"
+    fit = smaller_segments_cap(cfg, splits)
+    if fit is None:
+        if cfg.data.packing == "best_fit" and cfg.data.objective != "supervised" \
+                and splits[0].num_documents > HINT_REPACK_DOCUMENTS:  # each trial packing would take seconds to minutes
+            return (f"{said}; cuDNN's packed attention (GPU) takes longer the larger it is: a smaller cap may pack as "
+                    "tight (best_fit orders the documents for the cap it is given: compare the packing efficiency "
+                    "logged above)")
         return None
-    if splits[0].num_documents > HINT_REPACK_DOCUMENTS:  # each trial packing would take seconds to minutes
-        return (f"data: no row holds more than {most} documents (model.max_segments={cap}); cuDNN's packed attention "
-                "(GPU) takes longer the larger it is: a smaller cap may pack as tight (best_fit orders the documents "
-                "for the cap it is given: compare the packing efficiency logged above)")
-    # best_fit orders the documents for its cap: the smallest cap from the rows' most up, doubling,
-    # that packs the training rows within half a point of this one
-    fill, smaller = splits[0].packing_efficiency, most
-    while smaller <= cap // 2 and (tried := splits[0].fill_at(smaller)) < fill - 0.005:
-        smaller *= 2
+    smaller, tried = fit
     if smaller > cap // 2:
         return None
-    return (f"data: no row holds more than {most} documents (model.max_segments={cap}); max_segments={smaller} "
-            f"packs the training rows {tried:.1%} full (now {fill:.1%}), and cuDNN's packed attention (GPU) takes "
-            "longer the larger it is")
+    if tried is None:
+        return (f"{said}: max_segments={smaller} packs the same rows, and cuDNN's packed attention (GPU) takes longer "
+                "the larger it is (model.fit_max_segments=true lowers it when training starts)")
+    return (f"{said}; max_segments={smaller} packs the training rows {tried:.1%} full (now "
+            f"{splits[0].packing_efficiency:.1%}), and cuDNN's packed attention (GPU) takes longer the larger it is "
+            "(model.fit_max_segments=true lowers it when training starts)")
 
 
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
@@ -894,7 +917,9 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     docstrings); the last two are tokenized once into ``workdir/data_cache``. Documents are split
     by a stable hash of (index, train.seed) with ``data.eval_fraction`` held out; ``data.max_docs``
     keeps the first documents. Eval serves ``train.eval_batches`` fixed batches; it is None when
-    no document is held out. Bad input raises before anything is written to the work dir.
+    no document is held out. Bad input raises before anything is written to the work dir. With
+    ``model.fit_max_segments`` the rows are packed for the smallest cap the data needs (the
+    batches' ``max_segments``; the model's kernel is built for it: ``Config.with_max_segments``).
     """
     prepared = _is_prepared_path(cfg.data.path)
     pairs = cfg.objective == "supervised"
@@ -912,18 +937,30 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
     train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed, groups)
     lengths = store.doc_lengths()
-    train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
-    evaluation = None
-    if len(eval_idx):
-        evaluation = Batches(cfg, store, tok, doc_ids=eval_idx, stream=_EVAL_STREAM,
-                             num_batches=cfg.train.eval_batches, doc_lengths=lengths)
+
+    def splits(cfg):
+        train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
+        evaluation = None
+        if len(eval_idx):
+            evaluation = Batches(cfg, store, tok, doc_ids=eval_idx, stream=_EVAL_STREAM,
+                                 num_batches=cfg.train.eval_batches, doc_lengths=lengths)
+        return train, evaluation
+
+    train, evaluation = splits(cfg)
     eval_rows = evaluation.rows_per_epoch if evaluation else 0
     unit = "pairs" if pairs else "docs"
     log(f"data: {len(train_idx)} train / {len(eval_idx)} eval {unit}; {train.rows_per_epoch} train rows of "
         f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
         f"indexed in {time.perf_counter() - t0:.2f}s")
-    hint = segments_hint(cfg, train, evaluation)
-    if hint:
+    fit = smaller_segments_cap(cfg, [train, evaluation]) if cfg.model.fits_segments else None
+    if fit:
+        most = max(int(b.documents_per_row.max()) for b in (train, evaluation) if b is not None and b.rows_per_epoch)
+        train, evaluation = splits(cfg.with_max_segments(fit[0]))
+        log(f"data: model.max_segments {cfg.model.max_segments} -> {fit[0]} (model.fit_max_segments): no row held more "
+            f"than {most} documents; " + ("the same rows" if fit[1] is None else
+                                           f"packing efficiency {train.packing_efficiency:.1%}")
+            + "; cuDNN's packed attention (GPU) takes less time the fewer it is built for")
+    elif hint := segments_hint(cfg, train, evaluation):
         log(hint)
     cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
     if cut:
