@@ -138,6 +138,21 @@ def test_gpu_session_runs_several_parts_in_one_call_within_a_deadline(tmp_path):
     assert proc.returncode == 1 and "gpu_session: report skipped" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_the_next_gpu_session_plan_names_parts_the_script_has():
+    """docs/PERFORMANCE.md's commands for the next GPU session run parts of gpu_session.sh: a
+    misspelt part would cost a device call (its usage line lists them)."""
+    import re
+
+    usage = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True).stderr
+    parts = set(re.search(r"with PART (\S+)", usage).group(1).split("|"))
+    doc = open(os.path.join(ROOT, "docs", "PERFORMANCE.md")).read()
+    plan = doc[doc.index("**Next GPU session"):doc.index("## First GPU figures")]
+    commands = re.findall(r"bash bench/gpu_session\.sh ([\w ]+)`", plan)
+    assert len(commands) >= 2, plan
+    for named in commands:
+        assert set(named.split()) <= parts, (named, sorted(parts))
+
+
 def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
