@@ -30,7 +30,7 @@ import hashlib
 import itertools
 import os
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -855,58 +855,60 @@ HINT_REPACK_DOCUMENTS = 1_000_000  # best_fit: trial packings up to this many do
 FIT_TOLERANCE = 0.005  # packing efficiency a smaller cap may give up (half a point)
 
 
-def smaller_segments_cap(cfg, splits) -> Optional[tuple[int, Optional[float]]]:
-    """``(cap, fill)``: the smallest ``model.max_segments`` below the config's that packs these
-    rows as tight, or None. Next fit and concat close a row on the cap or on the next document, so
-    the most documents a row holds serves exactly the same rows (``fill`` None). best_fit orders
-    the documents for the cap it is given: the smallest cap from the rows' most up, doubling, whose
-    training rows (``splits[0]``) are within ``FIT_TOLERANCE`` as full (``fill``: theirs). None
-    too for supervised best_fit, and for more than ``HINT_REPACK_DOCUMENTS`` documents to repack."""
+class SegmentsFit(NamedTuple):
+    """What the packed rows say of ``model.max_segments`` (``fit_segments``)."""
+
+    most: int  # the most documents a packed row holds
+    cap: Optional[int]  # a smaller cap that packs the rows as tight; None: none found (or not tried)
+    fill: Optional[float]  # best_fit: the training rows' packing efficiency at ``cap``
+    untried: bool = False  # best_fit over too many documents to repack on the way
+
+
+def fit_segments(cfg, splits) -> SegmentsFit:
+    """The smallest ``model.max_segments`` below the config's that packs these rows as tight. Next
+    fit and concat close a row on the cap or on the next document, so the most documents a row
+    holds serves exactly the same rows. best_fit orders the documents for the cap it is given: the
+    smallest cap from the rows' most up, doubling, whose training rows (``splits[0]``) are within
+    ``FIT_TOLERANCE`` as full; not for supervised pairs, nor over ``HINT_REPACK_DOCUMENTS``
+    documents (each trial packing would take seconds to minutes)."""
     cap = cfg.model.max_segments
     splits = [b for b in splits if b is not None and b.rows_per_epoch]
     most = max(int(b.documents_per_row.max()) for b in splits)
     if most >= cap:
-        return None
+        return SegmentsFit(most, None, None)
     if cfg.data.packing != "best_fit":
-        return most, None
-    if cfg.data.objective == "supervised" or splits[0].num_documents > HINT_REPACK_DOCUMENTS:
-        return None
+        return SegmentsFit(most, most, None)
+    if cfg.data.objective == "supervised":
+        return SegmentsFit(most, None, None)
+    if splits[0].num_documents > HINT_REPACK_DOCUMENTS:
+        return SegmentsFit(most, None, None, untried=True)
     fill, smaller = splits[0].packing_efficiency, most
     while smaller < cap and (tried := splits[0].fill_at(smaller)) < fill - FIT_TOLERANCE:
         smaller *= 2
-    return (smaller, tried) if smaller < cap else None
+    return SegmentsFit(most, smaller, tried) if smaller < cap else SegmentsFit(most, None, None)
 
 
 def segments_hint(cfg, *splits) -> Optional[str]:
     """A line for the log when ``model.max_segments`` is well above what the packed rows hold and
     ``model.fit_max_segments`` is off: cuDNN's packed attention costs more the larger it is (H100,
     llama_1b: +10% a step at 64 against 1), and a cap that never bound can come down (see
-    ``smaller_segments_cap``)."""
+    ``fit_segments``)."""
     cap = cfg.model.max_segments
     if cap <= 1 or cfg.model.attention not in ("auto", "cudnn_packed"):
         return None
-    splits = [b for b in splits if b is not None and b.rows_per_epoch]
-    most = max(int(b.documents_per_row.max()) for b in splits)
-    if most > cap // 2:
+    fit = fit_segments(cfg, splits)
+    if fit.most > cap // 2:
         return None
-    said = f"data: no row holds more than {most} documents (model.max_segments={cap})"
-    fit = smaller_segments_cap(cfg, splits)
-    if fit is None:
-        if cfg.data.packing == "best_fit" and cfg.data.objective != "supervised" \
-                and splits[0].num_documents > HINT_REPACK_DOCUMENTS:  # each trial packing would take seconds to minutes
-            return (f"{said}; cuDNN's packed attention (GPU) takes longer the larger it is: a smaller cap may pack as "
-                    "tight (best_fit orders the documents for the cap it is given: compare the packing efficiency "
-                    "logged above)")
+    said = f"data: no row holds more than {fit.most} documents (model.max_segments={cap})"
+    costs = "cuDNN's packed attention (GPU) takes longer the larger it is"
+    if fit.untried:
+        return (f"{said}; {costs}: a smaller cap may pack as tight (best_fit orders the documents for the cap it "
+                "is given: compare the packing efficiency logged above)")
+    if fit.cap is None or fit.cap > cap // 2:
         return None
-    smaller, tried = fit
-    if smaller > cap // 2:
-        return None
-    if tried is None:
-        return (f"{said}: max_segments={smaller} packs the same rows, and cuDNN's packed attention (GPU) takes longer "
-                "the larger it is (model.fit_max_segments=true lowers it when training starts)")
-    return (f"{said}; max_segments={smaller} packs the training rows {tried:.1%} full (now "
-            f"{splits[0].packing_efficiency:.1%}), and cuDNN's packed attention (GPU) takes longer the larger it is "
-            "(model.fit_max_segments=true lowers it when training starts)")
+    how = "packs the same rows" if fit.fill is None else (
+        f"packs the training rows {fit.fill:.1%} full (now {splits[0].packing_efficiency:.1%})")
+    return f"{said}: max_segments={fit.cap} {how}, and {costs} (model.fit_max_segments=true lowers it when training starts)"
 
 
 def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
@@ -952,13 +954,12 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     log(f"data: {len(train_idx)} train / {len(eval_idx)} eval {unit}; {train.rows_per_epoch} train rows of "
         f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
         f"indexed in {time.perf_counter() - t0:.2f}s")
-    fit = smaller_segments_cap(cfg, [train, evaluation]) if cfg.model.fits_segments else None
-    if fit:
-        most = max(int(b.documents_per_row.max()) for b in (train, evaluation) if b is not None and b.rows_per_epoch)
-        train, evaluation = splits(cfg.with_max_segments(fit[0]))
-        log(f"data: model.max_segments {cfg.model.max_segments} -> {fit[0]} (model.fit_max_segments): no row held more "
-            f"than {most} documents; " + ("the same rows" if fit[1] is None else
-                                           f"packing efficiency {train.packing_efficiency:.1%}")
+    fit = fit_segments(cfg, [train, evaluation]) if cfg.model.fits_segments else None
+    if fit and fit.cap:
+        train, evaluation = splits(cfg.with_max_segments(fit.cap))
+        log(f"data: model.max_segments {cfg.model.max_segments} -> {fit.cap} (model.fit_max_segments): no row held "
+            f"more than {fit.most} documents; " + ("the same rows" if fit.fill is None else
+                                                 f"packing efficiency {train.packing_efficiency:.1%}")
             + "; cuDNN's packed attention (GPU) takes less time the fewer it is built for")
     elif hint := segments_hint(cfg, train, evaluation):
         log(hint)
