@@ -888,15 +888,15 @@ def fit_segments(cfg, splits) -> SegmentsFit:
     return SegmentsFit(most, smaller, tried) if smaller < cap else SegmentsFit(most, None, None)
 
 
-def segments_hint(cfg, *splits) -> Optional[str]:
+def segments_hint(cfg, *splits, fit: Optional[SegmentsFit] = None) -> Optional[str]:
     """A line for the log when ``model.max_segments`` is well above what the packed rows hold and
-    ``model.fit_max_segments`` is off: cuDNN's packed attention costs more the larger it is (H100,
-    llama_1b: +10% a step at 64 against 1), and a cap that never bound can come down (see
-    ``fit_segments``)."""
+    ``model.fit_max_segments`` did not lower it: cuDNN's packed attention costs more the larger it
+    is (H100, llama_1b: +10% a step at 64 against 1), and a cap that never bound can come down (see
+    ``fit_segments``; ``fit``: its answer for these splits, when already at hand)."""
     cap = cfg.model.max_segments
     if cap <= 1 or cfg.model.attention not in ("auto", "cudnn_packed"):
         return None
-    fit = fit_segments(cfg, splits)
+    fit = fit or fit_segments(cfg, splits)
     if fit.most > cap // 2:
         return None
     said = f"data: no row holds more than {fit.most} documents (model.max_segments={cap})"
@@ -961,7 +961,7 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
             f"more than {fit.most} documents; " + ("the same rows" if fit.fill is None else
                                                  f"packing efficiency {train.packing_efficiency:.1%}")
             + "; cuDNN's packed attention (GPU) takes less time the fewer it is built for")
-    elif hint := segments_hint(cfg, train, evaluation):
+    elif hint := segments_hint(cfg, train, evaluation, fit=fit):  # (the fit's trial packings not run again)
         log(hint)
     cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
     if cut:
