@@ -38,7 +38,11 @@ gradient taken for q, k, v and the bias:
                         summed over the batch (``model.attention_bias_grad: cudnn``);
 - ``cudnn_pallas_bias`` cuDNN without a bias gradient and the Pallas kernel summing it over the
                         batch (``model.attention_bias_grad: pallas``, ``models/bias_grad.py``);
-- ``xla_own_bias``      (``--smoke``) the same VJP with XLA standing in for both kernels.
+- ``xla_own_bias``      (``--smoke``) the same VJP with XLA standing in for both kernels;
+- ``cudnn_lengths_bias`` (``--segments 1``: rows of one document) cuDNN given a length a row and
+                        the ``[1, N, T, S]`` bias as it is, no mask: its gradient comes back
+                        ``[1, N, T, S]`` (``model.max_segments: 1``); ``xla_lengths_bias`` with
+                        ``--smoke``: the same call on jax's XLA reference.
 
 Prints one JSON object per row and a table.
 """
@@ -65,6 +69,7 @@ from t5x_lite.models.layers import (  # noqa: E402
     cudnn_packed_attention,
     dot_product_attention,
     pallas_segment_attention,
+    row_lengths,
     segment_lengths_and_starts,
     segments_from_lengths_and_starts,
 )
@@ -139,6 +144,16 @@ def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
     def cudnn_pallas_bias(q, k, v, bias):
         return bias_grad.attention_own_bias_grad(q, k, v, bias, mask, scale)
 
+    lengths = (row_lengths(seg), row_lengths(seg))  # rows of one document (--segments 1) only
+
+    def cudnn_lengths_bias(q, k, v, bias):  # what the layers call with model.max_segments 1
+        return dot_product_attention(q, k, v, mask, bias, scale, "cudnn_packed", lengths=lengths)
+
+    def xla_lengths_bias(q, k, v, bias):  # the same call on jax's XLA reference: checks it on any device
+        return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
+                                            query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
+                                            implementation="xla")
+
     def xla_own_bias(q, k, v, bias):
         return bias_grad.attention_own_bias_grad(q, k, v, bias, mask, scale, bias_grad.xla_core,
                                                  bias_grad.bias_grad_reference)
@@ -149,7 +164,7 @@ def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
                                                                        bias_grad.cudnn_core, kernel)
 
     fns = {"xla_bias": xla_bias, "cudnn_bias": cudnn_bias, "cudnn_pallas_bias": cudnn_pallas_bias,
-           "xla_own_bias": xla_own_bias}
+           "xla_own_bias": xla_own_bias, "cudnn_lengths_bias": cudnn_lengths_bias, "xla_lengths_bias": xla_lengths_bias}
     fns.update({f"cudnn_pallas_bias_{bq}x{bk}w{w}": tuned(bq, bk, w) for bq, bk, w in blocks})
     return fns
 
@@ -201,6 +216,8 @@ def main(argv=None) -> int:
         args.repeats, dtype = 2, jnp.float32
         # the Pallas kernel in its interpreter: its documents and GQA checked, not its speed
         names = ["xla_bias", "xla_own_bias"] if args.t5 else ["xla_mask", "xla_packed", "pallas_segments"]
+    if args.t5 and args.segments == 1:  # rows of one document: also a length a row (model.max_segments 1)
+        names.insert(1, "xla_lengths_bias" if args.smoke else "cudnn_lengths_bias")
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, n, kh, h = args.batch, args.length, args.heads, args.kv_heads, args.head_dim
     q = jax.random.normal(keys[0], (b, t, n, h), dtype)

@@ -96,17 +96,23 @@ case $part in
       --json "$OUT/mlp_cublas.json" | tee "$OUT/mlp_cublas.txt" || failed=1 ;;
   decode_short)  # decoding as shipped (layers unrolled from their own weights, session 9): issue 8's two targets
     python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
-  llama_fit)  # llama_1b as shipped against HF compiled: model.fit_max_segments builds the packed layout for the
-    # one document each bench row holds (M 1: 194.7 ms against ~202 at M 32 in session 8); m32 keeps the cap of 32
+  llama_fit)  # llama_1b as shipped against HF compiled: model.fit_max_segments finds the one document each bench
+    # row holds, given to cuDNN as a length a row (session 7's M 1, the packed layout's 2 slots: 194.7 ms against ~202
+    # at M 32 in session 8); m32 keeps the cap of 32
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
       --variant m32:model.fit_max_segments=false \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
-  t5_kernel)  # t5_base's relative-bias gradient from cuDNN against session 10's Pallas kernel: one encoder layer
-    # and the kernel's tilings, then the whole step with the layers scanned (what the kernel saves a layer is the
-    # same unrolled; the scan's first step builds 6 cuDNN calls, not 72)
+  t5_kernel)  # t5_base's relative-bias gradient: cuDNN's over the [B, N, T, S] bias + mask (shipped), session 10's
+    # Pallas kernel, and (session 12) rows of one document given to cuDNN as lengths with the [1, N, T, S] bias as it
+    # is (model.max_segments 1: the bench's rows). One encoder layer first (4 documents a row with the kernel's
+    # tilings, then one document a row), then the whole step with the layers scanned (what a layer saves is the same
+    # unrolled; the scan's first step builds 6 cuDNN calls, not 72)
     python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
       | tee "$OUT/attention_t5.txt" || failed=1
+    python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --segments 1 --bias-blocks "" --json "$OUT/attention_t5_1doc.json" \
+      | tee "$OUT/attention_t5_1doc.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours "${STEPS[@]}" --set model.scan_unroll=1 \
+      --variant one_doc:model.max_segments=1 \
       --variant pallas_bias:model.attention_bias_grad=pallas \
       --json "$OUT/t5_scan.json" | tee "$OUT/t5_scan.txt" || failed=1 ;;
   llama)

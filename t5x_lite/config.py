@@ -146,8 +146,10 @@ class ModelConfig:
                                        metadata=_choices("xla", "cudnn", "auto", "cudnn_packed", "pallas"))
     # Documents (segments) a packed row may hold: the packer's cap, and M of cuDNN's packed layout,
     # which keeps a float32 [B * M, heads, T] softmax statistic per layer. 0 = no cap (cuDNN, if
-    # used, gets the mask as a dense bias; not for cudnn_packed); 1 = one document per row. With
-    # attention=auto on a GPU, > 0 selects the packed layout (at least 2 slots in the kernel).
+    # used, gets the mask as a dense bias; not for cudnn_packed). With attention auto (on a GPU) or
+    # cudnn_packed: >= 2 selects the packed layout; 1 = one document a row, from its first
+    # position (what the packer makes), which cuDNN reads as a length a row (its padding mask):
+    # no mask, and an attention bias (T5's) stays [1, N, T, S], its gradient too.
     max_segments: int = 0
     # Lower max_segments, when training starts, to the smallest cap that packs the training rows
     # within half a point as tight (next fit and concat: the most documents a row holds, the same
@@ -160,17 +162,25 @@ class ModelConfig:
     # where cuDNN runs the attention with a mask: "cudnn" (jax's kernel, over the [B, N, T, S] sum
     # of bias and mask, then summed over the batch) or "pallas" (cuDNN without a bias gradient and
     # a Pallas kernel summing it over the batch in registers: models/bias_grad.py). No effect on
-    # XLA's attention or on the packed layout.
+    # XLA's attention, on the packed layout, or on rows of one document (max_segments 1), whose
+    # [1, N, T, S] bias cuDNN takes as it is and returns its gradient for.
     attention_bias_grad: str = dataclasses.field(default="cudnn", metadata=_choices("cudnn", "pallas"))
 
     @property
     def packed_slots(self) -> int:
         """M of cuDNN's packed layout when the model builds it (attention auto or cudnn_packed and
-        max_segments > 0; auto then uses it only where cuDNN runs), else 0. At least 2: with 1
-        cuDNN ignores the starts, and a left-padded row's document does not start at 0."""
-        if self.attention not in ("auto", "cudnn_packed") or self.max_segments == 0:
+        max_segments >= 2; auto then uses it only where cuDNN runs), else 0."""
+        if self.attention not in ("auto", "cudnn_packed") or self.max_segments < 2:
             return 0
-        return max(self.max_segments, 2)
+        return self.max_segments
+
+    @property
+    def one_document_rows(self) -> bool:
+        """Training rows hold one document each, from the row's first position (max_segments 1,
+        attention auto or cudnn_packed): where cuDNN runs, it is given a length a row (its padding
+        mask), not a mask. Rows whose document starts later (decoding's left-padded prompts) need
+        max_segments 0."""
+        return self.attention in ("auto", "cudnn_packed") and self.max_segments == 1
 
     @property
     def fits_segments(self) -> bool:

@@ -84,3 +84,27 @@ def undo_span_corruption(inputs, targets, sentinels) -> list:
     for t in inputs[:-1]:
         out.extend(fill[t] if t in sentinels else [int(t)])
     return out
+
+
+def cudnn_as_xla(monkeypatch):
+    """``attention=auto`` believes it runs on a GPU, and jax's XLA reference (float32 allowed)
+    stands behind every ``jax.nn.dot_product_attention`` call meant for cuDNN; records each call's
+    mask type (``padding`` / ``causal`` with lengths, ``mask`` without), the bias's shape (None
+    without one) and the query length."""
+    import jax
+    import jax.numpy as jnp
+
+    from t5x_lite.models import layers
+
+    seen, real = [], jax.nn.dot_product_attention
+
+    def recorded(q, k, v, bias=None, mask=None, **kw):
+        kind = "mask" if kw.get("query_seq_lengths") is None else ("causal" if kw.get("is_causal") else "padding")
+        seen.append((kind, None if bias is None else tuple(bias.shape), q.shape[1]))
+        return real(q, k, v, bias, mask, **kw)
+
+    monkeypatch.setattr(layers, "on_gpu", lambda: True)
+    monkeypatch.setattr(layers, "CUDNN_IMPL", "xla")
+    monkeypatch.setattr(layers, "CUDNN_DTYPES", layers.CUDNN_DTYPES + (jnp.float32,))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    return seen

@@ -444,6 +444,23 @@ def test_cached_logits_equal_full_forward_encoder_decoder(encdec, single):
     np.testing.assert_array_equal(g.tokens, ref.argmax(-1))
 
 
+def test_encoder_of_one_document_rows_reads_left_padded_prompts_through_the_mask(encdec, single, monkeypatch):
+    """A T5 trained with model.max_segments 1 gives cuDNN a length a row, which assumes each row's
+    document starts at slot 0; decoding's prompts are left-padded, so its encoder keeps the mask.
+    With jax's XLA reference standing in for cuDNN, the cached logits equal the full forward."""
+    from helpers import cudnn_as_xla
+
+    cfg, params = encdec
+    inputs = [p[1:] + [1] for p in PROMPTS]
+    ref = generate_details(cfg, params, inputs, K, eos_id=None, output_logits=True, mesh=single)
+    seen = cudnn_as_xla(monkeypatch)
+    one_doc = tiny_cfg("encoder_decoder", "model.qk_norm=true", "model.attention=auto", "model.max_segments=1")
+    g = generate_details(one_doc, params, inputs, K, eos_id=None, output_logits=True, mesh=single)
+    prompt_len = max(t for *_, t in seen)  # not the initialisers' traces of 8 tokens
+    assert prompt_len == 16 and {kind for kind, _, t in seen if t == prompt_len} == {"mask"}
+    np.testing.assert_allclose(g.logits, ref.logits, atol=2e-5, rtol=2e-5)
+
+
 def test_encoder_decoder_beams(encdec, single):
     cfg, params = encdec
     inputs = [PROMPTS[1][1:] + [1]]

@@ -117,15 +117,41 @@ def test_sliding_window_reaches_the_packed_kernel(hopper):
     assert windows == [("fmhaSoftmax", 0), ("fmhaSoftmax", 3), ("fmhaSoftmaxBackward", 0), ("fmhaSoftmaxBackward", 3)]
 
 
-@pytest.mark.parametrize("max_segments,kernel,slots", [(0, "fmhaScaleBiasSoftmax", 1), (1, "fmhaSoftmax", 2),
-                                                        (3, "fmhaSoftmax", 3)])
-def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_segments, kernel, slots):
+@pytest.mark.parametrize("max_segments,kernel,mask_type,slots", [(0, "fmhaScaleBiasSoftmax", "NO_MASK", 1),
+                                                                  (1, "fmhaSoftmax", "PADDING_CAUSAL", 1),
+                                                                  (3, "fmhaSoftmax", "PADDING_CAUSAL", 3)])
+def test_auto_on_a_gpu_takes_the_packed_layout_when_rows_are_capped(hopper, max_segments, kernel, mask_type, slots):
     """attention=auto (the GPU configs): cuDNN with the mask as a bias when rows are not capped,
-    the packed layout when model.max_segments caps them: at least 2 slots, as with 1 cuDNN would
-    ignore where a row's document starts."""
+    the packed layout when model.max_segments caps them at 2 or more, and a length a row (no
+    offsets) when rows hold one document."""
     cfg = tiny_cfg("decoder", "model.dtype=bfloat16", "model.attention=auto", f"model.max_segments={max_segments}")
     fwd, = _forward(_grad_calls(cfg))
-    assert fwd["kernel"] == kernel and fwd["segments"] == slots
+    assert (fwd["kernel"], fwd["mask_type"], fwd["segments"]) == (kernel, mask_type, slots)
+    if max_segments == 1:
+        assert fwd["operands"][3:] == [(B,), (B,)]  # q and kv lengths, nothing else
+
+
+def test_t5_rows_of_one_document_keep_the_bias_and_its_gradient_per_head(hopper):
+    """T5 (relative bias) with model.max_segments 1: the bias reaches cuDNN as [1, N, T, S] and
+    its gradient comes back [1, N, T, S] (cuDNN sums over the batch), the rows as lengths. With
+    max_segments 0 jax adds the [B, 1, T, S] mask into a [B, N, T, S] bias and cuDNN returns that
+    whole gradient; cross-attention then takes the gradient of its mask as well."""
+    def calls(max_segments):
+        cfg = tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=auto",
+                       f"model.max_segments={max_segments}")
+        return _grad_calls(cfg)
+
+    one = calls(1)
+    assert len(one) == 6 and {c["mask_type"] for c in one} == {"PADDING", "PADDING_CAUSAL"}
+    biased = [c for c in one if "Bias" in c["kernel"]]
+    assert len(biased) == 4  # encoder and decoder self-attention, forward and backward
+    for c in biased:
+        assert (1, N, T, T) in c["operands"] and not [s for s in c["operands"] if s[:2] == (B, N) and len(s) == 4]
+    assert [c["results"][3] for c in biased if c["kernel"].endswith("Backward")] == [(1, N, T, T)] * 2
+    dense = calls(0)
+    assert {c["mask_type"] for c in dense} == {"NO_MASK"}
+    grads = sorted(c["results"][3] for c in dense if c["kernel"].endswith("Backward"))
+    assert grads == [(B, 1, T, T), (B, N, T, T), (B, N, T, T)]
 
 
 def test_auto_decodes_single_tokens_on_xla(hopper):

@@ -11,6 +11,7 @@ import t5x_lite
 from t5x_lite.models import build_model
 from t5x_lite.models.layers import alibi_slopes, dot_product_attention, relative_bucket
 
+import helpers
 from helpers import tiny_cfg
 
 POSITIONS = ["rope", "alibi", "relative", "learned"]
@@ -413,6 +414,58 @@ def test_cudnn_packed_layout_is_given_the_documents(family, position, monkeypatc
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
     assert set(seen) == {"decoder": {("causal", "self")}, "encoder": {("padding", "self")},
                          "encoder_decoder": {("padding", "self"), ("causal", "self"), ("padding", "cross")}}[family]
+
+
+def _one_document_rows(cfg, seed: int) -> dict:
+    """Model inputs whose rows hold one document each, from slot 0, of varied lengths (one row all
+    padding): what the packer makes with model.max_segments 1."""
+    from helpers import positions_from_segments, random_batch
+    from t5x_lite.models import model_kwargs
+
+    batch = random_batch(cfg, seed=seed, packed=False)
+    for prefix, lengths in (("", [16, 9, 1, 0, 12, 5, 16, 3]), ("encoder_", [11, 16, 4, 0, 16, 2, 7, 13])):
+        if prefix + "segment_ids" in batch:
+            seg = (np.arange(16)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+            batch[prefix + "segment_ids"], batch[prefix + "positions"] = seg, positions_from_segments(seg)
+    return model_kwargs(cfg.model.family, {k: jnp.asarray(v) for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("family,position", [("decoder", "rope"), ("encoder", "learned"),
+                                             ("encoder_decoder", "relative"), ("decoder", "alibi"),
+                                             ("decoder", "window")])
+def test_one_document_rows_reach_cudnn_as_lengths(family, position, monkeypatch):
+    """model.max_segments 1 (rows of one document from slot 0): where cuDNN runs, each attention
+    gets a length a row (cuDNN's padding mask, causal where it should be) and no mask, and a bias
+    as ``[1, N, T, S]``. With jax's XLA reference behind those calls, the logits of every real
+    token and the gradients of a loss over them equal this model's own masked attention."""
+    settings = ["model.sliding_window=3"] if position == "window" else [f"model.position={position}"]
+    cfg = tiny_cfg(family, *settings)
+    params = t5x_lite.init_params(cfg, 0)
+    batch = _one_document_rows(cfg, seed=6)
+    real_BT = np.asarray(batch["segment_ids"]) > 0
+    probe = jax.random.normal(jax.random.key(1), (cfg.model.vocab_size,))
+
+    def run(cfg):
+        model = build_model(cfg)
+
+        def loss(params):
+            logits = model.apply({"params": params}, **batch).astype(jnp.float32)
+            return jnp.sum(jnp.where(real_BT[..., None], jnp.tanh(logits) * probe, 0.0)), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(logits), grads
+
+    want_logits, want_grads = run(cfg)  # on this CPU: the mask, XLA attention
+    seen = helpers.cudnn_as_xla(monkeypatch)
+    got_logits, got_grads = run(tiny_cfg(family, *settings, "model.attention=auto", "model.max_segments=1"))
+    assert np.isfinite(got_logits).all()  # the all-padding row too
+    np.testing.assert_allclose(got_logits[real_BT], want_logits[real_BT], atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, atol=1e-4, rtol=1e-3)
+    n, t = cfg.model.num_heads, 16
+    bias = {"relative": (1, n, t, t), "alibi": (1, n, t, t)}.get(position)
+    assert {call[:2] for call in seen} == {
+        "decoder": {("causal", bias)}, "encoder": {("padding", None)},
+        "encoder_decoder": {("padding", bias), ("causal", bias), ("padding", None)}}[family]
 
 
 def test_segment_lengths_and_starts():

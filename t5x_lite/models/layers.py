@@ -367,6 +367,13 @@ def segment_lengths_and_starts(segment_ids_BT: Array, max_segments: int) -> tupl
     return lengths, jnp.concatenate([starts, jnp.full((b, 1), -1, jnp.int32)], axis=1)
 
 
+def row_lengths(segment_ids_BT: Array) -> Array:
+    """int32 ``[B]``: the tokens of each row's document (rows of one document from position 0,
+    padding after: ``model.max_segments`` 1), at least 1 so that an all-padding row still
+    attends somewhere (to its first slot; its outputs are never scored)."""
+    return jnp.maximum(jnp.sum(segment_ids_BT > 0, axis=1), 1).astype(jnp.int32)
+
+
 def segments_from_lengths_and_starts(lengths_BM: Array, starts_BM1: Array, length: int) -> Array:
     """The inverse of ``segment_lengths_and_starts``: int32 ``[B, length]`` segment ids."""
     slot_1_1T = jnp.arange(length)[None, None, :]
@@ -420,6 +427,10 @@ def cudnn_packed_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NT
 
 
 PALLAS_INTERPRET = False  # the tests run the Pallas kernels in Pallas' interpreter on a CPU
+# jax.nn.dot_product_attention's implementation where cuDNN runs, and the compute dtypes it takes:
+# the tests put jax's XLA reference behind the same calls (and float32) to check what is passed
+CUDNN_IMPL = "cudnn"
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def pallas_fits(t: int, s: int, h: int) -> bool:
@@ -461,7 +472,7 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
                           segments: Optional[tuple] = None, causal: bool = False,
                           dropout: Optional[tuple[float, Array]] = None, window: int = 0,
                           softcap: float = 0.0, bias_grad: str = "cudnn",
-                          segment_ids_BT: Optional[Array] = None) -> Array:
+                          segment_ids_BT: Optional[Array] = None, lengths: Optional[tuple] = None) -> Array:
     """Grouped-query attention. Scores and softmax in float32; GQA without repeating k/v.
 
     ``implementation``: ``xla`` (the einsums below), ``cudnn`` (flash attention through
@@ -478,12 +489,15 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     path its gradient from ``bias_grad.attention_own_bias_grad`` instead of cuDNN's.
     ``pallas``: ``pallas_segment_attention`` over ``segment_ids_BT`` (training's self-attention
     without a bias, window, dropout or soft cap, on a GPU or in Pallas' interpreter), else as
-    ``auto``."""
+    ``auto``. ``lengths``: ``(q_lengths [B], kv_lengths [B])`` of rows holding one document from
+    their first slot (``row_lengths``; ``model.max_segments`` 1): under ``auto`` or
+    ``cudnn_packed`` cuDNN gets them as its padding mask instead of the mask (which then goes
+    unused), and a ``[1, N, T, S]`` bias as it is, its gradient ``[1, N, T, S]`` from the kernel."""
     # a decoding step's single query: XLA's einsums read the cache once as cuDNN's flash kernel does
     # (H100, 2026-11-23, llama_1b at batch 1 / 32: 1.99 / 2.87 ms a token against 2.02 / 2.84 on
     # cuDNN) and compile in half the time (18-23 s against 42 with the 16 layers unrolled: each
     # cuDNN call is built on its own when the program first runs)
-    cudnn_fits = (on_gpu() and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and dropout is None and not softcap
+    cudnn_fits = (on_gpu() and q_BTNH.dtype in CUDNN_DTYPES and dropout is None and not softcap
                   and q_BTNH.shape[1] > 1)
     if implementation == "pallas":
         if ((on_gpu() or PALLAS_INTERPRET) and segment_ids_BT is not None and bias_1NTS is None and dropout is None
@@ -493,6 +507,17 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
+    if lengths is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
+        try:  # one document a row: cuDNN's padding mask, no [B, 1, T, S] mask made into a bias
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, scale=scale, is_causal=causal,
+                                                query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
+                                                local_window_size=(window - 1, 0) if window else None,
+                                                implementation=CUDNN_IMPL)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            if implementation == "cudnn_packed":
+                raise ConfigError(f"model.attention=cudnn_packed with model.max_segments=1 needs jax's cuDNN "
+                                  f"attention on an NVIDIA GPU with bf16/fp16 compute ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); use model.attention=auto") from e
     if segments is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
         try:
             return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, cudnn_bias, segments, scale, causal, window)
@@ -510,7 +535,7 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
                                                                  q_BTNH.shape[3]):
                 return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale)
             return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, mask=mask_B1TS,
-                                                scale=scale, implementation="cudnn")
+                                                scale=scale, implementation=CUDNN_IMPL)
         except (ValueError, NotImplementedError, RuntimeError):
             if implementation == "cudnn":
                 raise
@@ -560,7 +585,7 @@ class Attention(nn.Module):
                  positions_BT: Optional[Array] = None, kv_BSD: Optional[Array] = None,
                  cache: Optional[dict] = None, layer=None, cache_index: Optional[Array] = None,
                  segments: Optional[tuple] = None, local_mask_B1TS: Optional[Array] = None,
-                 segment_ids_BT: Optional[Array] = None):
+                 segment_ids_BT: Optional[Array] = None, lengths: Optional[tuple] = None):
         """``local_mask_B1TS``: with ``model.sliding_window_pattern``, the windowed layers' mask
         (``mask_B1TS`` then being the global layers'); ``layer`` (an int, or the scan's traced
         index) says which this layer is."""
@@ -612,7 +637,7 @@ class Attention(nn.Module):
         attend = functools.partial(dot_product_attention, q_BTNH, k_BSKH, v_BSKH, bias_1NTS=bias_1NTS, scale=scale,
                                    implementation=cfg.attention, segments=segments, causal=self.causal,
                                    dropout=dropout, softcap=cfg.attn_logit_softcap,
-                                   bias_grad=cfg.attention_bias_grad, segment_ids_BT=segment_ids_BT)
+                                   bias_grad=cfg.attention_bias_grad, segment_ids_BT=segment_ids_BT, lengths=lengths)
         if local_mask_B1TS is None:
             out_BTNH = attend(mask_B1TS, window=cfg.sliding_window if self.causal else 0)
         else:  # one kernel or the other (cuDNN's packed one takes the window as a constant)

@@ -33,6 +33,7 @@ from t5x_lite.models.layers import (
     dense,
     jnp_dtype,
     make_norm,
+    row_lengths,
     segment_lengths_and_starts,
     activation,
 )
@@ -110,12 +111,13 @@ class Block(nn.Module):
                                                                    positions_BT=ctx["positions"],
                                                                    segments=ctx.get("segments"),
                                                                    segment_ids_BT=ctx.get("segment_ids"),
+                                                                   lengths=ctx.get("lengths"),
                                                                    local_mask_B1TS=ctx.get("local_mask")))
         new_cache = None if cache is None else dict(cache, self=self_kv)
         if self.cross:
             x_BLD, cross_kv = sublayer(x_BLD, "cross_attention",
                                        attend("cross", True, ctx["cross_mask"], kv_BSD=ctx["encoded"],
-                                              segments=ctx.get("cross_segments")))
+                                              segments=ctx.get("cross_segments"), lengths=ctx.get("cross_lengths")))
             if cache is not None:
                 new_cache["cross"] = cross_kv
         if cfg.num_experts:
@@ -246,7 +248,12 @@ class TextStack(nn.Module):
         ctx = {"mask": mask_B1TS, "local_mask": local_mask_B1TS, "bias": bias_1NTS, "positions": positions_BT,
                "cache_index": cache_index,
                "encoded": encoded_BSD, "cross_mask": None, "valid": segment_ids_BT > 0}
-        slots = cfg.packed_slots if cache is None and prefix_mask_BT is None else 0
+        training_rows = cache is None and prefix_mask_BT is None
+        slots = cfg.packed_slots if training_rows else 0
+        one_document = cfg.one_document_rows and training_rows
+        if one_document:  # a length a row for cuDNN (max_segments 1); unused where XLA attends
+            lengths_B = row_lengths(segment_ids_BT)
+            ctx["lengths"] = (lengths_B, lengths_B)
         if slots:
             # Documents as cuDNN's packed layout (lengths and starts), once for all layers; decoding
             # and prefix LM keep the mask. Rows hold at most max_segments documents (the packer's
@@ -261,6 +268,8 @@ class TextStack(nn.Module):
             if slots:  # the k-th decoder document reads the k-th encoder document
                 ctx["cross_segments"] = cross_segments(
                     lengths_BM, starts_BM1, *segment_lengths_and_starts(enc_seg, slots))
+            if one_document:  # the row's decoder document reads its encoder document
+                ctx["cross_lengths"] = (lengths_B, row_lengths(enc_seg))
 
         stack = Stack(self.cfg, self.num_layers, self.cross, self.deterministic, self.causal, name="stack")
         x_BTD, layer_cache = stack(x_BTD, ctx, None if cache is None else cache["layers"])
