@@ -170,11 +170,13 @@ case $part in
         --json "$OUT/${w}_shipped.json" | tee "$OUT/${w}_shipped.txt" || failed=1
     done ;;
   t5)  # t5_base's layers are unrolled since session 8: each row's first step is ~150 s (cuDNN builds).
+    # fit: the bench's rows of one document given to cuDNN as lengths, the [1, N, T, S] bias as it is (session 12).
     # The relative bias's gradient: cuDNN's (shipped) against the Pallas kernel's (session 10), first
     # one encoder layer and the kernel's tilings (~1 min), then the whole step beside HF compiled
     python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
       | tee "$OUT/attention_t5.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours,hf_compile "${STEPS[@]}" \
+      --variant fit:model.fit_max_segments=true \
       --variant pallas_bias:model.attention_bias_grad=pallas \
       --json "$OUT/t5.json" | tee "$OUT/t5.txt" || failed=1 ;;
   pallas_kernel)  # one llama_1b layer's attention, cuDNN's rows beside jax's Pallas kernel (session 10): one

@@ -155,8 +155,10 @@ class ModelConfig:
     # within half a point as tight (next fit and concat: the most documents a row holds, the same
     # rows): what the corpus needs rather than what a config guessed (H100, llama_1b: 194.7 ms a
     # step at 1, ~202 at 32, 215.7 at 64). Resolved from the data, the same on every start; the
-    # log says what it chose. Needs max_segments > 0 and the packed layout (attention auto or
-    # cudnn_packed); it changes the rows when best_fit reorders for the smaller cap.
+    # log says what it chose. Needs max_segments > 1 and the packed layout (attention auto or
+    # cudnn_packed), or no cap (0) under auto, which it lowers only to 1 (every row one document:
+    # cuDNN given lengths, not the mask), never to a packed layout the config did not ask for; it
+    # changes the rows when best_fit reorders for the smaller cap.
     fit_max_segments: bool = False
     # Who computes the gradient of an attention bias ([1, N, T, S]: T5's relative positions, ALiBi)
     # where cuDNN runs the attention with a mask: "cudnn" (jax's kernel, over the [B, N, T, S] sum
@@ -184,8 +186,9 @@ class ModelConfig:
 
     @property
     def fits_segments(self) -> bool:
-        """``fit_max_segments`` applies: a cap above one and the packed layout it would size."""
-        return self.fit_max_segments and self.max_segments > 1 and self.packed_slots > 0
+        """``fit_max_segments`` applies: a cap above one and the packed layout it would size, or no
+        cap under ``auto`` (to be lowered to one document a row only)."""
+        return self.fit_max_segments and (self.packed_slots > 0 or (self.max_segments == 0 and self.attention == "auto"))
 
     @property
     def lora_names(self) -> tuple:

@@ -215,18 +215,20 @@ def test_bench_command_times_a_config_and_its_variants(tmp_path):
             benchmark.run_bench_cli(args)
 
 
-def test_bench_fits_max_segments_to_its_rows():
-    """The bench's random rows hold one document each: with model.fit_max_segments the packed
-    layout is built for one, as training would fit it; without, for the config's cap."""
+@pytest.mark.parametrize("cap", [8, 0])
+def test_bench_fits_max_segments_to_its_rows(cap):
+    """The bench's random rows hold one document each: with model.fit_max_segments the model is
+    built for one (a length a row), as training would fit it, from a cap or from none; without,
+    for the config's cap."""
     from t5x_lite import benchmark
 
     from helpers import tiny_cfg
 
-    cfg = tiny_cfg("decoder", "model.attention=auto", "model.max_segments=8", "model.fit_max_segments=true")
+    cfg = tiny_cfg("decoder", "model.attention=auto", f"model.max_segments={cap}", "model.fit_max_segments=true")
     fitted = benchmark.measure_train(cfg, steps=1, warmup=1)
     cfg.model.fit_max_segments = False
     fixed = benchmark.measure_train(cfg, steps=1, warmup=1)
-    assert (fitted["max_segments"], fixed["max_segments"]) == (1, 8)
+    assert (fitted["max_segments"], fixed["max_segments"]) == (1, cap)
     assert math.isclose(fitted["loss"], fixed["loss"], rel_tol=1e-6)  # one document a row either way
 
 

@@ -954,6 +954,37 @@ def test_fit_max_segments_packs_for_the_cap_the_rows_need(packing, tmp_path, cor
     assert tight.max_segments == most and not any("-> " in line for line in lines)
 
 
+def test_fit_from_no_cap_goes_to_one_document_a_row_or_nowhere(tmp_path, corpus, docs, tokenizer):
+    """model.max_segments 0 (no cap: cuDNN gets the mask): fit_max_segments lowers it to 1 where every
+    row holds one document (cuDNN then gets a length a row), and otherwise leaves it at 0: never a
+    packed layout of several documents the config did not ask for."""
+    from t5x_lite.data.pipeline import FIT_TOLERANCE, fit_segments
+
+    def cfg_for(seq_len, packing="greedy", attention="auto"):
+        cfg = make_cfg(path=str(tmp_path / "c.jsonl"), eval_fraction=0.1, seq_len=seq_len, packing=packing)
+        cfg.model.max_segments, cfg.model.attention, cfg.model.fit_max_segments = 0, attention, True
+        return cfg
+
+    write_corpus(tmp_path / "c.jsonl", corpus)
+    lines = []
+    cfg = cfg_for(16)  # rows of 16 tokens: every one holds a piece of one document
+    assert cfg.model.fits_segments and not cfg_for(16, attention="cudnn").model.fits_segments
+    _, train, evaluation = make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+    assert (train.max_segments, evaluation.max_segments) == (1, 1) and train.documents_per_row.max() == 1
+    assert "model.max_segments 0 -> 1 (model.fit_max_segments)" in lines[-1] and "a length a row" in lines[-1]
+    for packing in ("greedy", "best_fit"):  # rows of 32 tokens hold up to 2 documents
+        cfg = cfg_for(32, packing)
+        loose = Batches(cfg, docs, tokenizer)
+        assert loose.documents_per_row.max() == 2
+        fit = fit_segments(cfg, [loose])
+        assert fit.most == 2
+        if packing == "greedy":
+            assert fit.cap is None
+        else:  # 1 only if one document a row packs as tight
+            one = loose.fill_at(1)
+            assert fit.cap == (1 if one >= loose.packing_efficiency - FIT_TOLERANCE else None)
+
+
 def test_data_workers_must_not_be_negative():
     with pytest.raises(ConfigError, match="data.workers"):
         make_cfg(workers=-1)

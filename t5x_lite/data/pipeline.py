@@ -870,8 +870,9 @@ def fit_segments(cfg, splits) -> SegmentsFit:
     holds serves exactly the same rows. best_fit orders the documents for the cap it is given: the
     smallest cap from the rows' most up, doubling, whose training rows (``splits[0]``) are within
     ``FIT_TOLERANCE`` as full; not for supervised pairs, nor over ``HINT_REPACK_DOCUMENTS``
-    documents (each trial packing would take seconds to minutes)."""
-    cap = cfg.model.max_segments
+    documents (each trial packing would take seconds to minutes). No cap (0, the mask): only one
+    document a row is worth a fit (cuDNN given a length a row), never a packed layout of several."""
+    cap = cfg.model.max_segments or 2
     splits = [b for b in splits if b is not None and b.rows_per_epoch]
     most = max(int(b.documents_per_row.max()) for b in splits)
     if most >= cap:
@@ -960,7 +961,8 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
         log(f"data: model.max_segments {cfg.model.max_segments} -> {fit.cap} (model.fit_max_segments): no row held "
             f"more than {fit.most} documents; " + ("the same rows" if fit.fill is None else
                                                  f"packing efficiency {train.packing_efficiency:.1%}")
-            + "; cuDNN's packed attention (GPU) takes less time the fewer it is built for")
+            + ("; cuDNN (GPU) is given a length a row instead of a mask" if fit.cap == 1 else
+               "; cuDNN's packed attention (GPU) takes less time the fewer it is built for"))
     elif hint := segments_hint(cfg, train, evaluation, fit=fit):  # (the fit's trial packings not run again)
         log(hint)
     cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
