@@ -468,6 +468,28 @@ def test_one_document_rows_reach_cudnn_as_lengths(family, position, monkeypatch)
         "encoder_decoder": {("padding", bias), ("causal", bias), ("padding", None)}}[family]
 
 
+def test_logits_take_any_attention_mask_whatever_the_training_rows(monkeypatch):
+    """t5x_lite.logits / encode take an attention_mask of any pattern (left padding, a gap): a
+    model trained on rows of one document (max_segments 1) or packed rows (4) runs them through
+    the mask, not as lengths or the packed layout, and gives what the unpacked config gives."""
+    cfg = tiny_cfg("encoder_decoder")
+    params = t5x_lite.init_params(cfg, 0)
+    enc, dec = ids((3, 16), 1), ids((3, 8), 2)
+    mask = np.ones((3, 16), np.int32)
+    mask[0, :5] = 0  # left padding
+    mask[1, 6:9] = 0  # a gap
+    want = np.asarray(t5x_lite.logits(cfg, params, enc, decoder_input_ids=dec, attention_mask=mask))
+    want_enc = np.asarray(t5x_lite.encode(cfg, params, enc, attention_mask=mask))
+    seen = helpers.cudnn_as_xla(monkeypatch)
+    for cap in (1, 4):
+        other = tiny_cfg("encoder_decoder", "model.attention=auto", f"model.max_segments={cap}")
+        got = t5x_lite.logits(other, params, enc, decoder_input_ids=dec, attention_mask=mask)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(t5x_lite.encode(other, params, enc, attention_mask=mask)), want_enc,
+                                   atol=2e-5, rtol=1e-5)
+    assert seen and {kind for kind, *_ in seen} == {"mask"}
+
+
 def test_segment_lengths_and_starts():
     from t5x_lite.models.layers import segment_lengths_and_starts, segments_from_lengths_and_starts
 

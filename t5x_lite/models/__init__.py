@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Union
 
 import flax.linen as nn
@@ -37,7 +38,9 @@ def _model_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
 
 
 def _inference_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
-    return _model_cfg(cfg).for_inference()
+    """The model ``logits`` and ``encode`` run: an ``attention_mask`` may be any 0 / 1 pattern
+    (left padding, gaps), which only the mask expresses: no packed layout, no lengths (max_segments 0)."""
+    return dataclasses.replace(_model_cfg(cfg).for_inference(), max_segments=0)
 
 
 def build_model(cfg: Union[Config, ModelConfig], deterministic: bool = True) -> nn.Module:
