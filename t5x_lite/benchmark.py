@@ -135,6 +135,8 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
             "attention": setup.cfg.model.attention,  # what ran: the config's unless a fallback was taken
             "max_segments": cfg.model.max_segments,  # what the packed layout was built for (fit_max_segments: 1)
             "attention_fallback": setup.cfg.model.attention != cfg.model.attention,
+            # the compiled step's cuDNN calls: mask types, biases and their gradients' shapes (None: XLA attends)
+            "attention_kernels": trainer.attention_note(compiled.as_text()),
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -421,6 +422,38 @@ def cudnn_attention_calls(hlo_text: str) -> int:
     return hlo_text.count('custom_call_target="__cudnn$fmha')
 
 
+_FMHA_CALL = re.compile(r"= \(([^)]*)\) custom-call\(.*?custom_call_target=\"__cudnn\$fmha(\w+)\"(.*)")
+
+
+def attention_note(hlo_text: str) -> Optional[str]:
+    """What the compiled step's attention runs, read from its cuDNN calls (None: none, XLA's einsums
+    attend): forward calls by mask type (PADDING*: a length a row or cuDNN's packed layout of M
+    documents; NO_MASK / CAUSAL: a mask, if any, added into a dense bias), how many take a bias,
+    and the shapes of the bias gradients (``[1, N, T, S]``: cuDNN sums it over the batch;
+    ``[B, ...]``: the mask added in, a gradient per row)."""
+    masks, biased, grads = {}, 0, {}
+    for results, kernel, rest in _FMHA_CALL.findall(hlo_text):
+        if kernel.endswith("Backward"):
+            shapes = re.findall(r"\[([\d,]*)\]", results)
+            if "Bias" in kernel and len(shapes) >= 5:  # dq, dk, dv, the bias gradient, workspace
+                grads[shapes[3]] = grads.get(shapes[3], 0) + 1
+            continue
+        mask = (re.search(r'"mask_type": ?"(\w+)"', rest) or [None, "?"])[1]
+        m = int((re.search(r'"max_seg_per_batch": ?"?(\d+)', rest) or [None, "1"])[1])
+        label = f"{mask} (packed layout, M {m})" if m > 1 else mask
+        masks[label] = masks.get(label, 0) + 1
+        biased += "Bias" in kernel
+    if not masks:
+        return None
+    n = sum(masks.values())
+    parts = [f"attention: {n} cuDNN forward call{'s' if n > 1 else ''} a step, mask "
+             + ", ".join(f"{k} x{v}" for k, v in sorted(masks.items()))]
+    if biased:
+        parts.append(f"{biased} with a bias" + ("" if not grads else ", gradients " + ", ".join(
+            f"[{shape.replace(',', ', ')}] x{n}" for shape, n in sorted(grads.items()))))
+    return "; ".join(parts)
+
+
 def first_run_note(hlo_text: str) -> Optional[str]:
     n = cudnn_attention_calls(hlo_text)
     if n < 8:  # a scanned model's few: a few seconds, nothing to say
@@ -561,8 +594,12 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     log(f"compiled train step in {time.time() - t0:.1f}s: temp {human_bytes(stats.get('temp_bytes', 0))}, "
         f"arguments {human_bytes(stats.get('argument_bytes', 0))}, "
         f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}")
-    if jax.default_backend() == "gpu" and (note := first_run_note(compiled.as_text())):
-        log(note)
+    if jax.default_backend() == "gpu":
+        text = compiled.as_text()
+        for note in (attention_note(text) or "attention: no cuDNN call in the step (XLA's einsums)",
+                     first_run_note(text)):
+            if note:
+                log(note)
 
     ckpt = Checkpoints(workdir, cfg)
     restored = ckpt.restore_latest(setup.abstract_state, cfg.checkpoint.fallback, log)

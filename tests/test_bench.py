@@ -360,6 +360,35 @@ def test_moe_workload_is_the_same_model_as_transformers_mixtral():
     assert hf.ARCHS["mixtral"].hf_config(cfg.model, {})["intermediate_size"] == model.config.intermediate_size
 
 
+def test_attention_note_reads_what_the_compiled_step_attends_with():
+    """The trainer's (and the bench's) line on what runs, read from the compiled step's cuDNN calls
+    (lines as XLA prints them for an H100): mask types, the packed layout's M, biases and the
+    shapes of their gradients; no call: None (XLA's einsums)."""
+    from t5x_lite.trainer import attention_note
+
+    def call(kernel, results, mask, m=1):
+        return (f'  %x = ({results}, u8[0]{{0}}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmha{kernel}", '
+                f'backend_config={{"cudnn_fmha_backend_config": {{"is_flash_attention": true, "mask_type": "{mask}", '
+                f'"max_seg_per_batch": {m}, "sliding_window_length": 0}}}}\n')
+
+    qkv, stat = "bf16[8,4,16,8]{3,1,2,0}", "f32[8,4,16]{2,1,0}"
+    t5_lengths = (call("ScaleBiasSoftmax", f"{qkv}, {stat}", "PADDING")
+                  + call("ScaleBiasSoftmaxBackward", f"{qkv}, {qkv}, {qkv}, bf16[1,4,16,16]{{3,2,1,0}}", "PADDING")
+                  + call("ScaleBiasSoftmax", f"{qkv}, {stat}", "PADDING_CAUSAL")
+                  + call("ScaleBiasSoftmaxBackward", f"{qkv}, {qkv}, {qkv}, bf16[1,4,16,16]{{3,2,1,0}}",
+                         "PADDING_CAUSAL")
+                  + call("Softmax", f"{qkv}, {stat}", "PADDING") + call("SoftmaxBackward", f"{qkv}, {qkv}, {qkv}", "PADDING"))
+    assert attention_note(t5_lengths) == ("attention: 3 cuDNN forward calls a step, mask PADDING x2, PADDING_CAUSAL x1; "
+                                          "2 with a bias, gradients [1, 4, 16, 16] x2")
+    dense = call("ScaleBiasSoftmax", f"{qkv}, {stat}", "NO_MASK") + call(
+        "ScaleBiasSoftmaxBackward", f"{qkv}, {qkv}, {qkv}, bf16[8,4,16,16]{{3,2,1,0}}", "NO_MASK")
+    assert attention_note(dense) == ("attention: 1 cuDNN forward call a step, mask NO_MASK x1; 1 with a bias, "
+                                     "gradients [8, 4, 16, 16] x1")
+    packed = call("Softmax", f"{qkv}, f32[32,4,16]{{2,1,0}}", "PADDING_CAUSAL", m=4)
+    assert attention_note(packed) == "attention: 1 cuDNN forward call a step, mask PADDING_CAUSAL (packed layout, M 4) x1"
+    assert attention_note("%fusion.1 = f32[8] fusion(%a), kind=kLoop") is None
+
+
 def test_first_run_note_counts_the_cudnn_attention_calls():
     """The trainer's note on a GPU: each cuDNN attention call in the compiled step is built when the
     step first runs (H100: ~1.5 s each); a scanned stack's two calls say nothing, 16 unrolled layers'
