@@ -129,6 +129,9 @@ def markdown(by_workload: dict, decode: list, meta: dict) -> str:
                                             else " (other work a step: not compared)")
             lines.append(f"| {r['impl']} | {r['file']} | {tokens_per_s(r):,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
                          f"{first} | {mem} | {note.strip()} |")
+        kernels = [(r["impl"], r["file"], r["attention_kernels"]) for r in rows if r.get("attention_kernels")]
+        if kernels:  # ours since session 12: what each row's compiled step attended with
+            lines += [""] + [f"- {impl} ({file}): {what}" for impl, file, what in kernels]
     if decode:
         first = decode[0]
         lines += ["", f"**decode** ({first.get('prompt_len', '?')} + {first.get('new_tokens', '?')} tokens)", "",

@@ -312,7 +312,8 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
                                                                  {"workload": "llama", "impl": "hf", "error": "oom"}]}))
     (tmp_path / "llama_more.json").write_text(json.dumps({"results": [
         row("ours", 0.19, first=5.0, set=["model.max_segments=1"]),  # not the shipped config: not its first step
-        row("ours:m1", 0.15, first=40.0, overrides=["model.max_segments=1"]),
+        row("ours:m1", 0.15, first=40.0, overrides=["model.max_segments=1"],
+            attention_kernels="attention: 1 cuDNN forward call a step, mask PADDING_CAUSAL x1"),
         row("hf_compile", 0.21),  # this run's own baseline: ours:m1 is set against it, not against llama.json's
         row("ours:b16", 0.25, tokens=32768, overrides=["train.batch_size=16"])]}))  # faster, other work: not compared
     (tmp_path / "llama_alone.json").write_text(json.dumps({"results": [  # the fastest, in a run without HF:
@@ -333,6 +334,7 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
     text = report.markdown(by_workload, decode, meta)
     assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:m1: 1e14 / 0.15 s / 989e12
     assert "| moe_1b.yaml | moe:default | 32 | 20,000 |" in text
+    assert "- ours:m1 (llama_more.json): attention: 1 cuDNN forward call a step, mask PADDING_CAUSAL x1" in text
     assert "| 131,072 | 250.0 | 80.9% |" in text and "train.batch_size=16 (other work a step: not compared) |" in text
 
 
