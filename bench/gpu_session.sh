@@ -97,8 +97,8 @@ case $part in
   decode_short)  # decoding as shipped (layers unrolled from their own weights, session 9): issue 8's two targets
     python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
   llama_fit)  # llama_1b as shipped against HF compiled: model.fit_max_segments finds the one document each bench
-    # row holds, given to cuDNN as a length a row (session 7's M 1, the packed layout's 2 slots: 194.7 ms against ~202
-    # at M 32 in session 8); m32 keeps the cap of 32
+    # row holds, given to cuDNN as a length a row (session 7's M 1 ran the packed layout's 2 slots: 194.7 ms a step,
+    # against ~202 at M 32 in session 8); m32 keeps the cap of 32
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
       --variant m32:model.fit_max_segments=false \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
