@@ -42,7 +42,10 @@ gradient taken for q, k, v and the bias:
 - ``cudnn_lengths_bias`` (``--segments 1``: rows of one document) cuDNN given a length a row and
                         the ``[1, N, T, S]`` bias as it is, no mask: its gradient comes back
                         ``[1, N, T, S]`` (``model.max_segments: 1``); ``xla_lengths_bias`` with
-                        ``--smoke``: the same call on jax's XLA reference.
+                        ``--smoke``: the same call on jax's XLA reference;
+- ``cudnn_lengths_pallas_bias`` (``--segments 1``) the lengths with no bias gradient from cuDNN
+                        and the Pallas kernel's instead (``model.attention_bias_grad: pallas``);
+                        ``xla_lengths_own_bias`` with ``--smoke``: its VJP on XLA.
 
 Prints one JSON object per row and a table.
 """
@@ -149,6 +152,13 @@ def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
     def cudnn_lengths_bias(q, k, v, bias):  # what the layers call with model.max_segments 1
         return dot_product_attention(q, k, v, mask, bias, scale, "cudnn_packed", lengths=lengths)
 
+    def cudnn_lengths_pallas_bias(q, k, v, bias):  # ... with model.attention_bias_grad pallas
+        return dot_product_attention(q, k, v, mask, bias, scale, "cudnn_packed", bias_grad="pallas", lengths=lengths)
+
+    def xla_lengths_own_bias(q, k, v, bias):  # its VJP with XLA standing in for both kernels
+        return bias_grad.attention_own_bias_grad(q, k, v, bias, None, scale, bias_grad.xla_core,
+                                                 bias_grad.bias_grad_reference, lengths=lengths)
+
     def xla_lengths_bias(q, k, v, bias):  # the same call on jax's XLA reference: checks it on any device
         return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
                                             query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
@@ -164,7 +174,8 @@ def bias_variants(seg: jax.Array, scale: float, blocks: tuple = ()) -> dict:
                                                                        bias_grad.cudnn_core, kernel)
 
     fns = {"xla_bias": xla_bias, "cudnn_bias": cudnn_bias, "cudnn_pallas_bias": cudnn_pallas_bias,
-           "xla_own_bias": xla_own_bias, "cudnn_lengths_bias": cudnn_lengths_bias, "xla_lengths_bias": xla_lengths_bias}
+           "xla_own_bias": xla_own_bias, "cudnn_lengths_bias": cudnn_lengths_bias, "xla_lengths_bias": xla_lengths_bias,
+           "cudnn_lengths_pallas_bias": cudnn_lengths_pallas_bias, "xla_lengths_own_bias": xla_lengths_own_bias}
     fns.update({f"cudnn_pallas_bias_{bq}x{bk}w{w}": tuned(bq, bk, w) for bq, bk, w in blocks})
     return fns
 
@@ -217,7 +228,8 @@ def main(argv=None) -> int:
         # the Pallas kernel in its interpreter: its documents and GQA checked, not its speed
         names = ["xla_bias", "xla_own_bias"] if args.t5 else ["xla_mask", "xla_packed", "pallas_segments"]
     if args.t5 and args.segments == 1:  # rows of one document: also a length a row (model.max_segments 1)
-        names.insert(1, "xla_lengths_bias" if args.smoke else "cudnn_lengths_bias")
+        names[1:1] = (["xla_lengths_bias", "xla_lengths_own_bias"] if args.smoke
+                      else ["cudnn_lengths_bias", "cudnn_lengths_pallas_bias"])
     keys = jax.random.split(jax.random.key(0), 4)
     b, t, n, kh, h = args.batch, args.length, args.heads, args.kv_heads, args.head_dim
     q = jax.random.normal(keys[0], (b, t, n, h), dtype)

@@ -163,9 +163,10 @@ class ModelConfig:
     # Who computes the gradient of an attention bias ([1, N, T, S]: T5's relative positions, ALiBi)
     # where cuDNN runs the attention with a mask: "cudnn" (jax's kernel, over the [B, N, T, S] sum
     # of bias and mask, then summed over the batch) or "pallas" (cuDNN without a bias gradient and
-    # a Pallas kernel summing it over the batch in registers: models/bias_grad.py). No effect on
-    # XLA's attention, on the packed layout, or on rows of one document (max_segments 1), whose
-    # [1, N, T, S] bias cuDNN takes as it is and returns its gradient for.
+    # a Pallas kernel summing it over the batch in registers: models/bias_grad.py). Rows of one
+    # document (max_segments 1) give cuDNN the [1, N, T, S] bias as it is either way, and "cudnn"
+    # its gradient summed over the batch inside cuDNN's kernel. No effect on XLA's attention or on
+    # the packed layout.
     attention_bias_grad: str = dataclasses.field(default="cudnn", metadata=_choices("cudnn", "pallas"))
 
     @property

@@ -58,6 +58,32 @@ def test_own_bias_grad_equals_differentiating_xla_attention(bias_grad):
     assert float(jnp.max(jnp.abs(want[3]))) > 1.0  # a gradient worth comparing
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_own_bias_grad_over_row_lengths_equals_differentiating_xla_attention(causal):
+    """Rows of one document from slot 0 given as lengths (model.max_segments 1): the core gets the
+    [1, N, T, S] bias and the lengths (causal or not), the kernel (in the interpreter) the mask
+    they make; the gradients of real queries' outputs equal differentiating XLA's attention under
+    the segment mask, and padded queries get none."""
+    q, k, v, bias, _, w = _inputs()
+    lengths_B = jnp.asarray([T, 41, 1][:B], jnp.int32)
+    seg = (jnp.arange(T)[None, :] < lengths_B[:, None]).astype(jnp.int32)
+    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, :, None] > 0)
+    if causal:
+        mask = mask & (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])
+    w = w * (seg > 0)[:, :, None, None]
+    want = _xla_grads(q, k, v, bias, mask, w)
+
+    def loss(q, k, v, bias):
+        out = bg.attention_own_bias_grad(q, k, v, bias, None, SCALE, bg.xla_core, _pallas,
+                                         lengths=(lengths_B, lengths_B), causal=causal)
+        return jnp.sum(out * w)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    for name, a, b in zip("qkvb", want, got):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=2e-5, err_msg=name)
+    assert bool(jnp.all(jnp.isfinite(got[3])))
+
+
 def test_pallas_kernel_equals_xla_sum_tile_by_tile():
     """The kernel alone on blocks of 16 (16 programs a head), the log-sum-exp and D given."""
     q, k, v, bias, mask, w = _inputs()

@@ -291,6 +291,27 @@ def test_t5_bias_gradient_from_cudnn_or_the_pallas_kernel(hopper, bias_grad, tar
     assert text.count("@__gpu$xla.gpu.triton") == kernels
 
 
+def test_t5_rows_as_lengths_with_the_pallas_bias_gradient(hopper):
+    """model.max_segments 1 with attention_bias_grad=pallas: cuDNN gets the lengths and the
+    [1, N, T, S] bias (padding mask; the decoder's causal) and returns no bias gradient; one
+    Triton kernel a stack sums it instead."""
+    t = 64  # the kernel's blocks of 64, decoder too
+    cfg = tiny_cfg("encoder_decoder", "model.dtype=bfloat16", "model.attention=auto", "model.d_model=64",
+                   "model.max_segments=1", "model.attention_bias_grad=pallas", f"data.seq_len={t}",
+                   f"data.target_len={t}")
+    text = _grad_text(cfg)
+    calls = _calls_in(text)
+    biased = [c for c in calls if "Bias" in c["kernel"]]
+    assert {(c["kernel"], c["mask_type"]) for c in biased} == {
+        ("fmhaScaleBiasSoftmax", "PADDING"), ("fmhaScaleBiasSoftmax", "PADDING_CAUSAL"),
+        ("fmhaScaleBiasSoftmaxBackward", "PADDING"), ("fmhaScaleBiasSoftmaxBackward", "PADDING_CAUSAL")}
+    for c in biased:
+        assert (1, N, t, t) in c["operands"] and (B,) in c["operands"]
+        if c["kernel"].endswith("Backward"):
+            assert len(c["results"]) == 4  # dq, dk, dv, workspace: no bias gradient
+    assert text.count("@__gpu$xla.gpu.triton") == 2
+
+
 def test_alibi_bias_without_a_gradient_leaves_cudnn_without_one(hopper):
     """ALiBi's bias has no trainable source: with attention_bias_grad=pallas cuDNN computes no bias
     gradient (the kernel's unused result is XLA's to drop when it compiles)."""

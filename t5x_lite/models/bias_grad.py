@@ -126,45 +126,75 @@ def bias_grad_pallas(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, do_BTNH: Array
       bias_1NTS.reshape(n, t, s), mask_B1TS[:, 0].astype(jnp.int8))
 
 
-def xla_core(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_BNTS: Array, scale: float) -> tuple[Array, Array]:
+def lengths_mask(lengths: tuple, t: int, s: int, causal: bool = False) -> Array:
+    """``[B, 1, T, S]`` bool: what cuDNN's padding mask lets a query see, from ``(q_lengths [B],
+    kv_lengths [B])`` (rows of one document from slot 0), causally if ``causal``."""
+    q_len_B, kv_len_B = lengths
+    mask = ((jnp.arange(t)[None, :, None] < q_len_B[:, None, None])
+            & (jnp.arange(s)[None, None, :] < kv_len_B[:, None, None]))
+    if causal:
+        mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+    return mask[:, None]
+
+
+def xla_core(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_BNTS: Array, scale: float,
+             lengths: Optional[tuple] = None, causal: bool = False) -> tuple[Array, Array]:
     """``cudnn_core``'s answer in XLA (scores materialised): the tests' and the CPU smoke's core."""
+    if lengths is not None:
+        bias_BNTS = combine_bias_and_mask(bias_BNTS, lengths_mask(lengths, q_BTNH.shape[1], k_BSKH.shape[1], causal),
+                                          q_BTNH.dtype)
     s_BNTS, v_BSNH = _scores(q_BTNH, k_BSKH, v_BSKH, bias_BNTS, scale)
     lse_BNT = jax.nn.logsumexp(s_BNTS, axis=-1)
     p_BNTS = jnp.exp(s_BNTS - lse_BNT[..., None]).astype(v_BSNH.dtype)
     return jnp.einsum("bnts,bsnh->btnh", p_BNTS, v_BSNH), lse_BNT
 
 
-def cudnn_core(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_BNTS: Array, scale: float) -> tuple[Array, Array]:
+def cudnn_core(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_BNTS: Array, scale: float,
+               lengths: Optional[tuple] = None, causal: bool = False) -> tuple[Array, Array]:
     """jax's cuDNN flash attention with ``bias_BNTS`` added to the scores and no bias gradient:
-    ``(out [B, T, N, H], log-sum-exp [B, N, T] float32)``, differentiable in q, k, v. A private
-    jax function (``jax._src.cudnn.fused_attention_stablehlo``, the same signature in jax 0.10
-    and 0.11); raises off a GPU."""
+    ``(out [B, T, N, H], log-sum-exp [B, N, T] float32)``, differentiable in q, k, v; with
+    ``lengths`` (``(q [B], kv [B])``), cuDNN's padding mask (causal if ``causal``) and the bias
+    as it is (``[1, N, T, S]``). A private jax function (``jax._src.cudnn.fused_attention_stablehlo``,
+    the same signature in jax 0.10 and 0.11); raises off a GPU."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     version = fa.check_cudnn_version()
     unused = jnp.zeros(0, q_BTNH.dtype)
+    q_len, kv_len, mask_type = unused, unused, fa.MaskType.NO_MASK
+    if lengths is not None:
+        q_len, kv_len = lengths
+        mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
     out, lse = fa._dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, bias_BNTS, unused, unused, unused, unused, unused, unused, scale, 42, 0.0,
-        (True, False), fa.MaskType.NO_MASK, fa.AttentionLayout.BTNH.value, None, version, True)
+        q_BTNH, k_BSKH, v_BSKH, bias_BNTS, q_len, kv_len, unused, unused, unused, unused, scale, 42, 0.0,
+        (True, False), mask_type, fa.AttentionLayout.BTNH.value, None, version, True)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 9))
 def attention_own_bias_grad(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, bias_1NTS: Array, mask_B1TS: Array,
-                            scale: float, core: Callable = cudnn_core, bias_grad: Callable = bias_grad_pallas) -> Array:
+                            scale: float, core: Callable = cudnn_core, bias_grad: Callable = bias_grad_pallas,
+                            lengths: Optional[tuple] = None, causal: bool = False) -> Array:
     """softmax(scale q k^T + bias, masked) v, the bias's gradient by ``bias_grad`` (module doc).
-    ``core(q, k, v, combined bias [B, N, T, S], scale) -> (out, lse)``."""
-    return core(q_BTNH, k_BSKH, v_BSKH, combine_bias_and_mask(bias_1NTS, mask_B1TS, q_BTNH.dtype), scale)[0]
+    ``core(q, k, v, combined bias [B, N, T, S], scale) -> (out, lse)``. With ``lengths`` (rows of
+    one document from slot 0: ``(q [B], kv [B])``) the core gets the ``[1, N, T, S]`` bias and
+    the lengths (its padding mask, causal if ``causal``) instead of the mask added into the bias,
+    and the kernel the mask those lengths make."""
+    return _fwd(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale, core, bias_grad, lengths, causal)[0]
 
 
-def _fwd(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale, core, bias_grad):
-    combined_BNTS = combine_bias_and_mask(bias_1NTS, mask_B1TS, q_BTNH.dtype)
-    (out_BTNH, lse_BNT), core_vjp = jax.vjp(lambda q, k, v: core(q, k, v, combined_BNTS, scale),
-                                            q_BTNH, k_BSKH, v_BSKH)
+def _fwd(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale, core, bias_grad, lengths, causal):
+    if lengths is None:
+        attend = functools.partial(core, bias_BNTS=combine_bias_and_mask(bias_1NTS, mask_B1TS, q_BTNH.dtype),
+                                   scale=scale)
+    else:  # the kernel's mask: what cuDNN's padding mask lets each query see
+        mask_B1TS = lengths_mask(lengths, q_BTNH.shape[1], k_BSKH.shape[1], causal)
+        attend = functools.partial(core, bias_BNTS=bias_1NTS.astype(q_BTNH.dtype), scale=scale, lengths=lengths,
+                                   causal=causal)
+    (out_BTNH, lse_BNT), core_vjp = jax.vjp(attend, q_BTNH, k_BSKH, v_BSKH)
     return out_BTNH, (core_vjp, q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, out_BTNH, lse_BNT)
 
 
-def _bwd(scale, core, bias_grad, res, do_BTNH):
+def _bwd(scale, core, bias_grad, causal, res, do_BTNH):
     core_vjp, q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, out_BTNH, lse_BNT = res
     dq, dk, dv = core_vjp((do_BTNH, jnp.zeros_like(lse_BNT)))
     delta_BNT = jnp.einsum("btnh,btnh->bnt", do_BTNH.astype(jnp.float32), out_BTNH.astype(jnp.float32))
@@ -172,7 +202,7 @@ def _bwd(scale, core, bias_grad, res, do_BTNH):
     # they agree with its log-sum-exp; the gradient comes back in the bias's own dtype
     dbias_NTS = _over_mesh(bias_grad, scale)(q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT,
                                              bias_1NTS.astype(q_BTNH.dtype), mask_B1TS)
-    return dq, dk, dv, dbias_NTS.reshape(bias_1NTS.shape).astype(bias_1NTS.dtype), None
+    return dq, dk, dv, dbias_NTS.reshape(bias_1NTS.shape).astype(bias_1NTS.dtype), None, None
 
 
 attention_own_bias_grad.defvjp(_fwd, _bwd)

@@ -492,7 +492,9 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     ``auto``. ``lengths``: ``(q_lengths [B], kv_lengths [B])`` of rows holding one document from
     their first slot (``row_lengths``; ``model.max_segments`` 1): under ``auto`` or
     ``cudnn_packed`` cuDNN gets them as its padding mask instead of the mask (which then goes
-    unused), and a ``[1, N, T, S]`` bias as it is, its gradient ``[1, N, T, S]`` from the kernel."""
+    unused), and a ``[1, N, T, S]`` bias as it is, its gradient ``[1, N, T, S]`` from the kernel
+    (with ``bias_grad`` ``pallas``: from ``bias_grad.attention_own_bias_grad``, cuDNN computing
+    none)."""
     # a decoding step's single query: XLA's einsums read the cache once as cuDNN's flash kernel does
     # (H100, 2026-11-23, llama_1b at batch 1 / 32: 1.99 / 2.87 ms a token against 2.02 / 2.84 on
     # cuDNN) and compile in half the time (18-23 s against 42 with the 16 layers unrolled: each
@@ -509,6 +511,12 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
     if lengths is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
         try:  # one document a row: cuDNN's padding mask, no [B, 1, T, S] mask made into a bias
+            from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
+
+            if bias_grad == "pallas" and not window and attention_bias_grad_applies(
+                    bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3]):
+                return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale,
+                                               lengths=lengths, causal=causal)
             return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, scale=scale, is_causal=causal,
                                                 query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
                                                 local_window_size=(window - 1, 0) if window else None,
