@@ -109,6 +109,7 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
         loss = float(jax.device_get(metrics["loss"]))  # the one sync: every step has run
         step_s = (time.perf_counter() - t1) / steps
         profile = None
+        hlo_text = compiled.as_text()
         if profile_dir:
             from t5x_lite import profiling
 
@@ -116,7 +117,6 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
                 for _ in range(PROFILE_STEPS):
                     state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)
-            hlo_text = compiled.as_text()
             with open(profile_dir.rstrip("/") + ".hlo.txt", "w") as f:  # beside the trace: what each op_name is
                 f.write(hlo_text)
             try:
@@ -136,7 +136,7 @@ def measure_train(cfg: Config, steps: int, warmup: int, profile_dir: Optional[st
             "max_segments": cfg.model.max_segments,  # what the packed layout was built for (fit_max_segments: 1)
             "attention_fallback": setup.cfg.model.attention != cfg.model.attention,
             # the compiled step's cuDNN calls: mask types, biases and their gradients' shapes (None: XLA attends)
-            "attention_kernels": trainer.attention_note(compiled.as_text()),
+            "attention_kernels": trainer.attention_note(hlo_text),
             "device": device.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 
 

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5x_lite import partitioning
 from t5x_lite.config import Config, ConfigError
-from t5x_lite.models import CACHE_KV_AXES, abstract_params, build_model, init_cache
+from t5x_lite.models import CACHE_KV_AXES, abstract_params, build_model, inference_cfg, init_cache
 from t5x_lite.models.layers import jnp_dtype
 
 Array = jax.Array
@@ -283,14 +283,12 @@ class _Decoder:
         # layer out of the stack inside the token loop copies its weights every token (compiled for an
         # H100, llama_1b at batch 1: 2.2 GB of copies a token beside 1.6 GB of weights read;
         # bench/offline_gpu.py --decode 1), for ~1.8 GB more device memory while decoding.
-        # Prompts are left-padded, so an encoder's rows do not start at their first slot: the
-        # encoder reads them through the mask (max_segments 0), never as a length a row.
-        m = cfg.model.for_inference()
+        m = inference_cfg(cfg)  # left-padded prompts: the encoder reads them through the mask
         unroll = m.decode_scan_unroll or m.scan_unroll
         stacks = (m.num_layers, m.decoder_layers) if m.family == "encoder_decoder" else (m.num_layers,)
         self.unstacked = m.scan_layers and unroll >= max(stacks)
         decoding = dataclasses.replace(m, fused_qkv=False, fused_mlp=False, scan_unroll=unroll,
-                                       scan_layers=m.scan_layers and not self.unstacked, max_segments=0)
+                                       scan_layers=m.scan_layers and not self.unstacked)
         self.model = build_model(dataclasses.replace(cfg, model=decoding), deterministic=True)
         batch_axes = partitioning.shardings_from_logical(
             nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), names=("act_batch",)), mesh,

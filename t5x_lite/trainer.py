@@ -450,7 +450,7 @@ def attention_note(hlo_text: str) -> Optional[str]:
              + ", ".join(f"{k} x{v}" for k, v in sorted(masks.items()))]
     if biased:
         parts.append(f"{biased} with a bias" + ("" if not grads else ", gradients " + ", ".join(
-            f"[{shape.replace(',', ', ')}] x{n}" for shape, n in sorted(grads.items()))))
+            f"[{shape.replace(',', ', ')}] x{count}" for shape, count in sorted(grads.items()))))
     return "; ".join(parts)
 
 

@@ -37,9 +37,10 @@ def _model_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
     return cfg.model if isinstance(cfg, Config) else cfg
 
 
-def _inference_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
-    """The model ``logits`` and ``encode`` run: an ``attention_mask`` may be any 0 / 1 pattern
-    (left padding, gaps), which only the mask expresses: no packed layout, no lengths (max_segments 0)."""
+def inference_cfg(cfg: Union[Config, ModelConfig]) -> ModelConfig:
+    """The model ``logits``, ``encode`` and decoding run: experts under ``eval_capacity_factor``,
+    and rows of any 0 / 1 pattern (an ``attention_mask``'s gaps, decoding's left-padded prompts),
+    which only the mask expresses: no packed layout, no lengths (max_segments 0)."""
     return dataclasses.replace(_model_cfg(cfg).for_inference(), max_segments=0)
 
 
@@ -112,7 +113,7 @@ def logits(cfg: Union[Config, ModelConfig], params, input_ids, decoder_input_ids
     ``attention_mask`` (1 = token, 0 = padding) becomes segment ids, so padding never attends
     or is attended to; positions count from 0 at the start of the row, as in Hugging Face.
     """
-    mcfg = _inference_cfg(cfg)  # experts: eval_capacity_factor (dropless by default)
+    mcfg = inference_cfg(cfg)  # experts: eval_capacity_factor (dropless by default)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     seg = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     params = nn.meta.unbox(params)
@@ -136,7 +137,7 @@ def logits(cfg: Union[Config, ModelConfig], params, input_ids, decoder_input_ids
 def encode(cfg: Union[Config, ModelConfig], params, input_ids, attention_mask=None) -> jax.Array:
     """float32 final hidden states ``[batch, length, d_model]`` of the encoder (``encoder`` and
     ``encoder_decoder`` families); ``attention_mask`` as in ``logits``."""
-    mcfg = _inference_cfg(cfg)
+    mcfg = inference_cfg(cfg)
     if mcfg.family == "decoder":
         raise ValueError("encode needs an encoder: model.family is decoder (use logits)")
     input_ids = jnp.asarray(input_ids, jnp.int32)

@@ -509,42 +509,35 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS
     # cuDNN reads the bias in the compute dtype (a float32 one would be twice the traffic, and
     # with a mask jax would broadcast it to [B, N, T, S] in float32)
     cudnn_bias = None if bias_1NTS is None else bias_1NTS.astype(q_BTNH.dtype)
-    if lengths is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
-        try:  # one document a row: cuDNN's padding mask, no [B, 1, T, S] mask made into a bias
-            from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
-
-            if bias_grad == "pallas" and not window and attention_bias_grad_applies(
-                    bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3]):
-                return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale,
-                                               lengths=lengths, causal=causal)
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, scale=scale, is_causal=causal,
-                                                query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
-                                                local_window_size=(window - 1, 0) if window else None,
-                                                implementation=CUDNN_IMPL)
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            if implementation == "cudnn_packed":
-                raise ConfigError(f"model.attention=cudnn_packed with model.max_segments=1 needs jax's cuDNN "
-                                  f"attention on an NVIDIA GPU with bf16/fp16 compute ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); use model.attention=auto") from e
-    if segments is not None and (implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)):
+    packed_fits = implementation == "cudnn_packed" or (implementation == "auto" and cudnn_fits)
+    if segments is not None and packed_fits:
         try:
             return cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, cudnn_bias, segments, scale, causal, window)
         except ConfigError:
             if implementation == "cudnn_packed":
                 raise
-    if implementation == "cudnn_packed":
+    lengths = lengths if packed_fits else None  # one document a row: cuDNN's padding mask, not the mask
+    if implementation == "cudnn_packed" and lengths is None:
         implementation = "auto"  # decoding, prefix LM: the mask, on cuDNN where it runs
-    use_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_fits)
+    use_cudnn = implementation in ("cudnn", "cudnn_packed") or (implementation == "auto" and cudnn_fits)
     if use_cudnn:
         try:
             from t5x_lite.models.bias_grad import attention_bias_grad_applies, attention_own_bias_grad
 
-            if bias_grad == "pallas" and attention_bias_grad_applies(bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1],
-                                                                 q_BTNH.shape[3]):
-                return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale)
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, mask=mask_B1TS,
-                                                scale=scale, implementation=CUDNN_IMPL)
-        except (ValueError, NotImplementedError, RuntimeError):
+            if (bias_grad == "pallas" and not (lengths is not None and window)  # (a mask holds the window)
+                    and attention_bias_grad_applies(bias_1NTS, q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3])):
+                return attention_own_bias_grad(q_BTNH, k_BSKH, v_BSKH, bias_1NTS, mask_B1TS, scale,
+                                               lengths=lengths, causal=causal)
+            rows = dict(mask=mask_B1TS) if lengths is None else dict(
+                query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1], is_causal=causal,
+                local_window_size=(window - 1, 0) if window else None)
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=cudnn_bias, scale=scale,
+                                                implementation=CUDNN_IMPL, **rows)
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            if implementation == "cudnn_packed":
+                raise ConfigError(f"model.attention=cudnn_packed with model.max_segments=1 needs jax's cuDNN "
+                                  f"attention on an NVIDIA GPU with bf16/fp16 compute ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); use model.attention=auto") from e
             if implementation == "cudnn":
                 raise
     b, t, n, h = q_BTNH.shape
