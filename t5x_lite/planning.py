@@ -24,8 +24,11 @@ by ``jax.ad_checkpoint.print_saved_residuals``) plus one layer's working set, in
 a = size of ``model.dtype``; D = d_model; Q = heads x head_dim, K = kv_heads x head_dim,
 F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
 
-    one layer, everything (E):   (2a + 16) D + a (2Q + 2K + 6F) + n S (4 + a)
+    one layer, everything (E):   (2a + 16) D + a (2Q + 2K + cF) + n S (4 + a)
     one layer, matmul outputs (M):  a (2D + Q + 2K + 2F)      (plain MLP: F instead of 2F)
+
+(c = 6; under remat none 4 for a gated MLP, 3 for a plain GELU one: the activation is computed
+again in the backward pass, ``layers.mlp_activation``.)
     remat none:      L E + (E - M) + 5 n S   (the attention mask broadcast to the scores)
     remat minimal / dots:   L M + (E - M) + S
     remat full:      L a D + E + S
@@ -70,6 +73,7 @@ from t5x_lite import partitioning
 from t5x_lite.config import Config
 from t5x_lite.metrics import target_length, tokens_per_step, train_flops_per_step
 from t5x_lite.losses import max_scored_positions
+from t5x_lite.models.layers import GATED, recomputes_activation
 
 GB = 1e9
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -205,7 +209,7 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
 
     kernel_kept = flash and m.remat == "minimal"  # cuDNN's output and statistic are kept too
 
-    mlp_everything, mlp_dots = a * 6 * f, a * (2 if m.mlp in ("swiglu", "geglu") else 1) * f
+    mlp_everything, mlp_dots = a * mlp_tensors(m) * f, a * (2 if m.mlp in GATED else 1) * f
     if m.num_experts:
         mlp_everything, mlp_dots = _moe_bytes(cfg, keys, tensor)
     everything = (2 * a + 16) * d + a * (2 * q + 2 * kv) + mlp_everything + probs(keys)
@@ -230,10 +234,18 @@ def _moe_bytes(cfg: Config, length: int, tensor: int) -> tuple[float, float]:
     slots = e * expert_capacity(m, group_size(m, length))
     r = slots / group_size(m, length)
     f = _per_shard(m.expert_width, tensor)
-    everything = r * a * (6 * f + 2 * m.d_model) + slots * (4 + 2 * a) + e * 4 * (6 * m.experts_per_token + 2)
+    everything = (r * a * (mlp_tensors(m) * f + 2 * m.d_model) + slots * (4 + 2 * a)
+                  + e * 4 * (6 * m.experts_per_token + 2))
     shared = _per_shard(m.shared_expert_d_ff, tensor)  # an always-on expert: a dense MLP's activations
-    gated = 2 if m.mlp in ("swiglu", "geglu") else 1
-    return everything + a * 6 * shared, a * (e + gated * shared)
+    gated = 2 if m.mlp in GATED else 1
+    return everything + a * mlp_tensors(m) * shared, a * (e + gated * shared)
+
+
+def mlp_tensors(m) -> int:
+    """``[tokens, d_ff]`` tensors an MLP keeps for its backward pass, its temporaries included:
+    6 as autodiff leaves them; without remat the activation keeps only its inputs
+    (``layers.mlp_activation``; a small decoder, float32 on the CPU: 5.5 -> 4)."""
+    return (2 if m.mlp in GATED else 1) + 2 if recomputes_activation(m) else 6
 
 
 def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) -> float:

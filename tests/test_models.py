@@ -1,5 +1,7 @@
 """Model semantics: causality, prefix LM, document masking, GQA, scan/remat invariance."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -301,6 +303,30 @@ def test_remat_equals_no_remat(policy, scan, extra):
     loss_b, grads_b = _loss_and_grads(remat, params, batch)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     chex.assert_trees_all_close(grads_b, grads_a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mlp,approximate", [("swiglu", False), ("geglu", True), ("gelu", False), ("gelu", True)])
+def test_mlp_activation_without_remat_keeps_only_its_inputs(mlp, approximate):
+    """Without remat the MLP's activation is differentiated by computing it again in the backward
+    pass: the values and gradients of autodiff, which also keeps SiLU's sigmoid / GELU's tanh or
+    erf; the activation's inputs are all it keeps. Under a remat policy it is autodiff's own."""
+    from t5x_lite.models.layers import mlp_activation
+
+    act = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=approximate),
+           "gelu": lambda x: jax.nn.gelu(x, approximate=approximate)}[mlp]
+    reference = (lambda gate, up: act(gate) * up) if mlp != "gelu" else act
+    cfg = tiny_cfg("decoder", f"model.mlp={mlp}", f"model.gelu_approximate={approximate}", "model.remat=none").model
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    inputs = tuple(2 * jax.random.normal(k, (3, 5, 16)) for k in keys[: 2 if mlp != "gelu" else 1])
+    cotangent = jax.random.normal(keys[2], (3, 5, 16))
+    kept = lambda vjp: sum(leaf.shape == cotangent.shape for leaf in jax.tree_util.tree_leaves(vjp))
+    out, vjp = jax.vjp(mlp_activation(cfg), *inputs)
+    ref_out, ref_vjp = jax.vjp(reference, *inputs)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+    chex.assert_trees_all_close(vjp(cotangent), ref_vjp(cotangent), rtol=1e-6, atol=1e-6)
+    assert kept(vjp) == len(inputs) < kept(ref_vjp)
+    remat = dataclasses.replace(cfg, remat="minimal")
+    assert kept(jax.vjp(mlp_activation(remat), *inputs)[1]) == kept(ref_vjp)
 
 
 @pytest.mark.parametrize("family,extra", [("decoder", ("model.num_heads=4", "model.num_kv_heads=2")),

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.models.layers import BLD, Mlp, activation, constrain, dense, jnp_dtype
+from t5x_lite.models.layers import BLD, GATED, Mlp, constrain, dense, jnp_dtype, mlp_activation
 
 Array = jax.Array
 
@@ -215,7 +215,7 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", LOAD, jnp.sum(r["chosen"], axis=(0, 1)).astype(jnp.float32))
 
         # every expert's kernels [E, in, out]: gate and up (or the one input projection), then down
-        names = ("wi_0", "wi_1") if cfg.mlp in ("swiglu", "geglu") else ("wi",)
+        names = ("wi_0", "wi_1") if cfg.mlp in GATED else ("wi",)
         kernels = {name: ExpertKernel((e, d, f), ("experts", "embed", "mlp"), dtype, param_dtype, name=name)()
                    for name in names}
         kernels["wo"] = ExpertKernel((e, f, d), ("experts", "mlp", "embed"), dtype, param_dtype, name="wo")()
@@ -238,11 +238,10 @@ class MoeMlp(nn.Module):
         """The experts' MLP of ``x`` through ``kernels`` (all experts', or each token's gathered):
         ``into`` / ``out`` the einsums into and out of the hidden width, ``hidden`` applied to each
         input projection (a sharding constraint)."""
-        act = activation(self.cfg)
         h = {name: checkpoint_name(hidden(jnp.einsum(into, x, kernel)), EXPERT_HIDDEN)
              for name, kernel in kernels.items() if name != "wo"}
-        h = act(h["wi_0"]) * h["wi_1"] if "wi_0" in h else act(h["wi"])
-        return jnp.einsum(out, h, kernels["wo"])
+        inputs = (h["wi_0"], h["wi_1"]) if "wi_0" in h else (h["wi"],)
+        return jnp.einsum(out, mlp_activation(self.cfg)(*inputs), kernels["wo"])
 
 
 def sown_loads(intermediates: dict) -> list[tuple[tuple, Array]]:
