@@ -106,12 +106,15 @@ case $part in
     # Pallas kernel, and (session 12) rows of one document given to cuDNN as lengths with the [1, N, T, S] bias as it
     # is (model.max_segments 1: the bench's rows). Most telling first: one encoder layer on rows of one document, then
     # the whole step with the layers scanned (what a layer saves is the same unrolled; the scan's first step builds 6
-    # cuDNN calls, not 72), then the layer on rows of 4 documents with the Pallas kernel's tilings
+    # cuDNN calls, not 72), then the layer on rows of 4 documents with the Pallas kernel's tilings. one_doc_nomerge
+    # (session 13): XLA's dot merger off, which joins T5's q and k projections into one GEMM and then copies each
+    # half out for cuDNN (H100 compiled offline: -1.8 ms a step scanned, -2.1 unrolled)
     python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --segments 1 --bias-blocks "" --json "$OUT/attention_t5_1doc.json" \
       | tee "$OUT/attention_t5_1doc.txt" || failed=1
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours "${STEPS[@]}" --set model.scan_unroll=1 \
       --variant one_doc:model.max_segments=1 \
       --variant pallas_bias:model.attention_bias_grad=pallas \
+      --variant one_doc_nomerge:model.max_segments=1,XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 \
       --json "$OUT/t5_scan.json" | tee "$OUT/t5_scan.txt" || failed=1
     python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
       | tee "$OUT/attention_t5.txt" || failed=1 ;;

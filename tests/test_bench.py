@@ -405,3 +405,18 @@ def test_first_run_note_counts_the_cudnn_attention_calls():
     assert cudnn_attention_calls("%fusion.1 = f32[8] fusion(%a), kind=kLoop") == 0
     note = first_run_note(text(16))
     assert "32 cuDNN attention calls" in note and "~48 s" in note and "model.scan_unroll=1" in note
+
+
+def test_train_vs_hf_runs_the_update_hf_runs():
+    """HF's rows step torch's AdamW, so ours step AdamW on every workload, t5_base too (its config
+    trains with Adafactor, which a variant still selects); HF's reads the same betas and decay."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import train_vs_hf
+
+    from t5x_lite.config import load_config
+
+    assert load_config(os.path.join(ROOT, train_vs_hf.WORKLOADS["t5"])).optim.name == "adafactor"
+    for workload in train_vs_hf.WORKLOADS:
+        assert train_vs_hf.load_cfg(workload, False, []).optim.name == "adamw", workload
+        assert train_vs_hf.load_cfg(workload, True, []).optim.name == "adamw", workload
+    assert train_vs_hf.load_cfg("t5", False, ["optim.name=adafactor"]).optim.name == "adafactor"
