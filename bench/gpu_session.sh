@@ -114,7 +114,7 @@ case $part in
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads t5 --impls ours "${STEPS[@]}" --set model.scan_unroll=1 \
       --variant one_doc:model.max_segments=1 \
       --variant pallas_bias:model.attention_bias_grad=pallas \
-      --variant one_doc_nomerge:model.max_segments=1,XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 \
+      --variant one_doc_nomerge:model.max_segments=1,train.xla_options=xla_gpu_dot_merger_threshold_mb=0 \
       --json "$OUT/t5_scan.json" | tee "$OUT/t5_scan.txt" || failed=1
     python bench/attention.py "${SMOKE_FLAG[@]}" --t5 --json "$OUT/attention_t5.json" \
       | tee "$OUT/attention_t5.txt" || failed=1 ;;

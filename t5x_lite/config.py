@@ -291,9 +291,17 @@ class TrainConfig:
     loss_scale: str = dataclasses.field(default="auto", metadata=_choices("auto", "dynamic", "none"))
     loss_scale_init: float = 2.0 ** 15
     loss_scale_period: int = 2000
+    # XLA options for the train step's compile only (not eval's or decoding's), NAME=VALUE pairs
+    # separated by spaces, the names as in XLA_FLAGS (the dashes may be left out), e.g.
+    # "xla_gpu_dot_merger_threshold_mb=0". XLA rejects a name or value it does not know.
+    xla_options: str = ""
 
     def loss_scaling(self, compute_dtype: str) -> bool:
         return self.loss_scale == "dynamic" or (self.loss_scale == "auto" and compute_dtype == "float16")
+
+    def compiler_options(self) -> dict[str, str]:
+        """``xla_options`` as the compile call takes them: ``{name: value}``."""
+        return dict(item.lstrip("-").split("=", 1) for item in self.xla_options.split())
 
 
 @dataclasses.dataclass
@@ -515,6 +523,10 @@ class Config:
             errors.append(f"train.loss_chunk={t.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
         if t.log_every <= 0:
             errors.append(f"train.log_every={t.log_every} must be positive")
+        bad = [item for item in t.xla_options.split() if not re.fullmatch(r"(--)?xla_\w+=\S+", item)]
+        if bad:
+            errors.append(f"train.xla_options: {' '.join(bad)!r} is not NAME=VALUE with an XLA option's name "
+                          "(xla_...), e.g. xla_gpu_dot_merger_threshold_mb=0")
         if o.learning_rate <= 0:
             errors.append(f"optim.learning_rate={o.learning_rate} must be positive")
         if o.warmup_steps < 0:

@@ -354,14 +354,21 @@ def check_batch(cfg: Config, local_batch: dict) -> None:
 
 
 def compile_train_step(setup: TrainSetup, compiler_options: Optional[dict] = None):
-    """AOT-compile the train step for the global batch of ``batch_shapes`` (``compiler_options``:
-    XLA options for this compile only, e.g. ``{"xla_gpu_enable_dynamic_slice_fusion": "true"}``)."""
+    """AOT-compile the train step for the global batch of ``batch_shapes``, with the config's
+    ``train.xla_options`` and ``compiler_options`` (XLA options for this compile only, e.g.
+    ``{"xla_gpu_enable_dynamic_slice_fusion": "true"}``; these win)."""
     with setup.activation_context():
         shapes = batch_shapes(setup.cfg)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                     for k, v in shapes.items()}
         lowered = setup.train_step.lower(setup.abstract_state, abstract)
-    return lowered.compile(compiler_options=compiler_options or None)
+    options = {**setup.cfg.train.compiler_options(), **(compiler_options or {})}
+    try:
+        return lowered.compile(compiler_options=options or None)
+    except Exception as e:  # XLA's error type differs between jax versions
+        if setup.cfg.train.xla_options and "option" in str(e):
+            raise ConfigError(f"train.xla_options={setup.cfg.train.xla_options!r}: {str(e).splitlines()[0]}") from e
+        raise
 
 
 def _cudnn_failure(error: Exception) -> bool:

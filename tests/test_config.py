@@ -75,6 +75,8 @@ def test_bad_values(override, match):
     (["model.family=encoder", "model.sliding_window=4"], "sliding_window applies to causal self-attention"),
     (["model.attn_logit_softcap=50", "model.attention=cudnn"], "cuDNN's kernels do not cap scores"),
     (["model.sliding_window_pattern=2"], "describe windowed layers: set model.sliding_window"),
+    (["train.xla_options=xla_gpu_dot_merger_threshold_mb"], "'xla_gpu_dot_merger_threshold_mb' is not NAME=VALUE"),
+    (["train.xla_options=dot_merger=0"], r"train.xla_options: 'dot_merger=0' is not NAME=VALUE .*\(xla_...\)"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -125,3 +127,9 @@ def test_variant_values_may_hold_commas():
                                                                                  "train.micro_batches=2"]
     with pytest.raises(ConfigError, match="expected NAME:key=value"):
         parse_variant("remat_full")
+
+
+def test_xla_options_parse_like_xla_flags():
+    cfg = load_config(None, ["train.xla_options=--xla_gpu_dot_merger_threshold_mb=0  xla_gpu_autotune_level=1"])
+    assert cfg.train.compiler_options() == {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_autotune_level": "1"}
+    assert load_config(None).train.compiler_options() == {}
