@@ -290,6 +290,7 @@ def test_scan_equals_unrolled_with_local_and_global_layers():
 
 
 @pytest.mark.parametrize("policy,scan,extra", [("minimal", "true", ()), ("dots", "true", ()), ("full", "false", ()),
+                                               ("minimal", "true", ("model.scan_unroll=2",)),
                                                ("minimal", "true", ("model.num_experts=4", "model.expert_group_size=8",
                                                                     "model.expert_capacity_factor=1.25"))])
 def test_remat_equals_no_remat(policy, scan, extra):
@@ -309,7 +310,8 @@ def test_remat_equals_no_remat(policy, scan, extra):
 def test_mlp_activation_without_remat_keeps_only_its_inputs(mlp, approximate):
     """Without remat the MLP's activation is differentiated by computing it again in the backward
     pass: the values and gradients of autodiff, which also keeps SiLU's sigmoid / GELU's tanh or
-    erf; the activation's inputs are all it keeps. Under a remat policy it is autodiff's own."""
+    erf; the activation's inputs are all it keeps. Under a remat policy it is autodiff's own in a
+    scan's loop, and recomputed where the layers run as straight code."""
     from t5x_lite.models.layers import mlp_activation
 
     act = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=approximate),
@@ -327,6 +329,9 @@ def test_mlp_activation_without_remat_keeps_only_its_inputs(mlp, approximate):
     assert kept(vjp) == len(inputs) < kept(ref_vjp)
     remat = dataclasses.replace(cfg, remat="minimal")
     assert kept(jax.vjp(mlp_activation(remat), *inputs)[1]) == kept(ref_vjp)
+    # the layers as straight code: XLA would merge the policy's recomputation with the forward pass
+    straight = dataclasses.replace(remat, scan_unroll=cfg.num_layers)
+    assert kept(jax.vjp(mlp_activation(straight), *inputs)[1]) == len(inputs)
 
 
 @pytest.mark.parametrize("family,extra", [("decoder", ("model.num_heads=4", "model.num_kv_heads=2")),
