@@ -366,8 +366,10 @@ def compile_train_step(setup: TrainSetup, compiler_options: Optional[dict] = Non
     try:
         return lowered.compile(compiler_options=options or None)
     except Exception as e:  # XLA's error type differs between jax versions
-        if setup.cfg.train.xla_options and "option" in str(e):
-            raise ConfigError(f"train.xla_options={setup.cfg.train.xla_options!r}: {str(e).splitlines()[0]}") from e
+        message = str(e).splitlines()[0] if str(e) else ""
+        if any(f"option {name}," in message or f"option: '{name}'" in message
+               for name in setup.cfg.train.compiler_options()):  # XLA names the option it refuses
+            raise ConfigError(f"train.xla_options={setup.cfg.train.xla_options!r}: {message}") from e
         raise
 
 

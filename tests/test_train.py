@@ -136,6 +136,12 @@ def test_xla_options_reach_the_train_steps_compile():
     with pytest.raises(ConfigError, match=r"train.xla_options='xla_gpu_dot_merger_threshold=0': .*"
                                           r"No such compile option: 'xla_gpu_dot_merger_threshold'"):
         trainer.compile_train_step(trainer.make_setup(bad, mesh))
+    bad_value = tiny_cfg("decoder", "train.xla_options=xla_gpu_dot_merger_threshold_mb=lots")
+    with pytest.raises(ConfigError, match="train.xla_options=.*xla_gpu_dot_merger_threshold_mb, 'lots' is not"):
+        trainer.compile_train_step(trainer.make_setup(bad_value, mesh))
+    with pytest.raises(Exception, match="No such compile option: 'xla_nothing'") as e:  # not the config's
+        trainer.compile_train_step(trainer.make_setup(ok, mesh), compiler_options={"xla_nothing": "1"})
+    assert not isinstance(e.value, ConfigError)
 
 
 def cli_run(capsys, *args):
