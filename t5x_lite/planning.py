@@ -26,16 +26,14 @@ F = d_ff and n = heads are per tensor shard; S = keys a query sees; L = layers::
 
     one layer, everything (E):   (2a + 16) D + a (2Q + 2K + cF) + n S (4 + a)
     one layer, matmul outputs (M):  a (2D + Q + 2K + 2F)      (plain MLP: F instead of 2F)
-
-(c = 6; under remat none 4 for a gated MLP, 3 for a plain GELU one: the activation is computed
-again in the backward pass, ``layers.mlp_activation``.)
     remat none:      L E + (E - M) + 5 n S   (the attention mask broadcast to the scores)
     remat minimal / dots:   L M + (E - M) + S
     remat full:      L a D + E + S
 
-(E - M, E: the layer whose backward pass runs, recomputed under remat. 16 D: float32 norm
-inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash attention on GPU keeps 4n
-instead, 4nP with its packed layout, P = ``model.packed_slots``; remat minimal adds that and
+(c = 6; 4 for a gated MLP, 3 for a plain GELU one, where the activation is computed again in the
+backward pass: ``mlp_tensors``. E - M, E: the layer whose backward pass runs, recomputed under
+remat. 16 D: float32 norm inputs; n S (4 + a): float32 scores and probabilities; cuDNN flash
+attention on GPU keeps 4n instead, 4nP with its packed layout, P = ``model.packed_slots``; remat minimal adds that and
 the kernel's output, aQ, to M: kept rather than rerun.) Cross-attention adds
 (a + 8) D + 2a Q + n S_enc (4 + a) to E and a (D + Q) to M per decoder token, and 2aK per
 encoder position and decoder layer (none, minimal). The output layer adds D(a + 8) per token
@@ -243,9 +241,10 @@ def _moe_bytes(cfg: Config, length: int, tensor: int) -> tuple[float, float]:
 
 def mlp_tensors(m) -> int:
     """``[tokens, d_ff]`` tensors an MLP keeps for its backward pass, its temporaries included:
-    6 as autodiff leaves them; without remat the activation keeps only its inputs
-    (``layers.mlp_activation``; a small decoder, float32 on the CPU: 5.5 -> 4)."""
-    return (2 if m.mlp in GATED else 1) + 2 if recomputes_activation(m) else 6
+    6 as autodiff leaves them; where the activation is computed again in the backward pass
+    (``layers.recomputes_activation``) it keeps only its inputs (a small decoder without remat,
+    float32 on the CPU: 5.5 -> 4)."""
+    return ((2 if m.mlp in GATED else 1) + 2) if recomputes_activation(m) else 6
 
 
 def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) -> float:

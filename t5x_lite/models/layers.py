@@ -703,12 +703,12 @@ def _mlp_activation(mlp: str, gelu_approximate: bool, recompute: bool):
 
 def mlp_activation(cfg: ModelConfig):
     """The MLP's activation: ``(gate, up) -> act(gate) * up`` for the gated MLPs (swiglu, geglu),
-    ``h -> act(h)`` for the others. Without remat, GELU and SiLU are differentiated by computing
-    them again in the backward pass's kernel, which reads their input anyway: autodiff keeps a
-    further ``[B, L, F]`` tensor for them (GELU's tanh, SiLU's sigmoid), written by the forward
-    pass and read by the backward one, and a scanned stack keeps a stack of them (t5_base compiled
-    for an H100: 3.2 GB a step less moved as straight code, 30 GB scanned). Under a remat policy
-    the layer's backward pass computes them again already. The values and gradients are autodiff's."""
+    ``h -> act(h)`` for the others. Where ``recomputes_activation`` says so, GELU and SiLU are
+    differentiated by computing them again in the backward pass's kernel, which reads their input
+    anyway: autodiff keeps a further ``[B, L, F]`` tensor for them (GELU's tanh, SiLU's sigmoid),
+    written by the forward pass and read by the backward one, and a scanned stack keeps a stack of
+    them (t5_base compiled for an H100: 3.2 GB a step less moved as straight code, 30 GB scanned).
+    The values and gradients are autodiff's."""
     return _mlp_activation(cfg.mlp, cfg.gelu_approximate, recomputes_activation(cfg))
 
 
