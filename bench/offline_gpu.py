@@ -10,9 +10,12 @@ read from the program XLA would run there, between GPU sessions.
     $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --decode 1   # the token loop, batch 1
     $OFFLINE bench/offline_gpu.py --config configs/llama_1b.yaml --gpus 8     # ZeRO-3 over 8 H100s (NVLink)
     python bench/offline_gpu.py --hlo runs/profile/step.hlo.txt        # any saved program (no plugin needed)
+    python bench/offline_gpu.py --hlo before.hlo.txt --hlo after.hlo.txt   # two saved programs, what changed
 
-A variant's ``xla.NAME=VALUE`` entries are XLA options for that compile only (``--xla_NAME``
-without the dashes); the others are config overrides. Nothing runs: XLA compiles against an H100's
+Every row after the first also says what changed from the first, by work (the same kernel in
+every layer together: ``hlo_cost.changes``), the largest moves in time first. A variant's
+``xla.NAME=VALUE`` entries are XLA options for that compile only (``--xla_NAME`` without the
+dashes); the others are config overrides. Nothing runs: XLA compiles against an H100's
 description (``H100_TARGET`` below: the same fusions, loops, copies and cuDNN calls as on the
 device, GEMM tilings not autotuned), and the estimate is a roofline per kernel (bandwidth 3.0
 TB/s, GEMMs 800 TFLOP/s, measured on an H100 by this project; see ``hlo_cost``). It is a guide to
@@ -58,7 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gpus", type=int, default=1, help="H100s on one host (NVLink): the config's mesh over them")
-    p.add_argument("--hlo", default=None, help="price this saved program text instead of compiling one")
+    p.add_argument("--hlo", action="append", default=[], metavar="FILE",
+                   help="price this saved program text instead of compiling one (again: more rows, each named "
+                        "by its file, set against the first)")
     p.add_argument("--save-hlo", default=None, metavar="DIR", help="write each row's compiled program here")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", default=None)
@@ -152,10 +157,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from t5x_lite import hlo_cost
 
-    rows = []
+    rows, costs = [], []
     if args.hlo:
-        with open(args.hlo) as f:
-            rows.append(("saved", hlo_cost.summarize(hlo_cost.kernel_costs(f.read()), args.top), 0.0))
+        names = [os.path.basename(path).split(".")[0] for path in args.hlo]
+        if len(set(names)) < len(names):  # step.hlo.txt in two run folders: name them by folder too
+            names = [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{n}" for p, n in zip(args.hlo, names)]
+        for path, name in zip(args.hlo, names if len(args.hlo) > 1 else ["saved"]):
+            with open(path) as f:
+                costs.append(hlo_cost.kernel_costs(f.read()))
+            rows.append((name, hlo_cost.summarize(costs[-1], args.top), 0.0))
     else:
         devices = h100_devices(args.gpus)
         from t5x_lite.config import load_config, parse_variant
@@ -178,8 +188,8 @@ def main(argv=None) -> int:
             # decoding: the token loop's trip count is not known to XLA (rows may stop early); priced
             # for --new-tokens tokens, and a token's share is the call's / new tokens
             trips = args.new_tokens if args.decode else 1
-            rows.append((name, hlo_cost.summarize(hlo_cost.kernel_costs(text, unknown_trips=trips), args.top),
-                         compile_s))
+            costs.append(hlo_cost.kernel_costs(text, unknown_trips=trips))
+            rows.append((name, hlo_cost.summarize(costs[-1], args.top), compile_s))
     for name, summary, compile_s in rows:
         if args.decode:
             summary["ms_per_token"] = round(summary["ms"] / args.new_tokens, 4)
@@ -189,12 +199,19 @@ def main(argv=None) -> int:
         print(hlo_cost.format_summary(summary, title=f"[{name}] compiled in {compile_s:.0f} s; "))
         print()
     if len(rows) > 1:
-        base = rows[0][1]
-        print("rows against default: estimated ms a step, kernel runs, GB moved, cuDNN calls (first-run builds)")
+        base, base_name = rows[0][1], rows[0][0]
+        print(f"rows against {base_name}: estimated ms a step, kernel runs, GB moved, cuDNN calls (first-run builds)")
         for name, s, _ in rows:
             print(f"  {name:24s} {s['ms']:9.1f} ms ({s['ms'] - base['ms']:+.1f}) {s['kernels']:7d} "
                   f"({s['kernels'] - base['kernels']:+d}) {s['gbytes']:8.1f} GB ({s['gbytes'] - base['gbytes']:+.1f}) "
                   f"{s['cudnn_calls']:4d}")
+        for (name, s, _), row_costs in zip(rows[1:], costs[1:]):
+            s["changes"] = hlo_cost.changes(costs[0], row_costs, args.top)
+            print(f"\nwhat changed from {base_name} to {name} (the same work in every layer together; "
+                  f"ms, kernel runs, GB moved a step):")
+            for r in s["changes"]:
+                print(f"  {r['ms']:+8.2f} ms (of {r['base_ms']:7.2f}) {r['kernels']:+6d} runs {r['gbytes']:+7.2f} GB  "
+                      f"{r['name'][:90]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": args.overrides, "decode_batch": args.decode,

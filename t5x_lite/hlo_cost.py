@@ -442,6 +442,29 @@ def summarize(costs: list[KernelCost], top: int = 25) -> dict:
     }
 
 
+def changes(base: list[KernelCost], costs: list[KernelCost], top: int = 10) -> list[dict]:
+    """What differs between two programs' kernels, by ``group`` (the same work in every layer
+    together): the ``top`` groups whose estimated time moved most, either way, with the kernel
+    runs and GB moved of each side (a group only one side has counts 0 on the other)."""
+    def totals(rows):
+        acc: dict[str, list] = {}
+        for c in rows:
+            row = acc.setdefault(group(c), [0.0, 0.0, 0.0])
+            row[0] += c.seconds * c.runs * 1e3
+            row[1] += c.runs
+            row[2] += c.bytes * c.runs / 1e9
+        return acc
+
+    before, after = totals(base), totals(costs)
+    out = []
+    for name in set(before) | set(after):
+        (ms0, runs0, gb0), (ms1, runs1, gb1) = before.get(name, [0.0] * 3), after.get(name, [0.0] * 3)
+        if round(ms1 - ms0, 3) or runs1 != runs0:
+            out.append({"name": name, "ms": round(ms1 - ms0, 3), "base_ms": round(ms0, 3), "kernels": round(runs1 - runs0),
+                        "gbytes": round(gb1 - gb0, 3)})
+    return sorted(out, key=lambda r: (-abs(r["ms"]), r["name"]))[:top]
+
+
 def format_summary(s: dict, title: str = "") -> str:
     lines = [f"{title}estimated {s['ms']:.1f} ms a step: {s['kernels']} kernel runs, {s['gbytes']:.1f} GB moved, "
              f"{s['tflops']:.2f} TFLOP, {s['cudnn_calls']} cuDNN attention calls to build on the first run"]

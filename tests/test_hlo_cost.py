@@ -149,6 +149,22 @@ def test_roofline_time_and_summary():
     assert "estimated" in hlo_cost.format_summary(s)
 
 
+def test_changes_between_two_programs_by_work():
+    """The same program run 8 times instead of 4: every kernel of the loop doubles its runs and
+    time; a group only one side has counts from nothing; nothing moved, nothing listed."""
+    base = hlo_cost.kernel_costs(MODULE)
+    doubled = hlo_cost.kernel_costs(MODULE.replace('{"n":"4"}', '{"n":"8"}'))
+    assert hlo_cost.changes(base, base) == []
+    rows = {r["name"]: r for r in hlo_cost.changes(base, doubled, top=50)}
+    gemm = rows["matmul: mlp/wi_0/dot_general"]
+    assert gemm["kernels"] == 4 and gemm["ms"] == pytest.approx(gemm["base_ms"], abs=1e-3)
+    assert all(r["kernels"] == 4 for r in rows.values()) and len(rows) == 7  # the loop's 7 kernels (its condition's too)
+    gone = hlo_cost.changes(base, [c for c in base if c.kind != "matmul"])
+    assert [(r["name"], r["kernels"], r["ms"]) for r in gone] == [("matmul: mlp/wi_0/dot_general", -4, -gemm["base_ms"])]
+    assert [r["ms"] for r in hlo_cost.changes(base, doubled, top=2)] == sorted(
+        (r["ms"] for r in rows.values()), key=abs, reverse=True)[:2]
+
+
 def test_unknown_trip_count_counts_once_and_missing_entry_is_an_error():
     text = MODULE.replace('backend_config={"known_trip_count":{"n":"4"},"known_init_step":{"init":"0","step":"1"}}', "")
     assert by_name(hlo_cost.kernel_costs(text))["gemm_fusion_dot.7"].runs == 1
@@ -204,6 +220,23 @@ def test_offline_gpu_prices_a_saved_program(tmp_path, capsys):
     row = json.loads(out.read_text())["rows"][0]
     assert row["name"] == "saved" and row["kernels"] == 29 and len(row["top"]) == 3
     assert "estimated" in capsys.readouterr().out
+
+
+def test_offline_gpu_sets_saved_programs_side_by_side(tmp_path, capsys):
+    bench = load_offline_gpu()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "step.hlo.txt").write_text(MODULE)
+    (tmp_path / "b" / "step.hlo.txt").write_text(MODULE.replace('{"n":"4"}', '{"n":"8"}'))
+    out = tmp_path / "cost.json"
+    assert bench.main(["--hlo", str(tmp_path / "a" / "step.hlo.txt"), "--hlo", str(tmp_path / "b" / "step.hlo.txt"),
+                       "--json", str(out)]) == 0
+    import json
+
+    first, second = json.loads(out.read_text())["rows"]
+    assert (first["name"], second["name"]) == ("a/step", "b/step") and "changes" not in first
+    assert second["kernels"] - first["kernels"] == 28 and sum(r["kernels"] for r in second["changes"]) == 28
+    assert "what changed from a/step to b/step" in capsys.readouterr().out
 
 
 def test_offline_gpu_without_the_cuda_plugin_says_how_to_get_it():
