@@ -306,32 +306,39 @@ def test_remat_equals_no_remat(policy, scan, extra):
     chex.assert_trees_all_close(grads_b, grads_a, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mlp,approximate", [("swiglu", False), ("geglu", True), ("gelu", False), ("gelu", True)])
-def test_mlp_activation_without_remat_keeps_only_its_inputs(mlp, approximate):
+@pytest.mark.parametrize("mlp,approximate,biased", [("swiglu", False, False), ("geglu", True, False),
+                                                    ("gelu", False, False), ("gelu", True, False),
+                                                    ("gelu", False, True), ("geglu", True, True)])
+def test_mlp_activation_without_remat_keeps_only_its_inputs(mlp, approximate, biased):
     """Without remat the MLP's activation is differentiated by computing it again in the backward
     pass: the values and gradients of autodiff, which also keeps SiLU's sigmoid / GELU's tanh or
-    erf; the activation's inputs are all it keeps. Under a remat policy it is autodiff's own in a
-    scan's loop, and recomputed where the layers run as straight code."""
+    erf (and the biased input); the activation's inputs are all it keeps. Under a remat policy it
+    is autodiff's own in a scan's loop, and recomputed where the layers run as straight code."""
     from t5x_lite.models.layers import mlp_activation
 
     act = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=approximate),
            "gelu": lambda x: jax.nn.gelu(x, approximate=approximate)}[mlp]
-    reference = (lambda gate, up: act(gate) * up) if mlp != "gelu" else act
+    n = 1 if mlp == "gelu" else 2
+    if n == 1:
+        reference = (lambda h, b: act(h + b)) if biased else act
+    else:
+        reference = (lambda gate, up, gb, ub: act(gate + gb) * (up + ub)) if biased else (lambda g, u: act(g) * u)
     cfg = tiny_cfg("decoder", f"model.mlp={mlp}", f"model.gelu_approximate={approximate}", "model.remat=none").model
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    inputs = tuple(2 * jax.random.normal(k, (3, 5, 16)) for k in keys[: 2 if mlp != "gelu" else 1])
-    cotangent = jax.random.normal(keys[2], (3, 5, 16))
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    inputs = tuple(2 * jax.random.normal(k, (3, 5, 16)) for k in keys[:n])
+    inputs += tuple(jax.random.normal(k, (16,)) for k in keys[2:2 + n]) if biased else ()
+    cotangent = jax.random.normal(keys[4], (3, 5, 16))
     kept = lambda vjp: sum(leaf.shape == cotangent.shape for leaf in jax.tree_util.tree_leaves(vjp))
     out, vjp = jax.vjp(mlp_activation(cfg), *inputs)
     ref_out, ref_vjp = jax.vjp(reference, *inputs)
     np.testing.assert_allclose(out, ref_out, rtol=1e-6)
     chex.assert_trees_all_close(vjp(cotangent), ref_vjp(cotangent), rtol=1e-6, atol=1e-6)
-    assert kept(vjp) == len(inputs) < kept(ref_vjp)
+    assert kept(vjp) == n < kept(ref_vjp)
     remat = dataclasses.replace(cfg, remat="minimal")
     assert kept(jax.vjp(mlp_activation(remat), *inputs)[1]) == kept(ref_vjp)
     # the layers as straight code: XLA would merge the policy's recomputation with the forward pass
     straight = dataclasses.replace(remat, scan_unroll=cfg.num_layers)
-    assert kept(jax.vjp(mlp_activation(straight), *inputs)[1]) == len(inputs)
+    assert kept(jax.vjp(mlp_activation(straight), *inputs)[1]) == n
 
 
 @pytest.mark.parametrize("family,extra", [("decoder", ("model.num_heads=4", "model.num_kv_heads=2")),
