@@ -602,7 +602,8 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
     stats = compiled_stats(compiled)
     log(f"compiled train step in {time.time() - t0:.1f}s: temp {human_bytes(stats.get('temp_bytes', 0))}, "
         f"arguments {human_bytes(stats.get('argument_bytes', 0))}, "
-        f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}")
+        f"model TFLOP/step {train_flops_per_step(cfg) / 1e12:.4g}"
+        + (f", XLA options {cfg.train.xla_options.strip()!r}" if cfg.train.xla_options.strip() else ""))
     if jax.default_backend() == "gpu":
         text = compiled.as_text()
         for note in (attention_note(text) or "attention: no cuDNN call in the step (XLA's einsums)",

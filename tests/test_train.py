@@ -166,10 +166,14 @@ def test_train_command_logs_plots_and_resumes(tmp_path, capsys):
     for line in ("mesh data=1 x fsdp=8 x tensor=1", "zero_stage=3", "per device: params", "compiled train step"):
         assert line in out, line
 
-    # The same command continues; rows after the checkpoint are not duplicated.
-    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=8")
+    assert "XLA options" not in out
+    # The same command continues (XLA options may change between runs); rows after the checkpoint
+    # are not duplicated.
+    code, out, _ = cli_run(capsys, *args, "--set", "train.steps=8",
+                           "--set", "train.xla_options=xla_gpu_dot_merger_threshold_mb=0")
     assert code == 0
     assert "resumed from checkpoint at step 6" in out
+    assert "XLA options 'xla_gpu_dot_merger_threshold_mb=0'" in out
     steps = [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in line]
     assert steps == [1, 2, 4, 6, 8]
 
