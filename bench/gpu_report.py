@@ -35,8 +35,9 @@ def tokens_per_s(row: dict) -> float:
 
 
 def changes(row: dict) -> list[str]:
-    """What a row ran beyond the shipped config: ``--set`` (every row of that run) and its variant's."""
-    return list(row.get("set", [])) + list(row.get("overrides", []))
+    """What a row ran beyond the shipped config: the bench's ``SAME_WORK`` (ours doing HF's update),
+    ``--set`` (every row of that run) and its variant's."""
+    return list(row.get("same_work", [])) + list(row.get("set", [])) + list(row.get("overrides", []))
 
 
 def same_work(row: dict, baseline: dict) -> bool:

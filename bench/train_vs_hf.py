@@ -312,6 +312,8 @@ def main() -> int:
         r = measure(workload, impl, args, extra)
         if extra:
             r["overrides"] = list(extra)
+        if impl.startswith("ours") and SAME_WORK.get(workload):  # what ours changed to do HF's work
+            r["same_work"] = list(SAME_WORK[workload])
         if args.set:  # every row's --set (HF's too): a row without it ran the shipped config
             r["set"] = list(args.set)
         print(f"{workload:6s} {impl:16s} " + (f"{1000 * r['step_s']:.1f} ms/step" if "error" not in r

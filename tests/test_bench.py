@@ -40,6 +40,9 @@ def test_train_vs_hf_smoke_all_workloads(tmp_path):
             assert abs(r["loss"] - math.log(512)) < 0.6, r  # (HF's T5 v1.1 head init starts near 38)
     for w in ("llama", "t5", "bert"):  # the same counting for both sides
         assert rows[(w, "ours")]["flops_per_step"] == rows[(w, "hf")]["flops_per_step"]
+    # t5_base's own Adafactor replaced by HF's AdamW, and the row says so
+    assert rows[("t5", "ours")]["same_work"] == ["optim.name=adamw"]
+    assert not any("same_work" in r for (w, i), r in rows.items() if i == "hf" or w != "t5")
     assert data["machine"]["jax"] and data["machine"]["transformers"]
     assert "| llama | ours |" in proc.stdout
 
@@ -318,6 +321,9 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
         row("ours:b16", 0.25, tokens=32768, overrides=["train.batch_size=16"])]}))  # faster, other work: not compared
     (tmp_path / "llama_alone.json").write_text(json.dumps({"results": [  # the fastest, in a run without HF:
         row("ours:x", 0.1, overrides=["model.remat=none"])]}))             # listed, never compared
+    (tmp_path / "t5.json").write_text(json.dumps({"results": [  # ours stepping HF's AdamW, and saying so
+        row("ours", 0.06, workload="t5", tokens=40064, same_work=["optim.name=adamw"]),
+        row("hf_compile", 0.13, workload="t5", tokens=40064)]}))
     (tmp_path / "decode.json").write_text(json.dumps([
         {"batch": 1, "tokens_per_s": 700.0, "decode_tokens_per_s": 750.0, "ms_per_step": 1.3, "variant": "default"},
         {"batch": 32, "tokens_per_s": 9000.0, "decode_tokens_per_s": 9500.0, "ms_per_step": 3.4, "variant": "default"}]))
@@ -328,14 +334,15 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
     got = {t["target"]: (round(t["value"], 3), t["met"]) if "value" in t else None
            for t in report.targets(by_workload, decode)}
     assert got == {"llama train >= 1.35x hf_compile": (round(0.21 / 0.15, 3), True),  # ours:m1 vs its own run's HF
-                   "t5 train >= 2.0x hf_compile": None, "bert train >= 1.5x hf": None,
+                   "t5 train >= 2.0x hf_compile": (round(0.13 / 0.06, 3), True), "bert train >= 1.5x hf": None,
                    "llama_1b first step <= 30 s": (25.0, True),  # the shipped config's row
                    "decode batch 1 >= 600 tok/s": (700.0, True), "decode batch 32 >= 10,000 tok/s": (9000.0, False)}
     text = report.markdown(by_workload, decode, meta)
-    assert "| t5 train >= 2.0x hf_compile | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:m1: 1e14 / 0.15 s / 989e12
+    assert "| bert train >= 1.5x hf | missing |" in text and "H100" in text and "67.4%" in text  # MFU of ours:m1: 1e14 / 0.15 s / 989e12
     assert "| moe_1b.yaml | moe:default | 32 | 20,000 |" in text
     assert "- ours:m1 (llama_more.json): attention: 1 cuDNN forward call a step, mask PADDING_CAUSAL x1" in text
     assert "| 131,072 | 250.0 | 80.9% |" in text and "train.batch_size=16 (other work a step: not compared) |" in text
+    assert "| ours | t5.json | 667,733 | 60.0 |" in text and "| optim.name=adamw |" in text  # beyond the shipped config
 
 
 def test_moe_workload_is_the_same_model_as_transformers_mixtral():
