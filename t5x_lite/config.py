@@ -170,6 +170,11 @@ class ModelConfig:
     attention_bias_grad: str = dataclasses.field(default="cudnn", metadata=_choices("cudnn", "pallas"))
 
     @property
+    def gated_mlp(self) -> bool:
+        """The MLP gates its activation with a second input projection (swiglu, geglu: wi_0, wi_1)."""
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def packed_slots(self) -> int:
         """M of cuDNN's packed layout when the model builds it (attention auto or cudnn_packed and
         max_segments >= 2; auto then uses it only where cuDNN runs), else 0."""
@@ -453,7 +458,7 @@ class Config:
             errors.append(f"model.attention_dropout={m.attention_dropout} trains attention on XLA's path (jax's cuDNN "
                           f"call repeats one dropout mask every step), not model.attention={m.attention}; use auto "
                           "(cuDNN for eval and decoding) or xla")
-        if m.fused_mlp and m.mlp not in ("swiglu", "geglu"):
+        if m.fused_mlp and not m.gated_mlp:
             errors.append(f"model.fused_mlp fuses a gated MLP's gate and up projections; model.mlp={m.mlp!r} "
                           "has one input projection (use swiglu or geglu, or fused_mlp=false)")
         if m.scan_unroll < 1:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from t5x_lite.profiling import category
 
@@ -411,18 +411,23 @@ def group(c: KernelCost) -> str:
     return f"{c.kind[:24]}: {scopes}"
 
 
+def _totals(costs: list[KernelCost], key: Callable[[KernelCost], str]) -> dict[str, dict]:
+    """``{key(kernel): {ms, kernels, gbytes, tflops}}`` a step, summed over the kernels of a key."""
+    acc: dict[str, dict] = {}
+    for c in costs:
+        row = acc.setdefault(key(c), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
+        row["ms"] += c.seconds * c.runs * 1e3
+        row["kernels"] += c.runs
+        row["gbytes"] += c.bytes * c.runs / 1e9
+        row["tflops"] += c.flops * c.runs / 1e12
+    return acc
+
+
 def summarize(costs: list[KernelCost], top: int = 25) -> dict:
     """Totals a step: kernels launched, bytes, FLOPs, estimated ms; by kind, by category (the
     profile's categories, ``t5x_lite.profiling``) and by ``group``; the costliest instructions."""
     def rollup(key):
-        acc: dict[str, dict] = {}
-        for c in costs:
-            row = acc.setdefault(key(c), {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0, "tflops": 0.0})
-            row["ms"] += c.seconds * c.runs * 1e3
-            row["kernels"] += c.runs
-            row["gbytes"] += c.bytes * c.runs / 1e9
-            row["tflops"] += c.flops * c.runs / 1e12
-        rows = [dict(name=k, **{f: round(v, 3) for f, v in row.items()}) for k, row in acc.items()]
+        rows = [dict(name=k, **{f: round(v, 3) for f, v in row.items()}) for k, row in _totals(costs, key).items()]
         return sorted(rows, key=lambda r: -r["ms"])
 
     ranked = sorted(costs, key=lambda c: -c.seconds * c.runs)
@@ -446,22 +451,14 @@ def changes(base: list[KernelCost], costs: list[KernelCost], top: int = 10) -> l
     """What differs between two programs' kernels, by ``group`` (the same work in every layer
     together): the ``top`` groups whose estimated time moved most, either way, with the kernel
     runs and GB moved of each side (a group only one side has counts 0 on the other)."""
-    def totals(rows):
-        acc: dict[str, list] = {}
-        for c in rows:
-            row = acc.setdefault(group(c), [0.0, 0.0, 0.0])
-            row[0] += c.seconds * c.runs * 1e3
-            row[1] += c.runs
-            row[2] += c.bytes * c.runs / 1e9
-        return acc
-
-    before, after = totals(base), totals(costs)
+    before, after = _totals(base, group), _totals(costs, group)
+    none = {"ms": 0.0, "kernels": 0.0, "gbytes": 0.0}
     out = []
     for name in set(before) | set(after):
-        (ms0, runs0, gb0), (ms1, runs1, gb1) = before.get(name, [0.0] * 3), after.get(name, [0.0] * 3)
-        if round(ms1 - ms0, 3) or runs1 != runs0:
-            out.append({"name": name, "ms": round(ms1 - ms0, 3), "base_ms": round(ms0, 3), "kernels": round(runs1 - runs0),
-                        "gbytes": round(gb1 - gb0, 3)})
+        was, now = before.get(name, none), after.get(name, none)
+        if round(now["ms"] - was["ms"], 3) or now["kernels"] != was["kernels"]:
+            out.append({"name": name, "ms": round(now["ms"] - was["ms"], 3), "base_ms": round(was["ms"], 3),
+                        "kernels": round(now["kernels"] - was["kernels"]), "gbytes": round(now["gbytes"] - was["gbytes"], 3)})
     return sorted(out, key=lambda r: (-abs(r["ms"]), r["name"]))[:top]
 
 

@@ -24,7 +24,7 @@ def _layer_matmul_params(cfg: Config, cross: bool) -> int:
     m = cfg.model
     d, n, k, h, f = m.d_model, m.num_heads, m.kv_heads, m.dim_per_head, m.d_ff
     attn = d * n * h * 2 + d * k * h * 2  # q, out; k, v
-    mlp = d * f * (3 if m.mlp in ("swiglu", "geglu") else 2)
+    mlp = d * f * (3 if m.gated_mlp else 2)
     if m.num_experts:  # the router, the experts a token is sent to (not the dispatch einsums), a shared one
         per_width = mlp // f
         mlp = (d * m.num_experts + m.experts_per_token * per_width * m.expert_width
@@ -38,8 +38,8 @@ def _lora_params(cfg: Config, names: tuple) -> int:
     d, f = m.d_model, m.d_ff
     q, kv = m.num_heads * m.dim_per_head, m.kv_heads * m.dim_per_head
     sizes = {"query": d + q, "key": d + kv, "value": d + kv, "out": q + d, "wo": f + d,
-             "wi_0": d + f if m.mlp in ("swiglu", "geglu") else 0, "wi_1": d + f if m.mlp in ("swiglu", "geglu") else 0,
-             "wi": 0 if m.mlp in ("swiglu", "geglu") else d + f}
+             "wi_0": d + f if m.gated_mlp else 0, "wi_1": d + f if m.gated_mlp else 0,
+             "wi": 0 if m.gated_mlp else d + f}
     return m.lora_rank * sum(sizes[n] for n in names if n in m.lora_names)
 
 

@@ -71,7 +71,7 @@ from t5x_lite import partitioning
 from t5x_lite.config import Config
 from t5x_lite.metrics import target_length, tokens_per_step, train_flops_per_step
 from t5x_lite.losses import max_scored_positions
-from t5x_lite.models.layers import GATED, recomputes_activation
+from t5x_lite.models.layers import recomputes_activation
 
 GB = 1e9
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -207,7 +207,7 @@ def _layer_bytes(cfg: Config, keys: int, tensor: int, flash: bool, cross_keys: i
 
     kernel_kept = flash and m.remat == "minimal"  # cuDNN's output and statistic are kept too
 
-    mlp_everything, mlp_dots = a * mlp_tensors(m) * f, a * (2 if m.mlp in GATED else 1) * f
+    mlp_everything, mlp_dots = a * mlp_tensors(m) * f, a * (2 if m.gated_mlp else 1) * f
     if m.num_experts:
         mlp_everything, mlp_dots = _moe_bytes(cfg, keys, tensor)
     everything = (2 * a + 16) * d + a * (2 * q + 2 * kv) + mlp_everything + probs(keys)
@@ -235,7 +235,7 @@ def _moe_bytes(cfg: Config, length: int, tensor: int) -> tuple[float, float]:
     everything = (r * a * (mlp_tensors(m) * f + 2 * m.d_model) + slots * (4 + 2 * a)
                   + e * 4 * (6 * m.experts_per_token + 2))
     shared = _per_shard(m.shared_expert_d_ff, tensor)  # an always-on expert: a dense MLP's activations
-    gated = 2 if m.mlp in GATED else 1
+    gated = 2 if m.gated_mlp else 1
     return everything + a * mlp_tensors(m) * shared, a * (e + gated * shared)
 
 
@@ -244,7 +244,7 @@ def mlp_tensors(m) -> int:
     6 as autodiff leaves them; where the activation is computed again in the backward pass
     (``layers.recomputes_activation``) it keeps only its inputs (a small decoder without remat,
     float32 on the CPU: 5.5 -> 4)."""
-    return ((2 if m.mlp in GATED else 1) + 2) if recomputes_activation(m) else 6
+    return ((2 if m.gated_mlp else 1) + 2) if recomputes_activation(m) else 6
 
 
 def activation_bytes_per_row(cfg: Config, tensor: int = 1, flash: bool = False) -> float:

@@ -495,7 +495,7 @@ class Llama(Arch):
 
     def extra_problems(self, cfg):
         out = []
-        if cfg.mlp not in ("swiglu", "geglu"):
+        if not cfg.gated_mlp:
             out.append(f"model.mlp={cfg.mlp!r} (needs 'swiglu' or 'geglu')")
         if _has_logits_bias(cfg):
             out.append("a logits bias (set model.logits_bias=false)")

@@ -695,17 +695,14 @@ def activation(cfg: ModelConfig):
     return _activation(cfg.mlp, cfg.gelu_approximate)
 
 
-GATED = ("swiglu", "geglu")
-
-
 def _biased(x: Array, bias: Optional[Array]) -> Array:
     return x if bias is None else x + bias
 
 
 @functools.lru_cache(maxsize=None)
-def _mlp_activation(mlp: str, gelu_approximate: bool, recompute: bool):
+def _mlp_activation(mlp: str, gelu_approximate: bool, gated: bool, recompute: bool):
     act = _activation(mlp, gelu_approximate)
-    if mlp in GATED:
+    if gated:
         def fn(gate, up, gate_bias=None, up_bias=None):
             return act(_biased(gate, gate_bias)) * _biased(up, up_bias)
     else:
@@ -726,7 +723,7 @@ def mlp_activation(cfg: ModelConfig):
     for an H100: 3.2 GB a step less moved as straight code, 30 GB scanned). The biases are added
     inside too, so the biased input is not kept either (bert_base: 0.2 GB a layer less written).
     The values and gradients are autodiff's."""
-    return _mlp_activation(cfg.mlp, cfg.gelu_approximate, recomputes_activation(cfg))
+    return _mlp_activation(cfg.mlp, cfg.gelu_approximate, cfg.gated_mlp, recomputes_activation(cfg))
 
 
 def recomputes_activation(cfg: ModelConfig) -> bool:
@@ -748,18 +745,17 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: Array) -> Array:
         cfg = self.cfg
-        if cfg.mlp in GATED:
+        if cfg.gated_mlp:
             gate, up = (dense(cfg, cfg.d_ff, ("embed", "mlp"), name) for name in ("wi_0", "wi_1"))
             if cfg.fused_mlp:  # [D, 2, F]: one matmul; splitting F over ``tensor`` keeps the pairs together
                 parts = [new_output_axis(proj.weights(x_BLD.shape[-1:]), 1) for proj in (gate, up)]
                 y_BL2F = fused_dense(x_BLD, parts, axis=1, name="wi_fused")
                 y_BL2F = constrain(y_BL2F, ("act_batch", "act_length", None, "act_mlp"))
-                gate_BLF, up_BLF = y_BL2F[:, :, 0], y_BL2F[:, :, 1]
-                h_BLF = mlp_activation(cfg)(gate_BLF, up_BLF)
-            else:  # the biases (if any) added inside the activation
+                inputs = (y_BL2F[:, :, 0], y_BL2F[:, :, 1])
+            else:  # gate, up, their biases (if any): added inside the activation
                 (gate_BLF, gate_b), (up_BLF, up_b) = gate(x_BLD, add_bias=False), up(x_BLD, add_bias=False)
-                h_BLF = mlp_activation(cfg)(gate_BLF, up_BLF, gate_b, up_b)
+                inputs = (gate_BLF, up_BLF, gate_b, up_b)
         else:
-            h_BLF = mlp_activation(cfg)(*dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi")(x_BLD, add_bias=False))
-        h_BLF = constrain(h_BLF, BLF)
+            inputs = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi")(x_BLD, add_bias=False)
+        h_BLF = constrain(mlp_activation(cfg)(*inputs), BLF)
         return constrain(dense(cfg, cfg.d_model, ("mlp", "embed"), "wo")(h_BLF), BLD)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.models.layers import BLD, GATED, Mlp, constrain, dense, jnp_dtype, mlp_activation
+from t5x_lite.models.layers import BLD, Mlp, constrain, dense, jnp_dtype, mlp_activation
 
 Array = jax.Array
 
@@ -215,7 +215,7 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", LOAD, jnp.sum(r["chosen"], axis=(0, 1)).astype(jnp.float32))
 
         # every expert's kernels [E, in, out]: gate and up (or the one input projection), then down
-        names = ("wi_0", "wi_1") if cfg.mlp in GATED else ("wi",)
+        names = ("wi_0", "wi_1") if cfg.gated_mlp else ("wi",)
         kernels = {name: ExpertKernel((e, d, f), ("experts", "embed", "mlp"), dtype, param_dtype, name=name)()
                    for name in names}
         kernels["wo"] = ExpertKernel((e, f, d), ("experts", "mlp", "embed"), dtype, param_dtype, name="wo")()
