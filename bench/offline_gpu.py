@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from t5x_lite.config import xla_option  # noqa: E402  (no jax: the CUDA plugin is set up first)
+
 # An H100 SXM's description for XLA (a stream_executor.GpuTargetConfigProto): the chip's published
 # figures, and the cuDNN of the device machine's jax 0.11.2 (9.x).
 H100_TARGET = """
@@ -70,25 +72,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def option_value(text: str):
-    """An XLA option's value as the compile call wants it: bool, int, float or string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def split_variant(overrides: list[str]) -> tuple[list[str], dict]:
     """Config overrides and XLA compiler options (``xla.NAME=VALUE``) of one row."""
     config, xla = [], {}
     for item in overrides:
-        key, _, value = item.partition("=")
-        if key.startswith("xla."):
-            xla[key[4:].lstrip("-")] = option_value(value)
+        if item.startswith("xla."):
+            name, value = xla_option(item[4:])
+            xla[name] = value
         else:
             config.append(item)
     return config, xla

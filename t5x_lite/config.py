@@ -271,6 +271,14 @@ class DataConfig:
         return self.objective or {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "span"}[family]
 
 
+def xla_option(item: str) -> tuple[str, object]:
+    """One ``NAME=VALUE`` XLA option (as in ``XLA_FLAGS``, the dashes optional) as a compile call
+    takes it. ``true`` / ``false`` become bools: XLA refuses a bool option given as the string
+    ``"true"`` (it reads ``"True"``), and ``XLA_FLAGS`` spell them lower-case."""
+    name, _, value = item.lstrip("-").partition("=")
+    return name, {"true": True, "false": False}.get(value.lower(), value)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 1000
@@ -304,9 +312,9 @@ class TrainConfig:
     def loss_scaling(self, compute_dtype: str) -> bool:
         return self.loss_scale == "dynamic" or (self.loss_scale == "auto" and compute_dtype == "float16")
 
-    def compiler_options(self) -> dict[str, str]:
+    def compiler_options(self) -> dict[str, object]:
         """``xla_options`` as the compile call takes them: ``{name: value}``."""
-        return dict(item.lstrip("-").split("=", 1) for item in self.xla_options.split())
+        return dict(xla_option(item) for item in self.xla_options.split())
 
 
 @dataclasses.dataclass

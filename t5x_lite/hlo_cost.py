@@ -10,11 +10,14 @@ autotuned. This module reads that program and prices each kernel with a roofline
 
 * **kernels**: the instructions of the entry computation and of the loops, conditionals and
   calls it runs (a while body counted ``known_trip_count`` times, its condition once more);
-  parameters, tuples, bitcasts and constants launch nothing.
+  parameters, tuples, bitcasts, constants and an uninitialised buffer (``AllocateBuffer``)
+  launch nothing.
 * **bytes**: each operand and result once; a fusion that only slices an operand (the layer scan's
   ``dynamic-slice`` of a stacked ``[L, ...]`` buffer) reads the slice, and one whose result is a
   ``dynamic-update-slice`` of an operand writes the update in place.
-* **FLOPs**: ``2 x result x contracted`` for each dot (inside Triton GEMM fusions too); cuDNN
+* **FLOPs**: ``2 x result x contracted`` for each dot (inside Triton GEMM fusions too) and each
+  GEMM handed to cuBLAS (alone, or in a dynamic-slice fusion that reads or writes it in place in
+  a stacked buffer; its workspace is not counted as moved); cuDNN
   attention ``4 B N T S H`` forward (half when causal) and 2.5x that backward.
 * **collectives**: the bytes each device sends (``collective_bytes``) over the links instead.
 
@@ -53,11 +56,15 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 _FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"(?:,"custom_fusion_config":\{"name":"([^"]+)")?')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Instructions that launch nothing: they name, group or alias buffers.
 _FREE = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
                    "replica-id", "opt-barrier", "add-dependency"})
+# Custom calls that launch nothing: an uninitialised buffer (what XLA's DUS-accumulator pass puts in
+# place of the zeros a layer scan's stacked outputs started from).
+_NO_KERNEL = frozenset({"AllocateBuffer"})
 _FUSIONS = frozenset({"fusion", "fusion-start"})  # XLA 0.11 runs some fusions asynchronously: start ... done
 _CONTAINERS = frozenset({"while", "conditional", "call"})
 _SLICING = frozenset({"dynamic-slice", "slice", "gather"})
@@ -179,7 +186,8 @@ def kernels(comps: dict[str, Computation], unknown_trips: int = 1) -> list[tuple
                         walk(comps[name], runs, depth + 1)
                 else:
                     walk(comps[called["to_apply"]], runs, depth + 1)
-            elif instr.opcode not in _FREE and not instr.opcode.endswith("-done"):  # an async op's work: its start
+            elif (instr.opcode not in _FREE and not instr.opcode.endswith("-done")  # an async op's work: its start
+                  and (_TARGET.search(instr.attrs) or [None, ""])[1] not in _NO_KERNEL):
                 out.append((instr, comp, runs))
     walk(entry_computation(comps), 1.0)
     return out
@@ -250,11 +258,40 @@ def _dot_flops(dot: Instruction, comp: Computation) -> float:
     return 2.0 * math.prod(shape_dims(dot.shape)) * contracted
 
 
+def _is_gemm_call(instr: Instruction) -> bool:
+    """A GEMM handed to a library (``__cublas$gemm``, ``__cublas$lt$matmul``): what XLA emits for
+    a dot its autotuner (or ``xla_gpu_enable_triton_gemm=false``) gives cuBLAS."""
+    return instr.opcode == "custom-call" and '"gemm_backend_config"' in instr.attrs
+
+
+def _gemm_call_flops(call: Instruction, comp: Computation) -> float:
+    """``2 x result x contracted`` of a library GEMM: its result is the first array of its tuple
+    (the second is cuBLAS's workspace), its contracted dimensions are in its backend config."""
+    lhs = comp.by_name.get(call.operands[0]) if call.operands else None
+    m = _GEMM_CONTRACTING.search(call.attrs)
+    if lhs is None or m is None:
+        return 0.0
+    dims = shape_dims(lhs.shape)
+    contracted = math.prod(dims[int(d.strip('" '))] for d in m.group(1).split(",") if d.strip('" '))
+    return 2.0 * math.prod(shape_dims(call.shape)) * contracted
+
+
+def _workspace_bytes(instr: Instruction, body: Optional[Computation] = None) -> float:
+    """Bytes of the scratch a kernel holding a library GEMM returns beside its result (the ``s8``
+    arrays of its result; ``body``: the fusion ``instr`` calls): cuBLAS's workspace, not data it
+    moves through HBM."""
+    if not (_is_gemm_call(instr) or (body is not None and any(_is_gemm_call(i) for i in body.instructions))):
+        return 0.0
+    return sum(shape_bytes(f"{t}[{dims}]") for t, dims in _ARRAY.findall(instr.shape) if t == "s8")
+
+
 def _fusion_flops(body: Computation, comps: dict[str, Computation], depth: int = 0) -> float:
     flops = 0.0
     for i in body.instructions:
         if i.opcode == "dot":
             flops += _dot_flops(i, body)
+        elif _is_gemm_call(i):
+            flops += _gemm_call_flops(i, body)
         elif i.opcode in _FUSIONS and depth < 5:
             called = dict(_CALLED.findall(i.attrs)).get("calls")
             if called in comps:
@@ -329,8 +366,8 @@ def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
     if instr.opcode in _FUSIONS:
         if body is not None and _root(body).opcode == "dynamic-update-slice":
             return "copies: updates of stacked buffers"
-        if body is not None and any(i.opcode == "dot" for i in body.instructions):
-            return "matmul"
+        if body is not None and any(i.opcode == "dot" or _is_gemm_call(i) for i in body.instructions):
+            return "matmul"  # a Triton GEMM, or cuBLAS reading / writing slices (dynamic-slice fusion)
         m = _FUSION_KIND.search(instr.attrs)
         backend = m.group(1) if m else ""
         if "gemm" in backend:
@@ -388,6 +425,9 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
                                                     if o in comp.by_name)
             if instr.opcode == "dot":
                 flops = _dot_flops(instr, comp)
+            elif _is_gemm_call(instr):
+                flops = _gemm_call_flops(instr, comp)
+        nbytes -= _workspace_bytes(instr, body)
         peak = machine["gemm_flops"]
         if k == "attention (cuDNN)":
             flops = _attention_flops(instr, comp)
@@ -397,7 +437,9 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
             seconds = nbytes / machine["link_bandwidth"] + machine["launch_s"]
         else:
             seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
-        op = _OP_NAME.search(instr.attrs)
+        op = _OP_NAME.search(instr.attrs) or next(
+            (m for i in (body.instructions if body else []) if _is_gemm_call(i) for m in [_OP_NAME.search(i.attrs)] if m),
+            None)  # a dynamic-slice fusion carries no name of its own: its GEMM's
         op_name = op.group(1) if op else ""
         out.append(KernelCost(instr.name, k, category(instr.name, op_name), runs, nbytes, flops, seconds, op_name))
     return out

@@ -133,3 +133,8 @@ def test_xla_options_parse_like_xla_flags():
     cfg = load_config(None, ["train.xla_options=--xla_gpu_dot_merger_threshold_mb=0  xla_gpu_autotune_level=1"])
     assert cfg.train.compiler_options() == {"xla_gpu_dot_merger_threshold_mb": "0", "xla_gpu_autotune_level": "1"}
     assert load_config(None).train.compiler_options() == {}
+    # XLA refuses a bool option given as the string "true": XLA_FLAGS' spelling becomes a bool
+    flags = load_config(None, ["train.xla_options=xla_gpu_enable_dus_accumulator_zero_init_elimination=true "
+                               "--xla_gpu_enable_latency_hiding_scheduler=FALSE"]).train.compiler_options()
+    assert flags == {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True,
+                     "xla_gpu_enable_latency_hiding_scheduler": False}

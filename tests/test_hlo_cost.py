@@ -136,6 +136,49 @@ def test_flops_of_gemms_and_attention():
     assert costs["attention_fwd.9"].kind == "attention (cuDNN)"
 
 
+# GEMMs handed to cuBLAS (what XLA emits where its autotuner, or xla_gpu_enable_triton_gemm=false,
+# picks the library): one alone, one in a dynamic-slice fusion reading one layer of a stacked
+# weight in place; both return cuBLAS's workspace beside their result. And the uninitialised
+# buffer XLA's DUS-accumulator pass puts where a scan's stacked outputs were zero-filled.
+CUBLAS_MODULE = """HloModule jit_step, is_scheduled=true
+
+%dsf (p0: bf16[4,64,128], p1: s32[], p2: bf16[32,64]) -> (bf16[32,128], s8[1024]) {
+  %p0 = bf16[4,64,128]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %p2 = bf16[32,64]{1,0} parameter(2)
+  %c0 = s32[] constant(0)
+  %ds = bf16[1,64,128]{2,1,0} dynamic-slice(%p0, %p1, %c0, %c0), dynamic_slice_sizes={1,64,128}
+  %bc = bf16[64,128]{1,0} bitcast(%ds)
+  ROOT %gemm.1 = (bf16[32,128]{1,0}, s8[1024]{0}) custom-call(%p2, %bc), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/layers/mlp/wi_0/dot_general"}, backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+}
+
+ENTRY %main (w: bf16[4,64,128], x: bf16[32,64], i: s32[], v: bf16[128,64]) -> bf16[32,64] {
+  %w = bf16[4,64,128]{2,1,0} parameter(0)
+  %x = bf16[32,64]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %v = bf16[128,64]{1,0} parameter(3)
+  %alloc = bf16[4,32,128]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %dynamic_slice_fusion = (bf16[32,128]{1,0}, s8[1024]{0}) fusion(%w, %i, %x), kind=kCustom, calls=%dsf, backend_config={"fusion_backend_config":{"kind":"__custom_fusion","custom_fusion_config":{"name":"dynamic_slice_fusion","kernel_index":0}}}
+  %y = bf16[32,128]{1,0} get-tuple-element(%dynamic_slice_fusion), index=0
+  %gemm.2 = (bf16[32,64]{1,0}, s8[1024]{0}) custom-call(%y, %v), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/layers/mlp/wo/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %out = bf16[32,64]{1,0} get-tuple-element(%gemm.2), index=0
+}
+"""
+
+
+def test_gemms_handed_to_cublas_and_an_uninitialised_buffer():
+    costs = by_name(hlo_cost.kernel_costs(CUBLAS_MODULE))
+    assert set(costs) == {"dynamic_slice_fusion", "gemm.2"}  # AllocateBuffer launches nothing
+    fused, alone = costs["dynamic_slice_fusion"], costs["gemm.2"]
+    assert fused.kind == alone.kind == "matmul"
+    assert fused.flops == 2 * 32 * 128 * 64 and alone.flops == 2 * 32 * 64 * 128
+    # the fusion reads one layer of the stacked weight, the index and its input, and writes its
+    # result; neither counts cuBLAS's workspace as moved
+    assert fused.bytes == 64 * 128 * 2 + 4 + 32 * 64 * 2 + 32 * 128 * 2
+    assert alone.bytes == (32 * 128 + 128 * 64 + 32 * 64) * 2
+    assert fused.op_name == "jit(step)/layers/mlp/wi_0/dot_general"  # its GEMM's: the fusion has none
+
+
 def test_roofline_time_and_summary():
     machine = {"bandwidth": 1e9, "gemm_flops": 1e12, "launch_s": 1e-6}
     costs = hlo_cost.kernel_costs(MODULE, machine)
@@ -206,7 +249,7 @@ def test_offline_gpu_variants_split_config_from_xla_options():
     config, xla = bench.split_variant(["model.scan_unroll=16", "xla.xla_gpu_enable_dynamic_slice_fusion=true",
                                        "xla.--xla_gpu_autotune_level=1", "xla.xla_dump_to=/tmp/x"])
     assert config == ["model.scan_unroll=16"]
-    assert xla == {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_autotune_level": 1, "xla_dump_to": "/tmp/x"}
+    assert xla == {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_autotune_level": "1", "xla_dump_to": "/tmp/x"}
 
 
 def test_offline_gpu_prices_a_saved_program(tmp_path, capsys):

@@ -127,10 +127,11 @@ def test_auto_attention_falls_back_when_cudnn_does_not_compile(monkeypatch):
 
 def test_xla_options_reach_the_train_steps_compile():
     """train.xla_options go to XLA with the train step's compile: an option XLA knows compiles
-    (the dot merger's threshold, a GPU option, is one CPU XLA takes too), one it does not know is
-    XLA's refusal, named as the config key's."""
+    (GPU options, which CPU XLA takes too: the dot merger's threshold, and a bool spelt as in
+    XLA_FLAGS), one it does not know is XLA's refusal, named as the config key's."""
     mesh = partitioning.make_mesh(tiny_cfg("decoder"), ONE_DEVICE)
-    ok = tiny_cfg("decoder", "train.xla_options=--xla_gpu_dot_merger_threshold_mb=0")
+    ok = tiny_cfg("decoder", "train.xla_options=--xla_gpu_dot_merger_threshold_mb=0 "
+                             "xla_gpu_enable_dus_accumulator_zero_init_elimination=true")
     assert trainer.compile_train_step(trainer.make_setup(ok, mesh)) is not None
     bad = tiny_cfg("decoder", "train.xla_options=xla_gpu_dot_merger_threshold=0")
     with pytest.raises(ConfigError, match=r"train.xla_options='xla_gpu_dot_merger_threshold=0': .*"
