@@ -11,7 +11,9 @@ training workload the best row of ours (any variant) is set against the Hugging 
 tokens/s: a faster row from a run without the baseline is listed, not compared; the
 first llama_1b step of the shipped config (init and compile included) against 30 s; decoding at
 batch 1 and 32 (end to end, prefill included) against 600 and 10,000 tokens/s. Then every row
-of every workload, best first, with MFU against the peak the bench used. Nothing is measured
+of every workload, best first, with MFU against the peak the bench used and the loss after the
+timed steps (the same data and steps for every row: a variant that only changes how XLA builds
+the program must end where the shipped row does). Nothing is measured
 here: a missing file or row is reported as missing.
 """
 
@@ -117,8 +119,8 @@ def markdown(by_workload: dict, decode: list, meta: dict) -> str:
     peak = meta.get("peak_tflops")
     for workload, rows in by_workload.items():
         lines += ["", f"**{workload}** (best first)", "",
-                  "| impl | file | tokens/s | step ms | MFU | first step s (its first run) | peak GiB "
-                  "| beyond the shipped config |", "|---|---|---|---|---|---|---|---|"]
+                  "| impl | file | tokens/s | step ms | MFU | first step s (its first run) | peak GiB | loss "
+                  "| beyond the shipped config |", "|---|---|---|---|---|---|---|---|---|"]
         baseline = next((r for r in rows if r["impl"] == TRAIN_TARGETS.get(workload, ("hf",))[0]), None)
         for r in sorted(rows, key=tokens_per_s, reverse=True):
             mfu = f"{100 * r['flops_per_step'] / r['step_s'] / (peak * 1e12):.1f}%" if peak else "n/a"
@@ -126,10 +128,12 @@ def markdown(by_workload: dict, decode: list, meta: dict) -> str:
             if r.get("first_run_s") is not None:  # ours since session 8: the compiled step's first run
                 first += f" ({r['first_run_s']:.1f})"
             mem = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else ""
+            loss = f"{r['loss']:.4f}" if r.get("loss") is not None else ""  # after the same steps: a variant
+            # that only reorganises the program (an XLA option) must match the shipped row's
             note = ", ".join(changes(r)) + ("" if baseline is None or same_work(r, baseline)
                                             else " (other work a step: not compared)")
             lines.append(f"| {r['impl']} | {r['file']} | {tokens_per_s(r):,.0f} | {1000 * r['step_s']:.1f} | {mfu} | "
-                         f"{first} | {mem} | {note.strip()} |")
+                         f"{first} | {mem} | {loss} | {note.strip()} |")
         kernels = [(r["impl"], r["file"], r["attention_kernels"]) for r in rows if r.get("attention_kernels")]
         if kernels:  # ours since session 12: what each row's compiled step attended with
             lines += [""] + [f"- {impl} ({file}): {what}" for impl, file, what in kernels]

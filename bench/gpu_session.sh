@@ -29,7 +29,8 @@
 # For a session of 15 minutes of device time (2026-12), shorter parts, in that order of value:
 #   bash bench/gpu_session.sh decode_short   # llama_1b generate as shipped, batch 1 and 32 (~2.5 min)
 #   bash bench/gpu_session.sh llama_fit      # llama_1b as shipped (fit_max_segments: the bench's one-document
-#                                            # rows -> M 1), m32 (session 8's fixed M 32) vs HF compiled (~4 min)
+#                                            # rows -> M 1), m32 (session 8's fixed M 32), zero_fill (the scan's
+#                                            # stacks zero-filled) vs HF compiled (~4.5 min)
 #   bash bench/gpu_session.sh t5_kernel      # T5's bias gradient, one layer and kernel tilings; then t5_base with
 #                                            # its layers scanned (first steps ~35 s, not ~150), cuDNN's gradient
 #                                            # against the Pallas kernel's, ours only (~3 min)
@@ -98,9 +99,12 @@ case $part in
     python bench/decode.py "${SMOKE_FLAG[@]}" --json "$OUT/decode.json" | tee "$OUT/decode.txt" || failed=1 ;;
   llama_fit)  # llama_1b as shipped against HF compiled: model.fit_max_segments finds the one document each bench
     # row holds, given to cuDNN as a length a row (session 7's M 1 ran the packed layout's 2 slots: 194.7 ms a step,
-    # against ~202 at M 32 in session 8); m32 keeps the cap of 32
+    # against ~202 at M 32 in session 8); m32 keeps the cap of 32; zero_fill (session 14) lets XLA zero-fill the
+    # scan's stacked outputs as before train.xla_options' DUS-accumulator pass (H100 compiled offline: +4.5 ms a step;
+    # the first step's loss must equal the shipped row's)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
       --variant m32:model.fit_max_segments=false \
+      --variant zero_fill:train.xla_options= \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
   t5_kernel)  # t5_base's relative-bias gradient: cuDNN's over the [B, N, T, S] bias + mask (shipped), session 10's
     # Pallas kernel, and (session 12) rows of one document given to cuDNN as lengths with the [1, N, T, S] bias as it

@@ -311,7 +311,7 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
                 "flops_per_step": 1e14 * tokens / 16384, "first_step_s": first, **extra}
 
     (tmp_path / "llama.json").write_text(json.dumps({"date": "d", "machine": {"gpu": "H100"}, "peak_tflops": 989,
-                                                     "results": [row("ours", 0.2, first=25.0), row("hf_compile", 0.22),
+                                                     "results": [row("ours", 0.2, first=25.0, loss=3.14159), row("hf_compile", 0.22),
                                                                  {"workload": "llama", "impl": "hf", "error": "oom"}]}))
     (tmp_path / "llama_more.json").write_text(json.dumps({"results": [
         row("ours", 0.19, first=5.0, set=["model.max_segments=1"]),  # not the shipped config: not its first step
@@ -343,6 +343,7 @@ def test_gpu_report_sets_the_best_row_against_the_targets(tmp_path):
     assert "- ours:m1 (llama_more.json): attention: 1 cuDNN forward call a step, mask PADDING_CAUSAL x1" in text
     assert "| 131,072 | 250.0 | 80.9% |" in text and "train.batch_size=16 (other work a step: not compared) |" in text
     assert "| ours | t5.json | 667,733 | 60.0 |" in text and "| optim.name=adamw |" in text  # beyond the shipped config
+    assert "| 25.0 |  | 3.1416 |  |" in text  # the loss after the timed steps (no peak memory recorded)
 
 
 def test_moe_workload_is_the_same_model_as_transformers_mixtral():
