@@ -12,6 +12,11 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert cfg.objective in ("causal", "prefix", "mlm", "span", "supervised")
+    if cfg.train.xla_options:  # XLA takes them (CPU and GPU share one table of options)
+        import jax
+        import jax.numpy as jnp
+
+        jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(compiler_options=cfg.train.compiler_options())
 
 
 def test_overrides_are_typed():
