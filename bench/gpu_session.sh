@@ -103,8 +103,8 @@ case $part in
     # scan's stacked outputs as before train.xla_options' DUS-accumulator pass (H100 compiled offline: +4.5 ms a step;
     # the first step's loss must equal the shipped row's)
     python bench/train_vs_hf.py "${SMOKE_FLAG[@]}" --workloads llama --impls ours,hf_compile "${STEPS[@]}" \
-      --variant m32:model.fit_max_segments=false \
       --variant zero_fill:train.xla_options= \
+      --variant m32:model.fit_max_segments=false \
       --json "$OUT/llama.json" | tee "$OUT/llama.txt" || failed=1 ;;
   t5_kernel)  # t5_base's relative-bias gradient: cuDNN's over the [B, N, T, S] bias + mask (shipped), session 10's
     # Pallas kernel, and (session 12) rows of one document given to cuDNN as lengths with the [1, N, T, S] bias as it
