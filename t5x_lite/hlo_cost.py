@@ -187,7 +187,7 @@ def kernels(comps: dict[str, Computation], unknown_trips: int = 1) -> list[tuple
                 else:
                     walk(comps[called["to_apply"]], runs, depth + 1)
             elif (instr.opcode not in _FREE and not instr.opcode.endswith("-done")  # an async op's work: its start
-                  and (_TARGET.search(instr.attrs) or [None, ""])[1] not in _NO_KERNEL):
+                  and _target(instr) not in _NO_KERNEL):
                 out.append((instr, comp, runs))
     walk(entry_computation(comps), 1.0)
     return out
@@ -248,32 +248,29 @@ def _fusion_bytes(instr: Instruction, body: Computation) -> float:
     return total
 
 
-def _dot_flops(dot: Instruction, comp: Computation) -> float:
-    lhs = comp.by_name.get(dot.operands[0]) if dot.operands else None
+def _matmul_flops(instr: Instruction, comp: Computation) -> float:
+    """``2 x result x contracted`` of a dot, or of a GEMM handed to cuBLAS: the result is the first
+    array of its shape (a cuBLAS call's tuple holds the workspace after it); the lhs's contracted
+    dimensions are in a dot's attributes, in a cuBLAS call's backend config."""
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
     if lhs is None:
         return 0.0
     dims = shape_dims(lhs.shape)
-    m = _CONTRACTING.search(dot.attrs)
-    contracted = math.prod(dims[int(d)] for d in m.group(1).split(",") if d) if m else 1
-    return 2.0 * math.prod(shape_dims(dot.shape)) * contracted
+    m = (_GEMM_CONTRACTING if _is_gemm_call(instr) else _CONTRACTING).search(instr.attrs)
+    contracted = math.prod(dims[int(d.strip('" '))] for d in m.group(1).split(",") if d.strip('" ')) if m else 1
+    return 2.0 * math.prod(shape_dims(instr.shape)) * contracted
+
+
+def _target(instr: Instruction) -> str:
+    """A custom call's target ("" for anything else)."""
+    m = _TARGET.search(instr.attrs) if instr.opcode == "custom-call" else None
+    return m.group(1) if m else ""
 
 
 def _is_gemm_call(instr: Instruction) -> bool:
     """A GEMM handed to a library (``__cublas$gemm``, ``__cublas$lt$matmul``): what XLA emits for
     a dot its autotuner (or ``xla_gpu_enable_triton_gemm=false``) gives cuBLAS."""
     return instr.opcode == "custom-call" and '"gemm_backend_config"' in instr.attrs
-
-
-def _gemm_call_flops(call: Instruction, comp: Computation) -> float:
-    """``2 x result x contracted`` of a library GEMM: its result is the first array of its tuple
-    (the second is cuBLAS's workspace), its contracted dimensions are in its backend config."""
-    lhs = comp.by_name.get(call.operands[0]) if call.operands else None
-    m = _GEMM_CONTRACTING.search(call.attrs)
-    if lhs is None or m is None:
-        return 0.0
-    dims = shape_dims(lhs.shape)
-    contracted = math.prod(dims[int(d.strip('" '))] for d in m.group(1).split(",") if d.strip('" '))
-    return 2.0 * math.prod(shape_dims(call.shape)) * contracted
 
 
 def _workspace_bytes(instr: Instruction, body: Optional[Computation] = None) -> float:
@@ -288,10 +285,8 @@ def _workspace_bytes(instr: Instruction, body: Optional[Computation] = None) -> 
 def _fusion_flops(body: Computation, comps: dict[str, Computation], depth: int = 0) -> float:
     flops = 0.0
     for i in body.instructions:
-        if i.opcode == "dot":
-            flops += _dot_flops(i, body)
-        elif _is_gemm_call(i):
-            flops += _gemm_call_flops(i, body)
+        if i.opcode == "dot" or _is_gemm_call(i):
+            flops += _matmul_flops(i, body)
         elif i.opcode in _FUSIONS and depth < 5:
             called = dict(_CALLED.findall(i.attrs)).get("calls")
             if called in comps:
@@ -357,7 +352,7 @@ def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
     """What kind of kernel ``instr`` is (``body``: the computation a fusion calls): the rows of
     the cost table."""
     if instr.opcode == "custom-call":
-        target = (_TARGET.search(instr.attrs) or [None, ""])[1]
+        target = _target(instr)
         if "fmha" in target or "cudnn" in target:
             return "attention (cuDNN)"
         if "cublas" in target or "gemm" in target:
@@ -423,10 +418,8 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
         else:
             nbytes = shape_bytes(instr.shape) + sum(shape_bytes(comp.by_name[o].shape) for o in instr.operands
                                                     if o in comp.by_name)
-            if instr.opcode == "dot":
-                flops = _dot_flops(instr, comp)
-            elif _is_gemm_call(instr):
-                flops = _gemm_call_flops(instr, comp)
+            if instr.opcode == "dot" or _is_gemm_call(instr):
+                flops = _matmul_flops(instr, comp)
         nbytes -= _workspace_bytes(instr, body)
         peak = machine["gemm_flops"]
         if k == "attention (cuDNN)":
