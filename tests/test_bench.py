@@ -167,12 +167,17 @@ def test_gpu_session_script_runs_its_parts_at_cpu_sizes(tmp_path):
     for name in ("seg1_m2", "seg4_m16"):  # SMOKE=1 runs two of the five shapes
         rows = {r["variant"]: r for r in json.loads((tmp_path / f"attention_{name}.json").read_text())}
         assert rows["xla_packed"]["max_out_err"] < 1e-5
-    # llama_fit: the shipped llama_1b (fit_max_segments) built for the bench's one-document rows, m32 for its cap
+    # llama_fit: the shipped llama_1b (fit_max_segments) built for the bench's one-document rows, m32 for its cap,
+    # zero_fill without the config's XLA option
     proc = subprocess.run(["bash", "bench/gpu_session.sh", "llama_fit"], cwd=ROOT,
                           env=_env(OUT=str(tmp_path), SMOKE="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["impl"]: r for r in json.loads((tmp_path / "llama.json").read_text())["results"]}
     assert (rows["ours"]["max_segments"], rows["ours:m32"]["max_segments"]) == (1, 32)
+    # zero_fill: the shipped step without its XLA option, from the same batches and init (on a GPU the
+    # option only changes how XLA builds the program: the loss must come out the same there too)
+    assert rows["ours:zero_fill"]["overrides"] == ["train.xla_options="]
+    assert rows["ours:zero_fill"]["loss"] == rows["ours"]["loss"]
 
 
 def test_bench_command_times_a_config_and_its_variants(tmp_path):
