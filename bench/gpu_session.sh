@@ -29,8 +29,8 @@
 # For a session of 15 minutes of device time (2026-12), shorter parts, in that order of value:
 #   bash bench/gpu_session.sh decode_short   # llama_1b generate as shipped, batch 1 and 32 (~2.5 min)
 #   bash bench/gpu_session.sh llama_fit      # llama_1b as shipped (fit_max_segments: the bench's one-document
-#                                            # rows -> M 1), m32 (session 8's fixed M 32), zero_fill (the scan's
-#                                            # stacks zero-filled) vs HF compiled (~4.5 min)
+#                                            # rows -> M 1), zero_fill (the scan's stacks zero-filled), m32
+#                                            # (session 8's fixed M 32) vs HF compiled (~4.5 min)
 #   bash bench/gpu_session.sh t5_kernel      # T5's bias gradient, one layer and kernel tilings; then t5_base with
 #                                            # its layers scanned (first steps ~35 s, not ~150), cuDNN's gradient
 #                                            # against the Pallas kernel's, ours only (~3 min)
