@@ -273,12 +273,17 @@ def _is_gemm_call(instr: Instruction) -> bool:
     return instr.opcode == "custom-call" and '"gemm_backend_config"' in instr.attrs
 
 
-def _workspace_bytes(instr: Instruction, body: Optional[Computation] = None) -> float:
-    """Bytes of the scratch a kernel holding a library GEMM returns beside its result (the ``s8``
-    arrays of its result; ``body``: the fusion ``instr`` calls): cuBLAS's workspace, not data it
-    moves through HBM."""
-    if not (_is_gemm_call(instr) or (body is not None and any(_is_gemm_call(i) for i in body.instructions))):
-        return 0.0
+def _library_gemm(instr: Instruction, body: Optional[Computation] = None) -> Optional[Instruction]:
+    """The cuBLAS call a kernel is or holds (``body``: the computation a fusion calls; a
+    dynamic-slice fusion wraps one), else None."""
+    if _is_gemm_call(instr):
+        return instr
+    return next((i for i in body.instructions if _is_gemm_call(i)), None) if body is not None else None
+
+
+def _workspace_bytes(instr: Instruction) -> float:
+    """Bytes of the scratch a kernel holding a cuBLAS call returns beside its result (the ``s8``
+    arrays of its result): cuBLAS's workspace, not data it moves through HBM."""
     return sum(shape_bytes(f"{t}[{dims}]") for t, dims in _ARRAY.findall(instr.shape) if t == "s8")
 
 
@@ -361,7 +366,7 @@ def kind(instr: Instruction, body: Optional[Computation] = None) -> str:
     if instr.opcode in _FUSIONS:
         if body is not None and _root(body).opcode == "dynamic-update-slice":
             return "copies: updates of stacked buffers"
-        if body is not None and any(i.opcode == "dot" or _is_gemm_call(i) for i in body.instructions):
+        if body is not None and (_library_gemm(instr, body) or any(i.opcode == "dot" for i in body.instructions)):
             return "matmul"  # a Triton GEMM, or cuBLAS reading / writing slices (dynamic-slice fusion)
         m = _FUSION_KIND.search(instr.attrs)
         backend = m.group(1) if m else ""
@@ -420,7 +425,9 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
                                                     if o in comp.by_name)
             if instr.opcode == "dot" or _is_gemm_call(instr):
                 flops = _matmul_flops(instr, comp)
-        nbytes -= _workspace_bytes(instr, body)
+        gemm = _library_gemm(instr, body)
+        if gemm is not None:
+            nbytes -= _workspace_bytes(instr)
         peak = machine["gemm_flops"]
         if k == "attention (cuDNN)":
             flops = _attention_flops(instr, comp)
@@ -430,9 +437,8 @@ def kernel_costs(text: str, machine: Optional[dict] = None, unknown_trips: int =
             seconds = nbytes / machine["link_bandwidth"] + machine["launch_s"]
         else:
             seconds = max(nbytes / machine["bandwidth"], flops / peak) + machine["launch_s"]
-        op = _OP_NAME.search(instr.attrs) or next(
-            (m for i in (body.instructions if body else []) if _is_gemm_call(i) for m in [_OP_NAME.search(i.attrs)] if m),
-            None)  # a dynamic-slice fusion carries no name of its own: its GEMM's
+        # a dynamic-slice fusion carries no name of its own: its GEMM's
+        op = _OP_NAME.search(instr.attrs) or (_OP_NAME.search(gemm.attrs) if gemm is not None else None)
         op_name = op.group(1) if op else ""
         out.append(KernelCost(instr.name, k, category(instr.name, op_name), runs, nbytes, flops, seconds, op_name))
     return out
