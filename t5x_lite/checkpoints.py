@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -70,10 +71,10 @@ class _NotReadOnlyNotice(logging.Filter):
         return not any(n in record.getMessage() for n in self.NOTICES)
 
 
-def _quiet_read_only_warning() -> None:
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _NotReadOnlyNotice) for f in absl_logger.filters):
-        absl_logger.addFilter(_NotReadOnlyNotice())
+def _filter_once(logger: str, notice: type[logging.Filter]) -> None:
+    """Add a filter of type ``notice`` to ``logger`` unless it has one."""
+    if not any(isinstance(f, notice) for f in logging.getLogger(logger).filters):
+        logging.getLogger(logger).addFilter(notice())
 
 
 class Checkpoints:
@@ -90,7 +91,7 @@ class Checkpoints:
         # Unfinished saves of a killed run; the manager removes them as it starts (not read-only).
         self.interrupted = [] if read_only else interrupted_saves(self.directory)
         if read_only:  # orbax warns that a read-only manager is read-only; readers asked for exactly that
-            _quiet_read_only_warning()
+            _filter_once("absl", _NotReadOnlyNotice)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.checkpoint.async_save,
             preservation_policy=preservation_policy(cfg.checkpoint),
@@ -138,6 +139,7 @@ class Checkpoints:
 
     def _restore(self, step: int, args) -> dict:
         reason = None
+        _quiet_late_reads()
         try:
             out = self.manager.restore(step, args=args)
         except Exception as e:  # tensorstore / orbax raise bare Exception, ValueError, FileNotFoundError
@@ -251,16 +253,56 @@ def _root_cause(error: BaseException) -> str:
     return text.split(" [tensorstore_spec")[0]
 
 
+def _quiet_late_reads() -> None:
+    """Reads still running in TensorStore's threads when a restore fails finish afterwards and hand
+    their results to orbax's event loop, which the failure has closed: each printed a traceback
+    ending in ``RuntimeError: Event loop is closed`` into the log (one a shard: a fallback to an
+    earlier checkpoint looked like a crash). Set before a restore, since they may finish before its
+    error reaches ``_restore``: those and only those (``_late_read``) are dropped, anything else
+    reaches the hook there was."""
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_late_reads", False):
+        return
+
+    def drop_late_reads(unraisable):
+        if not _late_read(unraisable):
+            hook(unraisable)
+
+    drop_late_reads.drops_late_reads = True
+    sys.unraisablehook = drop_late_reads
+
+
+def _late_read(unraisable) -> bool:
+    """A read's result handed to a closed event loop: ``loop.call_soon_threadsafe`` called from
+    TensorStore's thread (no Python frame above it) raising asyncio's closed-loop error."""
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and bool(frames) and frames[0].name == "call_soon_threadsafe")
+
+
+class _FailedReadNotice(logging.Filter):
+    """asyncio's "Future (Task) exception was never retrieved" for a shard read of a failed restore (its
+    TensorStore error and spec, when the future is collected), whose reason the restore's
+    ``CheckpointError`` has given already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in record.getMessage()
+                    and " [tensorstore_spec" in str(error))
+
+
 def _drop_failed_reads() -> None:
-    """A failed restore leaves orbax's other shard reads as coroutines holding errors, which
-    Python would print one by one (with a TensorStore spec each) when it exits: collect them
-    now, quietly. The reason was already taken from the exception."""
+    """A failed restore leaves orbax's other shard reads as coroutines and futures holding errors,
+    which Python would print one by one (with a TensorStore spec each), now or when it exits:
+    collect them now, quietly, and keep asyncio from logging those collected later. The reason
+    was already taken from the exception."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
         gc.collect()
     finally:
         sys.unraisablehook = hook
+    _filter_once("asyncio", _FailedReadNotice)
 
 
 def _all_processes_ok(ok: bool) -> bool:
