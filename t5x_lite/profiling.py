@@ -32,9 +32,13 @@ from typing import Optional
 TOP_OPS = 25  # instructions listed in the printed table (the JSON holds all of them)
 NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="  # XLA_FLAGS: every kernel its own event (GPU)
 
+CAST_SCOPE = "cast_for_compute"  # the scope of the weights cast to the compute dtype once a step (trainer)
+
 # (category, pattern on "hlo_op op_name"), first match wins.
 CATEGORIES = (
     ("collectives", re.compile(r"^(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)")),
+    # the weights cast to the compute dtype once a step, and their gradients back (trainer.cast_for_compute)
+    ("weight casts (once a step)", re.compile(re.escape(CAST_SCOPE))),
     ("attention: projections", re.compile(r"_attention/(query|key|value|out|qkv|kv)/")),
     ("attention: scores, softmax, kernel", re.compile(r"_attention/|dot_product_attention|fmha|cudnn")),
     ("mlp", re.compile(r"/mlp/")),

@@ -57,6 +57,7 @@ from t5x_lite.metrics import (
 from t5x_lite.models import abstract_params, build_model, init_fn, jit_init, model_kwargs
 from t5x_lite.models.layers import jnp_dtype
 from t5x_lite.optim import loss_scale_of, make_optimizer
+from t5x_lite.profiling import CAST_SCOPE
 
 
 
@@ -127,7 +128,11 @@ def cast_for_compute(cfg: Config) -> Callable:
     def cast(path, x):
         return x.astype(dtype) if getattr(path[-1], "key", None) in MATMUL_LEAVES else x
 
-    return lambda params: jax.tree_util.tree_map_with_path(cast, params)
+    def cast_all(params):
+        with jax.named_scope(CAST_SCOPE):  # what profiles and the offline pricing name these kernels by
+            return jax.tree_util.tree_map_with_path(cast, params)
+
+    return cast_all
 
 
 ROUTER_SUMS = (moe.AUX_LOSS, moe.Z_LOSS, moe.CHOICES, moe.DROPPED)  # a mixture of experts' sown sums

@@ -273,6 +273,23 @@ def test_profile_exclusive_times_and_categories():
     assert category("all-reduce.1", names["all-reduce.1"]) == "collectives"
     assert category("fusion.7", "jit(train_step)/jvp()/exp") == "output layer + loss"
     assert category("fusion.8", "jit(train_step)/div") == "optimizer, clipping, other"
+    # the weights cast to the compute dtype once a step, and their gradients converted back: not the loss's
+    import jax
+    import jax.numpy as jnp
+
+    from t5x_lite import trainer
+    from t5x_lite.config import load_config
+
+    cast = trainer.cast_for_compute(load_config(None, ["model.dtype=bfloat16", "model.param_dtype=float32"]))
+    params, x = {"dense": {"kernel": jnp.ones((8, 8)), "scale": jnp.ones(8)}}, jnp.ones((4, 8), jnp.bfloat16)
+    step = jax.jit(jax.value_and_grad(lambda p, x: ((x @ cast(p)["dense"]["kernel"]).astype(jnp.float32) ** 2).sum()))
+    names = op_names(step.lower(params, x).compile().as_text())
+    casts = [op for name, op in names.items() if category(name, op) == "weight casts (once a step)"]
+    assert casts and all(op.endswith("jvp(cast_for_compute)/convert_element_type") for op in casts), names
+    # the gradients' conversion back, as an H100's compiled step names it (the CPU's XLA merges it elsewhere)
+    assert category("fusion.3", "jit(train_step)/transpose(jvp(cast_for_compute))/convert_element_type") == \
+        "weight casts (once a step)"
+    assert category("fusion.9", "jit(train_step)/jvp()/convert_element_type") == "output layer + loss"
     # the kind of kernel, from the instruction itself and never from its op_name (``transpose(jvp(``)
     from t5x_lite.profiling import instruction_kinds
 
