@@ -391,11 +391,28 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def latest_step(ckpt: Checkpoints) -> int:
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first")
-    return step
+def read_params(workdir: str, cfg: Config, target: Any, step: Optional[int] = None) -> tuple[int, Any]:
+    """``(step, params)`` of a work dir's checkpoint ``step`` (default: the latest), restored into
+    ``target``'s shardings, for the readers (eval, decode, export, export-hf). A step that is not
+    there, or one that cannot be read, is an error that lists the steps there are to choose from
+    with ``--step``."""
+    ckpt = Checkpoints(workdir, cfg, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ConfigError(f"--step {step}: no checkpoint at that step in {ckpt.directory} "
+                              f"(steps: {', '.join(map(str, steps))})")
+        try:
+            return step, ckpt.restore_params(step, target)
+        except CheckpointError as e:
+            others = [s for s in steps if s != step]
+            hint = f"\nthe other steps here: {', '.join(map(str, others))} (--step N reads one)" if others else ""
+            raise CheckpointError(f"{e}{hint}") from None
+    finally:
+        ckpt.close()
 
 
 def load_for_inference(workdir: str, mesh=None, step: Optional[int] = None):
@@ -410,9 +427,7 @@ def load_for_inference(workdir: str, mesh=None, step: Optional[int] = None):
             raise ConfigError(f"{workdir} is an export of one step; a step cannot be chosen")
         params = _restore_export(workdir, target)
     else:
-        ckpt = Checkpoints(workdir, cfg, read_only=True)
-        params = ckpt.restore_params(latest_step(ckpt) if step is None else step, target)
-        ckpt.close()
+        _, params = read_params(workdir, cfg, target, step)
     tok = tokenizer_path(cfg, workdir)
     if not os.path.exists(tok):
         raise ConfigError(f"tokenizer {tok} not found")
@@ -439,11 +454,7 @@ def export(workdir: str, output: str, dtype: Optional[str] = None, step: Optiona
     tok = tokenizer_path(cfg, workdir)
     if not os.path.exists(tok):
         raise ConfigError(f"tokenizer {tok} not found")
-    ckpt = Checkpoints(workdir, cfg, read_only=True)
-    step = latest_step(ckpt) if step is None else step
-    mesh = partitioning.make_mesh(cfg)
-    params = ckpt.restore_params(step, abstract_param_tree(cfg, mesh))
-    ckpt.close()
+    step, params = read_params(workdir, cfg, abstract_param_tree(cfg, partitioning.make_mesh(cfg)), step)
     if dtype is not None:
         cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
                        out_shardings=jax.tree.map(lambda x: x.sharding, params))

@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = log p / length ** L (0 = plain log-probability)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=_delegate("t5x_lite.decoding", "run_decode_cli"))
 
     p = sub.add_parser("export", help="write params only (for serving or fine-tuning elsewhere)")
@@ -191,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of the imported config, e.g. --set data.path=my.jsonl (repeatable)")
     p.set_defaults(fn=_delegate("t5x_lite.interop.hf", "run_import_cli"))
 
-    p = sub.add_parser("export-hf", help="write the latest checkpoint as a Hugging Face model directory")
+    p = sub.add_parser("export-hf", help="write the latest checkpoint (or --step) as a Hugging Face model directory")
     p.add_argument("--workdir", required=True)
     p.add_argument("--output", required=True, help="new directory: config.json + model.safetensors + tokenizer")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=_delegate("t5x_lite.interop.hf", "run_export_cli"))
     return parser
 

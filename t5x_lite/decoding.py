@@ -825,7 +825,7 @@ def _fill_candidates(tokenizer, fills) -> list[dict]:
 
 def run_decode_cli(args) -> int:
     """``t5x-lite decode``: one completion per prompt (``--prompt`` or ``--input`` JSON lines) from
-    the latest checkpoint (encoder family: the candidates for every ``<mask>``), printed or
+    the latest checkpoint or ``--step`` (encoder family: the candidates for every ``<mask>``), printed or
     written to ``--output``. Prompts are decoded ``--batch-size`` at a time, similar lengths
     together (chunk k samples with seed + k). Same arguments and seed, same output."""
     from t5x_lite.checkpoints import load_for_inference
@@ -835,7 +835,7 @@ def run_decode_cli(args) -> int:
     records = _prompt_records(args)
     texts = shown = [r.get(args.field, "") for r in records]
     t0 = time.time()
-    cfg, params, tokenizer = load_for_inference(args.workdir)
+    cfg, params, tokenizer = load_for_inference(args.workdir, step=args.step)
     if args.chat:  # the model's own conversation format, its turn to speak
         from t5x_lite.data import chat
 

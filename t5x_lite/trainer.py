@@ -37,7 +37,7 @@ from t5x_lite.checkpoints import (
     Checkpoints,
     abstract_with_shardings,
     check_resume,
-    latest_step,
+    read_params,
     read_config,
     run_meta,
 )
@@ -789,10 +789,7 @@ def evaluate_checkpoint(workdir: str, overrides=(), step: Optional[int] = None,
     batches, source = held_out_batches(cfg, workdir, log)
     cfg = cfg.with_max_segments(batches.max_segments)  # model.fit_max_segments: as training fitted it
     setup = make_setup(cfg, mesh)
-    ckpt = Checkpoints(workdir, cfg, read_only=True)
-    step = latest_step(ckpt) if step is None else step
-    params = ckpt.restore_params(step, setup.abstract_state.params)
-    ckpt.close()
+    step, params = read_params(workdir, cfg, setup.abstract_state.params, step)
     result = dict(evaluate(setup, params, batches, cfg.train.eval_batches), eval_data=source)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     writer.write(step, result)

@@ -367,6 +367,32 @@ def test_export_loads_for_decoding(straight, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_readers_take_a_step_and_name_the_others(straight, tmp_path, capsys):
+    """eval, decode, export and export-hf read the latest checkpoint or `--step N`; a step that is not
+    there, or one that is damaged, is an error naming the steps there are."""
+    cfg = read_config(straight)
+    _, earlier, _ = load_for_inference(straight, step=6)
+    saved, _ = Checkpoints(straight, cfg, read_only=True).restore(6, setup_for(cfg).abstract_state)
+    chex.assert_trees_all_equal(jax.device_get(earlier), jax.device_get(saved.params))
+    _, latest, _ = load_for_inference(straight)
+    assert not np.array_equal(*(jax.device_get(p["token_embed"]["embedding"]) for p in (earlier, latest)))
+
+    assert cli.main(["eval", "--workdir", straight, "--step", "7"]) == 2
+    assert f"--step 7: no checkpoint at that step in {os.path.join(straight, 'checkpoints')} (steps: 4, 6, 8)" \
+        in capsys.readouterr().err
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    damage(workdir, "truncated array file")
+    decode = ["decode", "--workdir", workdir, "--prompt", "the", "--max-new-tokens", "2"]
+    assert cli.main(decode) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint at step {STEPS}" in err and "cannot be read" in err
+    assert err.rstrip().endswith("the other steps here: 4, 6 (--step N reads one)")
+    assert cli.main(decode + ["--step", "6"]) == 0 and ">>> the" in capsys.readouterr().out
+    assert cli.main(["export", "--workdir", workdir, "--output", str(tmp_path / "x"), "--step", "6"]) == 0
+    chex.assert_trees_all_equal(jax.device_get(load_for_inference(str(tmp_path / "x"))[1]), jax.device_get(earlier))
+
+
 def test_eval_prints_and_appends(straight, data, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     shutil.copytree(straight, workdir)

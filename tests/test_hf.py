@@ -577,6 +577,9 @@ def test_cli_import_train_decode_export(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "tokenizer.model"))
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
     chex.assert_trees_all_equal(hf.load(out)[1], jax.device_get(after))
+    out0 = str(tmp_path / "exported_step0")  # --step 0: the imported weights, out as they came in
+    assert cli.main(["export-hf", "--workdir", wd, "--output", out0, "--step", "0"]) == 0
+    chex.assert_trees_all_equal(hf.load(out0)[1], imported)
 
 
 def _byte_level_bpe(path: str, vocab_size: int) -> str:

@@ -1385,31 +1385,31 @@ def import_to_workdir(path: str, workdir: str, overrides: Sequence[str] = (), lo
     return cfg
 
 
-def _workdir_params(workdir: str) -> tuple[Config, Any]:
-    """Config and latest parameters of a work dir (or of a ``t5x-lite export`` directory)."""
+def _workdir_params(workdir: str, step: Optional[int] = None) -> tuple[Config, Any]:
+    """Config and parameters of a work dir's checkpoint ``step`` (default: the latest), or of a
+    ``t5x-lite export`` directory."""
     from t5x_lite import partitioning
-    from t5x_lite.checkpoints import (EXPORT_FILE, Checkpoints, abstract_param_tree, latest_step,
-                                      load_for_inference, read_config)
+    from t5x_lite.checkpoints import EXPORT_FILE, abstract_param_tree, load_for_inference, read_config, read_params
 
     if os.path.exists(os.path.join(workdir, EXPORT_FILE)):
-        cfg, params, _ = load_for_inference(workdir)
+        cfg, params, _ = load_for_inference(workdir, step=step)
         return cfg, params
     cfg = read_config(workdir)
-    ckpt = Checkpoints(workdir, cfg, read_only=True)
-    params = ckpt.restore_params(latest_step(ckpt), abstract_param_tree(cfg, partitioning.make_mesh(cfg)))
-    ckpt.close()
+    _, params = read_params(workdir, cfg, abstract_param_tree(cfg, partitioning.make_mesh(cfg)), step)
     return cfg, params
 
 
-def export_from_workdir(workdir: str, output: str, dtype: str = "float32", log: Callable = print) -> str:
-    """Write the latest parameters of ``workdir`` as a HF model directory ``output``, with the
+def export_from_workdir(workdir: str, output: str, dtype: str = "float32", log: Callable = print,
+                        step: Optional[int] = None) -> str:
+    """Write the parameters of ``workdir``'s checkpoint ``step`` (default: the latest) as a HF model
+    directory ``output``, with the
     tokenizer files it was imported with (or its sentencepiece model). Returns the architecture."""
     from t5x_lite.checkpoints import TOKENIZER_FILE
 
     if os.path.exists(output) and os.listdir(output):
         raise InteropError(f"--output {output} exists and is not empty; give a new path (export never overwrites)")
     _np_dtype(dtype)
-    cfg, params = _workdir_params(workdir)
+    cfg, params = _workdir_params(workdir, step)
     base = text_model_config(_read_json(os.path.join(workdir, HF_CONFIG_FILE)))  # a multimodal import: its text model
     base.pop("_text_of", None)
     arch = save(cfg, params, output, base, dtype)
@@ -1432,6 +1432,6 @@ def run_import_cli(args) -> int:
 
 
 def run_export_cli(args) -> int:
-    """``t5x-lite export-hf --workdir DIR --output PATH [--dtype bfloat16]``."""
-    export_from_workdir(args.workdir, args.output, args.dtype)
+    """``t5x-lite export-hf --workdir DIR --output PATH [--dtype bfloat16] [--step N]``."""
+    export_from_workdir(args.workdir, args.output, args.dtype, step=args.step)
     return 0
