@@ -37,8 +37,8 @@ from t5x_lite.checkpoints import (
     Checkpoints,
     abstract_with_shardings,
     check_resume,
-    read_params,
     read_config,
+    read_params,
     run_meta,
 )
 from t5x_lite.config import COMPUTE_ONLY, Config, ConfigError, config_diff, config_from_dict, parse_override

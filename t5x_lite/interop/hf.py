@@ -1402,8 +1402,8 @@ def _workdir_params(workdir: str, step: Optional[int] = None) -> tuple[Config, A
 def export_from_workdir(workdir: str, output: str, dtype: str = "float32", log: Callable = print,
                         step: Optional[int] = None) -> str:
     """Write the parameters of ``workdir``'s checkpoint ``step`` (default: the latest) as a HF model
-    directory ``output``, with the
-    tokenizer files it was imported with (or its sentencepiece model). Returns the architecture."""
+    directory ``output``, with the tokenizer files it was imported with (or its sentencepiece
+    model). Returns the architecture."""
     from t5x_lite.checkpoints import TOKENIZER_FILE
 
     if os.path.exists(output) and os.listdir(output):
