@@ -73,8 +73,9 @@ class _NotReadOnlyNotice(logging.Filter):
 
 def _filter_once(logger: str, notice: type[logging.Filter]) -> None:
     """Add a filter of type ``notice`` to ``logger`` unless it has one."""
-    if not any(isinstance(f, notice) for f in logging.getLogger(logger).filters):
-        logging.getLogger(logger).addFilter(notice())
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, notice) for f in log.filters):
+        log.addFilter(notice())
 
 
 class Checkpoints:
@@ -100,9 +101,6 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
