@@ -417,19 +417,31 @@ def load_for_inference(workdir: str, mesh=None, step: Optional[int] = None):
     """``(cfg, params, tokenizer)`` from a training work dir (checkpoint ``step``, default the
     latest) or from a ``t5x-lite export`` directory, with the parameters restored straight into
     the sharding the config's rules give on ``mesh`` (default: all devices)."""
+    return open_for_inference(workdir, mesh, step)[:3]
+
+
+def open_for_inference(workdir: str, mesh=None, step: Optional[int] = None):
+    """``load_for_inference``'s ``(cfg, params, tokenizer)`` and the step read: the checkpoint's,
+    or the one an export was written from (None for an export that does not say)."""
     cfg = read_config(workdir)
     mesh = mesh if mesh is not None else partitioning.make_mesh(cfg)
     target = abstract_param_tree(cfg, mesh)
-    if os.path.exists(os.path.join(workdir, EXPORT_FILE)):
+    export_info = os.path.join(workdir, EXPORT_FILE)
+    if os.path.exists(export_info):
         if step is not None:
             raise ConfigError(f"{workdir} is an export of one step; a step cannot be chosen")
         params = _restore_export(workdir, target)
+        try:
+            with open(export_info, encoding="utf-8") as f:
+                step = json.load(f).get("step")
+        except (OSError, ValueError, AttributeError):
+            step = None
     else:
-        _, params = read_params(workdir, cfg, target, step)
+        step, params = read_params(workdir, cfg, target, step)
     tok = tokenizer_path(cfg, workdir)
     if not os.path.exists(tok):
         raise ConfigError(f"tokenizer {tok} not found")
-    return cfg, params, Tokenizer.load(tok)
+    return cfg, params, Tokenizer.load(tok), step
 
 
 def _restore_export(directory: str, target: Any) -> Any:

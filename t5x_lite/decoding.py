@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -402,13 +402,28 @@ class _Decoder:
         ``(tokens [B, K], logprobs [B, K], logits [B, K, V] or None, steps)``. The seed, the
         sampling settings and ``eos_id`` are arguments of the compiled loop, not constants: one
         program serves greedy decoding, one every temperature > 0 / top-k / top-p."""
+        (*out, _done), _final_state = self.sample_part(params, state, seed, max_new_tokens, sampling, eos_id,
+                                                       output_logits)
+        return tuple(out)
+
+    def sample_part(self, params, state: dict, seed: int, max_new_tokens: int, sampling: Sampling,
+                    eos_id: StopIds, output_logits: bool = False, start: int = 0, done=None):
+        """``sample`` for up to ``max_new_tokens`` tokens of a longer generation that has made
+        ``start`` tokens so far (``done [B]``: the rows that have stopped, None: none). Returns
+        ``((tokens, logprobs, logits, steps, done), state)``: ``state`` (the prefill's, donated,
+        with room for all the tokens) goes on to the next part. The parts of a generation give
+        exactly the tokens one ``sample`` call gives (token ``t`` draws with the key folded with
+        ``t``); a server streams them. ``max_new_tokens`` should be a multiple of
+        ``model.decode_stop_every``: the tokens a block runs past a part's end advance the state."""
         greedy = float(sampling.temperature) == 0.0
         jkey = ("sample", _shapes(state), max_new_tokens, output_logits, greedy, _dtypes(params))
         fn = self._jit(jkey, lambda: self._build_sample(state, max_new_tokens, output_logits, greedy))
         key = jax.device_put(jax.random.key(seed), self.replicated)
+        done = np.zeros((state["logits"].shape[0],), bool) if done is None else done
         with self.context():
-            out, _final_state = fn(params, state, key, sampling.on_device(self.replicated), self._eos(eos_id))
-        return out
+            return fn(params, state, key, sampling.on_device(self.replicated), self._eos(eos_id),
+                      jax.device_put(jnp.int32(start), self.replicated),
+                      jax.device_put(done, self.sharding(P("act_batch"))))
 
     def _eos(self, eos_id) -> Array:
         """``eos_id`` (None, a token id or up to ``MAX_STOP_IDS`` of them) as a device vector of
@@ -419,11 +434,11 @@ class _Decoder:
     def _build_sample(self, state, max_new_tokens: int, output_logits: bool, greedy: bool):
         k = max_new_tokens
 
-        def run(params, state, key, sampling, eos_id):
+        def run(params, state, key, sampling, eos_id, start, done):
             sampling = Sampling() if greedy else sampling  # greedy: argmax, traced in statically
             b, v = state["logits"].shape
             carry = {
-                "step": jnp.zeros((), jnp.int32), "state": state, "done": jnp.zeros((b,), bool),
+                "step": jnp.zeros((), jnp.int32), "state": state, "done": done,
                 "tokens": jnp.zeros((b, k), jnp.int32), "logprobs": jnp.zeros((b, k), jnp.float32),
                 "logits": jnp.zeros((b, k, v), jnp.float32) if output_logits else None,
             }
@@ -432,7 +447,7 @@ class _Decoder:
 
             def body(c, checked=True):  # checked: the loop's condition has just said `running(c)`
                 step, logits_BV = c["step"], c["state"]["logits"]
-                tok_B = next_token(logits_BV, jax.random.fold_in(key, step), sampling)
+                tok_B = next_token(logits_BV, jax.random.fold_in(key, start + step), sampling)
                 tok_B = jnp.where(c["done"], PAD_ID, tok_B)
                 logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tok_B[:, None], axis=-1)[:, 0]
                 # False: a token of a block of decode_stop_every past the end (computed, thrown away)
@@ -456,14 +471,16 @@ class _Decoder:
             block = min(self.model.cfg.decode_stop_every, k)
             blocked = body if block == 1 else lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c, False), c)
             c = jax.lax.while_loop(running, blocked, carry)
-            return (c["tokens"], c["logprobs"], c["logits"], c["step"]), c["state"]
+            return (c["tokens"], c["logprobs"], c["logits"], c["step"], c["done"]), c["state"]
 
         state_sh = self._state_shardings(state)
         tokens_sh = self.sharding(P(*_BATCH_LENGTH))
         logits_sh = self.sharding(P("act_batch", "act_length", "act_vocab")) if output_logits else None
+        rows_sh = self.sharding(P("act_batch"))
         rep = self.replicated
-        return jax.jit(run, in_shardings=(self.param_shardings, state_sh, rep, Sampling(rep, rep, rep), rep),
-                       out_shardings=((tokens_sh, tokens_sh, logits_sh, rep), state_sh),
+        return jax.jit(run, in_shardings=(self.param_shardings, state_sh, rep, Sampling(rep, rep, rep), rep, rep,
+                                          rows_sh),
+                       out_shardings=((tokens_sh, tokens_sh, logits_sh, rep, rows_sh), state_sh),
                        donate_argnums=1)
 
     # ------------------------------------------------------------------ beam search
@@ -690,6 +707,39 @@ def generate_details(cfg: Config, params, input_ids, max_new_tokens: int = 32, t
                       None if logits is None else np.asarray(logits)[:, :n])
 
 
+def generate_parts(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, part_tokens: int = 16,
+                   attention_mask=None, eos_id: StopIds = EOS_ID, start_id: int = BOS_ID,
+                   mesh: Optional[Mesh] = None) -> Iterator[Generation]:
+    """``generate_details`` (no logits) in parts of ``part_tokens`` new tokens (rounded up to a
+    multiple of ``model.decode_stop_every``), each yielded as soon as the device has made it:
+    for streaming. Joined along the tokens, the parts are exactly ``generate_details``'s tokens
+    and log-probabilities (same seed, same draws). It ends early once every row has stopped.
+    Each part is one compiled loop over the KV cache the prompt's prefill made for all
+    ``max_new_tokens``; the state goes from part to part on the device."""
+    _check_family(cfg, "generate")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_beams=1)
+    if part_tokens < 1:
+        raise ConfigError(f"part_tokens={part_tokens} must be >= 1")
+    block = cfg.model.decode_stop_every
+    part = -(-part_tokens // block) * block
+    stop_ids(eos_id)
+    prompts, dec, params = _setup(cfg, params, prompt_rows(input_ids, attention_mask), mesh, max_new_tokens)
+    state = dec.prefill(params, prompts, max_new_tokens, start_id)
+    sampling, done, made = Sampling(temperature, top_k, top_p), None, 0
+    while made < max_new_tokens:
+        k = min(part, max_new_tokens - made)  # the last part may be shorter: nothing runs after it
+        (tokens, logprobs, _, steps, done), state = dec.sample_part(params, state, seed, k, sampling, eos_id,
+                                                                    start=made, done=done)
+        n = int(steps)
+        if n:
+            yield Generation(np.asarray(tokens)[:, :n], np.asarray(logprobs)[:, :n], None)
+        made += n
+        if np.asarray(done).all():
+            return
+
+
 def beam_search(cfg: Config, params, input_ids, max_new_tokens: int = 32, num_beams: int = 4,
                 length_penalty: float = 1.0, *, attention_mask=None, eos_id: StopIds = EOS_ID,
                 start_id: int = BOS_ID, mesh: Optional[Mesh] = None) -> Beams:
@@ -778,6 +828,11 @@ def cli_stop_ids(workdir: str, tokenizer) -> list:
     return ids[:MAX_STOP_IDS]
 
 
+def step_text(step) -> str:
+    """`` at step N`` for a log line naming what was loaded ('' when the step is not known)."""
+    return "" if step is None else f" at step {step}"
+
+
 def _cli_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
     """Token ids of a command-line prompt as the family was trained: BOS first (decoder), EOS
     last (encoder_decoder inputs), as is (encoder)."""
@@ -828,14 +883,14 @@ def run_decode_cli(args) -> int:
     the latest checkpoint or ``--step`` (encoder family: the candidates for every ``<mask>``), printed or
     written to ``--output``. Prompts are decoded ``--batch-size`` at a time, similar lengths
     together (chunk k samples with seed + k). Same arguments and seed, same output."""
-    from t5x_lite.checkpoints import load_for_inference
+    from t5x_lite.checkpoints import open_for_inference
 
     check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, cli=True)
     records = _prompt_records(args)
     texts = shown = [r.get(args.field, "") for r in records]
     t0 = time.time()
-    cfg, params, tokenizer = load_for_inference(args.workdir, step=args.step)
+    cfg, params, tokenizer, step = open_for_inference(args.workdir, step=args.step)
     if args.chat:  # the model's own conversation format, its turn to speak
         from t5x_lite.data import chat
 
@@ -862,7 +917,7 @@ def run_decode_cli(args) -> int:
             raise ConfigError(f"an encoder model fills {MASK_TOKEN} tokens, and these prompts hold none: {missing[:5]}")
     else:
         _check_rows(cfg, [np.asarray(r) for r in rows], args.max_new_tokens, cli=True)
-    print(f"decoding {len(rows)} prompt(s) with the {family} model of {args.workdir} "
+    print(f"decoding {len(rows)} prompt(s) with the {family} model of {args.workdir}{step_text(step)} "
           f"(loaded in {time.time() - t0:.1f}s)", file=sys.stderr)
     t0 = time.time()
     order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a chunk (and its padding)

@@ -289,6 +289,35 @@ def test_stop_checks_every_n_tokens_give_the_same_generation(dec, single, monkey
     assert '"known_trip_count":{"n":"3"}' in fn.lower(*args).compile().as_text()
 
 
+def test_generation_in_parts_equals_one_call(dec, single):
+    """generate_parts (for streaming): the parts joined are exactly generate_details's tokens and
+    log-probabilities, greedy and sampled (token t draws with the key folded with t, whichever
+    part makes it), rows stopping in different parts; it ends once every row has stopped; a part
+    is rounded up to a multiple of model.decode_stop_every."""
+    cfg, params = dec
+    free = generate_details(cfg, params, PROMPTS, K, eos_id=None, mesh=single)
+    stops = sorted({int(free.tokens[i, 2 + i]) for i in range(len(PROMPTS))})  # row i stops by step 2 + i
+    every = lambda n: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decode_stop_every=n))
+    for c, eos, sampling, part, sizes in [
+            (cfg, None, {}, 3, [3, 3, 3, 1]),  # K = 10: a shorter last part
+            (cfg, stops, {}, 2, None),  # every row stops before K: fewer parts
+            (cfg, stops[0], dict(temperature=0.9, top_k=20, seed=4), 4, None),
+            (every(2), None, dict(temperature=0.9, top_p=0.8, seed=5), 3, [4, 4, 2])]:
+        ref = generate_details(c, params, PROMPTS, K, eos_id=eos, mesh=single, **sampling)
+        parts = list(decoding.generate_parts(c, params, PROMPTS, K, eos_id=eos, mesh=single, part_tokens=part,
+                                             **sampling))
+        np.testing.assert_array_equal(np.concatenate([p.tokens for p in parts], 1), ref.tokens)
+        np.testing.assert_array_equal(np.concatenate([p.logprobs for p in parts], 1), ref.logprobs)
+        if sizes:
+            assert [p.tokens.shape[1] for p in parts] == sizes
+        else:
+            assert all(p.tokens.shape[1] == part for p in parts[:-1])
+        if eos is stops:
+            assert ref.tokens.shape[1] < K - part  # the rows stopped a whole part early: no more parts ran
+    with pytest.raises(ConfigError, match="part_tokens=0 must be >= 1"):
+        next(decoding.generate_parts(cfg, params, PROMPTS, K, part_tokens=0, mesh=single))
+
+
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
     cfg, params = dec
     batch = generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single)
@@ -621,6 +650,7 @@ def test_cli_decodes_a_file_of_prompts_in_batches(workdir, capsys, tmp_path):
                            "--batch-size", "3", "--max-new-tokens", "5")
     assert code == 0, err
     assert "decoded 3/4 prompts" in err and f"wrote 4 records to {dst}" in err
+    assert f"decoding 4 prompt(s) with the decoder model of {path} at step 3 (loaded in" in err
     records = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [(r["question"], r["id"]) for r in records] == [(p, i) for i, p in enumerate(prompts)]
     for r in records:
