@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-COMPILING = {"train", "eval", "decode", "sweep", "plan"}  # commands that compile XLA programs
+COMPILING = {"train", "eval", "decode", "serve", "sweep", "plan"}  # commands that compile XLA programs
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -177,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=_delegate("t5x_lite.decoding", "run_decode_cli"))
+
+    p = sub.add_parser("serve", help="serve the latest checkpoint (or an export) over HTTP, OpenAI-style JSON API")
+    p.add_argument("--workdir", required=True, help="training work dir or `t5x-lite export` output")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged)")
+    p.add_argument("--name", default=None, help="the model's id in responses (default: the work dir's name)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded at once, across requests (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch (default 5)")
+    p.add_argument("--stream-tokens", type=int, default=8,
+                   help="tokens the device makes between two events of a streamed answer (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no line per HTTP request (batches are still logged)")
+    p.set_defaults(fn=_delegate("t5x_lite.serve", "run_serve_cli"))
 
     p = sub.add_parser("export", help="write params only (for serving or fine-tuning elsewhere)")
     p.add_argument("--workdir", required=True)
