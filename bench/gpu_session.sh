@@ -24,6 +24,8 @@
 #                                         # stop checks every 8 / 32 tokens (loops of known length), float32
 #                                         # weights, and a profile per generated token at batch 1 (~6 min)
 #   bash bench/gpu_session.sh moe         # moe_1b (8 experts, top-2) vs HF Mixtral; capacity, groups; decode (~8 min)
+#   bash bench/gpu_session.sh serve       # llama_1b behind t5x-lite serve: 32 clients, max batch 1 / 8 / 32
+#                                         # (~3 min, mostly compiling each batch shape; not yet run)
 #   bash bench/gpu_session.sh report      # no GPU: issue 8's targets against what is in $OUT (bench/gpu_report.py)
 #
 # For a session of 15 minutes of device time (2026-12), shorter parts, in that order of value:
@@ -236,10 +238,13 @@ case $part in
       python bench/decode.py --config configs/moe_1b.yaml --json "$OUT/decode_moe.json" \
         | tee "$OUT/decode_moe.txt" || failed=1
     fi ;;
+  serve)  # beyond issue 8: t5x-lite serve under 32 concurrent clients, batched against one request at a time
+    python bench/serve.py "${SMOKE_FLAG[@]}" --clients 32 --requests 2 --new-tokens 64 --max-batch-sizes 1,8,32 \
+      --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.txt" || failed=1 ;;
   report)
     python bench/gpu_report.py "$OUT" --json "$OUT/report.json" | tee "$OUT/report.md" || failed=1 ;;
   *)
-    echo "usage: $0 PART [PART...] with PART decode_short|llama_fit|t5_kernel|llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas_kernel|pallas|bert|decode|moe|report" >&2
+    echo "usage: $0 PART [PART...] with PART decode_short|llama_fit|t5_kernel|llama|attention|profile|llama_more|unroll|scan_flags|shipped|t5|pallas_kernel|pallas|bert|decode|moe|serve|report" >&2
     echo "       (env: OUT, SMOKE=1, STEPS, WARMUP, DEADLINE_S, BUNDLE)" >&2
     exit 2 ;;
 esac

@@ -78,6 +78,16 @@ def test_decode_bench_smoke(tmp_path):
     assert "per generated token (graphs off)" in proc.stderr
 
 
+def test_serve_bench_smoke(tmp_path):
+    """bench/serve.py: the same load through a server batching across requests and one taking
+    them one at a time; every request answered, the batched server ran fuller batches."""
+    proc, data = _run_json(["bench/serve.py", "--smoke"], tmp_path / "serve.json")
+    one, batched = data["rows"]
+    assert (one["max_batch"], batched["max_batch"]) == (1, 4) and one["requests"] == batched["requests"] == 8
+    assert one["batches"] == 8 and one["rows_per_batch"] == 1 and batched["batches"] < 8
+    assert one["speedup"] == 1 and batched["tokens_per_s"] > 0 and "speedup" in proc.stderr
+
+
 def test_pipeline_bench_smoke(tmp_path):
     _, data = _run_json(["bench/pipeline.py", "--smoke", "--workers", "0,1", "--workdir", str(tmp_path / "wd")],
                         tmp_path / "pipe.json")
