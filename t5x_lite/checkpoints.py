@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -292,12 +293,15 @@ class _FailedReadNotice(logging.Filter):
 def _drop_failed_reads() -> None:
     """A failed restore leaves orbax's other shard reads as coroutines and futures holding errors,
     which Python would print one by one (with a TensorStore spec each), now or when it exits:
-    collect them now, quietly, and keep asyncio from logging those collected later. The reason
-    was already taken from the exception."""
+    collect them now, quietly (coroutines never awaited warn as they are collected: not these),
+    and keep asyncio from logging those collected later. The reason was already taken from the
+    exception."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
-        gc.collect()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+            gc.collect()
     finally:
         sys.unraisablehook = hook
     _filter_once("asyncio", _FailedReadNotice)
