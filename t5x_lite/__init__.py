@@ -7,6 +7,7 @@ The stable Python interface::
     params = t5x_lite.init_params(cfg, seed=0)
     logits = t5x_lite.logits(cfg, params, input_ids)   # float32 [batch, length, vocab]
     new_ids = t5x_lite.generate(cfg, params, prompts, max_new_tokens=32)  # int32 [batch, new]
+    scores = t5x_lite.score_tokens(cfg, params, sequences, top_k=1)     # each token's log-probability
 
 The model functions are imported on first use, so ``import t5x_lite`` (and the data tools'
 worker processes) do not pay for importing JAX and Flax.
@@ -17,7 +18,8 @@ import importlib
 from t5x_lite.config import Config, ConfigError, load_config
 
 _LAZY = {"build_model": "t5x_lite.models", "init_params": "t5x_lite.models", "logits": "t5x_lite.models",
-         "encode": "t5x_lite.models", "generate": "t5x_lite.decoding", "fill_mask": "t5x_lite.decoding"}
+         "encode": "t5x_lite.models", "generate": "t5x_lite.decoding", "fill_mask": "t5x_lite.decoding",
+         "score_tokens": "t5x_lite.decoding"}
 
 __all__ = ["Config", "ConfigError", "load_config", *_LAZY]
 __version__ = "0.1.0"

@@ -574,6 +574,28 @@ class _Decoder:
         with self.context():
             return fn(params, *ids)
 
+    def score(self, params, prompts: Prompts, top_k: int):
+        """Decoder family, one causal forward pass over left-padded ``prompts``: device arrays
+        ``(logprobs [B, P], top_ids [B, P, k], top_logprobs [B, P, k])`` where column ``t`` holds
+        the log-probability of token ``t`` given the tokens before it and the ``k`` (at least 1)
+        likeliest tokens there; column 0 is 0 (nothing comes before it)."""
+        ids = self.put_prompts(prompts)
+        model, k = self.model, max(top_k, 1)
+
+        def run(params, ids_BP, seg_BP, pos_BP):
+            logits_BPV = model.apply({"params": params}, ids_BP, seg_BP, pos_BP)
+            logp_BPV = jax.nn.log_softmax(logits_BPV[:, :-1].astype(jnp.float32), axis=-1)  # of tokens 1..P-1
+            chosen_BP = jnp.take_along_axis(logp_BPV, ids_BP[:, 1:, None], axis=-1)[..., 0]
+            top_lp_BPk, top_BPk = jax.lax.top_k(logp_BPV, k)
+            first = lambda x: jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))  # column 0: nothing before
+            return first(chosen_BP), first(top_BPk.astype(jnp.int32)), first(top_lp_BPk)
+
+        key = ("score", prompts.ids.shape, k, _dtypes(params))
+        fn = self._jit(key, lambda: jax.jit(run, in_shardings=(self.param_shardings,) + (self.batch,) * 3,
+                                            out_shardings=(self.replicated,) * 3))
+        with self.context():
+            return fn(params, *ids)
+
 
 # Parameters every module casts to the compute dtype before use (Dense and expert kernels and
 # biases, LoRA factors, embedding tables, the logits bias): decoding casts them once per call.
@@ -776,6 +798,41 @@ def generate(cfg: Config, params, input_ids, max_new_tokens: int = 32, temperatu
         return beam_search(cfg, params, input_ids, max_new_tokens, num_beams, length_penalty, **common).sequences[:, 0]
     return generate_details(cfg, params, input_ids, max_new_tokens, temperature, top_k, top_p, seed,
                             **common).tokens
+
+
+class TokenScores(NamedTuple):
+    """One sequence's ``score_tokens``: ``logprobs [L]`` float32, the log-probability of each token
+    given the tokens before it (NaN for the first, which nothing predicts); ``top_ids [L, k]`` and
+    ``top_logprobs [L, k]`` the ``k`` likeliest tokens at each position, best first (-1 / NaN for
+    the first)."""
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+def score_tokens(cfg: Config, params, input_ids, top_k: int = 0, *, attention_mask=None,
+                 mesh: Optional[Mesh] = None) -> list[TokenScores]:
+    """Decoder family (causal): every token's log-probability given the tokens before it, one
+    forward pass for the batch, and the ``top_k`` likeliest tokens at every position (0: none).
+    The sum over a continuation's tokens is its log-likelihood given the context before it (what
+    evaluation harnesses ask of a model); ``input_ids`` as ``generate_details`` takes them."""
+    if cfg.model.family != "decoder" or cfg.objective == "prefix":
+        what = "a prefix LM reads its prompt both ways" if cfg.model.family == "decoder" else (
+            f"model.family={cfg.model.family} does not predict its input")
+        raise ConfigError(f"score_tokens needs a causal decoder: {what}")
+    if not 0 <= top_k <= cfg.model.vocab_size:
+        raise ConfigError(f"top_k={top_k} must be in [0, {cfg.model.vocab_size}] (the vocabulary)")
+    rows = prompt_rows(input_ids, attention_mask)
+    prompts, dec, params = _setup(cfg, params, rows, mesh, max_new_tokens=0)
+    chosen, top, top_lp = (np.asarray(a) for a in dec.score(params, prompts, top_k))
+    width, out = prompts.ids.shape[1], []
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width)
+        lp, ids, lps = chosen[i, at].copy(), top[i, at, :top_k].copy(), top_lp[i, at, :top_k].copy()
+        lp[0], ids[0], lps[0] = np.nan, -1, np.nan
+        out.append(TokenScores(lp, ids, lps))
+    return out
 
 
 class MaskFill(NamedTuple):

@@ -27,18 +27,24 @@ Endpoints, shaped as OpenAI's (their field names and defaults: ``max_tokens`` 16
 - ``POST /v1/completions`` (decoder, encoder_decoder): ``prompt`` (a string, a list of strings,
   a token list or a list of token lists), ``max_tokens``, ``temperature``, ``top_p``, ``top_k``
   (0 = off), ``n``, ``seed``, ``stop`` (up to 4 strings: the text is cut before the first),
-  ``logprobs`` (0: each generated token's log-probability; no alternatives), ``stream`` and
-  ``stream_options.include_usage``, ``num_beams`` and ``length_penalty`` (beam search,
-  deterministic). A text prompt is tokenized as ``decode`` does (BOS first for a decoder, EOS last
-  for an encoder's input); a token list is taken as it is.
+  ``logprobs`` (k: each generated token's log-probability and its k likeliest alternatives),
+  ``echo`` (the prompt first, with its tokens' log-probabilities; ``max_tokens`` 0 scores the
+  prompt alone: what evaluation harnesses ask), ``stream`` and ``stream_options.include_usage``,
+  ``num_beams`` and ``length_penalty`` (beam search, deterministic). A text prompt is tokenized as
+  ``decode`` does (BOS first for a decoder, EOS last for an encoder's input); a token list is taken
+  as it is. Alternatives and echo run one more forward pass over prompt + completion after the
+  generation (``decoding.score_tokens``), for the batch's rows together; without them a token's
+  log-probability is the decoding loop's.
 - ``POST /v1/chat/completions``: ``messages`` rendered by the work dir's chat template
   (``data.chat_template``; ``import-hf`` keeps a model's), the same sampling fields.
 - ``POST /v1/fill-mask`` (encoder): ``inputs`` (a string or a list, each with ``<mask>``),
   ``top_k`` candidates per mask.
+- ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``: the tokenizer as vLLM serves
+  it (lm-evaluation-harness's remote tokenizer uses them).
 - ``GET /v1/models``, ``GET /health`` (model, step, requests and batches served, queue length).
 
 A request the server cannot honour is refused with HTTP 400 and a message naming the field
-(``echo``, penalties and ``logit_bias`` are not implemented, nor streamed logprobs or beams; an
+(penalties and ``logit_bias`` are not implemented, nor streamed logprobs, echo or beams; an
 unknown field is an error, not silently ignored). One process: a model spread over hosts decodes
 with ``decode --input``.
 """
@@ -72,11 +78,14 @@ from t5x_lite.decoding import (
     fill_mask,
     generate_parts,
     mesh_of,
+    score_tokens,
     step_text,
 )
 
 MAX_BODY_BYTES = 16 << 20
 MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20  # likeliest alternatives a token's logprobs may list
+PIECE_WINDOW = 8  # tokens of context when finding the text a token adds
 
 
 class RequestError(ValueError):
@@ -109,7 +118,7 @@ class Job:
 
     def __init__(self, rows: list, kind: str = "generate", max_new: int = 16, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, num_beams: int = 1,
-                 length_penalty: float = 1.0, stream: bool = False):
+                 length_penalty: float = 1.0, stream: bool = False, score_top: Optional[int] = None):
         self.rows = [np.asarray(r, np.int32) for r in rows]
         self.kind, self.max_new = kind, max_new
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
@@ -117,6 +126,9 @@ class Job:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         # streamed: the rows' results so far (lists of RowResult) after every part the device makes
         self.parts: Optional[queue.Queue] = queue.Queue() if stream else None
+        # not None: after generating, one forward pass scores every token of prompt + completion,
+        # with this many likeliest alternatives per position (echo, logprobs > 0)
+        self.score_top = score_top
 
     @property
     def batch_key(self) -> Optional[tuple]:
@@ -126,18 +138,28 @@ class Job:
         if self.seed is not None or self.num_beams > 1:
             return None
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_k, self.top_p)
+            return ("greedy", self.score_top)
+        return ("sample", self.temperature, self.top_k, self.top_p, self.score_top)
 
 
 class RowResult:
-    """One row's outcome: the generated ``tokens`` (up to, not including, a stop token), their
-    ``logprobs`` (None for beams), ``stopped`` (a stop token ended it), ``generated`` (tokens the
-    model produced for it, a stop token included); for fill jobs ``fills`` (``decoding.MaskFill``s)."""
+    """One row's outcome: the generated ``tokens`` (up to, not including, a stop token) and their
+    ``logprobs`` (None for beams); ``stop`` the stop token that ended it and its log-probability
+    (None: it ran to its length); ``generated``: tokens made, the stop token included; ``scores``
+    (``decoding.TokenScores`` of prompt + tokens + stop token) when its job asked; for fill jobs
+    ``fills`` (``decoding.MaskFill``s)."""
 
-    def __init__(self, tokens=(), logprobs=None, stopped=False, generated=0, fills=None):
-        self.tokens, self.logprobs, self.stopped, self.generated, self.fills = (
-            list(tokens), logprobs, stopped, generated, fills)
+    def __init__(self, tokens=(), logprobs=None, stop=None, fills=None):
+        self.tokens, self.logprobs, self.stop, self.fills = list(tokens), logprobs, stop, fills
+        self.scores = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) + self.stopped
 
 
 class Engine:
@@ -278,14 +300,15 @@ class Engine:
             self.stats["padding_rows"] += len(padded) - len(rows)
             want = max(j.max_new for j in batch)
             room = self.cfg.model.max_length - (max(map(len, rows)) if self.cfg.model.family == "decoder" else 1)
-            new = max(want, min(_pow2(want), room))
+            new = max(want, min(_pow2(want), room)) if want else 0
             self._seed = seed = (self._seed + 1) % (1 << 31)
         streamed = any(j.parts is not None for j in batch)
         made: list = [([], []) for _ in rows]  # tokens, logprobs of each row so far
         owners = [(j, r) for j, job in enumerate(batch) for r in range(len(job.rows))]
         left, ended = set(range(len(batch))), set()  # jobs not answered yet; rows that made a stop token
         parts = generate_parts(self.cfg, self.params, padded, new, first.temperature, first.top_k, first.top_p,
-                               seed, part_tokens=self.stream_tokens if streamed else new, **common)
+                               seed, part_tokens=self.stream_tokens if streamed else new,
+                               **common) if new else ()  # max_tokens 0 (echo): nothing to generate
         for part in parts:
             for i, (j, _) in enumerate(owners):
                 tokens, logprobs = made[i]
@@ -302,24 +325,45 @@ class Engine:
         return sum(self._row(*m).generated for m in made)
 
     def _answer(self, batch: list, owners: list, made: list, left: set, final: bool) -> None:
-        """Answer the jobs of ``left`` whose rows are all done (every one when ``final``); send the
-        streamed ones the rows so far."""
+        """Answer the jobs of ``left`` whose rows are all done (every one when ``final``; a job
+        that wants its tokens scored waits for the end of the batch, which scores them together);
+        send the streamed ones the rows so far."""
+        ready, going = {}, {}
         for j in sorted(left):
             job = batch[j]
             results = [self._row(*made[i]) for i, (o, _) in enumerate(owners) if o == j]
-            if final or all(r.stopped or r.generated >= job.max_new for r in results):
-                job.future.set_result(results)
-                left.discard(j)
+            if final or (job.score_top is None and all(r.stopped or r.generated >= job.max_new for r in results)):
+                ready[j] = results
             elif job.parts is not None:
-                job.parts.put(results)
+                going[j] = results
+        scored = [(batch[j], results) for j, results in ready.items() if batch[j].score_top is not None]
+        if scored:
+            self._score(scored)
+        for j, results in ready.items():
+            batch[j].future.set_result(results)
+            left.discard(j)
+        for j, results in going.items():
+            batch[j].parts.put(results)
+
+    def _score(self, jobs: list) -> None:
+        """Score prompt + generated tokens (stop token included) of every row of ``jobs`` in one
+        forward pass (rows padded to a power of two), setting each result's ``scores``."""
+        seqs = [np.concatenate([prompt, np.asarray(r.tokens + ([r.stop[0]] if r.stop else []), np.int32)])
+                for job, results in jobs for prompt, r in zip(job.rows, results)]
+        top = jobs[0][0].score_top
+        padded = seqs + [seqs[-1]] * (min(_pow2(len(seqs)), max(self.max_batch, len(seqs))) - len(seqs))
+        scores = iter(score_tokens(self.cfg, self.params, padded, top, mesh=self.mesh))
+        for _, results in jobs:
+            for r in results:
+                r.scores = next(scores)
 
     def _row(self, tokens, logprobs) -> RowResult:
         tokens = [int(t) for t in tokens]
         stops = [k for k, t in enumerate(tokens) if t in self.stop_ids]
         end = stops[0] if stops else len(tokens)
-        generated = end + 1 if stops else len(tokens)
+        stop = (tokens[end], None if logprobs is None else float(logprobs[end])) if stops else None
         lp = None if logprobs is None else [float(x) for x in logprobs[:end]]
-        return RowResult(tokens[:end], lp, bool(stops), generated)
+        return RowResult(tokens[:end], lp, stop)
 
     @staticmethod
     def _split(batch: list, results: list) -> list:
@@ -353,6 +397,8 @@ FIELDS = {
     "/v1/completions": SAMPLING_FIELDS | {"prompt", "echo", "best_of", "suffix"},
     "/v1/chat/completions": SAMPLING_FIELDS | {"messages", "top_logprobs", "max_completion_tokens"},
     "/v1/fill-mask": {"model", "inputs", "top_k"},
+    "/tokenize": {"model", "prompt", "add_special_tokens"},
+    "/detokenize": {"model", "tokens"},
 }
 
 
@@ -381,13 +427,13 @@ class Service:
         streamed completion."""
         path = path.split("?", 1)[0].rstrip("/") or "/"
         try:
-            if path in ("/health", "/v1/models"):
+            gets = {"/health": self._health, "/v1/models": self._models, "/tokenizer_info": self._tokenizer_info}
+            if path in gets:
                 if method != "GET":
                     raise RequestError(f"{path} takes GET, not {method}", status=405)
-                return 200, self._health() if path == "/health" else self._models()
+                return 200, gets[path]()
             if path not in FIELDS:
-                raise RequestError(f"no endpoint {path}: POST /v1/completions, /v1/chat/completions or "
-                                   "/v1/fill-mask; GET /v1/models or /health", status=404)
+                raise RequestError(f"no endpoint {path}: POST {', '.join(FIELDS)}; GET {', '.join(gets)}", status=404)
             if method != "POST":
                 raise RequestError(f"{path} takes POST, not {method}", status=405)
             request = self._json(body)
@@ -397,6 +443,10 @@ class Service:
                                    unknown[0])
             if path == "/v1/fill-mask":
                 return 200, self._fill(request)
+            if path == "/tokenize":
+                return 200, self._tokenize(request)
+            if path == "/detokenize":
+                return 200, self._detokenize(request)
             return 200, self._complete(request, chat=path == "/v1/chat/completions")
         except RequestError as e:
             return e.status, {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param,
@@ -413,7 +463,46 @@ class Service:
 
     def _models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "t5x_lite"}]}
+                                            "owned_by": "t5x_lite", "max_model_len": self.cfg.model.max_length}]}
+
+    # The tokenizer, as vLLM serves it (what lm-evaluation-harness's remote tokenizer reads)
+
+    def _specials(self) -> dict:
+        """``{"eos_token": (its name, its id), ...}`` of the special tokens the tokenizer has."""
+        tok = self.tokenizer
+        roles = {"eos_token": tok.eos_id, "bos_token": tok.bos_id, "pad_token": tok.pad_id}
+        return {role: (tok.token_name(i), i) for role, i in roles.items() if i is not None and i >= 0}
+
+    def _tokenizer_info(self) -> dict:
+        names = {role: name for role, (name, _) in self._specials().items()}
+        return {**names, "tokenizer_class": type(self.tokenizer).__name__,
+                "model_max_length": self.cfg.model.max_length, "vocab_size": self.cfg.model.vocab_size,
+                "chat_template": None if self.chat is None else self.chat["template"]}
+
+    def _tokenize(self, request: dict) -> dict:
+        """``{"tokens", "count", "max_model_len"}`` of ``prompt``; ``add_special_tokens`` (default
+        true) adds what ``/v1/completions`` adds to a text prompt (BOS for a decoder, EOS after an
+        encoder-decoder's input). A prompt that is exactly a special token's name is that token."""
+        text, add = request.get("prompt"), request.get("add_special_tokens", True)
+        if not isinstance(text, str):
+            raise RequestError("prompt must be a string", "prompt")
+        if not isinstance(add, bool):
+            raise RequestError("add_special_tokens must be true or false", "add_special_tokens")
+        names = dict(self._specials().values())
+        if text in names:
+            ids = [names[text]]
+        else:
+            ids = [int(t) for t in (self._text_ids(text) if add else self.tokenizer.encode(text))]
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.cfg.model.max_length}
+
+    def _detokenize(self, request: dict) -> dict:
+        tokens = request.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise RequestError("tokens must be a list of token ids", "tokens")
+        bad = [t for t in tokens if not 0 <= t < self.cfg.model.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.model.vocab_size})", "tokens")
+        return {"prompt": self.tokenizer.decode(tokens)}
 
     @staticmethod
     def _json(body: Optional[bytes]) -> dict:
@@ -428,20 +517,21 @@ class Service:
     def _complete(self, request: dict, chat: bool):
         if self.family == "encoder":
             raise RequestError("this is an encoder model: it fills masks (POST /v1/fill-mask), it does not generate")
-        job, prompts, stops, logprobs = self._generation_job(request, chat)
+        job, prompts, stops, logprobs, echo = self._generation_job(request, chat)
         future = self.engine.submit(job)
         if job.parts is not None:
             usage = bool((request.get("stream_options") or {}).get("include_usage"))
             return self._stream(job, future, len(prompts), stops, chat, usage)
         results = future.result()
         choices = []
-        for i, res in enumerate(results):
-            text, lp, stopped = self._text(res, stops, logprobs)
+        for i, (res, prompt) in enumerate(zip(results, job.rows)):
+            text, lp, stopped = self._choice(res, prompt, stops, logprobs, echo)
             choice: dict = {"index": i, "finish_reason": "stop" if stopped else "length"}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
                 choice["logprobs"] = None if lp is None else {"content": [
-                    {"token": t, "logprob": p, "top_logprobs": []} for t, p in zip(lp["tokens"], lp["token_logprobs"])]}
+                    {"token": t, "logprob": p, "top_logprobs": [{"token": a, "logprob": v} for a, v in (top or {}).items()]}
+                    for t, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or [None] * len(lp["tokens"]))]}
             else:
                 choice.update(text=text, logprobs=lp)
             choices.append(choice)
@@ -525,9 +615,11 @@ class Service:
         return text.rstrip("\ufffd"), False
 
     def _generation_job(self, request: dict, chat: bool) -> tuple:
-        for name, only in [("echo", False), ("suffix", None)]:
-            if request.get(name) not in (None, only):
-                raise RequestError(f"{name}={request[name]!r} is not supported by this server", name)
+        if request.get("suffix") is not None:
+            raise RequestError("suffix is not supported by this server", "suffix")
+        echo = request.get("echo")
+        if echo not in (None, True, False):
+            raise RequestError(f"echo={echo!r} must be true or false", "echo")
         stream = request.get("stream")
         if stream not in (None, True, False):
             raise RequestError(f"stream={stream!r} must be true or false", "stream")
@@ -539,10 +631,11 @@ class Service:
                 raise RequestError(f"{name} is not supported (only 0)", name)
         if request.get("logit_bias") not in (None, {}):
             raise RequestError("logit_bias is not supported", "logit_bias")
-        if not isinstance(request.get("model", ""), str) or not isinstance(request.get("user", ""), str):
-            raise RequestError("model and user must be strings", "model")
+        for name in ("model", "user"):  # names only: any model name is this model
+            if not isinstance(request.get(name) or "", str):
+                raise RequestError(f"{name} must be a string", name)
         limit = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
-        max_new = _number(request, limit, 16, integer=True, low=1)
+        max_new = _number(request, limit, 16, integer=True, low=0 if echo else 1)
         temperature = _number(request, "temperature", 1.0, low=0)
         top_p = _number(request, "top_p", 1.0, low=0, high=1, low_open=True)
         top_k = _number(request, "top_k", 0, integer=True, low=-1)
@@ -556,14 +649,19 @@ class Service:
         num_beams = _number(request, "num_beams", 1, integer=True, low=1)
         length_penalty = _number(request, "length_penalty", 1.0)
         logprobs = self._logprobs(request, chat)
-        if num_beams > 1 and logprobs:
-            raise RequestError("logprobs with beam search: a beam has a score, not per-token log-probabilities",
-                               "logprobs")
-        if stream and (num_beams > 1 or logprobs):
-            raise RequestError("stream=true streams sampled or greedy text without logprobs; beam search "
-                               "(num_beams > 1) and logprobs answer whole", "stream")
+        if num_beams > 1 and (logprobs is not None or echo):
+            raise RequestError("logprobs or echo with beam search: a beam has a score, not per-token "
+                               "log-probabilities", "logprobs")
+        if stream and (num_beams > 1 or logprobs is not None or echo):
+            raise RequestError("stream=true streams sampled or greedy text without logprobs or echo; beam search "
+                               "(num_beams > 1), logprobs and echo answer whole", "stream")
+        scored = logprobs is not None and (logprobs > 0 or echo)
+        if (echo or scored) and (self.family != "decoder" or self.cfg.objective == "prefix"):
+            what = "echo" if echo else f"logprobs={logprobs} (alternatives)"
+            raise RequestError(f"{what} needs a causal decoder, which predicts its prompt token by token; "
+                               f"this is a {self.cfg.objective} {self.family} model", "echo" if echo else "logprobs")
         try:
-            check_generation_args(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+            check_generation_args(max_new_tokens=max(max_new, 1), temperature=temperature, top_k=top_k, top_p=top_p,
                                   num_beams=num_beams, length_penalty=length_penalty,
                                   vocab_size=self.cfg.model.vocab_size)
         except ConfigError as e:
@@ -577,26 +675,24 @@ class Service:
         self._check_lengths(prompts, max_new, limit)
         rows = [p for p in prompts for _ in range(n)]
         job = Job(rows, "generate", max_new, temperature, top_k, top_p, seed, num_beams, length_penalty,
-                  stream=bool(stream))
-        return job, prompts, stops, logprobs
+                  stream=bool(stream), score_top=logprobs if scored else None)
+        return job, prompts, stops, logprobs, bool(echo)
 
     @staticmethod
-    def _logprobs(request: dict, chat: bool) -> bool:
+    def _logprobs(request: dict, chat: bool) -> Optional[int]:
+        """None: no logprobs; k: each token's log-probability and its k likeliest alternatives."""
         if chat:
-            if request.get("top_logprobs") not in (None, 0):
-                raise RequestError("top_logprobs: only the chosen tokens' log-probabilities are given (0)",
-                                   "top_logprobs")
             value = request.get("logprobs")
             if value not in (None, True, False):
                 raise RequestError("logprobs must be true or false", "logprobs")
-            return bool(value)
+            top = _number(request, "top_logprobs", 0, integer=True, low=0, high=MAX_TOP_LOGPROBS)
+            if top and not value:
+                raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+            return top if value else None
         value = request.get("logprobs")
         if value is None or value is False:
-            return False
-        if value is True or value == 0:
-            return True
-        raise RequestError(f"logprobs={value!r}: only the chosen tokens' log-probabilities are given (0), "
-                           "no alternatives", "logprobs")
+            return None
+        return 0 if value is True else _number(request, "logprobs", 0, integer=True, low=0, high=MAX_TOP_LOGPROBS)
 
     def _text_ids(self, text: str) -> np.ndarray:
         return np.asarray(_cli_prompt_ids(self.cfg, self.tokenizer, text), np.int32)
@@ -651,24 +747,62 @@ class Service:
             raise RequestError(f"{limit}={max_new} exceeds the decoder's room of {m.max_length - 1} tokens "
                                "(model.max_length - 1)", limit)
 
-    def _text(self, res: RowResult, stops: list, logprobs: bool) -> tuple:
-        """The row's text, cut before the first stop string; its logprobs object (or None); whether
-        it stopped (a stop token or string)."""
-        decode = self.tokenizer.decode
-        text, cut = self._visible(decode(res.tokens), stops, final=True)
-        if not logprobs:
+    def _choice(self, res: RowResult, prompt: np.ndarray, stops: list, logprobs: Optional[int],
+                echo: bool) -> tuple:
+        """A row's ``(text, logprobs object or None, stopped)``: the completion's text cut before the
+        first stop string (``echo``: after the prompt's); with ``logprobs``, one entry per token of
+        it (``echo``: the prompt's first, the first token's None), the stop token that ended it
+        included, and the ``logprobs`` likeliest alternatives of each (from the scoring pass when
+        the job had one, else the decoding loop's log-probabilities)."""
+        if logprobs is None and not echo:
+            text, cut = self._visible(self.tokenizer.decode(res.tokens), stops, final=True)
             return text, None, res.stopped or cut
-        tokens, offsets, token_lp, before = [], [], [], ""
-        for k in range(len(res.tokens)):  # the tokens that make the (cut) text
-            if cut and len(before) >= len(text):
-                break
-            upto = decode(res.tokens[:k + 1])
-            tokens.append(upto[len(before):])
-            offsets.append(len(before))
-            token_lp.append(res.logprobs[k])
-            before = upto
-        return text, {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": None,
-                      "text_offset": offsets}, res.stopped or cut
+        scored = [int(t) for t in prompt]  # what the scoring pass read: the prompt, then the completion
+        prompt = scored if echo else []
+        ids = res.tokens + ([res.stop[0]] if res.stop else [])
+        pieces = self._piece_texts(prompt + ids)
+        head = "".join(pieces[:len(prompt)])
+        text, cut = self._visible("".join(pieces[len(prompt):]), stops, final=True)
+        kept, length = len(prompt), 0  # the completion's tokens that make its (cut) text, the stop token too
+        while kept < len(pieces) and (not cut or length < len(text)):
+            length += len(pieces[kept])
+            kept += 1
+        if logprobs is None:
+            return head + text, None, res.stopped or cut
+        if res.scores is not None:
+            values = [None] + [float(x) for x in res.scores.logprobs[1:]]
+            tops = [None] + [self._alternatives(scored + ids, k, res.scores, logprobs) for k in range(1, len(values))
+                             ] if logprobs else None
+            if not echo:
+                at = len(res.scores.logprobs) - len(ids)
+                values, tops = values[at:], tops and tops[at:]
+        else:  # the decoding loop's
+            values, tops = res.logprobs + ([res.stop[1]] if res.stop else []), None
+        offsets = np.cumsum([0] + [len(p) for p in pieces[:kept]])[:-1].tolist()
+        return head + text, {"tokens": pieces[:kept], "token_logprobs": values[:kept],
+                             "top_logprobs": None if tops is None else tops[:kept],
+                             "text_offset": offsets}, res.stopped or cut
+
+    def _piece_texts(self, ids: list) -> list:
+        """The text each token of ``ids`` adds (a stop token none): decoded after the tokens just
+        before it (``PIECE_WINDOW``, not the whole prefix: linear in the length)."""
+        out = []
+        for k, t in enumerate(ids):
+            out.append("" if t in self.engine.stop_ids else self._after(ids[max(0, k - PIECE_WINDOW):k], t))
+        return out
+
+    def _after(self, before: list, token: int) -> str:
+        before = [t for t in before if t not in self.engine.stop_ids]
+        a, b = self.tokenizer.decode(before), self.tokenizer.decode(before + [int(token)])
+        return b[len(os.path.commonprefix([a, b])):]
+
+    def _alternatives(self, ids: list, k: int, scores, top: int) -> dict:
+        """``{text: log-probability}`` of the ``top`` likeliest tokens at position ``k`` (best first;
+        of two that read the same, the likelier)."""
+        out: dict = {}
+        for alt, value in zip(scores.top_ids[k, :top], scores.top_logprobs[k, :top]):
+            out.setdefault(self._after(ids[max(0, k - PIECE_WINDOW):k], int(alt)), float(value))
+        return out
 
     def _fill(self, request: dict) -> dict:
         from t5x_lite.decoding import _fill_candidates
@@ -712,7 +846,10 @@ class _Handler(BaseHTTPRequestHandler):
                     "param": None, "code": None}})
                 return
             body = self.rfile.read(length)
-        self._send(*self.server.service.handle(method, self.path, body))
+        status, answer = self.server.service.handle(method, self.path, body)
+        if status >= 400:  # a refused request says why in the log too (a client's author reads it there)
+            self.server.service.engine.log(f"{method} {self.path} -> {status}: {answer['error']['message']}")
+        self._send(status, answer)
 
     def _send(self, status: int, obj) -> None:
         if not isinstance(obj, dict):  # server-sent events, written as they come; the end of the body ends them

@@ -318,6 +318,24 @@ def test_generation_in_parts_equals_one_call(dec, single):
         next(decoding.generate_parts(cfg, params, PROMPTS, K, part_tokens=0, mesh=single))
 
 
+def test_scored_tokens_equal_the_full_forward(dec, single):
+    """score_tokens: each token's log-probability given the tokens before it and the top-k there,
+    for rows of different lengths in one padded batch, equal the log-softmax of one full forward
+    pass of each row alone; refused where a model does not predict its input causally."""
+    cfg, params = dec
+    got = decoding.score_tokens(cfg, params, PROMPTS, top_k=3, mesh=single)
+    for row, scores in zip(PROMPTS, got):
+        logp = np.asarray(jax.nn.log_softmax(t5x_lite.logits(cfg, params, np.asarray([row]))[0], axis=-1))
+        assert np.isnan(scores.logprobs[0]) and (scores.top_ids[0] == -1).all()
+        np.testing.assert_allclose(scores.logprobs[1:], logp[np.arange(len(row) - 1), row[1:]], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(scores.top_ids[1:], np.argsort(-logp[:-1], axis=-1)[:, :3])
+        np.testing.assert_allclose(scores.top_logprobs[1:], -np.sort(-logp[:-1], axis=-1)[:, :3], rtol=1e-5, atol=1e-5)
+    assert decoding.score_tokens(cfg, params, PROMPTS[:1], mesh=single)[0].top_ids.shape == (len(PROMPTS[0]), 0)
+    prefix = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, objective="prefix"))
+    with pytest.raises(ConfigError, match="needs a causal decoder: a prefix LM reads its prompt both ways"):
+        decoding.score_tokens(prefix, params, PROMPTS, mesh=single)
+
+
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
     cfg, params = dec
     batch = generate(cfg, params, PROMPTS, max_new_tokens=K, mesh=single)

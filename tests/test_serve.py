@@ -2,6 +2,7 @@
 == the Python API, bad requests refused with their reason, the CLI serves until interrupted."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import partitioning
-from t5x_lite.decoding import fill_mask, generate, generate_details
+from t5x_lite.decoding import fill_mask, generate, generate_details, score_tokens
 from t5x_lite.serve import Engine, Job, Server, open_service
 
 from helpers import tiny_cfg
@@ -239,6 +240,72 @@ def test_seeded_sampling_logprobs_and_stop_strings(served, single):
     assert cut["text"] == text[:text.find(stop)] and cut["finish_reason"] == "stop"
 
 
+def test_loglikelihood_requests_as_evaluation_harnesses_send_them(served, single):
+    """lm-evaluation-harness's loglikelihood request (token lists of context + continuation, echo,
+    max_tokens 1, logprobs 1): every prompt token's log-probability given the ones before it
+    (score_tokens: one forward pass), the top alternative at each position, then the generated
+    token; the continuation's log-likelihood and "is greedy" come out as the harness reads them.
+    max_tokens 0 scores the prompt alone."""
+    s = served
+    rng = np.random.default_rng(1)
+    seqs = [[3] + rng.integers(5, 320, n).tolist() for n in (6, 11, 3)]
+    body = {"model": None, "prompt": seqs, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}  # as lm-evaluation-harness 0.4 sends it
+    status, out = call(s.url, "/v1/completions", body)
+    assert status == 200, out
+    refs = score_tokens(s.cfg, s.params, seqs, top_k=1, mesh=single)
+    for choice, seq, ref in zip(sorted(out["choices"], key=lambda c: c["index"]), seqs, refs):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(seq) + 1 and lp["token_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:len(seq)], ref.logprobs[1:], rtol=1e-5, atol=1e-5)
+        ctxlen = len(seq) - 2  # the harness's continuation: the last two prompt tokens
+        assert math.isclose(sum(lp["token_logprobs"][ctxlen:-1]), float(ref.logprobs[ctxlen:].sum()), rel_tol=1e-5)
+        for k in range(1, len(seq)):  # "is greedy": the chosen token's value is the best alternative's
+            assert (lp["token_logprobs"][k] == max(lp["top_logprobs"][k].values())) == (seq[k] == ref.top_ids[k, 0])
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())  # the greedy generated token
+        assert "".join(lp["tokens"]) == choice["text"] and choice["text"].startswith(s.tok.decode(seq))
+        assert lp["text_offset"][1:] == np.cumsum([len(t) for t in lp["tokens"][:-1]]).tolist()
+    status, out = call(s.url, "/v1/completions", dict(body, max_tokens=0, logprobs=0))
+    assert status == 200 and [len(c["logprobs"]["token_logprobs"]) for c in out["choices"]] == [7, 12, 4]
+    assert out["choices"][0]["logprobs"]["top_logprobs"] is None and out["usage"]["completion_tokens"] == 0
+
+
+def test_top_logprobs_of_generated_tokens(served):
+    """logprobs=k without echo: each generated token with its k likeliest alternatives (greedy: the
+    chosen one is the likeliest); the chat endpoint gives the same numbers in its own shape."""
+    s = served
+    body = {"prompt": "kato rimo", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    (choice,) = call(s.url, "/v1/completions", body)[1]["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == 6 and "".join(lp["tokens"]) == choice["text"]
+    for value, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) <= 3 and value == max(top.values())
+    plain = call(s.url, "/v1/completions", dict(body, logprobs=0))[1]["choices"][0]["logprobs"]
+    np.testing.assert_allclose(plain["token_logprobs"], lp["token_logprobs"], rtol=1e-5, atol=1e-5)  # loop == pass
+    chat = {"messages": [{"role": "user", "content": "ri"}], "max_tokens": 4, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    content = call(s.url, "/v1/chat/completions", chat)[1]["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) <= 2 for c in content)
+    assert all(c["logprob"] == max(t["logprob"] for t in c["top_logprobs"]) for c in content)
+
+
+def test_tokenizer_endpoints_as_vllm_serves_them(served):
+    """/tokenizer_info, /tokenize, /detokenize (what lm-evaluation-harness's remote tokenizer reads):
+    the work dir's tokenizer; a special token's name tokenizes to its id."""
+    s = served
+    status, info = call(s.url, "/tokenizer_info", method="GET")
+    assert status == 200 and info["model_max_length"] == 64 and info["chat_template"] == CHAT["template"]
+    tokens = lambda **b: call(s.url, "/tokenize", b)[1]["tokens"]
+    assert tokens(prompt=info["eos_token"], add_special_tokens=False) == [s.tok.eos_id]
+    assert tokens(prompt=info["bos_token"]) == [s.tok.bos_id]
+    ids = s.tok.encode("kato rimo sa")
+    assert tokens(prompt="kato rimo sa", add_special_tokens=False) == ids
+    assert tokens(prompt="kato rimo sa") == [s.tok.bos_id] + ids  # what /v1/completions reads for this text
+    assert call(s.url, "/detokenize", {"tokens": ids})[1] == {"prompt": "kato rimo sa"}
+    status, out = call(s.url, "/detokenize", {"tokens": [5, 999]})
+    assert status == 400 and "token id 999 is outside the vocabulary" in out["error"]["message"]
+
+
 def test_chat_completions_use_the_chat_template(served):
     """/v1/chat/completions renders the conversation with the work dir's chat template and
     continues it: the same tokens as the rendered text given to /v1/completions."""
@@ -266,7 +333,11 @@ def test_chat_completions_use_the_chat_template(served):
     ("/v1/completions", {"prompt": [3, 7, 999]}, 400, "token id 999, outside the vocabulary [0, 320)"),
     ("/v1/completions", {"prompt": "ka " * 70}, 400, "more than the model's 64 (model.max_length)"),
     ("/v1/completions", {"prompt": [3, 7], "max_tokens": 63}, 400, "at most 62 new tokens"),
-    ("/v1/completions", {"prompt": "ka", "logprobs": 5}, 400, "no alternatives"),
+    ("/v1/completions", {"prompt": "ka", "logprobs": 21}, 400, "logprobs=21 must be in [0, 20]"),
+    ("/v1/completions", {"prompt": "ka", "max_tokens": 0}, 400, "max_tokens=0 must be in [1, inf]"),
+    ("/v1/completions", {"prompt": "ka", "echo": True, "stream": True}, 400, "without logprobs or echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ka"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs=true"),
     ("/v1/completions", {"prompt": "ka", "n": 9}, 400, "exceed the server's batch of 8"),
     ("/v1/completions", {"prompt": "ka", "num_beams": 2, "temperature": 0.5}, 400, "beam search (num_beams=2)"),
     ("/v1/completions", {"prompt": []}, 400, "prompt must be a string"),
@@ -346,6 +417,8 @@ def test_encoder_decoder_completions_equal_generate(tmp_path, single):
             assert out["choices"][0]["text"] == tok.decode(until_stop(ref, [1]))
         status, out = call(server.url, "/v1/completions", {"prompt": "ka", "max_tokens": 64})
         assert status == 400 and "exceeds the decoder's room of 63 tokens" in out["error"]["message"]
+        status, out = call(server.url, "/v1/completions", {"prompt": "ka", "echo": True, "logprobs": 1})
+        assert status == 400 and "echo needs a causal decoder" in out["error"]["message"]
     finally:
         server.close()
 

@@ -227,5 +227,9 @@ class Tokenizer:
         """Text of ``ids`` up to (not including) the first eos; pads are dropped."""
         return self._sp.decode(ids_until_eos(ids, self.eos_id, drop=(self.pad_id,)))
 
+    def token_name(self, i: int) -> str:
+        """The piece of id ``i`` as the vocabulary spells it (``</s>``, ``▁the``)."""
+        return self._sp.id_to_piece(int(i))
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"

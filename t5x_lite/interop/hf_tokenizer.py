@@ -142,5 +142,9 @@ class HFTokenizer:
         """Text up to the first end-of-text id, special tokens dropped."""
         return self._tok.decode(ids_until_eos(ids, self.eos_id), skip_special_tokens=True)
 
+    def token_name(self, i: int) -> str:
+        """The token of id ``i`` as the vocabulary spells it."""
+        return self._tok.id_to_token(int(i)) or f"<{int(i)}>"
+
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos={self._names['eos']!r})"

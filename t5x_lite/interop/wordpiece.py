@@ -193,5 +193,9 @@ class WordPieceTokenizer:
                 words.append(token)
         return " ".join(words)
 
+    def token_name(self, i: int) -> str:
+        """The vocabulary's token of id ``i`` (``[SEP]``, ``##ing``)."""
+        return self._tokens[int(i)]
+
     def __repr__(self) -> str:
         return f"WordPieceTokenizer(vocab_size={self.vocab_size}, lower_case={self.lower_case})"
