@@ -665,6 +665,15 @@ def _decoder(cfg: Config, mesh: Mesh, rows: int) -> _Decoder:
     return _DECODERS[key]
 
 
+def prepare_params(cfg: Config, params, mesh: Optional[Mesh] = None):
+    """``params`` as every decoding call reads them (on ``mesh``, default the parameters' own or
+    the config's): weights in the compute dtype, layers split out of their stacks when decoding
+    unrolls them. ``generate``, ``score_tokens``, ... do this on each call; a caller making many
+    calls (a server) does it once and passes the result."""
+    mesh = mesh or mesh_of(params) or partitioning.make_mesh(cfg)
+    return _decoder(cfg, mesh, 1).put_params(params)
+
+
 def _setup(cfg: Config, params, rows: list[np.ndarray], mesh: Optional[Mesh], max_new_tokens: int,
            repeat: int = 1):
     """Checked, left-padded prompts and the (decoder, params on its mesh) to run them."""
@@ -890,9 +899,9 @@ def step_text(step) -> str:
     return "" if step is None else f" at step {step}"
 
 
-def _cli_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
-    """Token ids of a command-line prompt as the family was trained: BOS first (decoder), EOS
-    last (encoder_decoder inputs), as is (encoder)."""
+def text_prompt_ids(cfg: Config, tokenizer, prompt: str) -> list[int]:
+    """Token ids of a text prompt (``decode``'s, ``serve``'s) as the family was trained: BOS first
+    (decoder), EOS last (encoder_decoder inputs), as is (encoder)."""
     ids = tokenizer.encode(prompt)
     if cfg.model.family == "decoder":
         return [tokenizer.bos_id] + ids
@@ -930,7 +939,8 @@ def _prompt_records(args) -> list[dict]:
     return records
 
 
-def _fill_candidates(tokenizer, fills) -> list[dict]:
+def fill_candidates(tokenizer, fills) -> list[dict]:
+    """``fill_mask``'s ``MaskFill``s of one prompt as JSON: each mask's position and candidates."""
     return [{"position": int(f.position), "candidates": [{"token": tokenizer.decode([t]), "prob": float(p)}
                                                          for t, p in zip(f.token_ids, f.probs)]} for f in fills]
 
@@ -964,7 +974,7 @@ def run_decode_cli(args) -> int:
     if family == "encoder" and args.num_beams > 1:
         raise ConfigError(f"--num-beams={args.num_beams}: the encoder family fills masks, it does not search "
                           "beams; drop --num-beams (use --top-k for the number of candidates)")
-    rows = [_cli_prompt_ids(cfg, tokenizer, p) for p in texts]
+    rows = [text_prompt_ids(cfg, tokenizer, p) for p in texts]
     stops = cli_stop_ids(args.workdir, tokenizer)
     if family == "encoder":
         if tokenizer.mask_id is None:
@@ -984,7 +994,7 @@ def run_decode_cli(args) -> int:
         if family == "encoder":
             fills = fill_mask(cfg, params, [rows[i] for i in chunk], args.top_k or 5, mask_id=tokenizer.mask_id)
             for i, row in zip(chunk, fills):
-                outputs[i] = _fill_candidates(tokenizer, row)
+                outputs[i] = fill_candidates(tokenizer, row)
         else:
             tokens = generate(cfg, params, [rows[i] for i in chunk], args.max_new_tokens, args.temperature,
                               args.top_k, args.top_p, args.num_beams, args.seed + k,

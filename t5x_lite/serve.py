@@ -71,15 +71,16 @@ from t5x_lite import partitioning
 from t5x_lite.config import Config, ConfigError
 from t5x_lite.decoding import (
     MASK_TOKEN,
-    _cli_prompt_ids,
-    _decoder,
     beam_search,
     check_generation_args,
+    fill_candidates,
     fill_mask,
     generate_parts,
     mesh_of,
+    prepare_params,
     score_tokens,
     step_text,
+    text_prompt_ids,
 )
 
 MAX_BODY_BYTES = 16 << 20
@@ -176,9 +177,7 @@ class Engine:
             raise ConfigError(f"--stream-tokens={stream_tokens} must be >= 1")
         self.stream_tokens = stream_tokens
         self.cfg, self.mesh = cfg, mesh_of(params) or partitioning.make_mesh(cfg)
-        # as every batch's decoder reads them, once: in the compute dtype, layers split out when
-        # decoding unrolls them (else every batch would copy the weights again)
-        self.params = _decoder(cfg, self.mesh, 1).put_params(params)
+        self.params = prepare_params(cfg, params, self.mesh)  # once, not again every batch
         self.stop_ids, self.start_id, self.mask_id = list(stop_ids), start_id, mask_id
         self.max_batch, self.batch_wait, self.log = max_batch, batch_wait, log
         self.queue: queue.Queue = queue.Queue()
@@ -695,7 +694,7 @@ class Service:
         return 0 if value is True else _number(request, "logprobs", 0, integer=True, low=0, high=MAX_TOP_LOGPROBS)
 
     def _text_ids(self, text: str) -> np.ndarray:
-        return np.asarray(_cli_prompt_ids(self.cfg, self.tokenizer, text), np.int32)
+        return np.asarray(text_prompt_ids(self.cfg, self.tokenizer, text), np.int32)
 
     def _prompts(self, request: dict) -> list:
         prompt = request.get("prompt")
@@ -805,8 +804,6 @@ class Service:
         return out
 
     def _fill(self, request: dict) -> dict:
-        from t5x_lite.decoding import _fill_candidates
-
         if self.family != "encoder":
             raise RequestError(f"/v1/fill-mask needs an encoder model; this one is {self.family}: "
                                "use /v1/completions")
@@ -823,7 +820,7 @@ class Service:
                 raise RequestError(f"input {i} holds no {MASK_TOKEN}: nothing to fill", "inputs")
         self._check_lengths(rows, 0, "top_k")
         results = self.engine.submit(Job(rows, "fill", top_k=top_k)).result()
-        return {"model": self.name, "results": [_fill_candidates(self.tokenizer, r.fills) for r in results]}
+        return {"model": self.name, "results": [fill_candidates(self.tokenizer, r.fills) for r in results]}
 
 
 # ----------------------------------------------------------------------------- HTTP
