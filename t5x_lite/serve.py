@@ -440,13 +440,10 @@ class Service:
             if unknown:
                 raise RequestError(f"unknown field(s) {unknown} for {path}; it takes {sorted(FIELDS[path])}",
                                    unknown[0])
-            if path == "/v1/fill-mask":
-                return 200, self._fill(request)
-            if path == "/tokenize":
-                return 200, self._tokenize(request)
-            if path == "/detokenize":
-                return 200, self._detokenize(request)
-            return 200, self._complete(request, chat=path == "/v1/chat/completions")
+            posts = {"/v1/completions": lambda r: self._complete(r, chat=False),
+                     "/v1/chat/completions": lambda r: self._complete(r, chat=True),
+                     "/v1/fill-mask": self._fill, "/tokenize": self._tokenize, "/detokenize": self._detokenize}
+            return 200, posts[path](request)
         except RequestError as e:
             return e.status, {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param,
                                         "code": None}}
