@@ -7,7 +7,7 @@ The stable Python interface::
     params = t5x_lite.init_params(cfg, seed=0)
     logits = t5x_lite.logits(cfg, params, input_ids)   # float32 [batch, length, vocab]
     new_ids = t5x_lite.generate(cfg, params, prompts, max_new_tokens=32)  # int32 [batch, new]
-    scores = t5x_lite.score_tokens(cfg, params, sequences, top_k=1)     # each token's log-probability
+    scores = t5x_lite.score_tokens(cfg, params, inputs, targets=answers)  # log p(answer | input), by token
 
 The model functions are imported on first use, so ``import t5x_lite`` (and the data tools'
 worker processes) do not pay for importing JAX and Flax.

@@ -46,6 +46,7 @@ from t5x_lite import partitioning
 from t5x_lite.config import Config, ConfigError
 from t5x_lite.models import CACHE_KV_AXES, abstract_params, build_model, inference_cfg, init_cache
 from t5x_lite.models.layers import jnp_dtype
+from t5x_lite.objectives import shift_right
 
 Array = jax.Array
 
@@ -574,27 +575,49 @@ class _Decoder:
         with self.context():
             return fn(params, *ids)
 
-    def score(self, params, prompts: Prompts, top_k: int):
-        """Decoder family, one causal forward pass over left-padded ``prompts``: device arrays
-        ``(logprobs [B, P], top_ids [B, P, k], top_logprobs [B, P, k])`` where column ``t`` holds
-        the log-probability of token ``t`` given the tokens before it and the ``k`` (at least 1)
-        likeliest tokens there; column 0 is 0 (nothing comes before it)."""
+    def score(self, params, prompts: Prompts, top_k: int, prefix_BP=None, targets: Optional[Prompts] = None,
+              start_id: int = BOS_ID):
+        """One forward pass over left-padded ``prompts``: device arrays ``(logprobs [B, T],
+        top_ids [B, T, k], top_logprobs [B, T, k])``, at column ``t`` the log-probability of token
+        ``t`` given what comes before it and the ``k`` (at least 1) likeliest tokens there.
+
+        decoder: the tokens are the prompts' (T = P; column 0 is 0: nothing comes before it);
+        ``prefix_BP`` (prefix LM) marks the bidirectional prefix of each row. encoder_decoder:
+        the prompts are the encoder's input and ``targets`` (right-padded) the decoder's tokens,
+        read after ``start_id``."""
         ids = self.put_prompts(prompts)
         model, k = self.model, max(top_k, 1)
+        encdec = self.model.cfg.family == "encoder_decoder"
 
-        def run(params, ids_BP, seg_BP, pos_BP):
-            logits_BPV = model.apply({"params": params}, ids_BP, seg_BP, pos_BP)
-            logp_BPV = jax.nn.log_softmax(logits_BPV[:, :-1].astype(jnp.float32), axis=-1)  # of tokens 1..P-1
-            chosen_BP = jnp.take_along_axis(logp_BPV, ids_BP[:, 1:, None], axis=-1)[..., 0]
-            top_lp_BPk, top_BPk = jax.lax.top_k(logp_BPV, k)
+        def scores(logits_BTV, tokens_BT):
+            logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+            chosen_BT = jnp.take_along_axis(logp_BTV, tokens_BT[..., None], axis=-1)[..., 0]
+            top_lp_BTk, top_BTk = jax.lax.top_k(logp_BTV, k)
+            return chosen_BT, top_BTk.astype(jnp.int32), top_lp_BTk
+
+        def run(params, ids_BP, seg_BP, pos_BP, extra):
+            variables = {"params": params}
+            if encdec:
+                dec_in_BT, targets_BT, tseg_BT, tpos_BT = extra
+                logits_BTV = model.apply(variables, ids_BP, dec_in_BT, seg_BP, tseg_BT, pos_BP, tpos_BT)
+                return scores(logits_BTV, targets_BT)
+            logits_BPV = model.apply(variables, ids_BP, seg_BP, pos_BP, prefix_mask=extra)
             first = lambda x: jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))  # column 0: nothing before
-            return first(chosen_BP), first(top_BPk.astype(jnp.int32)), first(top_lp_BPk)
+            return tuple(first(x) for x in scores(logits_BPV[:, :-1], ids_BP[:, 1:]))
 
-        key = ("score", prompts.ids.shape, k, _dtypes(params))
-        fn = self._jit(key, lambda: jax.jit(run, in_shardings=(self.param_shardings,) + (self.batch,) * 3,
+        if encdec:  # the decoder reads the targets shifted right, after start_id
+            dec_in = shift_right(targets.ids, targets.segment_ids, start_id)
+            extra = tuple(jax.device_put(a, self.batch) for a in (dec_in, *targets[:3]))
+        else:
+            extra = None if prefix_BP is None else jax.device_put(prefix_BP, self.batch)
+        key = ("score", prompts.ids.shape, None if targets is None else targets.ids.shape, prefix_BP is None, k,
+               start_id, _dtypes(params))
+        fn = self._jit(key, lambda: jax.jit(run, in_shardings=(self.param_shardings,) + (self.batch,) * 3
+                                            + ((self.batch,) * 4 if encdec else None if prefix_BP is None
+                                               else self.batch,),
                                             out_shardings=(self.replicated,) * 3))
         with self.context():
-            return fn(params, *ids)
+            return fn(params, *ids, extra)
 
 
 # Parameters every module casts to the compute dtype before use (Dense and expert kernels and
@@ -820,28 +843,68 @@ class TokenScores(NamedTuple):
     top_logprobs: np.ndarray
 
 
-def score_tokens(cfg: Config, params, input_ids, top_k: int = 0, *, attention_mask=None,
-                 mesh: Optional[Mesh] = None) -> list[TokenScores]:
-    """Decoder family (causal): every token's log-probability given the tokens before it, one
-    forward pass for the batch, and the ``top_k`` likeliest tokens at every position (0: none).
-    The sum over a continuation's tokens is its log-likelihood given the context before it (what
-    evaluation harnesses ask of a model); ``input_ids`` as ``generate_details`` takes them."""
-    if cfg.model.family != "decoder" or cfg.objective == "prefix":
-        what = "a prefix LM reads its prompt both ways" if cfg.model.family == "decoder" else (
-            f"model.family={cfg.model.family} does not predict its input")
-        raise ConfigError(f"score_tokens needs a causal decoder: {what}")
-    if not 0 <= top_k <= cfg.model.vocab_size:
-        raise ConfigError(f"top_k={top_k} must be in [0, {cfg.model.vocab_size}] (the vocabulary)")
+def score_tokens(cfg: Config, params, input_ids, top_k: int = 0, *, targets=None, attention_mask=None,
+                 start_id: int = BOS_ID, mesh: Optional[Mesh] = None) -> list[TokenScores]:
+    """Each token's log-probability given what comes before it, one forward pass for the batch,
+    and the ``top_k`` likeliest tokens at every position (0: none). ``input_ids`` as
+    ``generate_details`` takes them.
+
+    - causal decoder: every token of ``input_ids`` given the tokens before it; with ``targets``
+      (one token list per row), the targets' tokens given the input and the targets before them.
+      The sum over a continuation is its log-likelihood given the context (what evaluation
+      harnesses ask of a model).
+    - prefix LM (``data.objective=prefix``): ``targets`` given the input read both ways.
+    - encoder_decoder: ``targets`` given the input read by the encoder, the decoder starting
+      from ``start_id`` (T5's rank classification)."""
+    m = cfg.model
+    if m.family == "encoder":
+        raise ConfigError("score_tokens needs a decoder or encoder_decoder model; the encoder family fills masks")
+    if targets is None and (m.family == "encoder_decoder" or cfg.objective == "prefix"):
+        what = "a prefix LM reads its input both ways" if m.family == "decoder" else "the encoder reads the input"
+        raise ConfigError(f"score_tokens needs targets here: {what}, the targets are what it predicts")
+    if not 0 <= top_k <= m.vocab_size:
+        raise ConfigError(f"top_k={top_k} must be in [0, {m.vocab_size}] (the vocabulary)")
     rows = prompt_rows(input_ids, attention_mask)
+    goals = None if targets is None else prompt_rows(targets)
+    if goals is not None and len(goals) != len(rows):
+        raise ConfigError(f"targets has {len(goals)} rows for {len(rows)} inputs; give one target per input")
+    if m.family == "decoder" and goals is not None:
+        seqs = [np.concatenate([r, g]) for r, g in zip(rows, goals)]
+        prompts, dec, params = _setup(cfg, params, seqs, mesh, max_new_tokens=0)
+        prefix = None
+        if cfg.objective == "prefix":  # the input's columns of each left-padded row
+            width = prompts.ids.shape[1]
+            prefix = np.zeros_like(prompts.segment_ids, dtype=bool)
+            for i, (r, g) in enumerate(zip(rows, goals)):
+                prefix[i, width - len(r) - len(g):width - len(g)] = True
+        width = prompts.ids.shape[1]  # the targets: each row's last columns
+        return _scores(dec.score(params, prompts, top_k, prefix_BP=prefix), top_k,
+                       [slice(width - len(g), width) for g in goals])
+    if m.family == "decoder":
+        prompts, dec, params = _setup(cfg, params, rows, mesh, max_new_tokens=0)
+        width = prompts.ids.shape[1]
+        out = _scores(dec.score(params, prompts, top_k), top_k, [slice(width - len(r), width) for r in rows])
+        for sc in out:  # nothing predicts a row's first token
+            sc.logprobs[0], sc.top_ids[0], sc.top_logprobs[0] = np.nan, -1, np.nan
+        return out
+    longest = max(len(g) for g in goals)
+    if longest > m.max_length:
+        raise ConfigError(f"a target has {longest} tokens, more than model.max_length={m.max_length}")
     prompts, dec, params = _setup(cfg, params, rows, mesh, max_new_tokens=0)
-    chosen, top, top_lp = (np.asarray(a) for a in dec.score(params, prompts, top_k))
-    width, out = prompts.ids.shape[1], []
-    for i, r in enumerate(rows):
-        at = slice(width - len(r), width)
-        lp, ids, lps = chosen[i, at].copy(), top[i, at, :top_k].copy(), top_lp[i, at, :top_k].copy()
-        lp[0], ids[0], lps[0] = np.nan, -1, np.nan
-        out.append(TokenScores(lp, ids, lps))
-    return out
+    width = bucket_length(longest)  # the targets right-padded, positions from 0
+    ids, seg = np.zeros((len(goals), width), np.int32), np.zeros((len(goals), width), np.int32)
+    for i, g in enumerate(goals):
+        ids[i, :len(g)], seg[i, :len(g)] = g, 1
+    right = Prompts(ids, seg, np.where(seg > 0, np.arange(width, dtype=np.int32), 0), seg.sum(1))
+    return _scores(dec.score(params, prompts, top_k, targets=right, start_id=start_id), top_k,
+                   [slice(0, len(g)) for g in goals])
+
+
+def _scores(arrays, top_k: int, columns: list) -> list[TokenScores]:
+    """Each row's ``TokenScores`` of its ``columns`` (a slice a row) of ``_Decoder.score``'s arrays."""
+    chosen, top, top_lp = (np.asarray(a) for a in arrays)
+    return [TokenScores(chosen[i, at].copy(), top[i, at, :top_k].copy(), top_lp[i, at, :top_k].copy())
+            for i, at in enumerate(columns)]
 
 
 class MaskFill(NamedTuple):

@@ -20,7 +20,7 @@ import t5x_lite
 from t5x_lite import decoding, partitioning
 from t5x_lite.config import ConfigError
 from t5x_lite.decoding import Sampling, beam_search, fill_mask, filter_logits, generate, generate_details
-from t5x_lite.models import _jitted_apply, abstract_params
+from t5x_lite.models import _jitted_apply, abstract_params, build_model
 
 from helpers import tiny_cfg
 
@@ -332,8 +332,46 @@ def test_scored_tokens_equal_the_full_forward(dec, single):
         np.testing.assert_allclose(scores.top_logprobs[1:], -np.sort(-logp[:-1], axis=-1)[:, :3], rtol=1e-5, atol=1e-5)
     assert decoding.score_tokens(cfg, params, PROMPTS[:1], mesh=single)[0].top_ids.shape == (len(PROMPTS[0]), 0)
     prefix = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, objective="prefix"))
-    with pytest.raises(ConfigError, match="needs a causal decoder: a prefix LM reads its prompt both ways"):
+    with pytest.raises(ConfigError, match="needs targets here: a prefix LM reads its input both ways"):
         decoding.score_tokens(prefix, params, PROMPTS, mesh=single)
+
+
+def test_scored_targets_equal_the_full_forward(dec, encdec, single):
+    """score_tokens(..., targets=): the targets' tokens given the input. Causal decoder: the
+    targets' columns of scoring input + target; prefix LM: the input read both ways (the model
+    called with its prefix mask); encoder_decoder: the decoder after the start token (logits with
+    decoder_input_ids). Rows of different lengths in one batch, each equal to its row alone."""
+    targets = [[7, 8, 9], [30], [11, 12, 13, 14, 15]]
+    cfg, params = dec
+    whole = decoding.score_tokens(cfg, params, [p + t for p, t in zip(PROMPTS, targets)], top_k=2, mesh=single)
+    got = decoding.score_tokens(cfg, params, PROMPTS, top_k=2, targets=targets, mesh=single)
+    for g, w, t in zip(got, whole, targets):
+        np.testing.assert_allclose(g.logprobs, w.logprobs[-len(t):], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(g.top_ids, w.top_ids[-len(t):])
+
+    prefix = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, objective="prefix"))
+    model = build_model(prefix)
+    got = decoding.score_tokens(prefix, params, PROMPTS, targets=targets, mesh=single)
+    for p, t, g in zip(PROMPTS, targets, got):
+        seq = np.asarray([p + t])
+        mask = np.arange(seq.shape[1])[None] < len(p)
+        logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, seq, prefix_mask=mask)[0], axis=-1))
+        np.testing.assert_allclose(g.logprobs, logp[np.arange(len(p) - 1, len(p) + len(t) - 1), t], rtol=1e-5,
+                                   atol=1e-5)
+    causal = decoding.score_tokens(cfg, params, PROMPTS, targets=targets, mesh=single)
+    assert not np.allclose(causal[0].logprobs, got[0].logprobs)  # the prefix is read both ways: other numbers
+
+    cfg, params = encdec
+    got = decoding.score_tokens(cfg, params, PROMPTS, top_k=1, targets=targets, start_id=0, mesh=single)
+    for p, t, g in zip(PROMPTS, targets, got):
+        logits = t5x_lite.logits(cfg, params, np.asarray([p]), decoder_input_ids=np.asarray([[0] + t[:-1]]))
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        np.testing.assert_allclose(g.logprobs, logp[np.arange(len(t)), t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(g.top_ids[:, 0], logp.argmax(-1))
+    with pytest.raises(ConfigError, match="needs targets here: the encoder reads the input"):
+        decoding.score_tokens(cfg, params, PROMPTS, mesh=single)
+    with pytest.raises(ConfigError, match="targets has 1 rows for 3 inputs"):
+        decoding.score_tokens(cfg, params, PROMPTS, targets=targets[:1], mesh=single)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(dec, single):
