@@ -230,6 +230,10 @@ LORA_TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")  # p
 @dataclasses.dataclass
 class DataConfig:
     path: Optional[str] = None  # None: docstrings of this Python's standard library
+    # several corpora mixed by weight, instead of data.path: "PATH=WEIGHT, PATH=WEIGHT, ..." (each
+    # PATH as data.path takes it; weights relative). Every batch takes from each corpus its share
+    # of the rows, the running counts within one row of the weights (data.pipeline.MixtureBatches)
+    mixture: Optional[str] = None
     field: str = "text"  # JSONL field holding the text
     # objective supervised: JSON lines of (input, target) pairs; the loss is on the target only
     input_field: str = "input"
@@ -266,6 +270,30 @@ class DataConfig:
     # processes making the coming steps' training batches while the device runs (0: the training
     # loop makes each batch itself); the same batches either way
     workers: int = 0
+
+    def mixture_sources(self) -> list[tuple[str, float]]:
+        """``data.mixture`` as ``[(path, weight), ...]`` with the weights summing to 1 (``[]``
+        unset). Raises ConfigError on a malformed one."""
+        if not self.mixture:
+            return []
+        sources = []
+        for item in self.mixture.split(","):
+            path, eq, weight = item.strip().rpartition("=")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = float("nan")
+            if not eq or not path.strip() or not value > 0 or value == float("inf"):
+                raise ConfigError(f"data.mixture item {item.strip()!r} is not PATH=WEIGHT with a weight > 0 "
+                                  "(data.mixture=\"web.jsonl=3, code/=1\")")
+            sources.append((path.strip(), value))
+        paths = [p for p, _ in sources]
+        if len(sources) < 2 or len(set(paths)) < len(paths):
+            n = len(set(paths))
+            raise ConfigError(f"data.mixture names {n} distinct {'corpus' if n == 1 else 'corpora'}; a mixture needs "
+                              "two or more (one corpus: data.path)")
+        total = sum(w for _, w in sources)
+        return [(p, w / total) for p, w in sources]
 
     def resolved_objective(self, family: str) -> str:
         return self.objective or {"encoder": "mlm", "decoder": "causal", "encoder_decoder": "span"}[family]
@@ -520,6 +548,18 @@ class Config:
             errors.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1] (the share of the steps wsd decays over)")
         if d.workers < 0:
             errors.append(f"data.workers={d.workers} must be >= 0 (0: batches made in the training loop)")
+        try:
+            mixture = d.mixture_sources()
+        except ConfigError as e:
+            errors.append(str(e))
+            mixture = []
+        if mixture and d.path is not None:
+            errors.append("data.path and data.mixture are both set: one corpus (data.path) or a mixture of several")
+        few = [f"{p} ({w * t.batch_size:.2f})" for p, w in mixture if w * t.batch_size < 1]
+        if few:
+            errors.append(f"data.mixture gives {', '.join(few)} less than one row of a batch of train.batch_size="
+                          f"{t.batch_size}: raise their weights or the batch size (every corpus takes a row or more "
+                          "of every batch)")
         if not 0 <= d.eval_fraction < 1:
             errors.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.steps < 0:

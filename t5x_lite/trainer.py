@@ -633,11 +633,13 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     steps = cfg.train.steps
     end = steps if stop_after is None else min(steps, start + stop_after)
-    epochs_of = lambda n_steps: n_steps * cfg.train.batch_size / train_batches.rows_per_epoch
-    log(f"data: {steps} steps x {cfg.train.batch_size} rows read the {train_batches.rows_per_epoch} training rows "
-        f"{epochs_of(steps):.2f} times" + (f" (past ~{REPEAT_EPOCHS} epochs repeated tokens are worth less than new "
-                                           "ones, and held-out loss drifts from train loss)"
-                                           if epochs_of(steps) > REPEAT_EPOCHS else ""))
+    epochs_of = lambda n_steps: n_steps * cfg.train.batch_size / train_batches.rows_per_epoch  # (all corpora)
+    read = train_batches.epochs_read(steps)  # a corpus (data.mixture: each corpus of the mixture)
+    log(f"data: {steps} steps x {cfg.train.batch_size} rows read "
+        + "; ".join(f"{name + ': ' if name else ''}the {rows} training rows {times:.2f} times"
+                    for name, rows, times in read)
+        + (f" (past ~{REPEAT_EPOCHS} epochs repeated tokens are worth less than new ones, and held-out loss drifts "
+           "from train loss)" if max(times for _, _, times in read) > REPEAT_EPOCHS else ""))
     tokens = tokens_per_step(cfg)
     flops = train_flops_per_step(cfg)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
@@ -765,6 +767,8 @@ def eval_config(workdir: str, overrides) -> Config:
                               "train.batch_size, mesh.* and sharding.* may change; the model is the checkpoint's")
         section, name = key.split(".", 1)
         tree[section][name] = value
+        if key in ("data.path", "data.mixture"):  # one corpus instead of a mixture, or the other way
+            tree["data"]["mixture" if key == "data.path" else "path"] = None
     return config_from_dict(tree).validate()
 
 
@@ -776,7 +780,8 @@ def held_out_batches(cfg: Config, workdir: str, log: Callable[[str], None]):
     if batches is None:
         raise DataError(f"data.eval_fraction={cfg.data.eval_fraction} holds no document out; "
                         "pass --set data.eval_fraction=0.02 (or --set data.path=HELD_OUT --set data.eval_fraction=0.99)")
-    return batches, f"held-out {cfg.data.eval_fraction:g} of {cfg.data.path or 'the stdlib docstrings'}"
+    corpus = f"the mixture {cfg.data.mixture}" if cfg.data.mixture else cfg.data.path or "the stdlib docstrings"
+    return batches, f"held-out {cfg.data.eval_fraction:g} of {corpus}"
 
 
 def evaluate_checkpoint(workdir: str, overrides=(), step: Optional[int] = None,

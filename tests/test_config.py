@@ -143,3 +143,17 @@ def test_xla_options_parse_like_xla_flags():
                                "--xla_gpu_enable_latency_hiding_scheduler=FALSE"]).train.compiler_options()
     assert flags == {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True,
                      "xla_gpu_enable_latency_hiding_scheduler": False}
+
+
+def test_eval_of_a_mixture_run_takes_one_corpus_or_another_mixture(tmp_path):
+    """`eval --set data.path=X` on a mixture run scores X alone (the mixture is dropped), and
+    `--set data.mixture=...` on a one-corpus run drops its data.path: no both-set error."""
+    from t5x_lite.trainer import eval_config, write_workdir_config
+
+    write_workdir_config(load_config(None, ["data.mixture=a.jsonl=1, b.jsonl=3"]), str(tmp_path / "mix"))
+    one = eval_config(str(tmp_path / "mix"), ["data.path=b.jsonl"]).data
+    assert (one.path, one.mixture) == ("b.jsonl", None)
+    assert eval_config(str(tmp_path / "mix"), []).data.mixture_sources() == [("a.jsonl", 0.25), ("b.jsonl", 0.75)]
+    write_workdir_config(load_config(None, ["data.path=c.jsonl"]), str(tmp_path / "one"))
+    mixed = eval_config(str(tmp_path / "one"), ["data.mixture=c.jsonl=1, d.jsonl=1"]).data
+    assert (mixed.path, mixed.mixture) == (None, "c.jsonl=1, d.jsonl=1")

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -1036,3 +1037,75 @@ def test_segments_hint_names_a_cap_that_packs_the_same_rows(family, objective, p
     assert segments_hint(cfg2, tight, None) is None  # a cap the rows reach: nothing to say
     cfg.model.attention = "xla"
     assert segments_hint(cfg, loose, None) is None  # no cuDNN: the cap costs nothing
+
+
+# ---------------------------------------------------------------------- mixtures
+
+
+def test_mixture_batches_take_each_corpus_share_of_its_own_rows(tokenizer):
+    """data.mixture: every batch takes exactly B rows, each corpus's running count within one row
+    of its weight; a corpus's rows of step s are the next ones of its own stream (corpora of
+    disjoint tokens tell them apart); rows interleaved; the same batches again, and processes'
+    slices join to the global batch."""
+    from t5x_lite.data.pipeline import MixtureBatches
+
+    rng = np.random.default_rng(0)
+    cfg = make_cfg(batch_size=10)
+    corpora = [[rng.integers(lo, lo + 90, rng.integers(5, 40)).astype(np.int32) for _ in range(n)]
+               for lo, n in ((10, 80), (200, 30))]
+    sources = [Batches(cfg, docs, tokenizer, stream=2 * i) for i, docs in enumerate(corpora)]
+    mix = MixtureBatches(sources, [7, 3], ["a", "b"], seed=0)
+    interleaved = False
+    for step in range(40):
+        counts = mix.counts(step)
+        assert counts.sum() == 10 and (counts >= 0).all()
+        assert np.all(np.abs(mix.served(step + 1) - np.array([0.7, 0.3]) * 10 * (step + 1)) < 1)
+        batch = mix.batches(step)
+        corpus_of = np.where(batch["targets"].max(1) >= 200, 1, 0)
+        assert np.bincount(corpus_of, minlength=2).tolist() == counts.tolist()
+        interleaved |= not np.all(np.diff(corpus_of) >= 0)
+        for i, source in enumerate(sources):  # the rows of its stream at the positions it has reached
+            positions = mix.served(step)[i] + np.arange(counts[i])
+            want = source.rows_batch(source.rows_at(positions), step, positions)["targets"]
+            assert sorted(map(tuple, batch["targets"][corpus_of == i])) == sorted(map(tuple, want))
+        assert_same(mix.batches(step), batch)
+        assert_same({k: np.concatenate([mix.batches(step, p, 5)[k] for p in range(5)]) for k in batch}, batch)
+    assert interleaved
+    assert [round(t, 3) for _, _, t in mix.epochs_read(40)] == [
+        round(280 / sources[0].rows_per_epoch, 3), round(120 / sources[1].rows_per_epoch, 3)]
+
+
+def test_mixture_of_raw_corpora_trains_one_tokenizer_and_mixes_both(tmp_path, corpus):
+    """make_datasets of a mixture of two JSON-lines corpora: one tokenizer learned from both, each
+    corpus tokenized and split alone, train and eval batches mixing them by weight; a rerun reads
+    no text. Bad mixtures are one clear error."""
+    left = [f"alpha {d[:50]}" for d in corpus[:150]]  # every document whole in a row: each row is one corpus's
+    right = [f"omega {d[:50]}" for d in corpus[150:]]
+    write_corpus(tmp_path / "left.jsonl", left)
+    write_corpus(tmp_path / "right.jsonl", right)
+    mixture = f"{tmp_path / 'left.jsonl'}=1, {tmp_path / 'right.jsonl'}=3"
+    cfg = make_cfg(mixture=mixture, eval_fraction=0.1, batch_size=8, seq_len=128)
+    lines = []
+    tok, train, evaluation = make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+    assert any("tokenizer trained on" in line and "of 2 corpora" in line for line in lines)
+    assert any("left.jsonl (25.0% of each batch)" in line for line in lines)
+    assert train.names == [str(tmp_path / "left.jsonl"), str(tmp_path / "right.jsonl")]
+    assert train.num_documents + evaluation.num_documents == len(corpus)
+    texts = [tok.decode(row) for step in range(6) for row in train.batches(step)["targets"]]
+    firsts = [t.split()[0] for t in texts]
+    assert firsts.count("alpha") == 12 and firsts.count("omega") == 36  # 1 : 3 of 48 rows
+    assert len(list(evaluation)) == 2 and evaluation.weights.tolist() == [0.25, 0.75]
+    lines.clear()
+    _, again, _ = make_datasets(cfg, str(tmp_path / "run"), log=lines.append)
+    assert not any("read in" in line or "trained" in line for line in lines)
+    assert_same(again.batches(5), train.batches(5))
+    for bad, says in [(f"{tmp_path / 'left.jsonl'}=1", "names 1 distinct corpus"),
+                      (f"{tmp_path / 'left.jsonl'}=1, x=-1", "'x=-1' is not PATH=WEIGHT"),
+                      (f"{tmp_path / 'left.jsonl'}=1, {tmp_path / 'right.jsonl'}=99", "less than one row")]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            make_cfg(mixture=bad, batch_size=8)
+    with pytest.raises(ConfigError, match="data.path and data.mixture are both set"):
+        make_cfg(mixture=mixture, path=str(tmp_path / "left.jsonl"))
+    missing = make_cfg(mixture=f"{tmp_path / 'left.jsonl'}=1, {tmp_path / 'none.jsonl'}=1", batch_size=8)
+    with pytest.raises(DataError, match=re.escape(f"data.mixture, corpus '{tmp_path / 'none.jsonl'}': ")):
+        make_datasets(missing, str(tmp_path / "other"), log=lambda _: None)

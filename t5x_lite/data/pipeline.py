@@ -25,6 +25,7 @@ uninterrupted run would have read at s, and nothing of the steps before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -42,7 +43,7 @@ from t5x_lite.data.shards import TokenStore
 from t5x_lite.data.tokenizer import Tokenizer
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-_EPOCH, _OBJECTIVE = 1, 2  # rng namespaces
+_EPOCH, _OBJECTIVE, _MIXTURE = 1, 2, 3  # rng namespaces
 _FEISTEL_ROUNDS = 4
 _CACHE_VERSION = "2"
 PAIR_GROUPS = "pair_groups.npy"  # supervised caches: each pair's record (a conversation's pairs share one)
@@ -582,8 +583,12 @@ class Batches:
 
     def _row_ids(self, start: int, count: int) -> np.ndarray:
         """Packed-row ids of global stream positions [start, start + count)."""
-        epochs, index = np.divmod(np.arange(start, start + count, dtype=np.int64), self.rows_per_epoch)
-        out = np.empty(count, np.int64)
+        return self.rows_at(np.arange(start, start + count, dtype=np.int64))
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Packed-row ids of positions of the endless stream of shuffled epochs."""
+        epochs, index = np.divmod(np.asarray(positions, np.int64), self.rows_per_epoch)
+        out = np.empty(len(index), np.int64)
         for e in np.unique(epochs):
             at = epochs == e
             out[at] = shuffle_index(index[at], self.rows_per_epoch, self._epoch_keys(int(e)))
@@ -608,23 +613,27 @@ class Batches:
             raise DataError(f"process_index={process_index} is outside [0, {process_count})")
         per_process = self.batch_size // process_count
         first = process_index * per_process
-        rows = self._row_ids(step * self.batch_size + first, per_process)
+        return self.rows_batch(self._row_ids(step * self.batch_size + first, per_process), step,
+                               np.arange(first, first + per_process))
+
+    __call__ = batches  # ``ds(step, process_index, process_count)`` works too
+
+    def rows_batch(self, rows: np.ndarray, step: int, row_numbers: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of packed ``rows`` (``rows_at``'s ids) as rows ``row_numbers`` of the global
+        batch of ``step`` (which fix each row's objective randomness)."""
         if self.objective == "supervised":
             return self._pairs_batch(rows)
         flat, lengths, piece_rows = self._read(rows)
         if self.objective == "span":
-            rngs = self._rngs(step, first, per_process)
-            return self._span_batch(flat, lengths, piece_rows, rngs)
-        tokens, segment_ids, positions = _scatter(flat, lengths, piece_rows, per_process, self.seq_len)
+            return self._span_batch(flat, lengths, piece_rows, self._rngs(step, row_numbers))
+        tokens, segment_ids, positions = _scatter(flat, lengths, piece_rows, len(rows), self.seq_len)
         if self.objective == "causal":
             return objectives.causal_lm(tokens, segment_ids, positions, self._tokenizer.bos_id)
-        return self._dense_batch(tokens, segment_ids, positions, self._rngs(step, first, per_process))
+        return self._dense_batch(tokens, segment_ids, positions, self._rngs(step, row_numbers))
 
-    __call__ = batches  # ``ds(step, process_index, process_count)`` works too
-
-    def _rngs(self, step: int, first: int, count: int) -> list:
-        """One generator per row: row ``first + i`` of the global batch of ``step``."""
-        return [np.random.default_rng([self._seed, self._stream, _OBJECTIVE, step, first + i]) for i in range(count)]
+    def _rngs(self, step: int, row_numbers: np.ndarray) -> list:
+        """One generator per row: row ``i`` of the global batch of ``step`` for each ``i``."""
+        return [np.random.default_rng([self._seed, self._stream, _OBJECTIVE, step, int(i)]) for i in row_numbers]
 
     def _dense_batch(self, tokens, segment_ids, positions, rngs: list) -> dict[str, np.ndarray]:
         """prefix / mlm: each row corrupted with its own generator (mlm: the whole batch in one
@@ -674,11 +683,97 @@ class Batches:
         steps = range(self.num_batches) if self.num_batches is not None else itertools.count()
         return (self.batches(step) for step in steps)
 
+    def epochs_read(self, steps: int) -> list[tuple[str, int, float]]:
+        """``[(corpus name, its training rows, how many times ``steps`` steps read them)]``."""
+        return [("", self.rows_per_epoch, steps * self.batch_size / self.rows_per_epoch)]
+
     def __repr__(self) -> str:
         return (
             f"Batches({self.objective}, docs={self.num_documents}, tokens={self.num_tokens}, "
             f"rows={self.rows_per_epoch}, packing={self.packing_efficiency:.1%})"
         )
+
+
+class MixtureBatches:
+    """Batches drawn from several corpora by weight (``data.mixture``), as stateless as ``Batches``.
+
+    Each corpus keeps its own ``Batches`` (its packing, its endless stream of shuffled epochs).
+    Before step ``s`` corpus ``i`` has served ``floor(w_i * s * B)`` rows, plus one for the first
+    ``d`` corpora, ``d`` being what the floors leave of ``s * B``: every batch takes exactly ``B``
+    rows, each corpus's running count stays within one row of its weight, and the rows a corpus
+    serves at step ``s`` are the next ones of its own stream (a corpus never repeats a row before
+    its epoch ends, whatever the other corpora's sizes). Requires ``w_i * B >= 1`` (``Config``
+    checks), which keeps every count non-negative. The batch's rows are then put in an order
+    shuffled by step, so that every process and micro-batch sees the mixture."""
+
+    def __init__(self, sources: Sequence[Batches], weights: Sequence[float], names: Sequence[str], seed: int,
+                 stream: int = _TRAIN_STREAM, num_batches: Optional[int] = None):
+        self.sources, self.names = list(sources), list(names)
+        self.weights = np.asarray(weights, np.float64) / np.sum(weights)
+        first = self.sources[0]
+        self.objective, self.seq_len, self.batch_size = first.objective, first.seq_len, first.batch_size
+        self.target_len, self.max_segments = first.target_len, first.max_segments
+        self.num_batches, self._seed, self._stream = num_batches, seed, stream
+        self.num_documents = sum(b.num_documents for b in self.sources)
+        self.num_tokens = sum(b.num_tokens for b in self.sources)
+        self.rows_per_epoch = sum(b.rows_per_epoch for b in self.sources)  # (each corpus's epochs are its own)
+        self.packing_efficiency = float(np.average([b.packing_efficiency for b in self.sources],
+                                                   weights=[b.rows_per_epoch for b in self.sources]))
+        self.documents_per_row = np.concatenate([b.documents_per_row for b in self.sources])
+        self.truncated = sum(getattr(b, "truncated", 0) for b in self.sources)
+
+    def served(self, step: int) -> np.ndarray:
+        """int64 [corpora]: the rows each corpus has served before ``step``."""
+        target = self.weights * (step * self.batch_size)
+        out = np.floor(target + 1e-9).astype(np.int64)  # (a weight like 0.3 times 10 must give 3, not 2)
+        out[:step * self.batch_size - int(out.sum())] += 1
+        return out
+
+    def counts(self, step: int) -> np.ndarray:
+        """int64 [corpora]: the rows each corpus gives the batch of ``step`` (summing to B)."""
+        return self.served(step + 1) - self.served(step)
+
+    def batches(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+        """The batch of ``step``: all B rows, or this process's contiguous B/process_count of them."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.batch_size % process_count or not 0 <= process_index < process_count:
+            raise DataError(f"process {process_index} of {process_count} cannot take an equal share of "
+                            f"train.batch_size={self.batch_size}")
+        counts, start = self.counts(step), self.served(step)
+        corpus = np.repeat(np.arange(len(self.sources)), counts)
+        position = np.concatenate([s + np.arange(c) for s, c in zip(start, counts)])
+        order = shuffle_index(np.arange(self.batch_size), self.batch_size,
+                              _hash_words(self._seed, self._stream, _MIXTURE, step, count=_FEISTEL_ROUNDS))
+        per = self.batch_size // process_count
+        mine = slice(process_index * per, (process_index + 1) * per)
+        corpus, position, numbers = corpus[order][mine], position[order][mine], np.arange(self.batch_size)[mine]
+        out: dict = {}
+        for i, source in enumerate(self.sources):
+            at = np.flatnonzero(corpus == i)
+            if not len(at):
+                continue
+            part = source.rows_batch(source.rows_at(position[at]), step, numbers[at])
+            for key, value in part.items():
+                if key not in out:
+                    out[key] = np.zeros((per,) + value.shape[1:], value.dtype)
+                out[key][at] = value
+        return out
+
+    __call__ = batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        steps = range(self.num_batches) if self.num_batches is not None else itertools.count()
+        return (self.batches(step) for step in steps)
+
+    def epochs_read(self, steps: int) -> list[tuple[str, int, float]]:
+        """``Batches.epochs_read``, a line a corpus: each reads its own rows at its own pace."""
+        return [(name, b.rows_per_epoch, int(n) / b.rows_per_epoch)
+                for name, b, n in zip(self.names, self.sources, self.served(steps))]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n} {w:.0%}" for n, w in zip(self.names, self.weights))
+        return f"MixtureBatches({self.objective}, {parts}, rows={self.rows_per_epoch})"
 
 
 # ---------------------------------------------------------------------- splits
@@ -787,11 +882,7 @@ def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optiona
         check_objective(cfg.objective, cfg.data, True, cfg.data.num_sentinels)
         docs = _read_corpus(cfg, log, groups)
         t0 = time.perf_counter()
-        if cfg.objective == "supervised":  # split by pair, as training does: both texts of a pair
-            pairs, _ = split_documents(len(docs) // 2, cfg.data.eval_fraction, cfg.train.seed, groups)
-            train_idx = np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
-        else:
-            train_idx, _ = split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)
+        train_idx = _tokenizer_training_docs(cfg, docs, groups)
         tok = Tokenizer.train(
             [docs[i] for i in train_idx], path, cfg.model.vocab_size, cfg.data.num_sentinels, seed=cfg.train.seed
         )
@@ -800,6 +891,15 @@ def _get_tokenizer(cfg, workdir: str, log: Callable) -> tuple[Tokenizer, Optiona
     log(f"data: tokenizer {how} (vocab {tok.vocab_size}, {len(tok.sentinel_ids)} sentinels) "
         f"in {time.perf_counter() - t0:.1f}s")
     return tok, docs, groups
+
+
+def _tokenizer_training_docs(cfg, docs: list, groups: list) -> np.ndarray:
+    """The indices of ``docs`` a new tokenizer learns from: the training split's (supervised: both
+    texts of each training pair, split by pair as training does)."""
+    if cfg.objective == "supervised":
+        pairs, _ = split_documents(len(docs) // 2, cfg.data.eval_fraction, cfg.train.seed, groups)
+        return np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
+    return split_documents(len(docs), cfg.data.eval_fraction, cfg.train.seed)[0]
 
 
 def _open_cached(cfg, workdir: str, log: Callable) -> tuple[TokenStore, Tokenizer]:
@@ -923,7 +1023,50 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     no document is held out. Bad input raises before anything is written to the work dir. With
     ``model.fit_max_segments`` the rows are packed for the smallest cap the data needs (the
     batches' ``max_segments``; the model's kernel is built for it: ``Config.with_max_segments``).
+    ``data.mixture``: each corpus so, one tokenizer for all, batches mixed by ``MixtureBatches``.
     """
+    if cfg.data.mixture_sources():
+        return _mixture_datasets(cfg, workdir, log)
+    corpus = _open_corpus(cfg, workdir, log)
+    train, evaluation = corpus.splits(cfg)
+    _log_splits(corpus, train, evaluation, log)
+    fit = fit_segments(cfg, [train, evaluation]) if cfg.model.fits_segments else None
+    if fit and fit.cap:
+        train, evaluation = corpus.splits(cfg.with_max_segments(fit.cap))
+        _log_fit(cfg, fit, train, log)
+    elif hint := segments_hint(cfg, train, evaluation, fit=fit):  # (the fit's trial packings not run again)
+        log(hint)
+    _log_truncated(corpus, [train, evaluation], log)
+    if corpus.prepared and not os.path.exists(os.path.join(workdir, fmt.TOKENIZER)):
+        corpus.tokenizer.save(os.path.join(workdir, fmt.TOKENIZER))
+    return corpus.tokenizer, train, evaluation
+
+
+class _Corpus(NamedTuple):
+    """One corpus opened and split: ``splits(cfg)`` makes its (train, eval or None) Batches."""
+
+    tokenizer: Tokenizer
+    store: TokenStore
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+    lengths: np.ndarray
+    pairs: bool
+    prepared: bool
+    n: int
+    streams: tuple
+    t0: float
+
+    def splits(self, cfg):
+        train = Batches(cfg, self.store, self.tokenizer, doc_ids=self.train_idx, stream=self.streams[0],
+                        doc_lengths=self.lengths)
+        evaluation = None
+        if len(self.eval_idx):
+            evaluation = Batches(cfg, self.store, self.tokenizer, doc_ids=self.eval_idx, stream=self.streams[1],
+                                 num_batches=cfg.train.eval_batches, doc_lengths=self.lengths)
+        return train, evaluation
+
+
+def _open_corpus(cfg, workdir: str, log: Callable, streams: tuple = (_TRAIN_STREAM, _EVAL_STREAM)) -> _Corpus:
     prepared = _is_prepared_path(cfg.data.path)
     pairs = cfg.objective == "supervised"
     groups = None
@@ -939,36 +1082,100 @@ def make_datasets(cfg, workdir: str, log: Callable[[str], None] = print):
     n = store.num_documents // 2 if pairs else store.num_documents  # (read_pairs applied max_docs to pairs)
     n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
     train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed, groups)
-    lengths = store.doc_lengths()
+    return _Corpus(tok, store, train_idx, eval_idx, store.doc_lengths(), pairs, prepared, n, streams, t0)
 
-    def splits(cfg):
-        train = Batches(cfg, store, tok, doc_ids=train_idx, stream=_TRAIN_STREAM, doc_lengths=lengths)
-        evaluation = None
-        if len(eval_idx):
-            evaluation = Batches(cfg, store, tok, doc_ids=eval_idx, stream=_EVAL_STREAM,
-                                 num_batches=cfg.train.eval_batches, doc_lengths=lengths)
-        return train, evaluation
 
-    train, evaluation = splits(cfg)
+def _log_splits(corpus: _Corpus, train, evaluation, log: Callable, name: str = "") -> None:
     eval_rows = evaluation.rows_per_epoch if evaluation else 0
-    unit = "pairs" if pairs else "docs"
-    log(f"data: {len(train_idx)} train / {len(eval_idx)} eval {unit}; {train.rows_per_epoch} train rows of "
-        f"{train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); {eval_rows} eval rows; "
-        f"indexed in {time.perf_counter() - t0:.2f}s")
-    fit = fit_segments(cfg, [train, evaluation]) if cfg.model.fits_segments else None
-    if fit and fit.cap:
-        train, evaluation = splits(cfg.with_max_segments(fit.cap))
-        log(f"data: model.max_segments {cfg.model.max_segments} -> {fit.cap} (model.fit_max_segments): no row held "
-            f"more than {fit.most} documents; " + ("the same rows" if fit.fill is None else
-                                                 f"packing efficiency {train.packing_efficiency:.1%}")
-            + ("; cuDNN (GPU) is given a length a row instead of a mask" if fit.cap == 1 else
-               "; cuDNN's packed attention (GPU) takes less time the fewer it is built for"))
-    elif hint := segments_hint(cfg, train, evaluation, fit=fit):  # (the fit's trial packings not run again)
-        log(hint)
-    cut = train.truncated + (evaluation.truncated if evaluation else 0) if pairs else 0
+    unit = "pairs" if corpus.pairs else "docs"
+    log(f"data: {name}{len(corpus.train_idx)} train / {len(corpus.eval_idx)} eval {unit}; {train.rows_per_epoch} "
+        f"train rows of {train.seq_len}, packing efficiency {train.packing_efficiency:.1%} (non-pad share); "
+        f"{eval_rows} eval rows; indexed in {time.perf_counter() - corpus.t0:.2f}s")
+
+
+def _log_fit(cfg, fit: "SegmentsFit", train, log: Callable) -> None:
+    log(f"data: model.max_segments {cfg.model.max_segments} -> {fit.cap} (model.fit_max_segments): no row held "
+        f"more than {fit.most} documents; " + ("the same rows" if fit.fill is None else
+                                             f"packing efficiency {train.packing_efficiency:.1%}")
+        + ("; cuDNN (GPU) is given a length a row instead of a mask" if fit.cap == 1 else
+           "; cuDNN's packed attention (GPU) takes less time the fewer it is built for"))
+
+
+def _log_truncated(corpus: _Corpus, splits: list, log: Callable) -> None:
+    cut = sum(b.truncated for b in splits if b is not None) if corpus.pairs else 0
     if cut:
-        log(f"data: {cut} of {n} pairs are longer than a row and were cut (decoder: the target's end, then the "
+        log(f"data: {cut} of {corpus.n} pairs are longer than a row and were cut (decoder: the target's end, then the "
             "input's start; encoder_decoder: each side's end); raise data.seq_len / data.target_len to keep them")
-    if prepared and not os.path.exists(os.path.join(workdir, fmt.TOKENIZER)):
-        tok.save(os.path.join(workdir, fmt.TOKENIZER))
-    return tok, train, evaluation
+
+
+def _mixture_datasets(cfg, workdir: str, log: Callable):
+    """``make_datasets`` of ``data.mixture``: every corpus opened as ``data.path`` opens one, with
+    one tokenizer (``data.tokenizer``; else the work dir's; else a prepared corpus's; else one
+    trained on all the corpora's training documents), its rows packed alone; the batches mixed."""
+    mixture = cfg.data.mixture_sources()
+    subs = [dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, mixture=None))
+            for path, _ in mixture]
+    _mixture_tokenizer(cfg, subs, workdir, log)
+    corpora = []
+    for i, sub in enumerate(subs):
+        with _of_corpus(sub):
+            corpora.append(_open_corpus(sub, workdir, log, streams=(2 * i, 2 * i + 1)))
+    if len({c.tokenizer.sha256 for c in corpora}) > 1:
+        raise DataError("the corpora of data.mixture were tokenized with different tokenizers; prepare them with one "
+                        "(t5x-lite prepare --tokenizer) or set data.tokenizer")
+    names = [path for path, _ in mixture]
+
+    pairs = [corpus.splits(cfg) for corpus in corpora]
+    for (path, weight), corpus, (train, evaluation) in zip(mixture, corpora, pairs):
+        _log_splits(corpus, train, evaluation, log, name=f"{path} ({weight:.1%} of each batch): ")
+    if cfg.model.fits_segments:
+        fits = [fit_segments(cfg, list(p)) for p in pairs]
+        cap = None if any(f.cap is None for f in fits) else max(f.cap for f in fits)
+        if cap:
+            pairs = [corpus.splits(cfg.with_max_segments(cap)) for corpus in corpora]
+            _log_fit(cfg, SegmentsFit(max(f.most for f in fits), cap, None), pairs[0][0], log)
+    for corpus, p in zip(corpora, pairs):
+        _log_truncated(corpus, list(p), log)
+    weights = [w for _, w in mixture]
+    train = MixtureBatches([p[0] for p in pairs], weights, names, cfg.train.seed)
+    with_eval = [i for i, p in enumerate(pairs) if p[1] is not None]
+    evaluation = None
+    if with_eval:
+        evaluation = MixtureBatches([pairs[i][1] for i in with_eval], [weights[i] for i in with_eval],
+                                    [names[i] for i in with_eval], cfg.train.seed, stream=_EVAL_STREAM,
+                                    num_batches=cfg.train.eval_batches)
+    return corpora[0].tokenizer, train, evaluation
+
+
+@contextlib.contextmanager
+def _of_corpus(sub):
+    """Errors about ``data.path`` while opening one corpus of a mixture name it as that."""
+    try:
+        yield
+    except DataError as e:
+        raise DataError(f"data.mixture, corpus {sub.data.path!r}: {e}") from None
+
+
+def _mixture_tokenizer(cfg, subs: list, workdir: str, log: Callable) -> None:
+    """Make sure every corpus of a mixture finds one tokenizer: ``data.tokenizer`` or the work
+    dir's as they are; else the first prepared corpus's, copied into the work dir; else one
+    trained on the training documents of all the raw corpora, saved there."""
+    path = os.path.join(workdir, fmt.TOKENIZER)
+    if cfg.data.tokenizer or os.path.exists(path):
+        return
+    prepared = [sub.data.path for sub in subs if _is_prepared_path(sub.data.path) and fmt.is_prepared(sub.data.path)]
+    if prepared:
+        Tokenizer.load(os.path.join(prepared[0], fmt.TOKENIZER)).save(path)
+        log(f"data: the mixture's tokenizer is {prepared[0]}'s (copied to {path})")
+        return
+    check_objective(cfg.objective, cfg.data, True, cfg.data.num_sentinels)
+    texts = []
+    for sub in subs:
+        groups: list = []
+        with _of_corpus(sub):
+            docs = _read_corpus(sub, log, groups)
+        texts += [docs[i] for i in _tokenizer_training_docs(sub, docs, groups)]
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(texts, path, cfg.model.vocab_size, cfg.data.num_sentinels, seed=cfg.train.seed)
+    log(f"data: tokenizer trained on {len(texts)} docs of {len(subs)} corpora -> {path} (vocab {tok.vocab_size}) "
+        f"in {time.perf_counter() - t0:.1f}s")
