@@ -689,8 +689,12 @@ def train(cfg: Config, workdir: str, devices=None, stop_after: Optional[int] = N
 
     def run_eval(params, step: int) -> dict:
         ev = evaluate(setup, params, eval_batches, cfg.train.eval_batches)
+        each = {f"eval_loss/{name}": evaluate(setup, params, batches, cfg.train.eval_batches)["eval_loss"]
+                for name, batches in getattr(eval_batches, "corpora", ())}  # data.mixture: a loss a corpus too
+        ev.update(each)
         writer.write(step, ev)
-        log(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}")
+        log(f"step {step}: eval_loss {ev['eval_loss']:.4f}  eval_accuracy {ev['eval_accuracy']:.4f}"
+            + (f"  ({', '.join(f'{k[10:]} {v:.4f}' for k, v in each.items())})" if each else ""))
         return ev
 
     def save(state, step: int, ev: Optional[dict]) -> None:

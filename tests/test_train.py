@@ -516,3 +516,28 @@ def test_muon_orthogonalises_each_layers_matrices(tmp_path):
     assert sv.max() / sv.min() > 3  # AdamW's (sign-like) update: not orthogonal
 
     assert_opt_state_round_trips(tmp_path, setup, new)
+
+
+def test_a_mixture_trains_and_reports_an_eval_loss_a_corpus(tmp_path, capsys):
+    """data.mixture through the train command: the log says how often each corpus is read, and
+    every eval gives the mixture's loss and one a corpus (metrics.jsonl: eval_loss/<name>), each
+    equal to evaluating that corpus alone (`eval --set data.path=...`)."""
+    from test_data import synthetic_corpus, write_corpus
+
+    docs = synthetic_corpus(400)
+    write_corpus(tmp_path / "web.jsonl", docs[:250])
+    write_corpus(tmp_path / "code.jsonl", [d.upper() for d in docs[250:]])
+    wd = str(tmp_path / "run")
+    mixture = f"data.mixture={tmp_path / 'web.jsonl'}=3, {tmp_path / 'code.jsonl'}=1"
+    args = ["train", "--config", "configs/decoder_tiny.yaml", "--workdir", wd,
+            *sum((["--set", s] for s in SMALL if not s.startswith("data.max_docs")), []), "--set", mixture,
+            "--set", "train.steps=4"]
+    code, out, _ = cli_run(capsys, *args)
+    assert code == 0
+    assert f"{tmp_path / 'web.jsonl'}: the " in out and f"{tmp_path / 'code.jsonl'}: the " in out
+    (row,) = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl")) if "eval_loss" in line]
+    assert set(row) >= {"eval_loss", "eval_loss/web", "eval_loss/code"} and row["step"] == 4
+    assert row["eval_loss/web"] != row["eval_loss/code"]
+    code, out, _ = cli_run(capsys, "eval", "--workdir", wd, "--set", f"data.path={tmp_path / 'code.jsonl'}")
+    alone = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))][-1]
+    assert code == 0 and abs(alone["eval_loss"] - row["eval_loss/code"]) < 1e-5

@@ -766,6 +766,14 @@ class MixtureBatches:
         steps = range(self.num_batches) if self.num_batches is not None else itertools.count()
         return (self.batches(step) for step in steps)
 
+    @property
+    def corpora(self) -> list[tuple[str, Batches]]:
+        """``[(short name, its Batches)]``: the file or directory name without its extension (the
+        whole path where two would read the same); eval reports a loss a corpus by them."""
+        short = [os.path.basename(n.rstrip("/")).split(".")[0] or n for n in self.names]
+        names = short if len(set(short)) == len(short) else self.names
+        return list(zip(names, self.sources))
+
     def epochs_read(self, steps: int) -> list[tuple[str, int, float]]:
         """``Batches.epochs_read``, a line a corpus: each reads its own rows at its own pace."""
         return [(name, b.rows_per_epoch, int(n) / b.rows_per_epoch)
@@ -1053,20 +1061,19 @@ class _Corpus(NamedTuple):
     pairs: bool
     prepared: bool
     n: int
-    streams: tuple
     t0: float
 
     def splits(self, cfg):
-        train = Batches(cfg, self.store, self.tokenizer, doc_ids=self.train_idx, stream=self.streams[0],
+        train = Batches(cfg, self.store, self.tokenizer, doc_ids=self.train_idx, stream=_TRAIN_STREAM,
                         doc_lengths=self.lengths)
         evaluation = None
         if len(self.eval_idx):
-            evaluation = Batches(cfg, self.store, self.tokenizer, doc_ids=self.eval_idx, stream=self.streams[1],
+            evaluation = Batches(cfg, self.store, self.tokenizer, doc_ids=self.eval_idx, stream=_EVAL_STREAM,
                                  num_batches=cfg.train.eval_batches, doc_lengths=self.lengths)
         return train, evaluation
 
 
-def _open_corpus(cfg, workdir: str, log: Callable, streams: tuple = (_TRAIN_STREAM, _EVAL_STREAM)) -> _Corpus:
+def _open_corpus(cfg, workdir: str, log: Callable) -> _Corpus:
     prepared = _is_prepared_path(cfg.data.path)
     pairs = cfg.objective == "supervised"
     groups = None
@@ -1082,7 +1089,7 @@ def _open_corpus(cfg, workdir: str, log: Callable, streams: tuple = (_TRAIN_STRE
     n = store.num_documents // 2 if pairs else store.num_documents  # (read_pairs applied max_docs to pairs)
     n = n if cfg.data.max_docs is None else min(n, cfg.data.max_docs)
     train_idx, eval_idx = split_documents(n, cfg.data.eval_fraction, cfg.train.seed, groups)
-    return _Corpus(tok, store, train_idx, eval_idx, store.doc_lengths(), pairs, prepared, n, streams, t0)
+    return _Corpus(tok, store, train_idx, eval_idx, store.doc_lengths(), pairs, prepared, n, t0)
 
 
 def _log_splits(corpus: _Corpus, train, evaluation, log: Callable, name: str = "") -> None:
@@ -1117,9 +1124,9 @@ def _mixture_datasets(cfg, workdir: str, log: Callable):
             for path, _ in mixture]
     _mixture_tokenizer(cfg, subs, workdir, log)
     corpora = []
-    for i, sub in enumerate(subs):
+    for sub in subs:  # each with the streams it has alone: its rows are the ones it would serve alone
         with _of_corpus(sub):
-            corpora.append(_open_corpus(sub, workdir, log, streams=(2 * i, 2 * i + 1)))
+            corpora.append(_open_corpus(sub, workdir, log))
     if len({c.tokenizer.sha256 for c in corpora}) > 1:
         raise DataError("the corpora of data.mixture were tokenized with different tokenizers; prepare them with one "
                         "(t5x-lite prepare --tokenizer) or set data.tokenizer")
