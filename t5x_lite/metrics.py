@@ -250,7 +250,8 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 def plot_metrics(workdir: str, output: Optional[str] = None) -> str:
-    """Loss and eval loss, learning rate and tokens/s against step, as one PNG."""
+    """Loss and eval loss (and each corpus's of a mixture), learning rate and tokens/s against
+    step, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +267,8 @@ def plot_metrics(workdir: str, output: Optional[str] = None) -> str:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
-    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+    corpora = sorted({k for r in rows for k in r if k.startswith("eval_loss/")})  # data.mixture: a corpus each
+    for key, style in [("loss", "-"), ("eval_loss", "o-")] + [(k, "o--") for k in corpora]:
         xs, ys = series(key)
         if xs:
             ax.plot(xs, ys, style, label=key, markersize=4)

@@ -518,7 +518,7 @@ def test_muon_orthogonalises_each_layers_matrices(tmp_path):
     assert_opt_state_round_trips(tmp_path, setup, new)
 
 
-def test_a_mixture_trains_and_reports_an_eval_loss_a_corpus(tmp_path, capsys):
+def test_a_mixture_trains_and_reports_an_eval_loss_a_corpus(tmp_path, capsys, monkeypatch):
     """data.mixture through the train command: the log says how often each corpus is read, and
     every eval gives the mixture's loss and one a corpus (metrics.jsonl: eval_loss/<name>), each
     equal to evaluating that corpus alone (`eval --set data.path=...`)."""
@@ -541,3 +541,12 @@ def test_a_mixture_trains_and_reports_an_eval_loss_a_corpus(tmp_path, capsys):
     code, out, _ = cli_run(capsys, "eval", "--workdir", wd, "--set", f"data.path={tmp_path / 'code.jsonl'}")
     alone = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))][-1]
     assert code == 0 and abs(alone["eval_loss"] - row["eval_loss/code"]) < 1e-5
+    import matplotlib.axes
+
+    from t5x_lite.metrics import plot_metrics
+
+    seen, draw = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **k: seen.append(k.get("label")) or draw(ax, *a, **k))
+    plot_metrics(wd, str(tmp_path / "m.png"))
+    assert {"eval_loss/web", "eval_loss/code"} <= set(seen)  # a line a corpus beside the mixture's
