@@ -192,9 +192,11 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Finish the queued jobs (a minute at most), then end the thread."""
         self._stopping = True
         self.queue.put(None)
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         if len(job.rows) > self.max_batch:
