@@ -568,7 +568,7 @@ class Service:
 
         def news(results: list, final: bool):
             for i, res in enumerate(results):
-                text, cut = self._visible(self.tokenizer.decode(res.tokens), stops, final)
+                text = self._visible(self.tokenizer.decode(res.tokens), stops, final)[0]
                 if len(text) > len(sent[i]):
                     yield event(chunk(i, text[len(sent[i]):]))
                     sent[i] = text
@@ -767,13 +767,11 @@ class Service:
             kept += 1
         if logprobs is None:
             return head + text, None, res.stopped or cut
-        if res.scores is not None:
-            values = [None] + [float(x) for x in res.scores.logprobs[1:]]
-            tops = [None] + [self._alternatives(scored + ids, k, res.scores, logprobs) for k in range(1, len(values))
-                             ] if logprobs else None
-            if not echo:
-                at = len(res.scores.logprobs) - len(ids)
-                values, tops = values[at:], tops and tops[at:]
+        if res.scores is not None:  # the scored positions of the entries given (nothing predicts position 0)
+            given = range(0 if echo else len(scored), (0 if echo else len(scored)) + kept)
+            values = [None if k == 0 else float(res.scores.logprobs[k]) for k in given]
+            tops = [None if k == 0 else self._alternatives(scored + ids, k, res.scores, logprobs)
+                    for k in given] if logprobs else None
         else:  # the decoding loop's
             values, tops = res.logprobs + ([res.stop[1]] if res.stop else []), None
         offsets = np.cumsum([0] + [len(p) for p in pieces[:kept]])[:-1].tolist()
